@@ -1,0 +1,6 @@
+"""diffract-tui's analysis engine: checkpoints, head layouts, spectra, deltas, rewind.
+
+Never imports textual: the CLI, the app and scripts all sit on top of this package.
+"""
+
+ENGINE_VERSION = "0.1.0"
