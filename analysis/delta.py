@@ -1,0 +1,412 @@
+"""SPEC §4: what continual pre-training did to one matrix or one head — ΔW = W_d − W₀ and its numbers.
+
+Tensor-level functions work on a single (m × n) pair or on a stack (…, m, n) of head slices; the
+head-score functions (`head_scores`, `concentration`) walk a checkpoint pair through `projection_heads`.
+Every spectral quantity is taken from a float64 Gram matrix over the smaller side (PERF-NOTES: float32
+Grams destroy the small eigenvalues that every delta has, float64 keeps them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
+
+import torch
+
+from analysis.errors import AlignmentError, LayoutError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from analysis.architecture import ModelLayout
+    from analysis.backend import SpectralSettings
+    from analysis.checkpoint import Checkpoint
+
+PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
+KV_PROJECTIONS: frozenset[str] = frozenset({"k", "v"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Frobenius quantities (batched over leading dimensions)
+# --------------------------------------------------------------------------------------------------
+
+
+def upcast_pair(W0: torch.Tensor, Wd: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both sides upcast to the compute dtype and ΔW = W_d − W₀ taken in it (SPEC §1)."""
+    if W0.shape != Wd.shape:
+        raise AlignmentError(f"cannot take a delta of shapes {tuple(W0.shape)} and {tuple(Wd.shape)}",
+                             hint="compare checkpoints of the same architecture")
+    W0 = W0.to(dtype)
+    Wd = Wd.to(dtype)
+    return W0, Wd, Wd - W0
+
+
+def _sq_frob(W: torch.Tensor) -> torch.Tensor:
+    """Σ w² over the last two dims, accumulated in float64."""
+    return W.to(torch.float64).pow(2).sum(dim=(-2, -1))
+
+
+def delta_norms(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+    """`delta_frob` ‖ΔW‖_F, `delta_rel` ‖ΔW‖_F/‖W₀‖_F and `delta_cos` cos_F(W₀, W_d), float64, shape (…)."""
+    if dW is None:
+        dW = Wd - W0
+    n0 = _sq_frob(W0).sqrt()
+    nd = _sq_frob(Wd).sqrt()
+    nD = _sq_frob(dW).sqrt()
+    inner = (W0.to(torch.float64) * Wd.to(torch.float64)).sum(dim=(-2, -1))
+    tiny = torch.finfo(torch.float64).tiny
+    rel = torch.where(n0 > 0, nD / n0.clamp_min(tiny), torch.full_like(nD, math.nan))
+    cos = torch.where((n0 > 0) & (nd > 0), inner / (n0 * nd).clamp_min(tiny), torch.full_like(nD, math.nan))
+    return {"delta_frob": nD, "delta_rel": rel, "delta_cos": cos.clamp(-1.0, 1.0)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Spectra via float64 Gram
+# --------------------------------------------------------------------------------------------------
+
+
+def gram_eigenvalues(W: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of the float64 Gram over the smaller side, ascending, clipped at 0: σ² of W, shape (…, M)."""
+    W = W.to(torch.float64)
+    m, n = W.shape[-2], W.shape[-1]
+    G = W @ W.transpose(-2, -1) if m <= n else W.transpose(-2, -1) @ W
+    return torch.linalg.eigvalsh(G).clamp_min(0.0)
+
+
+def singular_values(W: torch.Tensor) -> torch.Tensor:
+    """σ of W in descending order, float64, batched over leading dims (…, M)."""
+    return gram_eigenvalues(W).flip(-1).sqrt()
+
+
+def esd(W: torch.Tensor) -> torch.Tensor:
+    """The SPEC §3 ESD λ_i = σ_i²/N, ascending, float64 — what `spectral_metrics(..., evals=)` expects."""
+    return gram_eigenvalues(W) / max(W.shape[-2], W.shape[-1])
+
+
+def delta_rho(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor | None = None,
+              sigma0: torch.Tensor | None = None) -> torch.Tensor:
+    """ρ = ‖σ(W_d) − σ(W₀)‖₂ / ‖ΔW‖_F ∈ [0, 1] (Mirsky): 1 for a pure rescaling, ≈ 0 for a pure rotation."""
+    if dW is None:
+        dW = Wd - W0
+    s0 = singular_values(W0) if sigma0 is None else sigma0
+    sd = singular_values(Wd)
+    num = (sd - s0).pow(2).sum(-1).sqrt()
+    den = _sq_frob(dW).sqrt()
+    rho = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny),
+                      torch.full_like(den, math.nan))
+    return rho.clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Singular-vector agreement A1
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SVD:
+    """Top singular triplets of W (float64, batched): U (…, m, k), S (…, k) descending, V (…, n, k)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+
+def top_svd(W: torch.Tensor, k: int | None = None) -> SVD:
+    """The k largest singular triplets (all M when k is None) from the float64 Gram over the smaller side.
+
+    The other side's vectors are W·v/σ (or Wᵀ·u/σ); vectors of σ ≈ 0 are undefined and set to zero.
+    """
+    W = W.to(torch.float64)
+    m, n = W.shape[-2], W.shape[-1]
+    M = min(m, n)
+    k = M if k is None else max(1, min(int(k), M))
+    wide = m <= n
+    G = W @ W.transpose(-2, -1) if wide else W.transpose(-2, -1) @ W
+    evals, evecs = torch.linalg.eigh(G)
+    evals = evals.flip(-1)[..., :k].clamp_min(0.0)
+    evecs = evecs.flip(-1)[..., :k]
+    S = evals.sqrt()
+    smax = S[..., :1]
+    ok = S > (max(m, n) * torch.finfo(torch.float64).eps * smax).clamp_min(torch.finfo(torch.float64).tiny)
+    inv = torch.where(ok, 1.0 / S.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
+    if wide:
+        U = evecs
+        V = (W.transpose(-2, -1) @ U) * inv.unsqueeze(-2)
+    else:
+        V = evecs
+        U = (W @ V) * inv.unsqueeze(-2)
+    return SVD(U=U, S=S, V=V)
+
+
+def avg_max_agreement(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Mean over A's columns of max_j |a_iᵀ b_j| — the row maxima of O = |AᵀB| averaged (…,)."""
+    O = (A.transpose(-2, -1) @ B).abs()
+    return O.amax(dim=-1).mean(dim=-1)
+
+
+def noise_floor(k: int, d: int) -> float:
+    """√(2 ln k / d): the typical largest |cosine| between one unit vector and k random ones in ℝ^d."""
+    if k <= 1 or d <= 0:
+        return 0.0
+    return math.sqrt(2.0 * math.log(k) / d)
+
+
+def a1_agreement(base: SVD, target: SVD) -> dict[str, torch.Tensor]:
+    """A1: `avg_max_l_agreement` (left vectors U) and `avg_max_r_agreement` (right vectors V), shape (…)."""
+    return {"avg_max_l_agreement": avg_max_agreement(base.U, target.U),
+            "avg_max_r_agreement": avg_max_agreement(base.V, target.V)}
+
+
+# --------------------------------------------------------------------------------------------------
+# All per-matrix metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def rank_for_energy(sigma_desc: torch.Tensor, level: float) -> torch.Tensor:
+    """Smallest r with Σ_{i≤r} σ_i² ≥ level·Σσ² (σ descending), batched; 0 for a zero matrix."""
+    e = sigma_desc.to(torch.float64).pow(2)
+    total = e.sum(-1, keepdim=True)
+    share = e.cumsum(-1) / total.clamp_min(torch.finfo(torch.float64).tiny)
+    # tolerate the last ulp so that a rank-r delta reaches 100 % at r
+    r = (share < level - 1e-12).sum(-1) + 1
+    return torch.where(total.squeeze(-1) > 0, r.clamp(max=e.shape[-1]), torch.zeros_like(r))
+
+
+ENERGY_LEVELS: tuple[tuple[str, float], ...] = (("delta_rank_90", 0.90), ("delta_rank_95", 0.95),
+                                                 ("delta_rank_99", 0.99))
+
+
+def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
+                          settings: "SpectralSettings | None" = None,
+                          dtype: torch.dtype = torch.float32,
+                          top_k: int | None = None,
+                          spectral: bool = True,
+                          agreement: bool = True,
+                          base_svd: SVD | None = None) -> list[dict[str, Any]]:
+    """SPEC §4 metrics for each pair of a stack (B, m, n) (or one (m, n) pair → one-element list).
+
+    Keys: delta_frob, delta_rel, delta_cos, delta_rho, delta_rank_{90,95,99}, avg_max_{l,r}_agreement,
+    a1_k, a1_noise_floor_{l,r} and, with `spectral`, every SPEC §3 metric of ΔW itself.
+    `base_svd` lets a caller reuse W₀'s decomposition across several targets.
+    """
+    single = W0.dim() == 2
+    W0, Wd, dW = upcast_pair(W0, Wd, dtype)
+    if single:
+        W0, Wd, dW = W0.unsqueeze(0), Wd.unsqueeze(0), dW.unsqueeze(0)
+    m, n = W0.shape[-2], W0.shape[-1]
+    M = min(m, n)
+    cols: dict[str, torch.Tensor] = dict(delta_norms(W0, Wd, dW))
+    if base_svd is None and agreement:
+        base_svd = top_svd(W0, None)
+    sigma0 = singular_values(W0)
+    cols["delta_rho"] = delta_rho(W0, Wd, dW, sigma0=sigma0)
+    evals_d = gram_eigenvalues(dW)  # ascending σ² of ΔW
+    sigma_d = evals_d.flip(-1).sqrt()
+    for name, level in ENERGY_LEVELS:
+        cols[name] = rank_for_energy(sigma_d, level)
+    rows: list[dict[str, Any]] = [dict() for _ in range(W0.shape[0])]
+    if agreement:
+        k = M if top_k is None else max(1, min(int(top_k), M))
+        bs = base_svd if base_svd.S.shape[-1] == k else SVD(base_svd.U[..., :k], base_svd.S[..., :k],
+                                                            base_svd.V[..., :k])
+        if bs.S.dim() == 1:
+            bs = SVD(bs.U.unsqueeze(0), bs.S.unsqueeze(0), bs.V.unsqueeze(0))
+        cols.update(a1_agreement(bs, top_svd(Wd, k)))
+        for r in rows:
+            r["a1_k"] = k
+            r["a1_noise_floor_l"] = noise_floor(k, m)
+            r["a1_noise_floor_r"] = noise_floor(k, n)
+    for name, values in cols.items():
+        vals = values.tolist()
+        for r, v in zip(rows, vals):
+            r[name] = v
+    if spectral:
+        from analysis.backend import SpectralSettings
+        from analysis.spectra import spectral_metrics
+
+        settings = settings or SpectralSettings()
+        N = max(m, n)
+        for i, r in enumerate(rows):
+            metrics = spectral_metrics(dW[i], settings, evals=evals_d[i] / N)
+            for key, value in metrics.items():
+                r.setdefault(key, value)
+    return rows
+
+
+def delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
+    """SPEC §4 metrics of one matrix pair (see `batched_delta_metrics` for the keys and options)."""
+    if W0.dim() != 2:
+        raise ValueError(f"delta_metrics takes one matrix, got shape {tuple(W0.shape)}")
+    return batched_delta_metrics(W0, Wd, **kwargs)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Head scores r_{ℓ,h} and concentration
+# --------------------------------------------------------------------------------------------------
+
+
+def spread_kv(values: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(…, H_kv) per-kv-head values → (…, H): each group's value split equally among its H/H_kv query heads."""
+    h_kv = values.shape[-1]
+    if num_heads % h_kv:
+        raise LayoutError(f"{num_heads} query heads do not split into {h_kv} key/value groups",
+                          hint="check num_attention_heads / num_key_value_heads in config.json")
+    per = num_heads // h_kv
+    return values.repeat_interleave(per, dim=-1) / per
+
+
+def head_energies(delta: torch.Tensor, base: torch.Tensor, proj: str, num_heads: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query head Σ‖ΔW^P_h‖² and Σ‖W₀^P_h‖² (float64, (H,)) from one projection's stacked head slices."""
+    de = _sq_frob(delta)
+    be = _sq_frob(base)
+    if proj in KV_PROJECTIONS:
+        de, be = spread_kv(de, num_heads), spread_kv(be, num_heads)
+    return de, be
+
+
+@dataclass(frozen=True)
+class HeadScores:
+    """Head scores of one target against its base (SPEC §4), all (L × H) float64 tensors.
+
+    `scores` r_{ℓ,h} = √(delta_energy / base_energy); `projection_delta_energy[P]` holds ‖ΔW^P_h‖²
+    (k/v already split over their query heads) so callers can re-aggregate or show the parts.
+    """
+
+    scores: torch.Tensor
+    delta_energy: torch.Tensor
+    base_energy: torch.Tensor
+    projection_delta_energy: dict[str, torch.Tensor] = field(default_factory=dict)
+    projection_base_energy: dict[str, torch.Tensor] = field(default_factory=dict)
+    exclude_kv: bool = False
+    projections: tuple[str, ...] = PROJECTIONS
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.scores.shape[1])
+
+    def ranking(self, descending: bool = True) -> list[tuple[int, int, float]]:
+        """(layer, head, score) sorted by score (largest first unless `descending=False`); ties by position."""
+        flat = [(l, h, float(self.scores[l, h])) for l in range(self.num_layers) for h in range(self.num_heads)]
+        return sorted(flat, key=lambda t: (-t[2] if descending else t[2], t[0], t[1]))
+
+
+def scores_from_energies(delta_energy: torch.Tensor, base_energy: torch.Tensor) -> torch.Tensor:
+    """r = √(Σ‖ΔW‖²)/√(Σ‖W₀‖²); NaN where the base slices are all zero."""
+    tiny = torch.finfo(torch.float64).tiny
+    return torch.where(base_energy > 0, (delta_energy / base_energy.clamp_min(tiny)).sqrt(),
+                       torch.full_like(delta_energy, math.nan))
+
+
+def head_scores(base: "Checkpoint", target: "Checkpoint", layout: "ModelLayout", *,
+                exclude_kv: bool = False, dtype: torch.dtype = torch.float32) -> HeadScores:
+    """r_{ℓ,h} for every layer and query head of `target` against `base`: one batched read per projection."""
+    from analysis.heads import projection_heads
+
+    if not layout.heads_available:
+        raise LayoutError(f"heads are not available for this model: {layout.heads_reason}",
+                          path=getattr(base, "path", None), hint="use the matrix-level view instead")
+    projs = tuple(p for p in PROJECTIONS if not (exclude_kv and p in KV_PROJECTIONS))
+    L, H = layout.num_layers, layout.num_heads
+    pde = {p: torch.zeros(L, H, dtype=torch.float64) for p in projs}
+    pbe = {p: torch.zeros(L, H, dtype=torch.float64) for p in projs}
+    for layer in range(L):
+        for p in projs:
+            b = projection_heads(base, layout, layer, p, dtype)
+            t = projection_heads(target, layout, layer, p, dtype)
+            if b.shape != t.shape:
+                raise AlignmentError(
+                    f"layer {layer} {p}-projection heads have shapes {tuple(b.shape)} and {tuple(t.shape)}",
+                    path=getattr(target, "path", None), hint="compare checkpoints of the same architecture")
+            de, be = head_energies(t - b, b, p, H)
+            pde[p][layer] = de
+            pbe[p][layer] = be
+    delta_energy = sum(pde.values(), torch.zeros(L, H, dtype=torch.float64))
+    base_energy = sum(pbe.values(), torch.zeros(L, H, dtype=torch.float64))
+    return HeadScores(scores=scores_from_energies(delta_energy, base_energy), delta_energy=delta_energy,
+                      base_energy=base_energy, projection_delta_energy=pde, projection_base_energy=pbe,
+                      exclude_kv=exclude_kv, projections=projs)
+
+
+def gini(values: torch.Tensor | Sequence[float]) -> float:
+    """Gini coefficient of non-negative values: 0 when all equal, (n−1)/n when one holds everything."""
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    x = x[~torch.isnan(x)]
+    n = x.numel()
+    if n == 0:
+        return math.nan
+    if (x < 0).any():
+        raise ValueError("the Gini coefficient needs non-negative values")
+    total = x.sum()
+    if total <= 0:
+        return 0.0
+    xs = torch.sort(x).values
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float((2.0 * (i * xs).sum()) / (n * total) - (n + 1.0) / n)
+
+
+class Concentration(NamedTuple):
+    """`curve` (x % of heads → share of Σ‖Δ‖², both as float64 arrays of length n+1), the 10 % point, Gini."""
+
+    curve: tuple[torch.Tensor, torch.Tensor]
+    top10_share: float
+    gini: float
+
+
+def share_of_top(energies: torch.Tensor | Sequence[float], percent: float) -> float:
+    """Share of Σ energy held by the top `percent` % of heads, linear between whole heads."""
+    x, y = concentration_curve(energies)
+    return float(_interp(torch.tensor([percent], dtype=torch.float64), x, y)[0])
+
+
+def concentration_curve(energies: torch.Tensor | Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points (100·k/n, share of the k largest energies) for k = 0…n, ascending in x."""
+    e = torch.as_tensor(energies, dtype=torch.float64).flatten()
+    e = e[~torch.isnan(e)]
+    n = e.numel()
+    if n == 0:
+        return torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    es = torch.sort(e, descending=True).values
+    total = es.sum()
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), es.cumsum(0)])
+    share = cum / total if total > 0 else torch.zeros_like(cum)
+    x = torch.arange(0, n + 1, dtype=torch.float64) * (100.0 / n)
+    return x, share
+
+
+def _interp(q: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of (x, y) at q (x ascending)."""
+    if x.numel() == 1:
+        return y.expand_as(q).clone()
+    idx = torch.searchsorted(x, q).clamp(1, x.numel() - 1)
+    x0, x1 = x[idx - 1], x[idx]
+    y0, y1 = y[idx - 1], y[idx]
+    w = (q - x0) / (x1 - x0)
+    return y0 + w * (y1 - y0)
+
+
+def concentration(energies: torch.Tensor | Sequence[float],
+                  scores: torch.Tensor | Sequence[float] | None = None) -> Concentration:
+    """SPEC §4 concentration: share curve of Σ‖Δ‖² over the top x % of heads, its 10 % point, and the Gini
+    coefficient of the head scores (of `energies` when no scores are given)."""
+    x, y = concentration_curve(energies)
+    top10 = float(_interp(torch.tensor([10.0], dtype=torch.float64), x, y)[0])
+    return Concentration(curve=(x, y), top10_share=top10, gini=gini(energies if scores is None else scores))
+
+
+def head_concentration(hs: HeadScores) -> Concentration:
+    """Concentration of one target's head update: energies Σ‖ΔW_h‖², Gini of r_{ℓ,h}."""
+    return concentration(hs.delta_energy, hs.scores)
+
+
+def as_grid(values: Mapping[tuple[int, int], float], num_layers: int, num_heads: int) -> torch.Tensor:
+    """A {(layer, head): value} mapping as an (L × H) float64 grid, NaN where missing."""
+    grid = torch.full((num_layers, num_heads), math.nan, dtype=torch.float64)
+    for (l, h), v in values.items():
+        grid[l, h] = v
+    return grid

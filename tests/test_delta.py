@@ -1,0 +1,201 @@
+"""SPEC §4 delta metrics against analytic values: rescaling, rotation, Mirsky's bound, A1, Gini, head energies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from analysis import delta as D
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _orthogonal(n: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=_gen(seed), dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def test_rescaling_gives_rho_one_and_cos_one():
+    # W_d = 1.5·W₀ → ΔW = 0.5·W₀: every singular value moves by 0.5σ_i, so ‖Δσ‖₂ = 0.5‖W₀‖_F = ‖ΔW‖_F → ρ = 1;
+    # W_d is parallel to W₀ → delta_cos = 1; delta_rel = 0.5.
+    W0 = torch.randn(24, 40, generator=_gen(0))
+    m = D.delta_metrics(W0, 1.5 * W0, spectral=False)
+    assert m["delta_rho"] == pytest.approx(1.0, abs=1e-5)
+    assert m["delta_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert m["delta_rel"] == pytest.approx(0.5, rel=1e-5)
+    assert m["delta_frob"] == pytest.approx(0.5 * float(W0.double().norm()), rel=1e-5)
+
+
+def test_shrinking_also_gives_rho_one():
+    W0 = torch.randn(30, 12, generator=_gen(1))
+    m = D.delta_metrics(W0, 0.25 * W0, spectral=False)
+    assert m["delta_rho"] == pytest.approx(1.0, abs=1e-5)
+    assert m["delta_rel"] == pytest.approx(0.75, rel=1e-5)
+
+
+def test_orthogonal_rotation_gives_rho_zero():
+    # W_d = W₀·R with R orthogonal keeps every σ: ‖σ(W_d) − σ(W₀)‖ ≈ float32 rounding while ‖ΔW‖_F = O(‖W₀‖_F).
+    W0 = torch.randn(20, 32, generator=_gen(2))
+    R = _orthogonal(32, 3).float()
+    Wd = W0 @ R
+    m = D.delta_metrics(W0, Wd, spectral=False)
+    assert m["delta_rho"] < 1e-5
+    assert m["delta_rel"] > 1.0  # a random rotation moves W far: ‖W₀R − W₀‖ ≈ √2‖W₀‖
+    expected_cos = float((W0.double() * Wd.double()).sum() / (W0.double().norm() * Wd.double().norm()))
+    assert m["delta_cos"] == pytest.approx(expected_cos, abs=1e-6)
+
+
+def test_rho_obeys_mirsky_bound_on_random_updates():
+    # Mirsky: ‖σ(A) − σ(B)‖₂ ≤ ‖A − B‖_F, so ρ ∈ [0, 1] for any update; a generic additive update is in between.
+    W0 = torch.randn(8, 16, 24, generator=_gen(4))
+    Wd = W0 + 0.3 * torch.randn(8, 16, 24, generator=_gen(5))
+    rows = D.batched_delta_metrics(W0, Wd, spectral=False)
+    rhos = [r["delta_rho"] for r in rows]
+    assert all(0.0 < r < 1.0 for r in rhos)
+
+
+def test_batched_equals_one_by_one():
+    W0 = torch.randn(4, 10, 18, generator=_gen(6))
+    Wd = W0 + 0.1 * torch.randn(4, 10, 18, generator=_gen(7))
+    batched = D.batched_delta_metrics(W0, Wd, spectral=False, top_k=5)
+    for i in range(4):
+        single = D.delta_metrics(W0[i], Wd[i], spectral=False, top_k=5)
+        for key, value in single.items():
+            assert batched[i][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_delta_rank_of_a_planted_rank_r_update():
+    # ΔW = A·Bᵀ with A 32×3, B 48×3: exactly 3 non-zero singular values → 99 % energy needs at most 3,
+    # and the float64 Gram leaves the rest at its rounding floor σ ≈ √eps·σ_max (energy share ≈ 1e-16).
+    W0 = torch.randn(32, 48, generator=_gen(8), dtype=torch.float64)
+    A = torch.randn(32, 3, generator=_gen(9), dtype=torch.float64)
+    B = torch.randn(48, 3, generator=_gen(10), dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0],
+                                                                                     dtype=torch.float64)
+    m = D.delta_metrics(W0, W0 + A @ B.T, dtype=torch.float64, spectral=False)
+    assert m["delta_rank_99"] <= 3
+    s = D.singular_values(A @ B.T)
+    assert float(s[3:].abs().max()) < 1e-7 * float(s[0])
+
+
+def test_rank_for_energy_known_sigma():
+    # σ = (3, 2, 1, 0): energy shares 9/14 = 0.643, 13/14 = 0.929, 14/14 → 90 % needs 2, 95 % and 99 % need 3.
+    sigma = torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    assert int(D.rank_for_energy(sigma, 0.90)) == 2
+    assert int(D.rank_for_energy(sigma, 0.95)) == 3
+    assert int(D.rank_for_energy(sigma, 0.99)) == 3
+    assert int(D.rank_for_energy(torch.zeros(4, dtype=torch.float64), 0.9)) == 0
+
+
+def test_singular_values_match_torch_svdvals():
+    W = torch.randn(3, 17, 9, generator=_gen(11), dtype=torch.float64)
+    ours = D.singular_values(W)
+    ref = torch.linalg.svdvals(W)
+    assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_a1_of_identical_matrices_is_one():
+    W = torch.randn(16, 40, generator=_gen(12))
+    m = D.delta_metrics(W, W.clone(), spectral=False)
+    assert m["avg_max_l_agreement"] == pytest.approx(1.0, abs=1e-9)
+    assert m["avg_max_r_agreement"] == pytest.approx(1.0, abs=1e-9)
+    top = D.delta_metrics(W, W.clone(), spectral=False, top_k=4)
+    assert top["a1_k"] == 4
+    assert top["avg_max_l_agreement"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_a1_of_a_sign_flip_is_still_one():
+    # O = |U₀ᵀU_d| ignores the sign ambiguity of singular vectors: −W has the same vectors up to sign.
+    W = torch.randn(12, 20, generator=_gen(13))
+    m = D.delta_metrics(W, -W, spectral=False)
+    assert m["avg_max_l_agreement"] == pytest.approx(1.0, abs=1e-9)
+    assert m["delta_rho"] == pytest.approx(0.0, abs=1e-6)  # same σ, the update is a reflection
+
+
+def test_a1_of_independent_random_matrices_is_near_noise_floor():
+    # For independent square Gaussian matrices U₀, U_d are independent Haar-random: the row maxima of
+    # |U₀ᵀU_d| concentrate near √(2 ln k / d) (k = d = 256 → 0.208), far below 1.
+    d = 256
+    W0 = torch.randn(d, d, generator=_gen(14), dtype=torch.float64)
+    Wd = torch.randn(d, d, generator=_gen(15), dtype=torch.float64)
+    m = D.delta_metrics(W0, Wd, dtype=torch.float64, spectral=False)
+    floor = D.noise_floor(d, d)
+    assert floor == pytest.approx(math.sqrt(2 * math.log(256) / 256))
+    assert m["a1_noise_floor_l"] == pytest.approx(floor)
+    for key in ("avg_max_l_agreement", "avg_max_r_agreement"):
+        assert 0.7 * floor < m[key] < 1.2 * floor, (key, m[key], floor)
+
+
+def test_top_svd_reconstructs_the_matrix():
+    W = torch.randn(2, 15, 7, generator=_gen(16), dtype=torch.float64)
+    s = D.top_svd(W)
+    rec = s.U @ torch.diag_embed(s.S) @ s.V.transpose(-2, -1)
+    assert torch.allclose(rec, W, atol=1e-10)
+    assert torch.allclose(s.V.transpose(-2, -1) @ s.V, torch.eye(7, dtype=torch.float64).expand(2, 7, 7),
+                          atol=1e-10)
+
+
+def test_shape_mismatch_is_an_alignment_error():
+    from analysis.errors import AlignmentError
+
+    with pytest.raises(AlignmentError):
+        D.delta_metrics(torch.zeros(3, 4), torch.zeros(4, 3), spectral=False)
+
+
+def test_gini_of_known_vectors():
+    # [0,0,0,1]: one of 4 holds everything → (n−1)/n = 0.75; equal values → 0;
+    # [1,2,3,4]: Σ|xi−xj| over ordered pairs = 20, 2n²μ = 80 → 0.25.
+    assert D.gini([0.0, 0.0, 0.0, 1.0]) == pytest.approx(0.75)
+    assert D.gini([2.0, 2.0, 2.0]) == pytest.approx(0.0, abs=1e-15)
+    assert D.gini([4.0, 1.0, 3.0, 2.0]) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        D.gini([1.0, -1.0])
+
+
+def test_concentration_curve_and_top10_share():
+    # 10 heads, one holds all energy → the top 10 % (one head) holds 100 %; equal energies → 10 %.
+    one = torch.zeros(10, dtype=torch.float64)
+    one[3] = 5.0
+    c = D.concentration(one)
+    assert c.top10_share == pytest.approx(1.0)
+    assert c.gini == pytest.approx(0.9)
+    flat = D.concentration(torch.ones(2, 5, dtype=torch.float64))
+    assert flat.top10_share == pytest.approx(0.1)
+    assert flat.gini == pytest.approx(0.0, abs=1e-15)
+    x, y = flat.curve
+    assert float(x[0]) == 0.0 and float(x[-1]) == 100.0 and float(y[-1]) == pytest.approx(1.0)
+    # 20 heads: energies 4,3,2,1 and 16 zeros → the top 10 % = the top 2 heads hold 7/10
+    e = torch.tensor([1.0, 0, 3.0, 0, 2.0, 4.0] + [0.0] * 14, dtype=torch.float64)
+    assert D.concentration(e).top10_share == pytest.approx(0.7)
+    # 15 heads: 10 % = 1.5 heads → halfway between one head (8/15) and two (12/15) = 10/15
+    e15 = torch.tensor([8.0, 4.0, 2.0, 1.0] + [0.0] * 11, dtype=torch.float64)
+    assert D.concentration(e15).top10_share == pytest.approx(10.0 / 15.0)
+    # Gini of the scores when they are given
+    assert D.concentration(e15, scores=[1.0, 1.0]).gini == pytest.approx(0.0, abs=1e-15)
+
+
+def test_kv_energy_is_split_among_query_heads():
+    # H = 4 query heads, H_kv = 2: kv head 0 serves heads 0,1 and kv head 1 serves 2,3; each gets half.
+    delta = torch.zeros(2, 3, 5, dtype=torch.float64)
+    delta[0, 0, 0] = 2.0   # ‖·‖² = 4
+    delta[1, 1, 1] = 3.0   # ‖·‖² = 9
+    base = torch.ones(2, 3, 5, dtype=torch.float64)  # ‖·‖² = 15 per kv head
+    de, be = D.head_energies(delta, base, "k", 4)
+    assert de.tolist() == [2.0, 2.0, 4.5, 4.5]
+    assert be.tolist() == [7.5, 7.5, 7.5, 7.5]
+    dq, _ = D.head_energies(delta, base, "q", 2)  # q is per query head already
+    assert dq.tolist() == [4.0, 9.0]
+    from analysis.errors import LayoutError
+
+    with pytest.raises(LayoutError):
+        D.spread_kv(torch.ones(3), 4)
+
+
+def test_scores_from_energies():
+    de = torch.tensor([[4.0, 0.0], [1.0, 9.0]], dtype=torch.float64)
+    be = torch.tensor([[16.0, 1.0], [0.0, 9.0]], dtype=torch.float64)
+    r = D.scores_from_energies(de, be)
+    assert r[0, 0] == pytest.approx(0.5) and r[0, 1] == 0.0 and math.isnan(r[1, 0]) and r[1, 1] == pytest.approx(1.0)
