@@ -1,0 +1,348 @@
+"""Streaming safetensors writer: shards + HF index in a temp folder next to the output, renamed in
+atomically, one tensor in memory at a time; never writes into (or over) an input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from analysis.errors import DiffractError
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size ("5GB")
+INDEX_NAME = "model.safetensors.index.json"
+
+# torch dtype -> safetensors dtype tag (the format's own names)
+_SAFETENSORS_DTYPE: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _tag in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                    ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        _SAFETENSORS_DTYPE[getattr(torch, _name)] = _tag
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one output tensor will be, known before its bytes: lets a shard's header be written first."""
+
+    raw_name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What was written: the final folder, its shard files, tensor count, payload bytes, seconds."""
+
+    out_dir: Path
+    shards: tuple[str, ...]
+    num_tensors: int
+    total_size: int
+    seconds: float
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    """The safetensors dtype tag for a torch dtype; DiffractError for a dtype the format cannot hold."""
+    try:
+        return _SAFETENSORS_DTYPE[dtype]
+    except KeyError:
+        raise DiffractError(f"dtype {dtype} cannot be written to safetensors",
+                            hint="convert the tensor to a float or integer dtype") from None
+
+
+def _resolved(p: str | Path) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_location(out_dir: str | Path, inputs: Sequence[str | Path], force: bool) -> Path:
+    """Refuse an output that is an input file, lies inside (or equals) an input's folder, or contains an
+    input; and an existing output unless ``force``. Returns the resolved output path."""
+    out = _resolved(out_dir)
+    for inp in inputs:
+        ip = _resolved(inp)
+        folder = ip if ip.is_dir() else ip.parent
+        if out == ip and not ip.is_dir():
+            raise DiffractError("the output is an input file", path=out, hint="choose a new folder for --out")
+        if _is_within(out, folder):
+            raise DiffractError(f"the output lies inside the input folder {folder}", path=out,
+                                hint="choose a folder outside every input checkpoint")
+        if _is_within(ip, out):
+            raise DiffractError(f"the output folder contains the input {ip}", path=out,
+                                hint="choose a folder that holds no input checkpoint")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise DiffractError("the output already exists", path=out,
+                                hint="choose a new folder or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise DiffractError("the output's parent folder does not exist", path=out,
+                            hint="create the parent folder first")
+    return out
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for spec in specs:
+        nb = spec.nbytes
+        if current and size + nb > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += nb
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_header(specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors header (8-byte little-endian length + JSON padded to 8 bytes) for tensors laid
+    out contiguously in the given order."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for spec in specs:
+        if spec.raw_name in header:
+            raise DiffractError(f"tensor {spec.raw_name!r} is written twice", hint="this is a bug; please report it")
+        end = offset + spec.nbytes
+        header[spec.raw_name] = {"dtype": dtype_tag(spec.dtype), "shape": [int(s) for s in spec.shape],
+                                 "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's storage bytes, little-endian, row-major, without a copy when already contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _shard_names(n: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _check_matches(spec: TensorSpec, name: str, t: torch.Tensor) -> None:
+    if name != spec.raw_name or tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
+        raise DiffractError(
+            f"tensor stream does not match its plan: got {name!r} {tuple(t.shape)} {t.dtype}, "
+            f"expected {spec.raw_name!r} {tuple(spec.shape)} {spec.dtype}",
+            hint="this is a bug; please report it")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (else the common 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _write_shards(tmp: Path, specs: Sequence[TensorSpec], stream: Iterator[tuple[str, torch.Tensor]],
+                  max_shard_bytes: int, progress: Callable[[int, int], None] | None,
+                  shard_metadata: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    """Write every shard: header first (from the specs), then each tensor's bytes straight to the file."""
+    if len({s.raw_name for s in specs}) != len(specs):
+        raise DiffractError("the tensor plan names a tensor twice", hint="this is a bug; please report it")
+    shards = plan_shards(specs, max_shard_bytes)
+    names = _shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    total = sum(s.nbytes for s in specs)
+    done = 0
+    for fname, shard in zip(names, shards):
+        with open(tmp / fname, "wb") as fh:
+            fh.write(shard_header(shard, shard_metadata))
+            for spec in shard:
+                try:
+                    name, t = next(stream)
+                except StopIteration:
+                    raise DiffractError(f"tensor stream ended before {spec.raw_name!r}",
+                                        hint="this is a bug; please report it") from None
+                _check_matches(spec, name, t)
+                fh.write(tensor_bytes(t))
+                del t
+                weight_map[spec.raw_name] = fname
+                done += spec.nbytes
+                if progress is not None:
+                    progress(done, total)
+    extra = next(stream, None)
+    if extra is not None:
+        raise DiffractError(f"tensor stream has an unplanned tensor {extra[0]!r}", hint="this is a bug; please report it")
+    return names, weight_map
+
+
+def _write_unplanned(tmp: Path, stream: Iterator[tuple[str, torch.Tensor]], max_shard_bytes: int,
+                     progress: Callable[[int, int], None] | None,
+                     shard_metadata: dict[str, str] | None) -> tuple[list[str], dict[str, str], int]:
+    """Without specs, tensors go to a per-shard data file first; each shard is then header + data
+    (one extra copy on disk, still one tensor in memory)."""
+    parts: list[tuple[Path, list[TensorSpec]]] = []
+    data_fh = None
+    specs: list[TensorSpec] = []
+    size = 0
+    done = 0
+    seen: set[str] = set()
+    try:
+        for name, t in stream:
+            if name in seen:
+                raise DiffractError(f"tensor {name!r} is written twice", hint="this is a bug; please report it")
+            seen.add(name)
+            spec = TensorSpec(name, tuple(int(s) for s in t.shape), t.dtype)
+            dtype_tag(spec.dtype)
+            if data_fh is not None and specs and size + spec.nbytes > max_shard_bytes:
+                data_fh.close()
+                data_fh = None
+            if data_fh is None:
+                path = tmp / f".data-{len(parts):05d}"
+                data_fh = open(path, "wb")
+                specs, size = [], 0
+                parts.append((path, specs))
+            data_fh.write(tensor_bytes(t))
+            del t
+            specs.append(spec)
+            size += spec.nbytes
+            done += spec.nbytes
+            if progress is not None:
+                progress(done, done)
+    finally:
+        if data_fh is not None:
+            data_fh.close()
+    if not parts:
+        empty = tmp / ".data-00000"
+        empty.write_bytes(b"")
+        parts.append((empty, []))
+    names = _shard_names(len(parts))
+    weight_map: dict[str, str] = {}
+    for fname, (data_path, shard) in zip(names, parts):
+        with open(tmp / fname, "wb") as out, open(data_path, "rb") as src:
+            out.write(shard_header(shard, shard_metadata))
+            shutil.copyfileobj(src, out, 16 * 1024 * 1024)
+        data_path.unlink()
+        for spec in shard:
+            weight_map[spec.raw_name] = fname
+    return names, weight_map, done
+
+
+def _copy_aux(tmp: Path, aux_files: Iterable[str | Path], shard_names: Sequence[str]) -> None:
+    taken = set(shard_names) | {INDEX_NAME}
+    for aux in aux_files:
+        src = Path(aux)
+        if not src.is_file():
+            raise DiffractError("auxiliary file is missing", path=src, hint="check the input checkpoint folder")
+        if src.name in taken or src.name.endswith(".safetensors") or src.name.endswith(".index.json"):
+            continue  # never let an input's weights/index shadow what we wrote
+        shutil.copyfile(src, tmp / src.name)
+        taken.add(src.name)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished temp folder to ``out``; an existing ``out`` is renamed away first and deleted
+    after, so at every instant ``out`` is either the old or the new complete folder."""
+    old: Path | None = None
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.diffract-old-", dir=out.parent))
+        old.rmdir()
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def write_checkpoint_streaming(
+    out_dir: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    aux_files: Iterable[str | Path] = (),
+    inputs: Sequence[str | Path] = (),
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    specs: Sequence[TensorSpec] | None = None,
+    index_metadata: dict[str, object] | None = None,
+    shard_metadata: dict[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    fsync: bool = False,
+) -> WriteResult:
+    """Write ``(raw_name, tensor)`` pairs as safetensors shards + ``model.safetensors.index.json`` into a
+    temp folder next to ``out_dir``, copy ``aux_files`` (config, tokenizer), then rename it into place.
+
+    With ``specs`` (name, shape, dtype of every tensor, in stream order) each shard's header is written
+    first and tensor bytes go straight to the file; without, each shard is assembled from a data file.
+    Tensors are written exactly as given (dtype and bits). On any failure the temp folder is removed and
+    ``out_dir`` is left as it was. ``index_metadata`` is merged into the index's ``metadata`` (provenance).
+    """
+    started = time.perf_counter()
+    out = check_output_location(out_dir, inputs, force)
+    if max_shard_bytes <= 0:
+        raise DiffractError(f"max shard size must be positive, got {max_shard_bytes}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.diffract-tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
+        stream = iter(tensors)
+        if specs is not None:
+            names, weight_map = _write_shards(tmp, specs, stream, max_shard_bytes, progress, shard_metadata)
+            total_size = sum(s.nbytes for s in specs)
+        else:
+            names, weight_map, total_size = _write_unplanned(tmp, stream, max_shard_bytes, progress, shard_metadata)
+        index = {"metadata": {"total_size": total_size, **(index_metadata or {})}, "weight_map": weight_map}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _copy_aux(tmp, aux_files, names)
+        if fsync:
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        # re-check just before the swap: another process may have created the output meanwhile
+        if (out.exists() or out.is_symlink()) and not force:
+            raise DiffractError("the output appeared while writing", path=out,
+                                hint="choose a new folder or pass --force to replace it")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return WriteResult(out_dir=out, shards=tuple(names), num_tensors=len(weight_map), total_size=total_size,
+                       seconds=time.perf_counter() - started)
