@@ -1,0 +1,306 @@
+"""SPEC §4, across domains: do two CPT runs of one base change the same heads in the same way?
+
+A2 is the Frobenius cosine of the two deltas, A3 the overlap ‖U_{Δ1,k}ᵀU_{Δ2,k}‖²_F/k of their top-k left
+singular subspaces (random k-subspaces of ℝ^d give k/d). Heads are then classified by agreement and
+magnitude into domain-agnostic, domain-specific and inert.
+
+A whole head's delta is the stack [ΔW_q,h; ΔW_k,g/√G; ΔW_v,g/√G; ΔW_o,hᵀ] (4·d_h × D, G = H/H_kv): the k/v
+rows of a shared group are scaled so that each query head carries 1/G of their energy, exactly as head
+scores split it. Its A2 is therefore the energy-weighted cosine over all projections, and its A3 uses the
+left singular vectors of that stack (dimension 4·d_h; 3·d_h… without k/v).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import torch
+
+from analysis.delta import (KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies,
+                            top_svd)
+from analysis.errors import AlignmentError, DiffractError, LayoutError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from analysis.architecture import ModelLayout
+    from analysis.checkpoint import Checkpoint
+
+DEFAULT_A3_K = 8          # top-k left singular vectors for A3 (clamped to the matrix's smaller side)
+CLASSES: tuple[str, ...] = ("agnostic", "specific", "inert")
+HEAD_CHUNK = 16           # heads per batched SVD, bounds float64 memory on wide models
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor level
+# --------------------------------------------------------------------------------------------------
+
+
+def a2_cosine(d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+    """A2 = ⟨Δ1, Δ2⟩_F / (‖Δ1‖_F ‖Δ2‖_F) over the last two dims (…,), float64; NaN when a delta is zero."""
+    if d1.shape != d2.shape:
+        raise AlignmentError(f"cannot compare deltas of shapes {tuple(d1.shape)} and {tuple(d2.shape)}")
+    a = d1.to(torch.float64)
+    b = d2.to(torch.float64)
+    inner = (a * b).sum(dim=(-2, -1))
+    n = (a.pow(2).sum(dim=(-2, -1)) * b.pow(2).sum(dim=(-2, -1))).sqrt()
+    return torch.where(n > 0, inner / n.clamp_min(torch.finfo(torch.float64).tiny),
+                       torch.full_like(inner, math.nan)).clamp(-1.0, 1.0)
+
+
+def effective_k(shape: Sequence[int], k: int = DEFAULT_A3_K) -> int:
+    """k clamped to [1, min(m, n)] for an (…, m, n) matrix."""
+    return max(1, min(int(k), int(shape[-2]), int(shape[-1])))
+
+
+def subspace_overlap(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
+    """‖U1ᵀU2‖²_F / k for two orthonormal (…, d, k) bases: 1 for the same subspace, k/d on average at random."""
+    k = U1.shape[-1]
+    return (U1.transpose(-2, -1) @ U2).pow(2).sum(dim=(-2, -1)) / k
+
+
+def left_subspace(d: torch.Tensor, k: int = DEFAULT_A3_K) -> torch.Tensor:
+    """Top-k left singular vectors of each matrix of (…, m, n), float64 (…, m, k), in chunks of HEAD_CHUNK."""
+    k = effective_k(d.shape, k)
+    if d.dim() == 2:
+        return top_svd(d, k).U
+    flat = d.reshape(-1, d.shape[-2], d.shape[-1])
+    parts = [top_svd(flat[i:i + HEAD_CHUNK], k).U for i in range(0, flat.shape[0], HEAD_CHUNK)]
+    return torch.cat(parts).reshape(*d.shape[:-2], d.shape[-2], k)
+
+
+def a3_subspace(d1: torch.Tensor, d2: torch.Tensor, k: int = DEFAULT_A3_K) -> torch.Tensor:
+    """A3 = ‖U_{Δ1,k}ᵀ U_{Δ2,k}‖²_F / k over the last two dims (…,); NaN where a delta is zero."""
+    if d1.shape != d2.shape:
+        raise AlignmentError(f"cannot compare deltas of shapes {tuple(d1.shape)} and {tuple(d2.shape)}")
+    out = subspace_overlap(left_subspace(d1, k), left_subspace(d2, k))
+    zero = (d1.to(torch.float64).pow(2).sum(dim=(-2, -1)) == 0) | (d2.to(torch.float64).pow(2).sum(dim=(-2, -1)) == 0)
+    return torch.where(zero, torch.full_like(out, math.nan), out)
+
+
+def a3_random_level(k: int, d: int) -> float:
+    """Expected A3 of two independent random k-dimensional subspaces of ℝ^d: k/d."""
+    return min(1.0, k / d) if d > 0 else math.nan
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification and rank correlation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Per-head classes (nested lists L × H of 'agnostic' / 'specific' / 'inert') and the thresholds used."""
+
+    classes: list[list[str]]
+    agreement_threshold: float
+    magnitude_threshold: float
+    agreement_metric: str = "a2"
+
+    def counts(self) -> dict[str, int]:
+        """How many heads fall into each class."""
+        flat = [c for row in self.classes for c in row]
+        return {c: flat.count(c) for c in CLASSES}
+
+
+def _nanmedian(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(np.median(x.numpy())) if x.numel() else math.nan   # the mean of the two middles when even
+
+
+def classify(agreement: torch.Tensor, magnitude: torch.Tensor, *,
+             agreement_threshold: float | None = None, magnitude_threshold: float | None = None,
+             agreement_metric: str = "a2") -> Classification:
+    """inert: magnitude < threshold (or no delta); otherwise agnostic when agreement ≥ threshold, else specific.
+
+    Defaults are medians (SPEC): the magnitude threshold is the median over all heads; the agreement threshold
+    is the median over the non-inert heads, because an inert head's agreement is a cosine of noise.
+    """
+    if agreement.shape != magnitude.shape:
+        raise ValueError("agreement and magnitude grids must have one shape")
+    a = agreement.to(torch.float64)
+    m = magnitude.to(torch.float64)
+    mt = _nanmedian(m) if magnitude_threshold is None else float(magnitude_threshold)
+    active = (m >= mt) & ~torch.isnan(m) & ~torch.isnan(a)
+    at = _nanmedian(a[active]) if agreement_threshold is None else float(agreement_threshold)
+    classes = [["inert" if not bool(active[i, j]) else ("agnostic" if float(a[i, j]) >= at else "specific")
+                for j in range(a.shape[1])] for i in range(a.shape[0])]
+    return Classification(classes=classes, agreement_threshold=at, magnitude_threshold=mt,
+                          agreement_metric=agreement_metric)
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation of two score grids (scipy.stats.spearmanr over the flattened, non-NaN heads)."""
+    from scipy.stats import spearmanr
+
+    a = x.to(torch.float64).flatten().numpy()
+    b = y.to(torch.float64).flatten().numpy()
+    ok = ~(np.isnan(a) | np.isnan(b))
+    if ok.sum() < 2:
+        return math.nan
+    return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint walk: every domain against the base and against each other
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairAgreement:
+    """A2 and A3 of one pair of domains (indices into the targets), (L × H) float64 grids."""
+
+    pair: tuple[int, int]
+    a2: torch.Tensor
+    a3: torch.Tensor
+    a2_projection: dict[str, torch.Tensor] = field(default_factory=dict)
+    a3_projection: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DomainAgreement:
+    """Everything SPEC §4 says about N ≥ 2 domains of one base: per-domain head scores, pairwise A2/A3,
+    their per-head means, the class of each head and the Spearman correlation of head scores."""
+
+    labels: tuple[str, ...]
+    k: int
+    head_scores: list[HeadScores]
+    pairs: list[PairAgreement]
+    mean_a2: torch.Tensor
+    mean_a3: torch.Tensor
+    magnitude: torch.Tensor                 # mean head score r over the domains
+    classification: Classification
+    spearman: torch.Tensor                  # (N × N), 1 on the diagonal
+    a3_random: float                        # k / (dimension of the whole-head stack)
+    exclude_kv: bool = False
+
+    def partner_mean(self, domain: int, metric: str = "a2", projection: str | None = None) -> torch.Tensor:
+        """Mean of A2 or A3 (whole head, or one projection) over the pairs that include `domain`."""
+        grids = []
+        for p in self.pairs:
+            if domain in p.pair:
+                src = getattr(p, metric) if projection is None else getattr(p, f"{metric}_projection")[projection]
+                grids.append(src)
+        return torch.stack(grids).nanmean(0) if grids else torch.full_like(self.mean_a2, math.nan)
+
+    def summary(self) -> dict[str, float | int | dict[str, int]]:
+        """Mean agreement, mean off-diagonal Spearman and class counts (for the CLI summary)."""
+        n = len(self.labels)
+        off = [float(self.spearman[i, j]) for i in range(n) for j in range(n) if i < j]
+        return {"mean_a2": float(self.mean_a2.nanmean()), "mean_a3": float(self.mean_a3.nanmean()),
+                "a3_k": self.k, "a3_random": self.a3_random,
+                "spearman": float(np.nanmean(off)) if off else math.nan,
+                "agreement_threshold": self.classification.agreement_threshold,
+                "magnitude_threshold": self.classification.magnitude_threshold,
+                "classes": self.classification.counts()}
+
+
+def head_stack(parts: dict[str, torch.Tensor], layout: "ModelLayout") -> torch.Tensor:
+    """Whole-head deltas (H, Σ rows, D): q rows, k/v rows of g(h) scaled by 1/√G, o columns transposed."""
+    H, H_kv = layout.num_heads, layout.num_kv_heads
+    G = H // H_kv
+    groups = torch.tensor([layout.kv_group(h) for h in range(H)], dtype=torch.long)
+    blocks = []
+    for p in PROJECTIONS:
+        if p not in parts:
+            continue
+        x = parts[p].to(torch.float64)
+        if p in KV_PROJECTIONS:
+            x = x.index_select(0, groups) / math.sqrt(G)
+        elif p == "o":
+            x = x.transpose(-2, -1)
+        blocks.append(x)
+    return torch.cat(blocks, dim=1)
+
+
+def _per_query(values: torch.Tensor, proj: str, layout: "ModelLayout") -> torch.Tensor:
+    """A per-kv-head agreement value (H_kv,) copied to each of its query heads (H,); q/o pass through."""
+    if proj not in KV_PROJECTIONS:
+        return values
+    groups = torch.tensor([layout.kv_group(h) for h in range(layout.num_heads)], dtype=torch.long)
+    return values.index_select(0, groups)
+
+
+def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout: "ModelLayout", *,
+                     k: int = DEFAULT_A3_K, dtype: torch.dtype = torch.float32, exclude_kv: bool = False,
+                     agreement_metric: str = "a2", agreement_threshold: float | None = None,
+                     magnitude_threshold: float | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> DomainAgreement:
+    """Walk every layer once (one batched read per projection and checkpoint) and compare all domain pairs."""
+    from analysis.heads import projection_heads
+
+    if len(targets) < 2:
+        raise DiffractError("cross-domain agreement needs at least two CPT checkpoints of the same base",
+                            hint="pass two or more CPT checkpoints after the base")
+    if not layout.heads_available:
+        raise LayoutError(f"heads are not available for this model: {layout.heads_reason}",
+                          path=getattr(base, "path", None), hint="use the matrix-level delta instead")
+    if agreement_metric not in ("a2", "a3"):
+        raise ValueError("agreement_metric must be 'a2' or 'a3'")
+    projs = tuple(p for p in PROJECTIONS if not (exclude_kv and p in KV_PROJECTIONS))
+    L, H, N = layout.num_layers, layout.num_heads, len(targets)
+    pairs = [(i, j) for i in range(N) for j in range(i + 1, N)]
+    grid = lambda: torch.full((L, H), math.nan, dtype=torch.float64)  # noqa: E731
+    de = [{p: torch.zeros(L, H, dtype=torch.float64) for p in projs} for _ in range(N)]
+    be = {p: torch.zeros(L, H, dtype=torch.float64) for p in projs}
+    a2p = {pr: {p: grid() for p in projs} for pr in pairs}
+    a3p = {pr: {p: grid() for p in projs} for pr in pairs}
+    a2h = {pr: grid() for pr in pairs}
+    a3h = {pr: grid() for pr in pairs}
+    k_head = 0
+    stack_rows = 0
+    for layer in range(L):
+        deltas: list[dict[str, torch.Tensor]] = [dict() for _ in range(N)]
+        for p in projs:
+            b = projection_heads(base, layout, layer, p, dtype)
+            for t_i, target in enumerate(targets):
+                t = projection_heads(target, layout, layer, p, dtype)
+                if t.shape != b.shape:
+                    raise AlignmentError(
+                        f"layer {layer} {p}-projection heads have shapes {tuple(b.shape)} and {tuple(t.shape)}",
+                        path=getattr(target, "path", None), hint="compare checkpoints of the same architecture")
+                d = t - b
+                deltas[t_i][p] = d
+                e_d, e_b = head_energies(d, b, p, H)
+                de[t_i][p][layer] = e_d
+                if t_i == 0:
+                    be[p][layer] = e_b
+            subspaces = [left_subspace(deltas[t_i][p], k) for t_i in range(N)]
+            for (i, j) in pairs:
+                a2p[(i, j)][p][layer] = _per_query(a2_cosine(deltas[i][p], deltas[j][p]), p, layout)
+                ov = subspace_overlap(subspaces[i], subspaces[j])
+                zero = torch.isnan(a2_cosine(deltas[i][p], deltas[j][p]))
+                a3p[(i, j)][p][layer] = _per_query(torch.where(zero, torch.full_like(ov, math.nan), ov), p, layout)
+        stacks = [head_stack(deltas[t_i], layout) for t_i in range(N)]
+        stack_rows = stacks[0].shape[1]
+        k_head = effective_k(stacks[0].shape, k)
+        heads_sub = [left_subspace(s, k) for s in stacks]
+        for (i, j) in pairs:
+            a2h[(i, j)][layer] = a2_cosine(stacks[i], stacks[j])
+            ov = subspace_overlap(heads_sub[i], heads_sub[j])
+            a3h[(i, j)][layer] = torch.where(torch.isnan(a2h[(i, j)][layer]), torch.full_like(ov, math.nan), ov)
+        if progress is not None:
+            progress(layer + 1, L)
+    base_energy = sum(be.values(), torch.zeros(L, H, dtype=torch.float64))
+    scores = []
+    for t_i in range(N):
+        delta_energy = sum(de[t_i].values(), torch.zeros(L, H, dtype=torch.float64))
+        scores.append(HeadScores(scores=scores_from_energies(delta_energy, base_energy), delta_energy=delta_energy,
+                                 base_energy=base_energy, projection_delta_energy=de[t_i],
+                                 projection_base_energy=be, exclude_kv=exclude_kv, projections=projs))
+    pair_results = [PairAgreement(pair=pr, a2=a2h[pr], a3=a3h[pr], a2_projection=a2p[pr], a3_projection=a3p[pr])
+                    for pr in pairs]
+    mean_a2 = torch.stack([p.a2 for p in pair_results]).nanmean(0)
+    mean_a3 = torch.stack([p.a3 for p in pair_results]).nanmean(0)
+    magnitude = torch.stack([s.scores for s in scores]).nanmean(0)
+    cls = classify(mean_a2 if agreement_metric == "a2" else mean_a3, magnitude,
+                   agreement_threshold=agreement_threshold, magnitude_threshold=magnitude_threshold,
+                   agreement_metric=agreement_metric)
+    rho = torch.eye(N, dtype=torch.float64)
+    for (i, j) in pairs:
+        rho[i, j] = rho[j, i] = spearman(scores[i].scores, scores[j].scores)
+    labels = tuple(getattr(t, "label", str(i)) for i, t in enumerate(targets))
+    return DomainAgreement(labels=labels, k=k_head, head_scores=scores, pairs=pair_results, mean_a2=mean_a2,
+                           mean_a3=mean_a3, magnitude=magnitude, classification=cls, spearman=rho,
+                           a3_random=a3_random_level(k_head, stack_rows), exclude_kv=exclude_kv)
