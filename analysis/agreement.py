@@ -200,7 +200,8 @@ def head_stack(parts: dict[str, torch.Tensor], layout: "ModelLayout") -> torch.T
     """Whole-head deltas (H, Σ rows, D): q rows, k/v rows of g(h) scaled by 1/√G, o columns transposed."""
     H, H_kv = layout.num_heads, layout.num_kv_heads
     G = H // H_kv
-    groups = torch.tensor([layout.kv_group(h) for h in range(H)], dtype=torch.long)
+    device = next(iter(parts.values())).device
+    groups = torch.tensor([layout.kv_group(h) for h in range(H)], dtype=torch.long, device=device)
     blocks = []
     for p in PROJECTIONS:
         if p not in parts:
@@ -217,15 +218,17 @@ def head_stack(parts: dict[str, torch.Tensor], layout: "ModelLayout") -> torch.T
 def _per_query(values: torch.Tensor, proj: str, layout: "ModelLayout") -> torch.Tensor:
     """A per-kv-head agreement value (H_kv,) copied to each of its query heads (H,); q/o pass through."""
     if proj not in KV_PROJECTIONS:
-        return values
-    groups = torch.tensor([layout.kv_group(h) for h in range(layout.num_heads)], dtype=torch.long)
-    return values.index_select(0, groups)
+        return values.cpu()
+    groups = torch.tensor([layout.kv_group(h) for h in range(layout.num_heads)], dtype=torch.long,
+                          device=values.device)
+    return values.index_select(0, groups).cpu()
 
 
 def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout: "ModelLayout", *,
                      k: int = DEFAULT_A3_K, dtype: torch.dtype = torch.float32, exclude_kv: bool = False,
                      agreement_metric: str = "a2", agreement_threshold: float | None = None,
                      magnitude_threshold: float | None = None,
+                     device: torch.device | str | None = None,
                      progress: Callable[[int, int], None] | None = None) -> DomainAgreement:
     """Walk every layer once (one batched read per projection and checkpoint) and compare all domain pairs."""
     from analysis.heads import projection_heads
@@ -254,8 +257,10 @@ def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout
         deltas: list[dict[str, torch.Tensor]] = [dict() for _ in range(N)]
         for p in projs:
             b = projection_heads(base, layout, layer, p, dtype)
+            b = b if device is None else b.to(device)
             for t_i, target in enumerate(targets):
                 t = projection_heads(target, layout, layer, p, dtype)
+                t = t if device is None else t.to(device)
                 if t.shape != b.shape:
                     raise AlignmentError(
                         f"layer {layer} {p}-projection heads have shapes {tuple(b.shape)} and {tuple(t.shape)}",
@@ -263,9 +268,9 @@ def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout
                 d = t - b
                 deltas[t_i][p] = d
                 e_d, e_b = head_energies(d, b, p, H)
-                de[t_i][p][layer] = e_d
+                de[t_i][p][layer] = e_d.cpu()
                 if t_i == 0:
-                    be[p][layer] = e_b
+                    be[p][layer] = e_b.cpu()
             subspaces = [left_subspace(deltas[t_i][p], k) for t_i in range(N)]
             for (i, j) in pairs:
                 a2p[(i, j)][p][layer] = _per_query(a2_cosine(deltas[i][p], deltas[j][p]), p, layout)
@@ -277,8 +282,8 @@ def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout
         k_head = effective_k(stacks[0].shape, k)
         heads_sub = [left_subspace(s, k) for s in stacks]
         for (i, j) in pairs:
-            a2h[(i, j)][layer] = a2_cosine(stacks[i], stacks[j])
-            ov = subspace_overlap(heads_sub[i], heads_sub[j])
+            a2h[(i, j)][layer] = a2_cosine(stacks[i], stacks[j]).cpu()
+            ov = subspace_overlap(heads_sub[i], heads_sub[j]).cpu()
             a3h[(i, j)][layer] = torch.where(torch.isnan(a2h[(i, j)][layer]), torch.full_like(ov, math.nan), ov)
         if progress is not None:
             progress(layer + 1, L)

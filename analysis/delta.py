@@ -304,7 +304,8 @@ def scores_from_energies(delta_energy: torch.Tensor, base_energy: torch.Tensor) 
 
 
 def head_scores(base: "Checkpoint", target: "Checkpoint", layout: "ModelLayout", *,
-                exclude_kv: bool = False, dtype: torch.dtype = torch.float32) -> HeadScores:
+                exclude_kv: bool = False, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> HeadScores:
     """r_{ℓ,h} for every layer and query head of `target` against `base`: one batched read per projection."""
     from analysis.heads import projection_heads
 
@@ -319,13 +320,15 @@ def head_scores(base: "Checkpoint", target: "Checkpoint", layout: "ModelLayout",
         for p in projs:
             b = projection_heads(base, layout, layer, p, dtype)
             t = projection_heads(target, layout, layer, p, dtype)
+            if device is not None:
+                b, t = b.to(device), t.to(device)
             if b.shape != t.shape:
                 raise AlignmentError(
                     f"layer {layer} {p}-projection heads have shapes {tuple(b.shape)} and {tuple(t.shape)}",
                     path=getattr(target, "path", None), hint="compare checkpoints of the same architecture")
             de, be = head_energies(t - b, b, p, H)
-            pde[p][layer] = de
-            pbe[p][layer] = be
+            pde[p][layer] = de.cpu()
+            pbe[p][layer] = be.cpu()
     delta_energy = sum(pde.values(), torch.zeros(L, H, dtype=torch.float64))
     base_energy = sum(pbe.values(), torch.zeros(L, H, dtype=torch.float64))
     return HeadScores(scores=scores_from_energies(delta_energy, base_energy), delta_energy=delta_energy,
