@@ -1,0 +1,217 @@
+"""Open a checkpoint (Hugging Face folder, sharded or single safetensors / PyTorch pickle) by
+reading headers only, and hand out tensors (whole, or a range of rows) on demand (SPEC §1)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analysis.errors import CheckpointError
+from analysis.fingerprint import fingerprint as _fingerprint
+from analysis.readers import WeightFile
+from analysis.readers.index import read_index
+from analysis.readers.pickle_file import PickleFile
+from analysis.readers.safetensors_file import SafetensorsFile
+
+WRAPPER_PREFIXES = ("model.", "bert.", "transformer.", "gpt_neox.", "roberta.")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# Files copied along with the weights (config, tokenizer, generation settings...).
+AUX_PATTERNS = (
+    "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model", "tokenizer*.txt",
+    "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
+    "chat_template.json", "chat_template.jinja", "*.tiktoken", "spiece.model", "sentencepiece*.model",
+)
+NO_WEIGHTS_HINT = ("expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                   "pytorch_model.bin.index.json; point at a Hugging Face model folder or a weight file")
+
+
+def normalise_key(raw_name: str) -> str:
+    """Strip ONE leading wrapper prefix (`model.`, `bert.`, `transformer.`, `gpt_neox.`, `roberta.`)."""
+    for prefix in WRAPPER_PREFIXES:
+        if raw_name.startswith(prefix) and len(raw_name) > len(prefix):
+            return raw_name[len(prefix):]
+    return raw_name
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort key treating digit runs as numbers, so layers.2 comes before layers.10."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint: names, shape, stored dtype, where it lives and its size."""
+
+    name: str
+    raw_name: str
+    shape: tuple[int, ...]
+    dtype: str
+    file: Path
+    nbytes: int
+
+
+class Checkpoint:
+    """An opened checkpoint: tensor metadata from headers; bytes read only when asked for."""
+
+    def __init__(self, path: Path, label: str, weight_files: list[Path], readers: dict[Path, WeightFile],
+                 index_files: list[Path], config: dict, aux_files: list[Path]):
+        self.path = path
+        self.label = label
+        self.weight_files = weight_files
+        self.index_files = index_files
+        self.config = config
+        self.aux_files = aux_files
+        self._readers = readers
+        self._infos: dict[str, TensorInfo] = {}
+        raw_seen: set[str] = set()
+        for file in weight_files:
+            for raw, entry in readers[file].entries.items():
+                if raw in raw_seen:
+                    raise CheckpointError(f"tensor '{raw}' is stored in more than one weight file", path=file,
+                                          hint="remove the duplicate shard or fix the index")
+                raw_seen.add(raw)
+                name = normalise_key(raw)
+                if name in self._infos:  # e.g. both `model.x` and `x`: keep the stored name for this one
+                    name = raw
+                self._infos[name] = TensorInfo(name, raw, entry.shape, entry.dtype, file, entry.nbytes)
+        self._order = sorted(self._infos, key=_natural_key)
+        parts = [(f, f.read_bytes()) for f in index_files] + [(f, readers[f].fingerprint_bytes()) for f in weight_files]
+        self.fingerprint = _fingerprint(parts)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, label={self.label!r}, tensors={len(self._order)})"
+
+    def keys(self) -> list[str]:
+        """Normalised tensor names in natural order (layers.2 before layers.10)."""
+        return list(self._order)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def info(self, name: str) -> TensorInfo:
+        """Metadata of one tensor by normalised name."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a tensor of {self.path}") from None
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data over all weight files."""
+        return sum(i.nbytes for i in self._infos.values())
+
+    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The whole tensor on CPU, upcast to `dtype` through torch; `dtype=None` returns the stored
+        values bit-exact (used by writers). The caller owns the result."""
+        info = self.info(name)
+        t = self._readers[info.file].tensor(info.raw_name)
+        return t if dtype is None else t.to(dtype)
+
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) along dim 0; safetensors reads only those rows."""
+        info = self.info(name)
+        if not info.shape:
+            raise ValueError(f"{name!r} is a scalar; it has no rows")
+        if not 0 <= start <= stop <= info.shape[0]:
+            raise IndexError(f"rows [{start}, {stop}) out of range for {name!r} with {info.shape[0]} rows")
+        t = self._readers[info.file].rows(info.raw_name, start, stop)
+        return t if dtype is None else t.to(dtype)
+
+    def close(self) -> None:
+        """Release memory maps and loaded pickles; metadata stays usable, tensors reopen on demand."""
+        for reader in self._readers.values():
+            reader.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _locate(path: Path) -> tuple[list[Path], Path | None]:
+    """(weight files, index file or None) for a folder or a single file; CheckpointError if none."""
+    if path.is_file():
+        name = path.name
+        if name.endswith(".index.json"):
+            return sorted(set(read_index(path).values())), path
+        if name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+            return [path], None
+        raise CheckpointError("unsupported file type (expected .safetensors, .bin, .pt, .pth or a folder)",
+                              path=path, hint="point at a Hugging Face model folder or a weight file")
+    if not path.is_dir():
+        raise CheckpointError("not a file or folder", path=path, hint="point at a model folder or a weight file")
+    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index_name).is_file():
+            return sorted(set(read_index(path / index_name).values()), key=lambda p: p.name), path / index_name
+        if (path / single_name).is_file():
+            return [path / single_name], None
+    other_indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(other_indexes) == 1:
+        return sorted(set(read_index(other_indexes[0]).values()), key=lambda p: p.name), other_indexes[0]
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles, None
+    if len(singles) > 1:
+        raise CheckpointError(f"folder holds {len(singles)} .safetensors files and no index", path=path,
+                              hint="add a model.safetensors.index.json or point at one file")
+    raise CheckpointError("no weights found in folder", path=path, hint=NO_WEIGHTS_HINT)
+
+
+def _reader(file: Path) -> WeightFile:
+    """The reader for one weight file, chosen by suffix (safetensors files also by content)."""
+    if file.name.endswith(SAFETENSORS_SUFFIXES):
+        return SafetensorsFile(file)
+    return PickleFile(file)
+
+
+def _aux_files(folder: Path) -> list[Path]:
+    found: set[Path] = set()
+    for pattern in AUX_PATTERNS:
+        found.update(p for p in folder.glob(pattern) if p.is_file())
+    return sorted(found)
+
+
+def _config(folder: Path) -> dict:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return {}
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"config.json is not valid JSON ({e})", path=cfg,
+                              hint="fix the file or remove it to open the weights without a config") from None
+    if not isinstance(data, dict):
+        raise CheckpointError("config.json is not a JSON object", path=cfg, hint="fix or remove the file")
+    return data
+
+
+def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
+    """Open a checkpoint reading headers only; bad input raises a one-line CheckpointError."""
+    given = Path(path).expanduser()
+    if not given.exists():
+        raise CheckpointError("no such file or folder", path=given, hint="check the path")
+    resolved = given.resolve()
+    try:
+        weight_files, index_file = _locate(resolved)
+        readers: dict[Path, WeightFile] = {f: _reader(f) for f in weight_files}
+        folder = resolved if resolved.is_dir() else resolved.parent
+        return Checkpoint(path=resolved, label=label or resolved.name, weight_files=weight_files, readers=readers,
+                          index_files=[index_file] if index_file else [], config=_config(folder),
+                          aux_files=_aux_files(folder))
+    except PermissionError as e:
+        raise CheckpointError(f"permission denied reading {e.filename or 'a file'}", path=resolved,
+                              hint="check the file permissions") from None
+    except IsADirectoryError as e:
+        raise CheckpointError(f"expected a file but found a folder: {e.filename}", path=resolved,
+                              hint="point at a model folder or a weight file") from None

@@ -1,0 +1,33 @@
+"""Format readers behind `analysis.checkpoint`: one class per on-disk weight format.
+
+Each reader parses metadata when constructed (cheap: headers only where the format allows) and
+reads tensor bytes on demand. They all expose the same small surface (see `WeightFile`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Metadata of one tensor as stored in a weight file."""
+
+    raw_name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    nbytes: int
+
+
+class WeightFile(Protocol):
+    """What `Checkpoint` needs from a reader of one weight file."""
+
+    entries: dict[str, StoredTensor]
+
+    def fingerprint_bytes(self) -> bytes: ...
+    def tensor(self, raw_name: str) -> torch.Tensor: ...
+    def rows(self, raw_name: str, start: int, stop: int) -> torch.Tensor: ...
+    def close(self) -> None: ...

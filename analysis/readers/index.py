@@ -1,0 +1,51 @@
+"""Sharded-checkpoint index files (`*.index.json`): tensor name -> shard file, confined to the folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from analysis.errors import CheckpointError
+
+HINT = "an index may name only shard files inside its own folder; fix or regenerate the index"
+
+
+def read_index(index: Path) -> dict[str, Path]:
+    """Parse `weight_map` and resolve every shard inside the index's folder (SPEC §1: no `..`,
+    no absolute paths, no links leaving the folder, every shard must exist)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"index is not valid JSON ({e})", path=index,
+                              hint="fix or regenerate the index file") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError("index has no 'weight_map' object mapping tensor names to shard files", path=index,
+                              hint="fix or regenerate the index file")
+    folder = index.parent.resolve()
+    shards: dict[str, Path] = {}
+    result: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if shard not in shards:
+            shards[shard] = _shard_path(index, folder, shard)
+        result[name] = shards[shard]
+    return result
+
+
+def _shard_path(index: Path, folder: Path, shard: object) -> Path:
+    """The resolved shard path, or a CheckpointError naming the offending entry."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"index names an invalid shard {shard!r}", path=index, hint=HINT)
+    if PurePosixPath(shard).is_absolute() or PureWindowsPath(shard).is_absolute() or shard.startswith(("/", "\\")):
+        raise CheckpointError(f"index names an absolute shard path {shard!r}", path=index, hint=HINT)
+    if ".." in PurePosixPath(shard.replace("\\", "/")).parts:
+        raise CheckpointError(f"index names a shard outside its folder {shard!r}", path=index, hint=HINT)
+    candidate = folder / shard
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(folder):
+        raise CheckpointError(f"index names a shard {shard!r} that links outside its folder (to {resolved})",
+                              path=index, hint=HINT)
+    if not resolved.is_file():
+        raise CheckpointError(f"index names a missing shard {shard!r}", path=index,
+                              hint="download the missing shard or regenerate the index")
+    return resolved

@@ -1,0 +1,122 @@
+"""Reader for one `.safetensors` file: the header is parsed and validated here (8-byte length +
+JSON), tensors are read through `safetensors.safe_open(framework="pt")` (memory-mapped)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analysis.errors import CheckpointError
+from analysis.readers import StoredTensor
+
+# safetensors dtype codes -> (torch dtype name, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+HINT = "the file is damaged or incomplete; download or export it again"
+
+
+def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor]]:
+    """Parse and validate a safetensors header; returns (the 8+N header bytes, tensors by raw name)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"truncated safetensors file: {size} bytes, too short for the 8-byte header length",
+                                  path=path, hint=HINT)
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"not a safetensors file: header length field says {n} bytes",
+                                  path=path, hint=HINT)
+        if 8 + n > size:
+            raise CheckpointError(f"truncated safetensors file: header claims {n} bytes but the file has only {size}",
+                                  path=path, hint=HINT)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"safetensors header is not valid JSON ({type(e).__name__}: {_first_line(e)})",
+                              path=path, hint=HINT) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object", path=path, hint=HINT)
+    data_size = size - 8 - n
+    entries: dict[str, StoredTensor] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        entries[name] = _entry(path, name, meta, data_size)
+    return prefix + raw, entries
+
+
+def _entry(path: Path, name: str, meta: Any, data_size: int) -> StoredTensor:
+    """Validate one header entry: known dtype, integer shape, offsets inside the file and consistent."""
+    bad = f"safetensors header entry for tensor '{name}' is malformed"
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+        raise CheckpointError(bad + " (needs dtype, shape, data_offsets)", path=path, hint=HINT)
+    code, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if code not in DTYPES:
+        raise CheckpointError(f"tensor '{name}' has unsupported dtype {code!r}", path=path,
+                              hint="convert the checkpoint to float32/float16/bfloat16")
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise CheckpointError(bad + f" (shape {shape!r}, data_offsets {offsets!r})", path=path, hint=HINT)
+    dtype, itemsize = DTYPES[code]
+    begin, end = offsets
+    if end > data_size:
+        raise CheckpointError(f"tensor '{name}' data ends at byte {end} of the data section, past the end of the "
+                              f"file (data section has {data_size} bytes)", path=path, hint=HINT)
+    nbytes = math.prod(shape) * itemsize
+    if end - begin != nbytes:
+        raise CheckpointError(f"tensor '{name}' occupies {end - begin} bytes but shape {tuple(shape)} of {code} "
+                              f"needs {nbytes}", path=path, hint=HINT)
+    return StoredTensor(name, tuple(shape), dtype, nbytes)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+class SafetensorsFile:
+    """One safetensors file: header parsed at construction, tensor bytes read on demand (mmap)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._header, self.entries = read_header(path)
+        self._handle: Any = None
+
+    def fingerprint_bytes(self) -> bytes:
+        """The header bytes (length prefix + JSON): they change whenever names, shapes or offsets do."""
+        return self._header
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as e:  # the library's own validation disagrees with ours
+                raise CheckpointError(f"safetensors cannot open the file ({_first_line(e)})",
+                                      path=self.path, hint=HINT) from None
+        return self._handle
+
+    def tensor(self, raw_name: str) -> torch.Tensor:
+        """The whole tensor, as stored (bit-exact)."""
+        return self._open().get_tensor(raw_name)
+
+    def rows(self, raw_name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0; only those bytes are read."""
+        return self._open().get_slice(raw_name)[start:stop]
+
+    def close(self) -> None:
+        self._handle = None
