@@ -1,9 +1,117 @@
-"""`diffract-tui rewind` (being built; see the issue that owns it)."""
+"""`diffract-tui rewind plan BASE TARGET … --out rewind.json` chooses heads to set back to the base and
+previews what that removes; `diffract-tui rewind apply rewind.json --out DIR` writes the rewound checkpoint
+(SPEC §6). Progress goes to stderr; the preview to stdout."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
 import typer
+
+rewind_app = typer.Typer(help="Head-wise rewind: set chosen attention heads of a CPT checkpoint back to the base.",
+                         no_args_is_help=True)
+
+
+@contextmanager
+def stderr_progress(description: str, unit_bytes: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr; yields a `progress(done, total)` callback."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TransferSpeedColumn)
+
+    columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
+    columns += [DownloadColumn(), TransferSpeedColumn()] if unit_bytes else [MofNCompleteColumn()]
+    columns.append(TimeElapsedColumn())
+    console = Console(stderr=True)
+    # not a terminal (a log, a test): no bar, so stderr holds only real messages
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def print_preview(rl: Any, pv: Any, limit: int = 40) -> None:
+    """The plan's preview on stdout: pattern, heads per layer, share of ‖Δ‖² removed, the first rows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    p = rl.pattern
+    console.print(f"pattern {p.name}  fraction {p.fraction:.4g}  score {p.score}  gqa-policy {p.gqa_policy}  "
+                  f"→ {len(rl.heads)} of {rl.architecture.layers * rl.architecture.heads} heads", markup=False)
+    console.print(f"share of attention ‖Δ‖² removed: {pv.share_removed:.4%}", markup=False)
+    console.print("heads per layer: " + " ".join(str(n) for n in pv.heads_per_layer), markup=False)
+    table = Table(title_justify="left")
+    for col in ("layer", "head", "projections", p.score):
+        table.add_column(col, justify="right" if col != "projections" else "left")
+    for layer, head, projs, score in pv.rows[:limit]:
+        table.add_row(str(layer), str(head), ",".join(projs), "—" if score is None else f"{score:.6g}")
+    if pv.rows:
+        console.print(table)
+    if len(pv.rows) > limit:
+        console.print(f"… {len(pv.rows) - limit} more in the list file", markup=False)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the root app."""
+    """Add `rewind plan` and `rewind apply` to the root app."""
+
+    @rewind_app.command("plan")
+    def plan(
+        base: Path = typer.Argument(..., help="The base checkpoint θ₀."),
+        target: Path = typer.Argument(..., help="The CPT checkpoint θ_d whose heads are rewound."),
+        out: Path = typer.Option(..., "--out", help="Where to write the rewind list (JSON)."),
+        pattern: str = typer.Option("greedy", "--pattern", help="greedy | reference | manual."),
+        fraction: Optional[float] = typer.Option(None, "--fraction", help="f: rewind ⌊f·L·H⌋ heads (greedy, reference)."),
+        heads: Optional[str] = typer.Option(None, "--heads", help="manual heads LAYER:HEAD,… e.g. 3:5,4:1 (0-based)."),
+        reference: Optional[Path] = typer.Option(None, "--reference", help="Reference CPT checkpoint (pattern reference)."),
+        variant: str = typer.Option("lowest", "--variant", help="reference: lowest (its lowest scores) | most_agreeing."),
+        gqa_policy: str = typer.Option("group", "--gqa-policy", help="k/v rows: group | never | any."),
+        score: str = typer.Option("rel_frob", "--score", help="Ranking score: rel_frob | frob."),
+        exclude_kv: bool = typer.Option(False, "--exclude-kv", help="Rank by q/o energy only."),
+    ) -> None:
+        """Choose heads to rewind and write the list; prints the preview."""
+        from analysis.checkpoint import open_checkpoint
+        from analysis.errors import DiffractError
+        from analysis.rewind import checkpoint_ref, parse_heads, plan_from_inputs, preview, rewind_inputs
+        from analysis.rewind_list import write_rewind_list
+
+        if pattern == "reference" and reference is None:
+            raise DiffractError("the reference pattern needs a reference checkpoint", hint="pass --reference REF")
+        if fraction is not None and not 0.0 <= fraction <= 1.0:
+            raise DiffractError(f"fraction {fraction} is outside [0, 1]", hint="pass --fraction between 0 and 1")
+        head_list = parse_heads(heads) if heads is not None else None
+        b, t = open_checkpoint(base), open_checkpoint(target)
+        r = open_checkpoint(reference) if reference is not None else None
+        with stderr_progress("reading head energies") as progress:
+            inputs = rewind_inputs(b, t, r if pattern == "reference" else None, progress=progress)
+        rl = plan_from_inputs(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
+                              reference=checkpoint_ref(r) if r is not None else None, pattern=pattern,
+                              fraction=fraction, heads=head_list, score=score, gqa_policy=gqa_policy,
+                              exclude_kv=exclude_kv, variant=variant)
+        write_rewind_list(rl, out)
+        print_preview(rl, preview(rl, inputs))
+        typer.echo(f"wrote {out}")
+
+    @rewind_app.command("apply")
+    def apply(
+        rewind_list: Path = typer.Argument(..., help="A rewind list (diffract-rewind/1 JSON)."),
+        out: Path = typer.Option(..., "--out", help="Folder for the rewound checkpoint (must not exist)."),
+        force: bool = typer.Option(False, "--force", help="Apply a stale list and replace an existing --out."),
+    ) -> None:
+        """Write the target with the listed heads set back to the base (safetensors shards + index)."""
+        from analysis.rewind import apply_rewind
+        from analysis.rewind_list import read_rewind_list
+
+        rl = read_rewind_list(rewind_list)
+        with stderr_progress("writing", unit_bytes=True) as progress:
+            result = apply_rewind(rl, out, force=force, source=rewind_list, progress=progress)
+        typer.echo(f"wrote {result.out_dir}: {result.num_tensors} tensors in {len(result.shards)} shard(s), "
+                   f"{result.total_size / 1e9:.3f} GB in {result.seconds:.1f} s "
+                   f"({len(rl.heads)} heads rewound)")
+
+    app.add_typer(rewind_app, name="rewind")
