@@ -24,7 +24,6 @@ from typing import IO, Any
 
 import numpy as np
 
-from analysis import ENGINE_VERSION
 from analysis.errors import DiffractError
 
 CACHE_ENV_VAR = "DIFFRACT_TUI_CACHE_DIR"
@@ -78,15 +77,20 @@ def cache_key(
     settings: dict,
     dtype: str,
     device_kind: str,
-    engine_version: str = ENGINE_VERSION,
+    engine_version: str | None = None,
     **extra: Any,
 ) -> str:
     """sha256 hex of the canonical JSON of every part that changes a cached number.
 
     `fingerprint` is one checkpoint's fingerprint or, for a delta, the ordered pair (base, target);
     `slice` names the part of the tensor (e.g. {"proj": "q", "head": 5}) or None for the whole matrix;
-    `operation` says what was computed ("weight", "delta", ... plus the artefact, e.g. "metrics").
+    `operation` says what was computed ("weight", "delta", ... plus the artefact, e.g. "metrics");
+    `engine_version` defaults to `analysis.ENGINE_VERSION`, read at call time.
     """
+    if engine_version is None:
+        import analysis
+
+        engine_version = analysis.ENGINE_VERSION
     parts = {
         "fingerprint": fingerprint,
         "tensor": tensor,
