@@ -196,6 +196,13 @@ def _config(folder: Path) -> dict:
     return data
 
 
+def _default_label(path: Path) -> str:
+    """The folder name; for a file with a generic HF name (model*.safetensors, pytorch_model*.bin,
+    *.index.json) the name of its folder, else the file name."""
+    generic = path.name.startswith(("model.", "model-", "pytorch_model")) or path.name.endswith(".index.json")
+    return path.parent.name if path.is_file() and generic and path.parent.name else path.name
+
+
 def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
     """Open a checkpoint reading headers only; bad input raises a one-line CheckpointError."""
     given = Path(path).expanduser()
@@ -206,7 +213,7 @@ def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
         weight_files, index_file = _locate(resolved)
         readers: dict[Path, WeightFile] = {f: _reader(f) for f in weight_files}
         folder = resolved if resolved.is_dir() else resolved.parent
-        return Checkpoint(path=resolved, label=label or resolved.name, weight_files=weight_files, readers=readers,
+        return Checkpoint(path=resolved, label=label or _default_label(resolved), weight_files=weight_files, readers=readers,
                           index_files=[index_file] if index_file else [], config=_config(folder),
                           aux_files=_aux_files(folder))
     except PermissionError as e:
