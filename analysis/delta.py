@@ -197,30 +197,31 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
     m, n = W0.shape[-2], W0.shape[-1]
     M = min(m, n)
     cols: dict[str, torch.Tensor] = dict(delta_norms(W0, Wd, dW))
+    k = M if top_k is None else max(1, min(int(top_k), M))
     if base_svd is None and agreement:
-        base_svd = top_svd(W0, None)
-    sigma0 = singular_values(W0)
+        base_svd = top_svd(W0, k)
+    if base_svd is not None and base_svd.S.dim() == 1:
+        base_svd = SVD(base_svd.U.unsqueeze(0), base_svd.S.unsqueeze(0), base_svd.V.unsqueeze(0))
+    full_base = base_svd is not None and base_svd.S.shape[-1] == M
+    sigma0 = base_svd.S if full_base else singular_values(W0)
     cols["delta_rho"] = delta_rho(W0, Wd, dW, sigma0=sigma0)
     evals_d = gram_eigenvalues(dW)  # ascending σ² of ΔW
     sigma_d = evals_d.flip(-1).sqrt()
     for name, level in ENERGY_LEVELS:
         cols[name] = rank_for_energy(sigma_d, level)
-    rows: list[dict[str, Any]] = [dict() for _ in range(W0.shape[0])]
+    extra: dict[str, Any] = {}
     if agreement:
-        k = M if top_k is None else max(1, min(int(top_k), M))
         bs = base_svd if base_svd.S.shape[-1] == k else SVD(base_svd.U[..., :k], base_svd.S[..., :k],
                                                             base_svd.V[..., :k])
-        if bs.S.dim() == 1:
-            bs = SVD(bs.U.unsqueeze(0), bs.S.unsqueeze(0), bs.V.unsqueeze(0))
         cols.update(a1_agreement(bs, top_svd(Wd, k)))
-        for r in rows:
-            r["a1_k"] = k
-            r["a1_noise_floor_l"] = noise_floor(k, m)
-            r["a1_noise_floor_r"] = noise_floor(k, n)
+        extra = {"a1_k": k, "a1_noise_floor_l": noise_floor(k, m), "a1_noise_floor_r": noise_floor(k, n)}
+    rows: list[dict[str, Any]] = [dict() for _ in range(W0.shape[0])]
     for name, values in cols.items():
         vals = values.tolist()
         for r, v in zip(rows, vals):
             r[name] = v
+    for r in rows:
+        r.update(extra)
     if spectral:
         from analysis.backend import SpectralSettings
         from analysis.spectra import spectral_metrics

@@ -1,9 +1,149 @@
-"""`diffract-tui delta` (being built; see the issue that owns it)."""
+"""`diffract-tui delta BASE CPT [CPT …] --out FILE`: what continual pre-training changed, matrix by matrix
+and head by head (SPEC §4), with cross-domain agreement when two or more CPT checkpoints are given."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+from typing import Any, List, Optional
+
 import typer
+
+CACHE_DIR_HELP = "Cache folder for computed deltas (default: $DIFFRACT_TUI_CACHE_DIR, else the user cache folder)."
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_summary(summary: dict[str, Any], out: Path, rows: int) -> None:
+    """The concentration and agreement summary as rich tables on stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    console.print(f"[bold]delta[/bold] of {len(summary['checkpoints'])} checkpoint(s) against "
+                  f"[bold]{summary['base']}[/bold]: {rows} rows → {out}")
+    if not summary["heads"]:
+        console.print(f"heads not analysed: {summary.get('heads_reason')}")
+    else:
+        table = Table(title="head concentration (energy Σ‖ΔW_h‖², Gini of head scores r)")
+        for col in ("checkpoint", "top-10 % share of Σ‖Δ‖²", "Gini of r", "mean r", "Σ‖Δ‖² (heads)"):
+            table.add_column(col, justify="left" if col == "checkpoint" else "right")
+        for c in summary["checkpoints"]:
+            table.add_row(c["checkpoint"], _fmt(c.get("top10_share")), _fmt(c.get("gini")),
+                          _fmt(c.get("mean_head_score"), 4), _fmt(c.get("total_delta_energy"), 2))
+        console.print(table)
+    agreement = summary.get("agreement")
+    if agreement:
+        table = Table(title="cross-domain agreement per head")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("mean A2 (cos of head deltas)", _fmt(agreement["mean_a2"]))
+        table.add_row(f"mean A3 (top-{agreement['a3_k']} subspace overlap; random ≈ {agreement['a3_random']:.3f})",
+                      _fmt(agreement["mean_a3"]))
+        table.add_row("Spearman of head scores (mean over pairs)", _fmt(agreement["spearman"]))
+        classes = agreement["classes"]
+        table.add_row("agnostic / specific / inert heads",
+                      f"{classes['agnostic']} / {classes['specific']} / {classes['inert']}")
+        table.add_row("thresholds: agreement / magnitude r",
+                      f"{_fmt(agreement['agreement_threshold'])} / {_fmt(agreement['magnitude_threshold'], 4)}")
+        console.print(table)
+    missing = summary.get("missing")
+    if missing:
+        for label, keys in missing.items():
+            console.print(f"[dim]{label} lacks {len(keys)} tensor(s) another checkpoint has (e.g. {keys[0]}); "
+                          f"those are skipped[/dim]")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the root app."""
+    """Add the `delta` command to the root app."""
+
+    @app.command("delta")
+    def delta(
+        base: Path = typer.Argument(..., help="The base checkpoint θ₀ (folder or weight file)."),
+        cpts: List[Path] = typer.Argument(..., help="One or more CPT checkpoints of that base."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output table: .csv, .json or .parquet."),
+        heads: bool = typer.Option(True, "--heads/--no-heads", help="Also one row per attention head slice."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
+        dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
+        top_k: Optional[int] = typer.Option(None, "--top-k", min=1,
+                                            help="A1 singular-vector agreement over the k largest components "
+                                                 "(default: all)."),
+        a3_k: int = typer.Option(8, "--a3-k", min=1, help="A3 subspace agreement: top-k left singular vectors."),
+        spectral: bool = typer.Option(True, "--spectral/--no-spectral",
+                                      help="Also the SPEC §3 spectral metrics of ΔW (power-law fits etc.)."),
+        exclude_kv: bool = typer.Option(False, "--exclude-kv", help="Head scores and agreement without k/v."),
+        agreement_metric: str = typer.Option("a2", "--agreement", help="Classify heads by a2 or a3."),
+        agreement_threshold: Optional[float] = typer.Option(None, "--agreement-threshold",
+                                                            help="Default: median over the non-inert heads."),
+        magnitude_threshold: Optional[float] = typer.Option(None, "--magnitude-threshold",
+                                                            help="Head score r below which a head is inert "
+                                                                 "(default: the median)."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the cache."),
+        summary_json: bool = typer.Option(False, "--summary-json", help="Print the summary as JSON on stdout."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                              help="Compute threads (default: half the logical CPUs — one per "
+                                                   "physical core on SMT machines; LAPACK slows down when "
+                                                   "threads share a core)."),
+    ) -> None:
+        """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
+        agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes."""
+        import torch
+
+        from analysis.delta_table import DeltaOptions, open_and_build
+        from analysis.errors import DiffractError
+        from analysis.tables import table_format, write_table
+
+        table_format(out)  # bad suffix → one-line error before any work
+        if agreement_metric not in ("a2", "a3"):
+            raise DiffractError(f"unknown agreement metric {agreement_metric!r}", hint="use --agreement a2 or a3")
+        torch.set_num_threads(threads or _default_threads())
+        options = DeltaOptions(heads=heads, dtype=dtype, device=device, top_k=top_k, a3_k=a3_k, spectral=spectral,
+                               exclude_kv=exclude_kv, agreement_metric=agreement_metric,
+                               agreement_threshold=agreement_threshold, magnitude_threshold=magnitude_threshold)
+        options.torch_dtype()
+        cache = None
+        if not no_cache:
+            from analysis.cache import Cache
+
+            cache = Cache(cache_dir)
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), transient=True,
+                      console=__import__("rich.console").console.Console(stderr=True)) as bar:
+            task = bar.add_task("delta", total=None)
+
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=what[:60])
+
+            result = open_and_build(base, cpts, options=options, cache=cache, progress=progress)
+        from diffract_tui import __version__
+
+        metadata = {**result.metadata, "created_by": f"diffract-tui {__version__}", "summary": result.summary}
+        write_table(result.rows, out, metadata=metadata)
+        print_summary(result.summary, out, len(result.rows))
+        if summary_json:
+            typer.echo(json.dumps(result.summary, indent=1, default=_json_default, allow_nan=True))
+
+
+def _default_threads() -> int:
+    """One compute thread per physical core, assuming two logical CPUs per core (PERF-NOTES: threads that
+    share a core make LAPACK 3–10× slower)."""
+    import os
+
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

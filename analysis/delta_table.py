@@ -1,0 +1,332 @@
+"""The rows behind `diffract-tui delta`: every shared matrix (and every head slice) of N CPT checkpoints
+against their base, with the SPEC §4 metrics, cross-domain agreement and a concentration summary.
+
+Row keys: checkpoint, tensor, layer, module, head, kv_head, rows, cols, then delta_frob, delta_rel,
+delta_cos, delta_rho, delta_rank_{90,95,99}, avg_max_{l,r}_agreement (+ a1_k, a1_noise_floor_{l,r}),
+the SPEC §3 metrics of ΔW itself, and with ≥ 2 CPT checkpoints a2_agreement / a3_agreement (mean over the
+other domains; per matrix or per head slice) plus, on head rows, head_score, head_a2_agreement,
+head_a3_agreement and head_class (the whole head, all projections).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from analysis import ENGINE_VERSION
+from analysis.agreement import (DEFAULT_A3_K, DomainAgreement, a2_cosine, a3_subspace, domain_agreement)
+from analysis.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_metrics, head_concentration, head_scores,
+                            top_svd)
+from analysis.errors import DiffractError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from analysis.architecture import ModelLayout, Module
+    from analysis.cache import Cache
+    from analysis.checkpoint import Checkpoint
+
+ProgressFn = Callable[[int, int, str], None]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ID_COLUMNS = ("checkpoint", "tensor", "layer", "module", "head", "kv_head", "rows", "cols")
+
+
+@dataclass(frozen=True)
+class DeltaOptions:
+    """Every setting of a delta table; all of them go into the export's provenance (SPEC §8)."""
+
+    heads: bool = True
+    dtype: str = "float32"
+    device: str = "auto"
+    top_k: int | None = None            # A1: compare the k largest components (None: all M)
+    a3_k: int = DEFAULT_A3_K            # A3: top-k left singular vectors
+    spectral: bool = True               # SPEC §3 metrics of ΔW (power-law fits etc.)
+    exclude_kv: bool = False            # head scores / agreement without k and v
+    agreement_metric: str = "a2"        # what the classification thresholds: "a2" or "a3"
+    agreement_threshold: float | None = None
+    magnitude_threshold: float | None = None
+    xmin_rule: str = "ks"
+    seed: int = 42
+
+    def torch_dtype(self) -> torch.dtype:
+        """The compute dtype (float32 or float64); anything else is a one-line error."""
+        try:
+            return DTYPES[self.dtype]
+        except KeyError:
+            raise DiffractError(f"unsupported compute dtype {self.dtype!r}", hint="use float32 or float64") from None
+
+
+@dataclass
+class DeltaTable:
+    """Rows plus what the summary and the exports need."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    metadata: dict[str, Any]
+    head_scores: dict[str, HeadScores] = field(default_factory=dict)
+    agreement: DomainAgreement | None = None
+    layout: "ModelLayout | None" = None
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _settings(options: DeltaOptions) -> Any:
+    """The SpectralSettings the spectral metrics of ΔW use."""
+    from analysis.backend import SpectralSettings
+
+    return SpectralSettings(device=options.device, dtype=options.dtype, xmin_rule=options.xmin_rule,
+                            seed=options.seed)
+
+
+def _device(options: DeltaOptions) -> torch.device:
+    try:
+        from analysis.backend import resolve_device
+    except ImportError:  # pragma: no cover - backend always ships with the engine
+        return torch.device("cpu" if options.device == "auto" else options.device)
+    return resolve_device(options.device)
+
+
+def _settings_key(options: DeltaOptions, settings: Any) -> dict[str, Any]:
+    key = {k: v for k, v in asdict(options).items() if k not in ("device",)}
+    if settings is not None and hasattr(settings, "key"):
+        key["spectral"] = settings.key()
+    return key
+
+
+def _cached(cache: "Cache | None", key_parts: dict[str, Any] | None, compute: Callable[[], Any]) -> Any:
+    """`compute()` through the cache when one is given (JSON entries; a corrupt one is a miss)."""
+    if cache is None or key_parts is None:
+        return compute()
+    from analysis.cache import cache_key
+
+    key = cache_key(**key_parts)
+    hit = cache.get_json(key)
+    if hit is not None:
+        return hit
+    value = compute()
+    cache.put_json(key, value)
+    return value
+
+
+def matrix_modules(layout: "ModelLayout", shared: set[str]) -> list[tuple[int | None, "Module"]]:
+    """(layer, module) of every ≥ 2-D module whose tensor all checkpoints share, layers first, then globals."""
+    out: list[tuple[int | None, Module]] = []
+    for layer in layout.layers:
+        for m in layer.modules:
+            if len(m.shape) >= 2 and m.tensor in shared:
+                out.append((layer.index, m))
+    for m in layout.globals:
+        if len(m.shape) >= 2 and m.tensor in shared:
+            out.append((None, m))
+    return out
+
+
+def _heads_ok(layout: "ModelLayout", shared: set[str]) -> tuple[bool, str | None]:
+    if not layout.heads_available:
+        return False, layout.heads_reason or "heads are not available for this architecture"
+    for layer in range(layout.num_layers):
+        for p in PROJECTIONS:
+            t = layout.projection(layer, p).tensor
+            if t not in shared:
+                return False, f"attention tensor {t} is not present in every checkpoint"
+    return True, None
+
+
+def _partner_means(values: dict[tuple[int, int], float], n: int) -> list[float]:
+    """For each domain i, the mean of values over the pairs that contain i."""
+    out = []
+    for i in range(n):
+        vals = [v for (a, b), v in values.items() if i in (a, b) and not math.isnan(v)]
+        out.append(sum(vals) / len(vals) if vals else math.nan)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the walk
+# --------------------------------------------------------------------------------------------------
+
+
+def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
+                      options: DeltaOptions = DeltaOptions(), cache: "Cache | None" = None,
+                      progress: ProgressFn | None = None) -> DeltaTable:
+    """Every shared matrix and (optionally) every head slice of each target against `base` (SPEC §4)."""
+    from analysis.alignment import align
+    from analysis.architecture import layout_of
+    from analysis.heads import module_matrix, projection_heads
+
+    if not targets:
+        raise DiffractError("delta needs a base checkpoint and at least one CPT checkpoint",
+                            hint="run: diffract-tui delta BASE CPT [CPT …] --out FILE")
+    dtype = options.torch_dtype()
+    device = _device(options)
+    settings = _settings(options) if options.spectral else None
+    skey = _settings_key(options, settings)
+    report = align([base, *targets])
+    shared = set(report.shared)
+    labels = list(report.labels[1:])      # unique display labels of the targets (#i suffix on clashes)
+    layout = layout_of(base)
+    modules = matrix_modules(layout, shared)
+    n = len(targets)
+    heads_on, heads_reason = _heads_ok(layout, shared) if options.heads else (False, "heads not requested")
+    total = len(modules) + (layout.num_layers * len(PROJECTIONS) if heads_on else 0) \
+        + (layout.num_layers if heads_on else 0)
+    done = 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
+    per_target: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    metric_kwargs = dict(settings=settings, dtype=dtype, top_k=options.top_k, spectral=options.spectral)
+
+    # ---- whole matrices -------------------------------------------------------------------------
+    for layer, module in modules:
+        W0 = module_matrix(base, module, dtype).to(device)
+        bsvd: SVD | None = None
+        deltas: list[torch.Tensor] = []
+        for i, target in enumerate(targets):
+            Wd = module_matrix(target, module, dtype).to(device)
+
+            def compute(W0=W0, Wd=Wd) -> list[dict[str, Any]]:
+                nonlocal bsvd
+                if bsvd is None:
+                    bsvd = top_svd(W0.unsqueeze(0), options.top_k)  # shared by every target of this matrix
+                return batched_delta_metrics(W0.unsqueeze(0), Wd.unsqueeze(0), base_svd=bsvd, **metric_kwargs)
+
+            key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=module.tensor,
+                       slice={"module": module.name, "segments": [list(s) for s in module.segments],
+                              "transpose": module.transpose},
+                       operation="delta/metrics", settings=skey, dtype=options.dtype, device_kind=device.type)
+            metrics = _cached(cache, key, compute)[0]
+            row = {"checkpoint": labels[i], "tensor": module.tensor, "layer": layer, "module": module.name,
+                   "head": None, "kv_head": None, "rows": int(W0.shape[0]), "cols": int(W0.shape[1]), **metrics}
+            per_target[i].append(row)
+            if n >= 2:
+                deltas.append(Wd - W0)
+        if n >= 2:
+            pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+            a2 = {pr: float(a2_cosine(deltas[pr[0]], deltas[pr[1]])) for pr in pairs}
+            a3 = {pr: float(a3_subspace(deltas[pr[0]], deltas[pr[1]], options.a3_k)) for pr in pairs}
+            for i, (m2, m3) in enumerate(zip(_partner_means(a2, n), _partner_means(a3, n))):
+                per_target[i][-1]["a2_agreement"] = m2
+                per_target[i][-1]["a3_agreement"] = m3
+        tick(f"{module.tensor} ({module.name})")
+
+    # ---- cross-domain agreement and head scores -------------------------------------------------
+    scores: dict[str, HeadScores] = {}
+    agreement: DomainAgreement | None = None
+    if heads_on:
+        if n >= 2:
+            agreement = domain_agreement(
+                base, targets, layout, k=options.a3_k, dtype=dtype, exclude_kv=options.exclude_kv,
+                agreement_metric=options.agreement_metric, agreement_threshold=options.agreement_threshold,
+                magnitude_threshold=options.magnitude_threshold, device=device,
+                progress=lambda l, L: tick(f"agreement, layer {l - 1}"))
+            for i in range(n):
+                scores[labels[i]] = agreement.head_scores[i]
+        else:
+            for layer_i in range(layout.num_layers):
+                tick(f"head scores, layer {layer_i}")
+            scores[labels[0]] = head_scores(base, targets[0], layout, exclude_kv=options.exclude_kv,
+                                                   dtype=dtype, device=device)
+
+    # ---- head slices ----------------------------------------------------------------------------
+    if heads_on:
+        H, G = layout.num_heads, layout.num_kv_heads
+        per = H // G
+        for layer in range(layout.num_layers):
+            for p in PROJECTIONS:
+                tensor = layout.projection(layer, p).tensor
+                b = projection_heads(base, layout, layer, p, dtype).to(device)
+                bsvd_h: SVD | None = None
+                for i, target in enumerate(targets):
+                    t = projection_heads(target, layout, layer, p, dtype).to(device)
+
+                    def compute_heads(b=b, t=t) -> list[dict[str, Any]]:
+                        nonlocal bsvd_h
+                        if bsvd_h is None:
+                            bsvd_h = top_svd(b, options.top_k)
+                        return batched_delta_metrics(b, t, base_svd=bsvd_h, **metric_kwargs)
+
+                    key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=tensor,
+                               slice={"proj": p, "layer": layer, "heads": "all", "head_dim": layout.head_dim},
+                               operation="delta/head-metrics", settings=skey, dtype=options.dtype,
+                               device_kind=device.type)
+                    head_rows = _cached(cache, key, compute_heads)
+                    hs = scores[labels[i]]
+                    for j, metrics in enumerate(head_rows):
+                        if p in ("k", "v"):
+                            head, kv_head, qh = (j if per == 1 else None), j, j * per
+                        else:
+                            head, kv_head, qh = j, layout.kv_group(j), j
+                        row = {"checkpoint": labels[i], "tensor": tensor, "layer": layer, "module": p,
+                               "head": head, "kv_head": kv_head, "rows": int(b.shape[1]), "cols": int(b.shape[2]),
+                               **metrics}
+                        if p not in ("k", "v") or per == 1:
+                            row["head_score"] = float(hs.scores[layer, qh])
+                        if agreement is not None and not (options.exclude_kv and p in ("k", "v")):
+                            row["a2_agreement"] = float(agreement.partner_mean(i, "a2", p)[layer, qh])
+                            row["a3_agreement"] = float(agreement.partner_mean(i, "a3", p)[layer, qh])
+                            if head is not None:
+                                row["head_a2_agreement"] = float(agreement.partner_mean(i, "a2")[layer, qh])
+                                row["head_a3_agreement"] = float(agreement.partner_mean(i, "a3")[layer, qh])
+                                row["head_class"] = agreement.classification.classes[layer][qh]
+                        per_target[i].append(row)
+                tick(f"heads, layer {layer} {p}")
+
+    rows = [r for rs in per_target for r in rs]
+    summary = _summary(report.labels[0], labels, scores, agreement, report, layout, heads_on, heads_reason)
+    metadata = {
+        "command": "delta",
+        "engine_version": ENGINE_VERSION,
+        "base": {"path": str(base.path), "fingerprint": base.fingerprint, "label": base.label},
+        "targets": [{"path": str(t.path), "fingerprint": t.fingerprint, "label": lab}
+                    for t, lab in zip(targets, labels)],
+        "settings": {**skey, "device_kind": device.type},
+        "architecture": layout.describe(),
+    }
+    return DeltaTable(rows=rows, summary=summary, metadata=metadata, head_scores=scores, agreement=agreement,
+                      layout=layout)
+
+
+def _summary(base_label: str, labels: Sequence[str], scores: dict[str, HeadScores],
+             agreement: DomainAgreement | None, report: Any, layout: "ModelLayout", heads_on: bool,
+             heads_reason: str | None) -> dict[str, Any]:
+    """Per-target concentration (top-10 % share, Gini) and the cross-domain agreement summary."""
+    out: dict[str, Any] = {"base": base_label, "heads": heads_on, "heads_reason": heads_reason,
+                           "architecture": layout.describe(), "checkpoints": []}
+    for label in labels:
+        entry: dict[str, Any] = {"checkpoint": label}
+        hs = scores.get(label)
+        if hs is not None:
+            c = head_concentration(hs)
+            entry.update(top10_share=c.top10_share, gini=c.gini, total_delta_energy=float(hs.delta_energy.sum()),
+                         mean_head_score=float(hs.scores.nanmean()))
+        out["checkpoints"].append(entry)
+    if agreement is not None:
+        out["agreement"] = agreement.summary()
+    missing = {label: list(keys) for label, keys in report.missing.items() if keys}
+    if missing:
+        out["missing"] = missing
+    return out
+
+
+def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *, options: DeltaOptions = DeltaOptions(),
+                   cache: "Cache | None" = None, progress: ProgressFn | None = None) -> DeltaTable:
+    """Open the checkpoints (headers only) and build the table; checkpoints are closed afterwards."""
+    from analysis.checkpoint import open_checkpoint
+
+    base = open_checkpoint(base_path)
+    targets = [open_checkpoint(p) for p in target_paths]
+    try:
+        return build_delta_table(base, targets, options=options, cache=cache, progress=progress)
+    finally:
+        for c in (base, *targets):
+            c.close()
