@@ -1,9 +1,130 @@
-"""`diffract-tui interpolate` (being built; see the issue that owns it)."""
+"""`diffract-tui interpolate A B --alpha 0.5 --out DIR`: write θ(α) = (1−α)θ_A + αθ_B; with `--base BASE`,
+`--mode base-cpt` writes θ₀ + α(θ_A − θ₀) and `--mode task-arithmetic` θ₀ + λ_Aτ_A + λ_Bτ_B (SPEC §7).
+`--diagnostics-json` adds ‖τ‖ and cos(τ_A, τ_B) globally, per matrix and per head (needs --base);
+`--barrier scores.csv` (columns alpha,metric,score) gives the barrier B per metric. A metric is read as a
+loss (lower is better, the sign flips) when `--loss` is given or its name contains "loss", "ppl" or
+"perplexity"; otherwise higher is better."""
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
 
+def _write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write (temp file in the same folder + os.replace); NaN becomes null."""
+    import os
+    import tempfile
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    text = json.dumps(clean(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the root app."""
+    """Add `interpolate` to the root app."""
+
+    @app.command("interpolate")
+    def interpolate_cmd(
+        a: Path = typer.Argument(..., help="Checkpoint A (α = 0), or the CPT with --mode base-cpt."),
+        b: Optional[Path] = typer.Argument(None, help="Checkpoint B (α = 1); the second CPT with --base."),
+        alpha: float = typer.Option(0.5, "--alpha", help="α for endpoints and base-cpt."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Folder for the written checkpoint (must not exist)."),
+        base: Optional[Path] = typer.Option(None, "--base", help="Base θ₀: enables base-cpt, task-arithmetic and diagnostics."),
+        mode: Optional[str] = typer.Option(None, "--mode", help="endpoints | base-cpt | task-arithmetic "
+                                           "(default: endpoints with B, base-cpt with --base and no B)."),
+        lambda_a: float = typer.Option(1.0, "--lambda-a", help="λ_A for task arithmetic."),
+        lambda_b: float = typer.Option(1.0, "--lambda-b", help="λ_B for task arithmetic."),
+        dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 | float64 (output keeps the stored dtype)."),
+        diagnostics_json: Optional[Path] = typer.Option(None, "--diagnostics-json", help="Write ‖τ‖/cos diagnostics here (needs --base)."),
+        barrier_csv: Optional[Path] = typer.Option(None, "--barrier", help="CSV alpha,metric,score: barrier B per metric."),
+        loss: bool = typer.Option(False, "--loss", help="Read every metric in --barrier as a loss (lower is better)."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    ) -> None:
+        """Interpolate checkpoints, base→CPT or task arithmetic; diagnostics and barriers."""
+        import torch
+
+        from analysis.checkpoint import open_checkpoint
+        from analysis.errors import DiffractError
+        from analysis.interpolate import (MODES, barriers_from_csv, base_to_cpt, endpoints, run_interpolation,
+                                          task_arithmetic)
+        from diffract_tui.cli.rewind import stderr_progress
+
+        chosen = mode or ("endpoints" if b is not None else "base-cpt")
+        if chosen not in MODES:
+            raise DiffractError(f"unknown mode {chosen!r}", hint=f"use one of {', '.join(MODES)}")
+        if chosen in ("base-cpt", "task-arithmetic") and base is None:
+            raise DiffractError(f"--mode {chosen} needs --base BASE")
+        if chosen in ("endpoints", "task-arithmetic") and b is None:
+            raise DiffractError(f"--mode {chosen} needs two checkpoints A and B")
+        if diagnostics_json is not None and base is None:
+            raise DiffractError("diagnostics of task vectors need --base BASE", hint="pass the common base checkpoint")
+        if dtype not in ("float32", "float64"):
+            raise DiffractError(f"compute dtype {dtype!r} is not float32 or float64")
+        barriers = barriers_from_csv(barrier_csv, loss=True if loss else None) if barrier_csv is not None else None
+        wants_pass = out is not None or diagnostics_json is not None
+        if not wants_pass and barriers is None:
+            raise DiffractError("nothing to do", hint="pass --out DIR, --diagnostics-json FILE or --barrier CSV")
+
+        if wants_pass:
+            ck_a = open_checkpoint(a)
+            ck_b = open_checkpoint(b) if b is not None else None
+            ck_0 = open_checkpoint(base) if base is not None else None
+            if chosen == "endpoints":
+                comb = endpoints(ck_a, ck_b, alpha)
+            elif chosen == "base-cpt":
+                comb = base_to_cpt(ck_0, ck_a, alpha)
+            else:
+                comb = task_arithmetic(ck_0, ck_a, ck_b, lambda_a, lambda_b)
+            diag_sides = (ck_0, ck_a, ck_b) if diagnostics_json is not None else None
+            with stderr_progress("interpolating" if out is not None else "diagnostics",
+                                 unit_bytes=out is not None) as progress:
+                report = run_interpolation(comb, out, force=force, compute_dtype=getattr(torch, dtype),
+                                           diagnostics_of=diag_sides, progress=progress)
+            if report.written is not None:
+                w = report.written
+                typer.echo(f"wrote {w.out_dir}: {w.num_tensors} tensors, {w.total_size / 1e9:.3f} GB in "
+                           f"{w.seconds:.1f} s ({chosen}, {', '.join(f'{k} {v:g}' for k, v in comb.parameters.items())})")
+            if report.copied_from_target:
+                typer.echo(f"{len(report.copied_from_target)} tensor(s) copied unchanged from {comb.target.label} "
+                           f"(missing in another input or not floating point): "
+                           + ", ".join(report.copied_from_target[:5])
+                           + (" …" if len(report.copied_from_target) > 5 else ""))
+            if report.diagnostics is not None:
+                g = report.diagnostics["global"]
+                line = f"‖τ_A‖ = {g['tau_a_norm']:.6g}"
+                if "cos" in g:
+                    line += f"  ‖τ_B‖ = {g['tau_b_norm']:.6g}  cos(τ_A, τ_B) = {g['cos']:.6g}"
+                typer.echo(line)
+                diag = dict(report.diagnostics)
+                diag["mode"] = chosen
+                diag["parameters"] = comb.parameters
+                if barriers is not None:
+                    diag["barriers"] = [vars(x) for x in barriers]
+                _write_json(diagnostics_json, diag)
+                typer.echo(f"wrote {diagnostics_json}")
+        if barriers is not None:
+            for x in barriers:
+                kind = "loss, lower is better" if x.is_loss else "score, higher is better"
+                typer.echo(f"barrier {x.metric}: B = {x.barrier:.6g} at α = {x.alpha_at_max:g} "
+                           f"({kind}; {x.points} points)")
