@@ -38,3 +38,12 @@ class MetricsReady(Message):
         self.node = node
         self.metrics = metrics
         super().__init__()
+
+
+class ToggleMark(Message):
+    """The user pressed space on a head node: mark or unmark its query head (the app decides)."""
+
+    def __init__(self, node: NodeRef) -> None:
+        self.node = node
+        super().__init__()
+

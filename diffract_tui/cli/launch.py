@@ -1,9 +1,48 @@
-"""`diffract-tui launch` (being built; see the issue that owns it)."""
+"""`diffract-tui BASE CPT [CPT …]` (the `open` command): open checkpoints in the explorer.
+
+The checkpoints are opened, aligned and their layout detected BEFORE the screen opens, so a missing path or
+incompatible checkpoints end with the engine's one-line message and exit status 1.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
 import typer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.session import ExplorerSession
+
+
+def run_explorer(session: "ExplorerSession") -> None:
+    """Run the explorer app on an opened session until the user quits; then close the session."""
+    from diffract_tui.ui import DiffractApp
+
+    try:
+        DiffractApp(session).run()
+    finally:
+        session.close()
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the root app."""
+    """Add the `open` command (the CLI root routes `diffract-tui PATH …` to it)."""
+
+    @app.command("open")
+    def open_command(
+        checkpoints: list[str] = typer.Argument(..., metavar="BASE CPT [CPT …]",
+                                                help="Base checkpoint first, then one or more continually "
+                                                     "pre-trained checkpoints (HF folders, .safetensors, .bin)."),
+        label: list[str] = typer.Option([], "--label", metavar="NAME=PATH",
+                                        help="Show the checkpoint at PATH as NAME (repeatable)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N: where spectra are computed."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
+                                                 help="Spectra cache folder (default: $DIFFRACT_TUI_CACHE_DIR, "
+                                                      "else the user cache folder)."),
+    ) -> None:
+        """Open the explorer: walk layers and heads, see spectra and deltas, mark heads, export a rewind list."""
+        from analysis.session import ExplorerSession, parse_labels
+
+        session = ExplorerSession.open(checkpoints, labels=parse_labels(label, checkpoints), device=device,
+                                       cache_dir=cache_dir)
+        run_explorer(session)

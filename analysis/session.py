@@ -1,0 +1,538 @@
+"""The engine facade the explorer app holds: a base and its CPT checkpoints, opened and aligned once, and
+per-node spectra and deltas computed on demand through the persistent cache.
+
+A *node* is anything with `layer` (int | None), `module` (str | None) and `head` (int | None) — the app's
+`NodeRef`. Nothing here imports textual: the app runs these methods in worker threads and passes
+`progress(fraction, text)` and `cancelled()` callables; `Cancelled` ends a computation early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+
+from analysis.errors import DiffractError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from analysis.architecture import Module, ModelLayout
+    from analysis.backend import SpectralSettings
+    from analysis.cache import Cache
+    from analysis.checkpoint import Checkpoint
+    from analysis.rewind_list import RewindList
+
+ProgressFn = Callable[[float | None, str], None]
+CancelledFn = Callable[[], bool]
+HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
+AGREEMENT_KS_MAX = 24  # points on the agreement-vs-k curve (log-spaced k)
+UI_OPERATION_VERSION = 1  # bump when what the session stores under its cache keys changes
+
+
+class Node(Protocol):
+    layer: int | None
+    module: str | None
+    head: int | None
+
+
+class Cancelled(Exception):
+    """A computation stopped because its caller cancelled it."""
+
+
+class CacheMiss(Exception):
+    """A cache-only look-up found no entry (raised by `ProbeCache`)."""
+
+
+class ProbeCache:
+    """A read-only view of a `Cache` whose misses raise `CacheMiss`: handing it to an engine call that
+    reads the cache before computing (`scan.node_metrics`) turns that call into a cache-only look-up."""
+
+    def __init__(self, cache: "Cache"):
+        self._cache = cache
+        self.key = cache.key
+
+    def get_json(self, key: str) -> Any:
+        value = self._cache.get_json(key)
+        if value is None:
+            raise CacheMiss(key)
+        return value
+
+    def get_array(self, key: str) -> np.ndarray:
+        value = self._cache.get_array(key)
+        if value is None:
+            raise CacheMiss(key)
+        return value
+
+    def put_json(self, key: str, value: Any) -> None:
+        raise CacheMiss(key)
+
+    def put_array(self, key: str, value: Any) -> None:
+        raise CacheMiss(key)
+
+
+def _no_progress(fraction: float | None, text: str) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Results the views draw
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointSpectrum:
+    """One checkpoint's spectrum of one matrix or head slice (SPEC §3)."""
+
+    label: str
+    evals: np.ndarray          # ESD λ = σ²/N, ascending
+    metrics: dict[str, Any]    # the scan's row: rows, cols, SPEC §3 names, *_reliable flags, fit_warning
+
+
+@dataclass(frozen=True)
+class SpectrumResult:
+    """The spectra of one node across all checkpoints (base first)."""
+
+    title: str
+    shape: tuple[int, int]
+    spectra: tuple[CheckpointSpectrum, ...]
+
+
+@dataclass(frozen=True)
+class TargetDelta:
+    """ΔW = W_target − W_base of one node: its singular values, truncation curve and A1 agreement curve."""
+
+    label: str
+    sigma: np.ndarray            # singular values of ΔW, descending
+    metrics: dict[str, Any]      # SPEC §4 names (delta_frob, delta_rel, delta_cos, delta_rho, ...) + §3 of ΔW
+    ts: np.ndarray               # truncation fractions t
+    kept_energy: np.ndarray      # E(t)
+    error: np.ndarray            # √(1 − E(t))
+    agreement_k: np.ndarray      # top-k values
+    agreement: np.ndarray        # avg_max_l_agreement over the k largest components
+    noise_floor: np.ndarray      # √(2 ln k / d) beside it
+
+
+@dataclass(frozen=True)
+class DeltaResult:
+    """The deltas of one node for every CPT checkpoint against the base."""
+
+    title: str
+    shape: tuple[int, int]
+    deltas: tuple[TargetDelta, ...]
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_labels(pairs: Sequence[str], paths: Sequence[str | Path]) -> list[str | None]:
+    """`NAME=PATH` options → one label per path (None = default name); a PATH not among `paths` is an error."""
+    resolved = [Path(p).expanduser().resolve() for p in paths]
+    labels: list[str | None] = [None] * len(paths)
+    for pair in pairs:
+        name, sep, target = pair.partition("=")
+        if not sep or not name.strip() or not target.strip():
+            raise DiffractError(f"--label {pair!r} is not NAME=PATH", hint="write e.g. --label base=./llama-base")
+        where = Path(target.strip()).expanduser().resolve()
+        if where not in resolved:
+            raise DiffractError(f"--label {pair!r} names a path that is not one of the checkpoints",
+                                path=target.strip(), hint="use the same path as on the command line")
+        labels[resolved.index(where)] = name.strip()
+    return labels
+
+
+def unique_labels(names: Sequence[str]) -> list[str]:
+    """Make display names unique by appending #2, #3 … to repeats (two folders both called `model`)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The session
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExplorerSession:
+    """Open checkpoints (first = base), their shared layout, settings, cache, and the user's marks."""
+
+    checkpoints: list["Checkpoint"]
+    layout: "ModelLayout"
+    alignment: Any
+    settings: "SpectralSettings"
+    cache: "Cache"
+    device: Any                                    # torch.device resolved from settings.device
+    marks: set[tuple[int, int]] = field(default_factory=set)
+    marks_saved: frozenset[tuple[int, int]] = frozenset()
+
+    # ---- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, paths: Sequence[str | Path], labels: Sequence[str | None] | None = None,
+             device: str = "auto", cache_dir: str | Path | None = None,
+             settings: "SpectralSettings | None" = None) -> "ExplorerSession":
+        """Open base + CPT checkpoints (headers only), align them and detect the layout.
+
+        Raises `DiffractError` (one line) for a missing path, an unreadable file, fewer than two
+        checkpoints, or checkpoints that cannot be compared — before any screen opens.
+        """
+        from analysis.alignment import align
+        from analysis.architecture import layout_of
+        from analysis.backend import SpectralSettings, resolve_device
+        from analysis.cache import Cache
+        from analysis.checkpoint import open_checkpoint
+
+        if len(paths) < 2:
+            raise DiffractError("need a base checkpoint and at least one continually pre-trained checkpoint",
+                                hint="run: diffract-tui BASE CPT [CPT …]")
+        labels = list(labels) if labels is not None else [None] * len(paths)
+        if len(labels) != len(paths):
+            raise ValueError("one label (or None) per path")
+        settings = settings or SpectralSettings(device=device)
+        resolved_device = resolve_device(settings.device)
+        checkpoints: list[Checkpoint] = []
+        try:
+            for path, label in zip(paths, labels):
+                checkpoints.append(open_checkpoint(path, label=label))
+            names = unique_labels([c.label for c in checkpoints])
+            for ckpt, name in zip(checkpoints, names):
+                if ckpt.label != name:
+                    ckpt.label = name
+            alignment = align(checkpoints)
+            layout = layout_of(checkpoints[0])
+        except BaseException:
+            for ckpt in checkpoints:
+                ckpt.close()
+            raise
+        return cls(checkpoints=checkpoints, layout=layout, alignment=alignment, settings=settings,
+                   cache=Cache(cache_dir), device=resolved_device)
+
+    def close(self) -> None:
+        """Release the checkpoints' file handles."""
+        for ckpt in self.checkpoints:
+            ckpt.close()
+
+    @property
+    def base(self) -> "Checkpoint":
+        return self.checkpoints[0]
+
+    @property
+    def targets(self) -> list["Checkpoint"]:
+        return self.checkpoints[1:]
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.label for c in self.checkpoints]
+
+    @property
+    def marks_dirty(self) -> bool:
+        """True when the marks changed since the last export."""
+        return frozenset(self.marks) != self.marks_saved
+
+    # ---- nodes -----------------------------------------------------------------------------
+    def module_of(self, node: Node) -> "Module | None":
+        """The layout module a matrix node names (None for virtual q/k/v/o of fused attention)."""
+        if node.module is None:
+            return None
+        if node.layer is None:
+            return next((m for m in self.layout.globals if m.name == node.module), None)
+        return next((m for m in self.layout.layers[node.layer].modules if m.name == node.module), None)
+
+    def is_projection(self, node: Node) -> bool:
+        """True for q/k/v/o nodes of a layer when the model's heads are known."""
+        return node.layer is not None and node.module in HEAD_PROJECTIONS and self.layout.heads_available
+
+    def unavailable(self, node: Node) -> str | None:
+        """Why `node` has no matrix to analyse (a sentence), or None when it has one."""
+        if node.module is None:
+            return "Select a matrix or a head (l expands a layer) to see its spectrum."
+        if node.head is not None and not self.layout.heads_available:
+            return f"Heads are not available for this model: {self.layout.heads_reason}"
+        if node.head is None:
+            module = self.module_of(node)
+            if module is None and self.is_projection(node):
+                return f"The {node.module} projection is stored fused with others: select one of its heads."
+            if module is None:
+                return f"No module {node.module!r} here."
+            if len(module.shape) != 2:
+                return f"{module.tensor} is a {len(module.shape)}-D tensor {tuple(module.shape)}: it has no spectrum."
+        return None
+
+    def slice_of(self, node: Node) -> dict[str, Any] | None:
+        """The cache-key slice of a node, as the scan writes it (None for a whole stored matrix)."""
+        from analysis.scan import head_slice_key, module_slice
+
+        if node.head is not None:
+            return head_slice_key(node.module, node.head)
+        module = self.module_of(node)
+        return module_slice(module) if module is not None else None
+
+    def tensor_of(self, node: Node) -> str:
+        """Normalised name of the stored tensor a node reads."""
+        if node.head is not None:
+            return self.layout.projection(node.layer, node.module).tensor  # type: ignore[arg-type]
+        module = self.module_of(node)
+        if module is None:
+            return self.layout.projection(node.layer, node.module).tensor  # type: ignore[arg-type]
+        return module.tensor
+
+    def describe(self, node: Node) -> str:
+        """One line naming what a node analyses, e.g. `layers.3.self_attn.q_proj.weight · head 5`."""
+        text = self.tensor_of(node)
+        if node.head is not None:
+            kind = "kv head" if node.module in ("k", "v") else "head"
+            text += f" · {kind} {node.head}"
+        return text
+
+    def matrix(self, ckpt: "Checkpoint", node: Node) -> "torch.Tensor":
+        """The logical (out × in) matrix of a node in `ckpt` (a head slice or a module), compute dtype."""
+        import torch
+
+        from analysis.heads import head_slice, module_matrix
+
+        dtype = getattr(torch, self.settings.dtype)
+        if node.head is not None:
+            return head_slice(ckpt, self.layout, node.layer, node.module, node.head, dtype=dtype)
+        module = self.module_of(node)
+        if module is None:
+            raise DiffractError(self.unavailable(node) or f"no matrix for {node.module}")
+        return module_matrix(ckpt, module, dtype=dtype)
+
+    # ---- engine calls (all per-node numbers come from analysis.scan.node_metrics) ------------
+    def _node_metrics(self, ckpt: "Checkpoint", node: Node, *, delta: bool, probe: bool) -> dict[str, Any]:
+        """`scan.node_metrics` of a node (its row + `eigenvalues`); with `probe`, cache hits only
+        (raises `CacheMiss` instead of computing)."""
+        from analysis.scan import node_metrics
+
+        return node_metrics(ckpt, self.layout, node.layer, node.module, node.head,
+                            delta_against=self.base if delta else None, settings=self.settings,
+                            cache=ProbeCache(self.cache) if probe else self.cache)
+
+    def _checkpoint_spectrum(self, ckpt: "Checkpoint", node: Node, probe: bool) -> CheckpointSpectrum:
+        row = self._node_metrics(ckpt, node, delta=False, probe=probe)
+        return CheckpointSpectrum(ckpt.label, _np(row.pop("eigenvalues")), row)
+
+    # ---- spectra ---------------------------------------------------------------------------
+    def cached_spectrum(self, node: Node) -> SpectrumResult | None:
+        """The node's spectra when every checkpoint's is in the cache (small file reads), else None."""
+        if self.unavailable(node):
+            return None
+        try:
+            spectra = tuple(self._checkpoint_spectrum(c, node, probe=True) for c in self.checkpoints)
+        except CacheMiss:
+            return None
+        return SpectrumResult(self.describe(node), _shape(spectra[0].metrics), spectra)
+
+    def spectrum(self, node: Node, progress: ProgressFn = _no_progress,
+                 cancelled: CancelledFn = _never) -> SpectrumResult:
+        """ESD and SPEC §3 metrics of the node in every checkpoint (through the scan's cache entries)."""
+        reason = self.unavailable(node)
+        if reason:
+            raise DiffractError(reason)
+        spectra = []
+        n = len(self.checkpoints)
+        for i, ckpt in enumerate(self.checkpoints):
+            if cancelled():
+                raise Cancelled()
+            progress(i / n, f"spectrum of {ckpt.label}")
+            spectra.append(self._checkpoint_spectrum(ckpt, node, probe=False))
+        progress(1.0, "done")
+        return SpectrumResult(self.describe(node), _shape(spectra[0].metrics), tuple(spectra))
+
+    # ---- deltas ----------------------------------------------------------------------------
+    def _curve_key(self, target: "Checkpoint", node: Node) -> str:
+        return self.cache.key(fingerprint=[self.base.fingerprint, target.fingerprint], tensor=self.tensor_of(node),
+                              slice=self.slice_of(node), operation=f"ui/a1-curve/v{UI_OPERATION_VERSION}",
+                              settings=self.settings.key(), dtype=self.settings.dtype,
+                              device_kind=self.device.type)
+
+    def _agreement_curve(self, target: "Checkpoint", node: Node, probe: bool) -> np.ndarray:
+        """(3 × K): k, A1 left agreement of the top-k singular vectors of W₀ and W_d, noise floor √(2 ln k / d)."""
+        key = self._curve_key(target, node)
+        hit = self.cache.get_array(key)
+        if hit is not None:
+            return hit
+        if probe:
+            raise CacheMiss(key)
+        from analysis.delta import avg_max_agreement, noise_floor, top_svd
+
+        W0 = self.matrix(self.base, node).to(self.device)
+        Wd = self.matrix(target, node).to(self.device)
+        s0, sd = top_svd(W0), top_svd(Wd)
+        ks = agreement_ks(int(s0.S.shape[-1]))
+        curve = np.array([ks,
+                          [float(avg_max_agreement(s0.U[..., :k], sd.U[..., :k])) for k in ks],
+                          [noise_floor(k, int(W0.shape[0])) for k in ks]], dtype=np.float64)
+        self.cache.put_array(key, curve)
+        return curve
+
+    def _target_delta(self, target: "Checkpoint", node: Node, probe: bool) -> TargetDelta:
+        import torch
+
+        from analysis.truncation import truncation_curve
+
+        row = self._node_metrics(target, node, delta=True, probe=probe)
+        evals = _np(row.pop("eigenvalues"))
+        n_big = max(int(row.get("rows") or 0), int(row.get("cols") or 0), 1)
+        sigma = np.sqrt(np.clip(evals, 0.0, None) * n_big)[::-1].copy()       # λ = σ²/N (SPEC §3)
+        curve = truncation_curve(torch.from_numpy(sigma))
+        row["truncatable_fraction"] = curve.truncatable_fraction()
+        ks, agreement, floor = self._agreement_curve(target, node, probe)
+        if ks.size:
+            row.setdefault("avg_max_l_agreement", float(agreement[-1]))
+            row.setdefault("a1_noise_floor_l", float(floor[-1]))
+        return TargetDelta(target.label, sigma, row, _np(curve.ts), _np(curve.kept_energy), _np(curve.error),
+                           ks, agreement, floor)
+
+    def cached_delta(self, node: Node) -> DeltaResult | None:
+        """The node's deltas when every target's is in the cache, else None."""
+        if self.unavailable(node):
+            return None
+        try:
+            deltas = tuple(self._target_delta(t, node, probe=True) for t in self.targets)
+        except CacheMiss:
+            return None
+        return DeltaResult(self.describe(node), _shape(deltas[0].metrics), deltas)
+
+    def delta(self, node: Node, progress: ProgressFn = _no_progress,
+              cancelled: CancelledFn = _never) -> DeltaResult:
+        """ΔW of the node for every target: σ(ΔW), truncation curve, ρ and the A1 agreement-vs-k curve."""
+        reason = self.unavailable(node)
+        if reason:
+            raise DiffractError(reason)
+        deltas = []
+        n = len(self.targets)
+        for i, target in enumerate(self.targets):
+            if cancelled():
+                raise Cancelled()
+            progress(i / n, f"delta of {target.label}")
+            deltas.append(self._target_delta(target, node, probe=False))
+        progress(1.0, "done")
+        return DeltaResult(self.describe(node), _shape(deltas[0].metrics), tuple(deltas))
+
+    # ---- badges ----------------------------------------------------------------------------
+    def known_badge(self, node: Node) -> dict[str, Any] | None:
+        """`pl_alpha` (+ reliability) of the base and `delta_rel` of the first target, from the cache only."""
+        if self.unavailable(node):
+            return None
+        out: dict[str, Any] = {}
+        try:
+            row = self._node_metrics(self.base, node, delta=False, probe=True)
+            out["pl_alpha"] = row.get("pl_alpha")
+            out["pl_alpha_reliable"] = row.get("pl_alpha_reliable", True)
+        except CacheMiss:
+            pass
+        try:
+            row = self._node_metrics(self.targets[0], node, delta=True, probe=True)
+            out["delta_rel"] = row.get("delta_rel")
+        except CacheMiss:
+            pass
+        return out or None
+
+    # ---- whole model -----------------------------------------------------------------------
+    def compute_all(self, progress: ProgressFn = _no_progress, cancelled: CancelledFn = _never,
+                    on_node: Callable[[Node, dict[str, Any]], None] | None = None) -> int:
+        """Fill the cache with the scan of every matrix, head and delta (`analysis.scan.scan`).
+
+        `on_node(node, badge)` receives base α and the first target's relative update as rows arrive.
+        Returns the number of rows. Raises `Cancelled` when `cancelled()` turned True.
+        """
+        from types import SimpleNamespace as NS
+
+        from analysis.scan import scan
+
+        base, first = self.base.label, self.targets[0].label
+
+        def scan_progress(done: int, total: int, label: str) -> None:
+            progress(done / max(1, total), f"{done}/{total} {label}")
+
+        count = 0
+        for row in scan(self.checkpoints, heads=self.layout.heads_available, delta=True, settings=self.settings,
+                        cache=self.cache, progress=scan_progress, cancel=cancelled):
+            count += 1
+            if on_node is None:
+                continue
+            head = row.get("head") if row.get("module") in ("q", "o") else row.get("kv_head")
+            node = NS(layer=row.get("layer"), module=row.get("module"), head=head)
+            if row.get("operation") == "weight" and row.get("checkpoint") == base:
+                on_node(node, {"pl_alpha": row.get("pl_alpha"),
+                               "pl_alpha_reliable": row.get("pl_alpha_reliable", True)})
+            elif row.get("operation") == "delta" and row.get("checkpoint") == first:
+                on_node(node, {"delta_rel": row.get("delta_rel")})
+        if cancelled():
+            raise Cancelled()
+        return count
+
+    # ---- marks and export ------------------------------------------------------------------
+    def toggle_mark(self, layer: int, head: int) -> bool:
+        """Mark or unmark query head (layer, head); returns True when it is now marked."""
+        if not self.layout.heads_available:
+            raise DiffractError(f"heads are not available for this model: {self.layout.heads_reason}")
+        if not (0 <= layer < self.layout.num_layers and 0 <= head < self.layout.num_heads):
+            raise DiffractError(f"no head L{layer} h{head} in this model")
+        key = (layer, head)
+        if key in self.marks:
+            self.marks.discard(key)
+            return False
+        self.marks.add(key)
+        return True
+
+    def rewind_list(self, target_index: int = 0) -> "RewindList":
+        """The SPEC §6 rewind list of the marked heads (pattern `manual`, GQA policy `group`) for one target.
+
+        Scores are left null: a manual choice is not ranked, and scoring would read every projection.
+        """
+        from analysis.rewind import checkpoint_ref, entries_for_heads
+        from analysis.rewind_list import Architecture, Pattern, RewindList, tool_version, validate_rewind_list
+
+        if not self.marks:
+            raise DiffractError("no heads are marked", hint="press space on a q or o head to mark it")
+        arch = Architecture.from_layout(self.layout)
+        heads = sorted(self.marks)
+        rl = RewindList(base=checkpoint_ref(self.base), target=checkpoint_ref(self.targets[target_index]),
+                        reference=None, architecture=arch,
+                        pattern=Pattern(name="manual", fraction=len(heads) / (arch.layers * arch.heads),
+                                        score="rel_frob", gqa_policy="group"),
+                        heads=entries_for_heads(heads, arch, "group", None), created_by=tool_version(),
+                        settings={"source": "diffract-tui explorer marks", **self.settings.key()})
+        return validate_rewind_list(rl)
+
+    def export_marks(self, path: str | Path, target_index: int = 0) -> Path:
+        """Write the marked heads' rewind list atomically to `path`; the marks count as saved."""
+        from analysis.rewind_list import write_rewind_list
+
+        out = write_rewind_list(self.rewind_list(target_index), Path(path).expanduser())
+        self.marks_saved = frozenset(self.marks)
+        return out
+
+
+def agreement_ks(M: int, points: int = AGREEMENT_KS_MAX) -> list[int]:
+    """Distinct log-spaced k in [1, M] (always including M) for the agreement-vs-k curve."""
+    if M <= 0:
+        return []
+    ks = sorted({int(round(x)) for x in np.geomspace(1, M, num=min(points, M))} | {M})
+    return [k for k in ks if 1 <= k <= M]
+
+
+def _shape(row: dict[str, Any]) -> tuple[int, int]:
+    """(rows, cols) of the logical (out × in) matrix a scan row describes."""
+    return int(row.get("rows") or 0), int(row.get("cols") or 0)
+
+
+def _np(t: Any) -> np.ndarray:
+    """A torch tensor or array-like as a float64 numpy array on the CPU."""
+    if hasattr(t, "detach"):
+        t = t.detach().to("cpu").double().numpy()
+    return np.asarray(t, dtype=np.float64)
+

@@ -1,0 +1,46 @@
+"""Quit with unsaved marks: export first, quit anyway, or stay."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Label
+
+
+class QuitScreen(ModalScreen[str]):
+    """Dismisses with "export", "quit" or "stay"."""
+
+    BINDINGS = [
+        Binding("y", "choose('quit')", "Quit without exporting"),
+        Binding("e", "choose('export')", "Export, then quit"),
+        Binding("n,escape", "choose('stay')", "Stay"),
+    ]
+    DEFAULT_CSS = """
+    QuitScreen { align: center middle; }
+    QuitScreen > Vertical { width: auto; max-width: 76; height: auto; border: round $warning;
+                            background: $surface; padding: 0 1; }
+    QuitScreen Label { width: auto; margin-bottom: 1; }
+    QuitScreen Horizontal { height: auto; width: auto; }
+    QuitScreen Button { margin-right: 1; min-width: 10; }
+    """
+
+    def __init__(self, marked: int) -> None:
+        super().__init__()
+        self.marked = marked
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            heads = "head is" if self.marked == 1 else "heads are"
+            yield Label(f"{self.marked} marked {heads} not exported. Quit anyway?")
+            with Horizontal():
+                yield Button("Export (e)", id="export", variant="primary")
+                yield Button("Quit (y)", id="quit", variant="error")
+                yield Button("Stay (n)", id="stay")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id or "stay")
+
+    def action_choose(self, choice: str) -> None:
+        self.dismiss(choice)

@@ -1,0 +1,68 @@
+"""`?` — the keys that work right now: the app's, the tree's and the active view's, with what they do."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+KEY_NAMES = {"question_mark": "?", "left_square_bracket": "[", "right_square_bracket": "]", "space": "space",
+             "escape": "esc", "slash": "/", "ctrl+p": "ctrl+p"}
+
+
+def key_label(binding: Binding) -> str:
+    """How a binding's key(s) read on the help screen, e.g. `[`, `ctrl+p`, `j`."""
+    if binding.key_display:
+        return binding.key_display
+    return ",".join(KEY_NAMES.get(k.strip(), k.strip()) for k in binding.key.split(","))
+
+
+def binding_rows(bindings: Iterable[BindingType]) -> list[tuple[str, str]]:
+    """(key, description) for each binding that has a description, in declaration order, deduplicated."""
+    rows: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for b in bindings:
+        if not isinstance(b, Binding) or not b.description:
+            continue
+        key = key_label(b)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append((key, b.description))
+    return rows
+
+
+class HelpScreen(ModalScreen[None]):
+    """A scrollable list of key groups; any of esc, q, ? closes it."""
+
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close help")]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 90%; max-width: 100; height: 90%; border: round $accent;
+                                  background: $surface; padding: 0 1; }
+    """
+
+    def __init__(self, groups: list[tuple[str, list[tuple[str, str]]]]) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            for title, rows in self.groups:
+                table = Table(title=Text(title, style="bold"), title_justify="left", show_header=False,
+                              box=None, padding=(0, 1), expand=True)
+                table.add_column("key", style="bold", no_wrap=True, width=10)
+                table.add_column("what")
+                for key, text in rows:
+                    table.add_row(key, text)
+                yield Static(table)
+            yield Static(Text("esc, q or ? closes this help", style="dim"))
+
+    def action_dismiss(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,425 @@
+"""The explorer app: the model tree on the left, views on the right (number keys switch them), a status line.
+
+The app holds an opened `analysis.session.ExplorerSession` as `app.session`. It never computes on the UI
+thread: views compute in their own workers (see `diffract_tui.views.NodeView`), "compute all" runs in
+an app worker, and badges from the cache are read in a short worker when a tree node expands.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
+from textual.screen import Screen
+from textual.widget import Widget
+from textual.widgets import ContentSwitcher, DataTable, Input, Label, Tree
+from textual.worker import get_current_worker
+
+from diffract_tui import __version__
+from diffract_tui.commands import DiffractCommands
+from diffract_tui.messages import MarksChanged, MetricsReady, NodeSelected, OpenNode, ToggleMark
+from diffract_tui.node import NodeRef
+from diffract_tui.screens.confirm import QuitScreen
+from diffract_tui.screens.export import ExportScreen
+from diffract_tui.screens.help import HelpScreen, binding_rows
+from diffract_tui.views import VIEW_SPECS, NodeView, UnavailableView, ViewSpec, view_class
+from diffract_tui.widgets.metric_panel import table_rows
+from diffract_tui.widgets.status import StatusBar
+from diffract_tui.widgets.tree import ModelTree, badge_from_metrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.session import ExplorerSession
+
+SCAN_SOURCE = "scan"
+BADGE_FLUSH_S = 0.25  # compute-all pushes badges to the tree at most this often
+
+
+class MainScreen(Screen):
+    """The one screen of the explorer. The active view's bindings work even while the tree has focus:
+    they are inserted into the binding chain just below the focused widget's ancestors."""
+
+    @property
+    def _binding_chain(self):  # type: ignore[override]
+        chain = super()._binding_chain
+        view = getattr(self.app, "active_view", None)
+        if view is None or any(node is view for node, _ in chain):
+            return chain
+        at = next((i for i, (node, _) in enumerate(chain) if node is self), len(chain))
+        return chain[:at] + [(view, view._bindings.copy())] + chain[at:]
+
+    def compose(self) -> ComposeResult:
+        yield from self.app.compose_main()
+
+    def on_mount(self) -> None:
+        self.app.main_mounted()
+
+
+class DiffractApp(App):
+    """Walk layers and heads, see spectra and deltas, mark heads and export them as a rewind list."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "diffract-tui"
+    COMMANDS = App.COMMANDS | {DiffractCommands}
+    BINDINGS = [
+        Binding("q", "quit", "Quit (asks when marks are unsaved)"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("1", "view('spectrum')", "Spectrum view"),
+        Binding("2", "view('delta')", "Delta view"),
+        Binding("3", "view('heads')", "Heads grid view"),
+        Binding("4", "view('rewind')", "Rewind view"),
+        Binding("5", "view('table')", "Table view"),
+        Binding("escape", "cancel", "Cancel work / clear filter", key_display="esc"),
+        Binding("space", "toggle_mark", "Mark / unmark head"),
+        Binding("e", "export_rewind", "Export rewind list of marked heads"),
+        Binding("x", "export_table", "Export the current table (CSV)"),
+        Binding("left_square_bracket", "step_layer(-1)", "Previous layer", key_display="["),
+        Binding("right_square_bracket", "step_layer(1)", "Next layer", key_display="]"),
+        Binding("slash", "filter", "Filter the tree", key_display="/"),
+        Binding("t", "toggle_tree", "Hide / show the tree"),
+        Binding("a", "compute_all", "Compute all (fill the cache)"),
+    ]
+
+    def __init__(self, session: "ExplorerSession") -> None:
+        super().__init__()
+        self.session = session
+        self.view_specs: tuple[ViewSpec, ...] = VIEW_SPECS
+        self.current_node = NodeRef()
+        self.active_view_id = VIEW_SPECS[0].id
+        self._pending_badges: list[tuple[NodeRef, dict]] = []
+        self._last_badge_flush = 0.0
+
+    # ---- layout ------------------------------------------------------------------------------
+    def get_default_screen(self) -> Screen:
+        return MainScreen(id="main-screen")
+
+    def compose_main(self) -> ComposeResult:
+        """The main screen's widgets."""
+        yield Label("", id="viewbar")
+        with Horizontal(id="main"):
+            with Vertical(id="sidebar"):
+                yield ModelTree(self.session.layout, self._model_name(), id="tree")
+                yield Input(placeholder="filter: L3 q h5 (enter keeps, esc clears)", id="filter")
+            with ContentSwitcher(initial=self.active_view_id, id="views"):
+                for spec in self.view_specs:
+                    cls = view_class(spec)
+                    yield cls(id=spec.id) if cls is not None else UnavailableView(spec)
+        yield StatusBar(id="status")
+
+    def _model_name(self) -> str:
+        layout = self.session.layout
+        return f"{layout.model_type} · {layout.num_layers} layers"
+
+    def main_mounted(self) -> None:
+        """Focus the tree and fill the status lines once the main screen is up."""
+        tree = self.query_one(ModelTree)
+        tree.focus()
+        self._update_viewbar()
+        self._update_status()
+        if not self.session.layout.heads_available:
+            self.notify(f"Heads are not offered: {self.session.layout.heads_reason}", severity="warning",
+                        timeout=8)
+        tree.move_cursor(tree.root)
+
+    @property
+    def tree(self) -> ModelTree:
+        return self.query_one(ModelTree)
+
+    @property
+    def active_view(self) -> Widget | None:
+        try:
+            return self.query_one(f"#{self.active_view_id}")
+        except NoMatches:
+            return None
+
+    def _update_viewbar(self) -> None:
+        parts = []
+        for spec in self.view_specs:
+            text = f"{spec.key} {spec.title}"
+            parts.append(f"[reverse] {text} [/]" if spec.id == self.active_view_id else f" {text} ")
+        labels = self.session.labels
+        title = f"[b]{labels[0]}[/] → {', '.join(labels[1:])}"
+        self.query_one("#viewbar", Label).update(" ".join(parts) + "  " + title)
+
+    def _update_status(self) -> None:
+        marks = len(self.session.marks)
+        dirty = "*" if self.session.marks_dirty else ""
+        device = getattr(self.session.device, "type", "cpu")
+        self.query_one(StatusBar).set_text(
+            f"{self.current_node.label()} │ marks {marks}{dirty} │ {device} │ ? help  ctrl+p commands")
+
+    # ---- progress (called on the UI thread, from workers via call_from_thread) ----------------
+    def report_progress(self, source: str, fraction: float | None, text: str) -> None:
+        """Show a worker's progress on the status line."""
+        self.query_one(StatusBar).progress(source, fraction, text)
+
+    def work_done(self, source: str) -> None:
+        """A worker finished or was cancelled: drop its progress."""
+        try:
+            self.query_one(StatusBar).done(source)
+        except NoMatches:
+            pass
+
+    # ---- tree events -------------------------------------------------------------------------
+    def on_node_selected(self, message: NodeSelected) -> None:
+        self.current_node = message.node
+        self._update_status()
+        view = self.active_view
+        if view is not None:
+            view.show_node(message.node)
+
+    def on_open_node(self, message: OpenNode) -> None:
+        self.go_to_node(message.node)
+
+    def go_to_node(self, node: NodeRef) -> None:
+        """Move the tree cursor to `node` (showing the tree if it was hidden)."""
+        self.query_one("#sidebar").remove_class("-hidden")
+        if not self.tree.go_to(node):
+            self.notify(f"No node {node.label()} in this model.", severity="warning")
+
+    def on_tree_node_expanded(self, event: Tree.NodeExpanded) -> None:
+        ref = event.node.data
+        if ref is None or ref.layer is None:
+            return
+        children = [c.data for c in event.node.children if c.data is not None]
+        unknown = [c for c in children if c not in self.tree.badges]
+        if unknown:
+            self._load_badges(unknown)
+
+    @work(thread=True, group="badges")
+    def _load_badges(self, nodes: list[NodeRef]) -> None:
+        """Badges of freshly shown nodes from the cache (small file reads, off the UI thread)."""
+        worker = get_current_worker()
+        found = []
+        for node in nodes:
+            if worker.is_cancelled:
+                return
+            badge = self.session.known_badge(node)
+            if badge:
+                found.append((node, badge))
+        if found and not worker.is_cancelled:
+            self.call_from_thread(self._apply_badges, found)
+
+    def _apply_badges(self, items: list[tuple[NodeRef, dict]]) -> None:
+        tree = self.tree
+        for node, metrics in items:
+            tree.set_badge(NodeRef(node.layer, node.module, node.head), badge_from_metrics(metrics))
+
+    def on_metrics_ready(self, message: MetricsReady) -> None:
+        self.tree.set_badge(message.node, badge_from_metrics(message.metrics))
+
+    def on_marks_changed(self, message: MarksChanged) -> None:
+        self.tree.set_marks(frozenset(self.session.marks))
+        self._update_status()
+
+    def on_toggle_mark(self, message: ToggleMark) -> None:
+        self._toggle_mark(message.node)
+
+    # ---- actions -----------------------------------------------------------------------------
+    def action_view(self, view_id: str) -> None:
+        """Switch the right-hand view and show the current node in it."""
+        if view_id not in {s.id for s in self.view_specs}:
+            return
+        self.active_view_id = view_id
+        self.query_one(ContentSwitcher).current = view_id
+        self._update_viewbar()
+        view = self.active_view
+        if view is not None:
+            view.show_node(self.current_node)
+        self.refresh_bindings()
+
+    def action_help(self) -> None:
+        """Show every key that works now, grouped."""
+        groups = [("Tree", binding_rows(ModelTree.BINDINGS) + [("/", "filter the tree"), ("enter", "expand")]),
+                  ("App", binding_rows(self.BINDINGS) + [("ctrl+p", "command palette")])]
+        view = self.active_view
+        if view is not None:
+            spec = next(s for s in self.view_specs if s.id == self.active_view_id)
+            rows = binding_rows(view._bindings.bindings.values() if hasattr(view._bindings, "bindings")
+                                else getattr(type(view), "BINDINGS", []))
+            if rows:
+                groups.append((f"{spec.title} view", rows))
+        self.push_screen(HelpScreen(groups))
+
+    def action_cancel(self) -> None:
+        """Esc: leave the filter if it is open, else cancel every running computation."""
+        filt = self.query_one("#filter", Input)
+        if filt.has_class("-shown"):
+            filt.value = ""
+            filt.remove_class("-shown")
+            self.tree.clear_filter()
+            self.tree.focus()
+            return
+        busy = self.query_one(StatusBar).busy
+        for view in self.query(NodeView):
+            view.cancel_work()
+            if view.node is not None and view.result is None:
+                view.show_message(f"{view.node.label()}: cancelled — press enter or move to compute again.")
+                view.node = None
+        self.workers.cancel_group(self, SCAN_SOURCE)
+        self.workers.cancel_group(self, "badges")
+        self.work_done(SCAN_SOURCE)
+        if busy:
+            self.notify("Cancelled.", timeout=2)
+
+    def action_toggle_mark(self) -> None:
+        """space: mark or unmark the query head under the cursor."""
+        self._toggle_mark(self.current_node)
+
+    def _toggle_mark(self, node: NodeRef) -> None:
+        if not node.is_head:
+            self.notify("Marks are for heads: move to a q or o head (l expands).", severity="warning", timeout=3)
+            return
+        if node.module in ("k", "v"):
+            first = node.head * (self.session.layout.num_heads // max(1, self.session.layout.num_kv_heads))
+            self.notify(f"{node.label()} is a key/value head shared by several query heads; "
+                        f"mark a q or o head (e.g. h{first}).", severity="warning", timeout=4)
+            return
+        self.session.toggle_mark(node.layer, node.head)
+        self.post_message(MarksChanged(frozenset(self.session.marks)))
+
+    def action_step_layer(self, delta: int) -> None:
+        """[ / ]: the same module or head in the previous / next layer."""
+        self.tree.step_layer(delta)
+
+    def action_toggle_tree(self) -> None:
+        """t: hide or show the tree (more room for charts at 80 columns)."""
+        sidebar = self.query_one("#sidebar")
+        sidebar.toggle_class("-hidden")
+        if not sidebar.has_class("-hidden"):
+            self.tree.focus()
+
+    def action_filter(self) -> None:
+        """/: type words to show only matching nodes (e.g. `q h5`, `L3`, `down`)."""
+        sidebar = self.query_one("#sidebar")
+        sidebar.remove_class("-hidden")
+        filt = self.query_one("#filter", Input)
+        filt.add_class("-shown")
+        filt.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter":
+            count = self.tree.apply_filter(event.value)
+            if event.value.strip():
+                self.query_one(StatusBar).set_text(f"filter: {count} match(es)")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "filter":
+            self.tree.focus()
+
+    def action_compute_all(self) -> None:
+        """Fill the cache with every node's spectrum and delta in the background (esc cancels)."""
+        self.notify("Computing every matrix and head in the background (esc cancels).", timeout=3)
+        self._compute_all()
+
+    @work(thread=True, exclusive=True, group=SCAN_SOURCE)
+    def _compute_all(self) -> None:
+        worker = get_current_worker()
+
+        def progress(fraction: float | None, text: str) -> None:
+            if not worker.is_cancelled:
+                self.call_from_thread(self.report_progress, SCAN_SOURCE, fraction, f"compute all: {text}")
+
+        def on_node(node: Any, badge: dict) -> None:
+            self._pending_badges.append((NodeRef(node.layer, node.module, node.head), badge))
+            now = time.monotonic()
+            if now - self._last_badge_flush >= BADGE_FLUSH_S:
+                self._last_badge_flush = now
+                items, self._pending_badges = self._pending_badges, []
+                self.call_from_thread(self._apply_badges, items)
+
+        from analysis.session import Cancelled
+
+        try:
+            count = self.session.compute_all(progress=progress, cancelled=lambda: worker.is_cancelled,
+                                             on_node=on_node)
+        except Cancelled:
+            return
+        except Exception as err:  # shown, not fatal: the tree and cached views stay usable
+            self.call_from_thread(self.notify, str(err).splitlines()[0], title="compute all failed",
+                                  severity="error")
+            return
+        finally:
+            items, self._pending_badges = self._pending_badges, []
+            if items:
+                self.call_from_thread(self._apply_badges, items)
+            if not worker.is_cancelled:
+                self.call_from_thread(self.work_done, SCAN_SOURCE)
+        self.call_from_thread(self._compute_all_done, count)
+
+    def _compute_all_done(self, count: int) -> None:
+        self.notify(f"Computed {count} matrices and heads; the cache is full.", timeout=4)
+        for view in self.query(NodeView):
+            if view.id == self.active_view_id:
+                view.refresh_node()
+
+    def action_export_rewind(self) -> None:
+        """e: write the marked heads as a rewind list (asks for the target and the file)."""
+        if not self.session.marks:
+            self.notify("No marked heads: press space on a q or o head to mark it.", severity="warning")
+            return
+        self.push_screen(ExportScreen(len(self.session.marks), [t.label for t in self.session.targets]),
+                         self._export_chosen)
+
+    def _export_chosen(self, choice: "tuple[int, str] | None", then_quit: bool = False) -> None:
+        if choice is None:
+            return
+        target, path = choice
+        from analysis.errors import DiffractError
+
+        try:
+            out = self.session.export_marks(path, target)
+        except (DiffractError, OSError) as err:
+            self.notify(str(err).splitlines()[0], title="export failed", severity="error", timeout=8)
+            return
+        self.notify(f"Wrote {len(self.session.marks)} head(s) to {out}", title="rewind list", timeout=5)
+        self._update_status()
+        if then_quit:
+            self.exit()
+
+    def action_export_table(self) -> None:
+        """x: write the active view's table (what it shows) to a CSV file in the working directory."""
+        view = self.active_view
+        tables = list(view.query(DataTable)) if view is not None else []
+        tables = [t for t in tables if t.row_count]
+        if not tables:
+            self.notify("Nothing to export in this view yet.", severity="warning")
+            return
+        from analysis.tables import write_table
+
+        header, rows = table_rows(tables[0])
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        safe = self.current_node.label().replace(" ", "-")
+        path = Path.cwd() / f"diffract-{self.active_view_id}-{safe}-{stamp}.csv"
+        keys = [h or f"col{i}" for i, h in enumerate(header)]
+        meta = {"view": self.active_view_id, "node": self.current_node.label(), "created_by": f"diffract-tui {__version__}",
+                "checkpoints": [{"label": c.label, "path": str(c.path), "fingerprint": c.fingerprint}
+                                for c in self.session.checkpoints],
+                "settings": self.session.settings.key()}
+        try:
+            write_table([dict(zip(keys, r)) for r in rows], path, metadata=meta)
+        except Exception as err:
+            self.notify(str(err).splitlines()[0], title="export failed", severity="error")
+            return
+        self.notify(f"Wrote {len(rows)} rows to {path.name}", title="table", timeout=5)
+
+    async def action_quit(self) -> None:
+        """q: quit, asking first when marked heads were not exported."""
+        if self.session.marks and self.session.marks_dirty:
+            self.push_screen(QuitScreen(len(self.session.marks)), self._quit_chosen)
+            return
+        self.exit()
+
+    def _quit_chosen(self, choice: str | None) -> None:
+        if choice == "quit":
+            self.exit()
+        elif choice == "export":
+            self.push_screen(ExportScreen(len(self.session.marks), [t.label for t in self.session.targets]),
+                             partial(self._export_chosen, then_quit=True))

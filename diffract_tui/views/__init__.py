@@ -1,0 +1,191 @@
+"""The right-hand views, switched with number keys, and the base class that runs their work off the UI thread.
+
+`NodeView` gives a view the app's contract (`show_node`) plus the plumbing every computing view needs:
+a synchronous cache look-up (results already computed appear at once), a short debounce while the cursor
+is moving, one exclusive thread worker per view (a newer node cancels the older request), progress on the
+status bar, and errors shown in the view instead of crashing the app.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from textual.widget import Widget
+from textual.widgets import Static
+from textual.worker import get_current_worker
+
+from diffract_tui.node import NodeRef
+
+COMPUTE_DEBOUNCE_S = 0.12  # wait this long after the last cursor move before starting a computation
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view: its number key, widget id, title, and the module that defines it."""
+
+    key: str
+    id: str
+    title: str
+    module: str
+
+
+VIEW_SPECS: tuple[ViewSpec, ...] = (
+    ViewSpec("1", "spectrum", "Spectrum", "diffract_tui.views.spectrum"),
+    ViewSpec("2", "delta", "Delta", "diffract_tui.views.delta"),
+    ViewSpec("3", "heads", "Heads", "diffract_tui.views.heads"),
+    ViewSpec("4", "rewind", "Rewind", "diffract_tui.views.rewind"),
+    ViewSpec("5", "table", "Table", "diffract_tui.views.table"),
+)
+
+
+def view_class(spec: ViewSpec) -> type[Widget] | None:
+    """The view widget class defined in `spec.module` (the Widget subclass with `show_node`), or None
+    when that module is not part of this build."""
+    try:
+        module = importlib.import_module(spec.module)
+    except ModuleNotFoundError as err:
+        if err.name == spec.module:
+            return None
+        raise
+    for _, cls in inspect.getmembers(module, inspect.isclass):
+        if cls.__module__ == module.__name__ and issubclass(cls, Widget) and hasattr(cls, "show_node"):
+            return cls
+    return None
+
+
+class Cancelled(Exception):
+    """Raised inside a worker's computation when the worker was cancelled (cursor moved on, Esc)."""
+
+
+class UnavailableView(Static):
+    """Stands in for a view whose module is not in this build."""
+
+    def __init__(self, spec: ViewSpec) -> None:
+        super().__init__(f"{spec.title}: not available in this build.", id=spec.id)
+
+    def show_node(self, node: NodeRef) -> None:
+        """Nothing to show."""
+
+
+class NodeView(Widget):
+    """Base of a view that computes something about the node under the cursor.
+
+    Subclasses implement `accepts`, `cached`, `compute` and `show_result` (and `show_waiting`,
+    `show_message`). `compute` runs in a thread; it receives `progress(fraction, text)` and
+    `cancelled()` callables and should call `cancelled()` between steps.
+    """
+
+    VIEW_ID = "view"
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id or self.VIEW_ID)
+        self.node: NodeRef | None = None
+        self.result: Any = None
+        self._timer = None
+
+    # ---- to implement -----------------------------------------------------------------------
+    def accepts(self, node: NodeRef) -> str | None:
+        """None when this view can show `node`, else the sentence to show instead."""
+        return None
+
+    def cached(self, node: NodeRef) -> Any | None:
+        """The result for `node` when it is already known (fast, on the UI thread), else None."""
+        return None
+
+    def compute(self, node: NodeRef, progress: Callable[[float | None, str], None],
+                cancelled: Callable[[], bool]) -> Any:
+        """Compute the result for `node` (runs in a worker thread)."""
+        raise NotImplementedError
+
+    def show_result(self, node: NodeRef, result: Any) -> None:
+        """Draw `result` (UI thread)."""
+
+    def show_waiting(self, node: NodeRef) -> None:
+        """Show that `node` is being computed."""
+
+    def show_message(self, text: str) -> None:
+        """Show a sentence instead of a result."""
+
+    # ---- the contract with the app ----------------------------------------------------------
+    def show_node(self, node: NodeRef) -> None:
+        """Show `node`: at once from the cache, else after a short debounce in a worker."""
+        if node == self.node and self.result is not None:
+            return
+        self.node = node
+        self.result = None
+        self.cancel_work()
+        reason = self.accepts(node)
+        if reason is not None:
+            self.show_message(reason)
+            return
+        hit = self.cached(node)
+        if hit is not None:
+            self._deliver(node, hit)
+            return
+        self.show_waiting(node)
+        self._timer = self.set_timer(COMPUTE_DEBOUNCE_S, lambda: self._start(node))
+
+    def refresh_node(self) -> None:
+        """Show the current node again (e.g. after a cache fill by "compute all")."""
+        node, self.node = self.node, None
+        if node is not None:
+            self.show_node(node)
+
+    def cancel_work(self) -> None:
+        """Stop a pending or running computation of this view."""
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        self.workers.cancel_group(self, self.VIEW_ID)
+        self.app.work_done(self.VIEW_ID)
+
+    def _start(self, node: NodeRef) -> None:
+        self._timer = None
+        if node != self.node:
+            return
+        self.run_worker(lambda: self._work(node), thread=True, exclusive=True, group=self.VIEW_ID,
+                        name=f"{self.VIEW_ID}:{node.label()}", exit_on_error=False)
+
+    def _work(self, node: NodeRef) -> None:
+        worker = get_current_worker()
+        app = self.app
+        title = node.label()
+
+        def cancelled() -> bool:
+            return worker.is_cancelled
+
+        def progress(fraction: float | None, text: str) -> None:
+            if worker.is_cancelled:
+                raise Cancelled()
+            app.call_from_thread(app.report_progress, self.VIEW_ID, fraction, f"{title}: {text}")
+
+        try:
+            progress(0.0, "reading")
+            result = self.compute(node, progress, cancelled)
+        except Cancelled:
+            return
+        except Exception as err:  # shown in the view: a failed read must not take the app down
+            if not worker.is_cancelled:
+                app.call_from_thread(self._fail, node, err)
+            return
+        finally:
+            if not worker.is_cancelled:
+                app.call_from_thread(app.work_done, self.VIEW_ID)
+        if not worker.is_cancelled:
+            app.call_from_thread(self._deliver, node, result)
+
+    def _deliver(self, node: NodeRef, result: Any) -> None:
+        if node != self.node:
+            return
+        self.result = result
+        self.show_result(node, result)
+
+    def _fail(self, node: NodeRef, err: Exception) -> None:
+        if node != self.node:
+            return
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        self.show_message(f"Could not compute {node.label()}: {message}")
+        self.app.notify(message, title=f"{node.label()} failed", severity="error")

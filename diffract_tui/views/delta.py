@@ -1,0 +1,187 @@
+"""View 2 — Delta: what continual pre-training did to the selected matrix or head, per CPT checkpoint:
+the singular values of ΔW, the SVD truncation curve (SPEC §5), and the A1 singular-vector agreement of
+the top-k components with its noise floor √(2 ln k / d) (SPEC §4); ρ and the other numbers in the panel.
+
+At 80 columns one chart shows at a time (`c` cycles); wide terminals show all three side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+from textual import events
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import Label
+from textual_plotext import PlotextPlot
+
+from diffract_tui.messages import MetricsReady
+from diffract_tui.node import NodeRef
+from diffract_tui.views import NodeView
+from diffract_tui.widgets.charts import log_ticks, no_color, positive, series_color, series_marker
+from diffract_tui.widgets.metric_panel import MetricPanel
+
+CHARTS: tuple[str, ...] = ("sigma", "truncation", "agreement")
+CHART_TITLES = {"sigma": "σ(ΔW)", "truncation": "truncation error √(1−E(t))", "agreement": "A1 agreement top-k"}
+WIDE_AT = 120  # columns from which all three charts fit side by side
+TRUNCATION_TOLERANCE = 0.1  # the error level drawn on the truncation chart (SPEC §5's default tolerance)
+
+DELTA_ROWS: tuple[tuple[str, str], ...] = (
+    ("‖ΔW‖_F", "delta_frob"),
+    ("rel. update", "delta_rel"),
+    ("cos(W₀,W)", "delta_cos"),
+    ("ρ", "delta_rho"),
+    ("stable rk", "stable_rank"),
+    ("eff. rank", "effective_rank"),
+    ("rank 90%", "delta_rank_90"),
+    ("rank 99%", "delta_rank_99"),
+    ("trunc. t@0.1", "truncatable_fraction"),
+    ("A1 left", "avg_max_l_agreement"),
+    ("A1 floor", "a1_noise_floor_l"),
+    ("α of ΔW", "pl_alpha"),
+)
+
+
+class DeltaView(NodeView):
+    """Charts and metrics of ΔW for the node under the cursor."""
+
+    VIEW_ID = "delta"
+    BINDINGS = [Binding("c", "cycle_chart", "Next chart (narrow screens)")]
+    DEFAULT_CSS = """
+    DeltaView { layout: vertical; }
+    DeltaView > #delta-title { height: 1; width: 1fr; text-style: bold; }
+    DeltaView > #delta-charts { height: 1fr; min-height: 8; }
+    DeltaView PlotextPlot { width: 1fr; height: 1fr; }
+    DeltaView.-narrow PlotextPlot { display: none; }
+    DeltaView.-narrow PlotextPlot.-shown { display: block; }
+    DeltaView > #delta-metrics { height: auto; max-height: 45%; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.chart_index = 0
+
+    def compose(self) -> ComposeResult:
+        yield Label("", id="delta-title")
+        with Horizontal(id="delta-charts"):
+            for name in CHARTS:
+                yield PlotextPlot(id=f"delta-{name}", classes="-shown" if name == CHARTS[0] else "")
+        yield MetricPanel(id="delta-metrics")
+
+    def on_mount(self) -> None:
+        self.set_class(self.app.size.width < WIDE_AT, "-narrow")
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.set_class(self.app.size.width < WIDE_AT, "-narrow")
+
+    # ---- NodeView --------------------------------------------------------------------------
+    def accepts(self, node: NodeRef) -> str | None:
+        return self.app.session.unavailable(node)
+
+    def cached(self, node: NodeRef) -> Any | None:
+        return self.app.session.cached_delta(node)
+
+    def compute(self, node: NodeRef, progress: Callable[[float | None, str], None],
+                cancelled: Callable[[], bool]) -> Any:
+        return self.app.session.delta(node, progress=progress, cancelled=cancelled)
+
+    def show_message(self, text: str) -> None:
+        self.query_one("#delta-title", Label).update(text)
+        self.query_one(MetricPanel).clear(columns=True)
+        self._clear()
+
+    def show_waiting(self, node: NodeRef) -> None:
+        self.show_message(f"{node.label()} — computing ΔW…")
+
+    def show_result(self, node: NodeRef, result: Any) -> None:
+        rows, cols = result.shape
+        self.query_one("#delta-title", Label).update(f"Δ {node.label()}  {result.title}  {rows}×{cols}")
+        self._draw(result)
+        self._fill_metrics(result)
+        if result.deltas:
+            self.post_message(MetricsReady(node, {"delta_rel": result.deltas[0].metrics.get("delta_rel")}))
+
+    # ---- actions ---------------------------------------------------------------------------
+    def action_cycle_chart(self) -> None:
+        """Show the next chart (σ(ΔW) → truncation → agreement) when only one fits."""
+        self.chart_index = (self.chart_index + 1) % len(CHARTS)
+        for i, name in enumerate(CHARTS):
+            self.query_one(f"#delta-{name}", PlotextPlot).set_class(i == self.chart_index, "-shown")
+
+    # ---- drawing ---------------------------------------------------------------------------
+    def _plots(self) -> dict[str, PlotextPlot]:
+        return {name: self.query_one(f"#delta-{name}", PlotextPlot) for name in CHARTS}
+
+    def _clear(self) -> None:
+        for plot in self._plots().values():
+            plot.plt.clear_data()
+            plot.plt.clear_figure()
+            if no_color():
+                plot.theme = "clear"
+            plot.refresh()
+
+    def _draw(self, result: Any) -> None:
+        self._clear()
+        plots = self._plots()
+        deltas = result.deltas
+        # σ(ΔW), descending, on a log axis
+        plt = plots["sigma"].plt
+        tops = []
+        for i, d in enumerate(deltas):
+            s = positive(d.sigma)
+            if s.size:
+                plt.plot(list(range(1, s.size + 1)), np.log10(s).tolist(), label=d.label,
+                         color=series_color(i + 1), marker=series_marker(i))
+                tops.append((float(np.log10(s.min())), float(np.log10(s.max()))))
+        if tops:
+            yt, yl = log_ticks(min(t[0] for t in tops), max(t[1] for t in tops), most=4)
+            if yt:
+                plt.yticks(yt, yl)
+        plt.title(CHART_TITLES["sigma"])
+        plt.xlabel("index")
+        # truncation error vs t
+        plt = plots["truncation"].plt
+        for i, d in enumerate(deltas):
+            plt.plot(d.ts.tolist(), d.error.tolist(), label=d.label, color=series_color(i + 1),
+                     marker=series_marker(i))
+        plt.hline(TRUNCATION_TOLERANCE, color=series_color(5))
+        plt.ylim(0, 1)
+        plt.title(CHART_TITLES["truncation"])
+        plt.xlabel("t (fraction dropped)")
+        # agreement top-k with its noise floor
+        plt = plots["agreement"].plt
+        for i, d in enumerate(deltas):
+            if d.agreement_k.size:
+                plt.plot(np.log10(d.agreement_k).tolist(), d.agreement.tolist(), label=d.label,
+                         color=series_color(i + 1), marker=series_marker(i))
+        if deltas and deltas[0].agreement_k.size:
+            d = deltas[0]
+            plt.plot(np.log10(d.agreement_k).tolist(), d.noise_floor.tolist(), label="noise floor",
+                     color=None if no_color() else "gray", marker="x" if no_color() else "dot")
+            ks = d.agreement_k
+            ticks = sorted({float(k) for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+                            if ks.min() <= k <= ks.max()})
+            if ticks:
+                step = max(1, math.ceil(len(ticks) / 5))
+                ticks = ticks[::step]
+                plt.xticks([math.log10(t) for t in ticks], [str(int(t)) for t in ticks])
+        plt.ylim(0, 1)
+        plt.title(CHART_TITLES["agreement"])
+        plt.xlabel("k")
+        for plot in plots.values():
+            plot.refresh()
+
+    def _fill_metrics(self, result: Any) -> None:
+        deltas = result.deltas
+        rows = []
+        for label, key in DELTA_ROWS:
+            values = [d.metrics.get(key) for d in deltas]
+            if all(v is None for v in values):
+                continue
+            rows.append((label, values))
+        grey = [[key == "pl_alpha" and not d.metrics.get("pl_alpha_reliable", True) for d in deltas]
+                for label, key in DELTA_ROWS if any(d.metrics.get(key) is not None for d in deltas)]
+        self.query_one(MetricPanel).show_metrics([d.label for d in deltas], rows, grey)

@@ -1,0 +1,206 @@
+"""View 1 — Spectrum: the log-log ESD of the selected matrix or head in every checkpoint, with the fitted
+power law (PL) and truncated power law (TPL) from xmin, the Marchenko–Pastur and Tracy–Widom edges, and
+the metric panel (greyed where a fit is unreliable, SPEC §3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import Label
+from textual_plotext import PlotextPlot
+
+from diffract_tui.messages import MetricsReady
+from diffract_tui.node import NodeRef
+from diffract_tui.views import NodeView
+from diffract_tui.widgets.charts import (bounds, fmt, log_histogram, log_ticks, no_color, power_law_line,
+                                         series_color, series_marker, truncated_power_law_line)
+from diffract_tui.widgets.metric_panel import MetricPanel
+
+# (row label, metric name, greyed when the power-law fit is unreliable)
+SPECTRUM_ROWS: tuple[tuple[str, str, bool], ...] = (
+    ("α PL", "pl_alpha", True),
+    ("xmin", "pl_esd_xmin", True),
+    ("KS", "pl_ks", True),
+    ("n tail", "pl_n_tail", True),
+    ("α TPL", "tpl_alpha", True),
+    ("Λ TPL", "tpl_lambda", True),
+    ("PL/TPL R", "pl_tpl_loglik_ratio", True),
+    ("PL/TPL p", "pl_tpl_p", True),
+    ("MP λ+", "mp_esd_max", False),
+    ("MP spikes", "mp_num_spikes", False),
+    ("MP soft rk", "mp_soft_rank", False),
+    ("TW edge", "tw_esd_bound", False),
+    ("TW spikes", "tw_num_spikes", False),
+    ("stable rk", "stable_rank", False),
+    ("eff. rank", "effective_rank", False),
+    ("λ max", "lambda_max", False),
+)
+
+
+def esd_bins(n: int) -> int:
+    """Histogram bins for an ESD of n values: about 2√n, between 8 and 40."""
+    return int(min(40, max(8, round(2 * math.sqrt(max(n, 1))))))
+
+
+class SpectrumView(NodeView):
+    """ESD chart and metric panel of the node under the cursor, for each checkpoint."""
+
+    VIEW_ID = "spectrum"
+    BINDINGS = [
+        Binding("c", "cycle_focus", "Fits of next checkpoint"),
+    ]
+    DEFAULT_CSS = """
+    SpectrumView { layout: vertical; }
+    SpectrumView > #spectrum-title { height: 1; width: 1fr; text-style: bold; }
+    SpectrumView > #spectrum-legend { height: auto; width: 1fr; color: $text-muted; }
+    SpectrumView > #spectrum-plot { height: 1fr; min-height: 8; }
+    SpectrumView > #spectrum-metrics { height: auto; max-height: 45%; }
+    SpectrumView > #spectrum-note { height: auto; width: 1fr; color: $text-muted; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.focus_index = 0
+
+    def compose(self) -> ComposeResult:
+        yield Label("", id="spectrum-title")
+        yield Label("", id="spectrum-legend")
+        yield PlotextPlot(id="spectrum-plot")
+        yield MetricPanel(id="spectrum-metrics")
+        yield Label("", id="spectrum-note")
+
+    # ---- NodeView --------------------------------------------------------------------------
+    def accepts(self, node: NodeRef) -> str | None:
+        return self.app.session.unavailable(node)
+
+    def cached(self, node: NodeRef) -> Any | None:
+        return self.app.session.cached_spectrum(node)
+
+    def compute(self, node: NodeRef, progress: Callable[[float | None, str], None],
+                cancelled: Callable[[], bool]) -> Any:
+        return self.app.session.spectrum(node, progress=progress, cancelled=cancelled)
+
+    def show_message(self, text: str) -> None:
+        self.query_one("#spectrum-title", Label).update(text)
+        self.query_one("#spectrum-legend", Label).update("")
+        self.query_one("#spectrum-note", Label).update("")
+        self.query_one(MetricPanel).clear(columns=True)
+        self._clear_plot()
+
+    def show_waiting(self, node: NodeRef) -> None:
+        self.query_one("#spectrum-title", Label).update(f"{node.label()} — computing…")
+        self.query_one("#spectrum-legend", Label).update("")
+        self.query_one("#spectrum-note", Label).update("")
+        self.query_one(MetricPanel).clear(columns=True)
+        self._clear_plot()
+
+    def show_result(self, node: NodeRef, result: Any) -> None:
+        rows, cols = result.shape
+        self.query_one("#spectrum-title", Label).update(f"{node.label()}  {result.title}  {rows}×{cols}")
+        self._draw(result)
+        self._fill_metrics(result)
+        base = result.spectra[0].metrics
+        self.post_message(MetricsReady(node, {"pl_alpha": base.get("pl_alpha"),
+                                              "pl_alpha_reliable": base.get("pl_alpha_reliable", True)}))
+
+    # ---- actions ---------------------------------------------------------------------------
+    def action_cycle_focus(self) -> None:
+        """Draw the fits and edges of the next checkpoint."""
+        if self.result is not None:
+            self.focus_index = (self.focus_index + 1) % len(self.result.spectra)
+            self._draw(self.result)
+
+    # ---- drawing ---------------------------------------------------------------------------
+    def _clear_plot(self) -> None:
+        plot = self.query_one("#spectrum-plot", PlotextPlot)
+        plot.plt.clear_data()
+        plot.plt.clear_figure()
+        if no_color():
+            plot.theme = "clear"
+        plot.refresh()
+
+    def _draw(self, result: Any) -> None:
+        plot = self.query_one("#spectrum-plot", PlotextPlot)
+        plt = plot.plt
+        plt.clear_data()
+        plt.clear_figure()
+        if no_color():
+            plot.theme = "clear"
+        spectra = result.spectra
+        focus = spectra[self.focus_index % len(spectra)]
+        lo = min((float(s.evals[s.evals > 0].min()) for s in spectra if (s.evals > 0).any()), default=math.nan)
+        hi = max((float(s.evals.max()) for s in spectra if s.evals.size), default=math.nan)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            self._clear_plot()
+            return
+        bins = esd_bins(min(s.evals.size for s in spectra))
+        xs_all, ys_all = [], []
+        for i, spec in enumerate(spectra):
+            x, y = log_histogram(spec.evals, bins=bins, lo=lo, hi=hi)
+            xs_all.append(x)
+            ys_all.append(y)
+            plt.plot(x.tolist(), y.tolist(), label=spec.label, color=series_color(i), marker=series_marker(i))
+        m = focus.metrics
+        n = max(1, focus.evals.size)
+        legend = [f"fits of {focus.label} (c: next)"]
+        alpha, xmin = _num(m.get("pl_alpha")), _num(m.get("pl_esd_xmin"))
+        n_tail = _num(m.get("pl_n_tail"))
+        frac = (n_tail / n) if np.isfinite(n_tail) else 1.0
+        x, y = power_law_line(alpha, xmin, hi, frac)
+        if x.size:
+            plt.plot(x.tolist(), y.tolist(), label=f"PL α={fmt(alpha)}", color=series_color(4), marker="dot")
+            ys_all.append(y)
+        t_alpha, t_lam = _num(m.get("tpl_alpha")), _num(m.get("tpl_lambda"))
+        t_xmin = _num(m.get("tpl_esd_xmin", m.get("pl_esd_xmin")))
+        x, y = truncated_power_law_line(t_alpha, t_lam, t_xmin, hi, frac)
+        if x.size:
+            plt.plot(x.tolist(), y.tolist(), label=f"TPL α={fmt(t_alpha)}", color=series_color(3), marker="dot")
+            ys_all.append(y)
+        ylo, yhi = bounds(ys_all)
+        for name, key, color in (("xmin", "pl_esd_xmin", 6), ("MP", "mp_esd_max", 4), ("TW", "tw_esd_bound", 5)):
+            value = _num(m.get(key))
+            if np.isfinite(value) and value > 0:
+                plt.vline(math.log10(value), color=series_color(color))
+                if np.isfinite(yhi):
+                    plt.text(name, math.log10(value), yhi, color=series_color(color))
+                legend.append(f"{name} {fmt(value)}")
+        xlo, xhi = bounds(xs_all)
+        xt, xl = log_ticks(xlo, xhi)
+        yt, yl = log_ticks(ylo, yhi, most=4)
+        if xt:
+            plt.xticks(xt, xl)
+        if yt:
+            plt.yticks(yt, yl)
+        plt.xlabel("λ")
+        plt.ylabel("density")
+        self.query_one("#spectrum-legend", Label).update("  ".join(legend))
+        plot.refresh()
+
+    def _fill_metrics(self, result: Any) -> None:
+        spectra = result.spectra
+        rows = []
+        grey = []
+        for label, key, fit in SPECTRUM_ROWS:
+            values = [s.evals.max() if key == "lambda_max" and s.evals.size else s.metrics.get(key) for s in spectra]
+            if all(v is None for v in values):
+                continue
+            rows.append((label, values))
+            grey.append([fit and not s.metrics.get("pl_alpha_reliable", True) for s in spectra])
+        self.query_one(MetricPanel).show_metrics([s.label for s in spectra], rows, grey)
+        notes = [f"{s.label}: {s.metrics['fit_warning']}" for s in spectra if s.metrics.get("fit_warning")]
+        note = "? = unreliable fit: " + "; ".join(dict.fromkeys(notes)) if notes else ""
+        self.query_one("#spectrum-note", Label).update(note)
+
+
+def _num(value: Any) -> float:
+    """A metric as a float (NaN when missing or not a number)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan

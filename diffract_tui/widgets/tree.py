@@ -1,0 +1,329 @@
+"""The model tree: model → layers → modules → heads, built lazily from the layout (headers only).
+
+Vim keys move the cursor; `/` filters by words (e.g. `L3 q`, `h5`, `down`); badges (α, relative update)
+appear on a node once its metrics are known. Moving the cursor posts `NodeSelected`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from rich.text import Text
+from textual.binding import Binding
+from textual.widgets import Tree
+from textual.widgets.tree import TreeNode
+
+from diffract_tui.messages import NodeSelected, ToggleMark
+from diffract_tui.node import NodeRef
+from diffract_tui.widgets.charts import fmt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.architecture import ModelLayout
+
+HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
+FILTER_MATCH_LIMIT = 2000  # nodes shown at most for one filter (a 70B model has ~10k heads)
+
+
+@dataclass(frozen=True)
+class Badge:
+    """What a tree node shows next to its name once known: base α (greyed when unreliable) and the
+    relative update ‖ΔW‖_F/‖W₀‖_F against the first CPT checkpoint."""
+
+    alpha: float | None = None
+    alpha_reliable: bool = True
+    delta_rel: float | None = None
+
+    def merged(self, other: "Badge") -> "Badge":
+        """This badge with `other`'s known values laid over it."""
+        return Badge(
+            alpha=other.alpha if other.alpha is not None else self.alpha,
+            alpha_reliable=other.alpha_reliable if other.alpha is not None else self.alpha_reliable,
+            delta_rel=other.delta_rel if other.delta_rel is not None else self.delta_rel,
+        )
+
+
+def badge_from_metrics(metrics: dict[str, Any]) -> Badge:
+    """A badge from a MetricsReady dict: `pl_alpha`/`pl_alpha_reliable` of the base, `delta_rel`."""
+    alpha = metrics.get("pl_alpha")
+    return Badge(alpha=None if alpha is None else float(alpha),
+                 alpha_reliable=bool(metrics.get("pl_alpha_reliable", True)),
+                 delta_rel=None if metrics.get("delta_rel") is None else float(metrics["delta_rel"]))
+
+
+def module_names(layout: "ModelLayout", layer: int) -> list[str]:
+    """The modules of a layer as shown: stored matrices, plus virtual q/k/v/o for fused attention."""
+    names = [m.name for m in layout.layers[layer].modules]
+    if layout.heads_available:
+        names += [p for p in HEAD_PROJECTIONS if p not in names]
+    return names
+
+
+def head_count(layout: "ModelLayout", module: str) -> int:
+    """How many head children a module has: H for q/o, H_kv for k/v, none otherwise."""
+    if not layout.heads_available or module not in HEAD_PROJECTIONS:
+        return 0
+    return layout.num_kv_heads if module in ("k", "v") else layout.num_heads
+
+
+def all_nodes(layout: "ModelLayout") -> Iterator[NodeRef]:
+    """Every node of the tree in display order (used by the filter and the palette, never rendered whole)."""
+    for module in layout.globals:
+        yield NodeRef(None, module.name, None)
+    for layer in range(layout.num_layers):
+        yield NodeRef(layer)
+        for name in module_names(layout, layer):
+            yield NodeRef(layer, name)
+            for head in range(head_count(layout, name)):
+                yield NodeRef(layer, name, head)
+
+
+def matches(node: NodeRef, words: list[str]) -> bool:
+    """True when every filter word equals one word of the node's label (case-insensitive)."""
+    label_words = node.label().lower().split()
+    return all(w in label_words for w in words)
+
+
+class ModelTree(Tree[NodeRef]):
+    """The left-hand tree. Children are added when a node is first expanded (lazy)."""
+
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+        Binding("l", "expand_or_child", "Expand", show=False),
+        Binding("h", "collapse_or_parent", "Collapse", show=False),
+        Binding("g", "first", "First", show=False),
+        Binding("G", "last", "Last", show=False),
+        Binding("space", "mark", "Mark head", show=False),
+        Binding("right", "expand_or_child", "Expand", show=False),
+        Binding("left", "collapse_or_parent", "Collapse", show=False),
+    ]
+
+    def __init__(self, layout: "ModelLayout", model_name: str, *, id: str | None = None) -> None:
+        super().__init__(Text(model_name, style="bold"), data=NodeRef(), id=id)
+        self.model_layout = layout
+        self.badges: dict[NodeRef, Badge] = {}
+        self.marks: frozenset[tuple[int, int]] = frozenset()
+        self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
+        self.filter_words: list[str] = []
+        self.show_root = True
+        self.guide_depth = 2
+        self._populate_root()
+
+    # ---- building ----------------------------------------------------------------------------
+    def _populate_root(self) -> None:
+        self.root.remove_children()
+        self._by_ref = {NodeRef(): self.root}
+        for module in self.model_layout.globals:
+            self._add(self.root, NodeRef(None, module.name, None), leaf=True)
+        for layer in range(self.model_layout.num_layers):
+            self._add(self.root, NodeRef(layer), leaf=False)
+        self.root.expand()
+
+    def _add(self, parent: TreeNode[NodeRef], ref: NodeRef, *, leaf: bool) -> TreeNode[NodeRef]:
+        label = self._label(ref)
+        node = parent.add_leaf(label, data=ref) if leaf else parent.add(label, data=ref)
+        self._by_ref[ref] = node
+        return node
+
+    def _children_of(self, ref: NodeRef) -> list[tuple[NodeRef, bool]]:
+        if ref.layer is None:
+            return []
+        if ref.module is None:
+            return [(NodeRef(ref.layer, name), head_count(self.model_layout, name) == 0)
+                    for name in module_names(self.model_layout, ref.layer)]
+        if ref.head is None:
+            return [(NodeRef(ref.layer, ref.module, h), True) for h in range(head_count(self.model_layout, ref.module))]
+        return []
+
+    def _ensure_children(self, node: TreeNode[NodeRef]) -> None:
+        if node.children or node.data is None or node is self.root:
+            return
+        for ref, leaf in self._children_of(node.data):
+            self._add(node, ref, leaf=leaf)
+
+    def on_tree_node_expanded(self, event: Tree.NodeExpanded[NodeRef]) -> None:
+        event.stop()
+        if not self.filter_words:
+            self._ensure_children(event.node)
+
+    # ---- labels and badges -------------------------------------------------------------------
+    def _label(self, ref: NodeRef) -> Text:
+        if ref.layer is None:
+            name = ref.module or "model"
+        elif ref.module is None:
+            name = f"L{ref.layer}"
+        elif ref.head is None:
+            name = ref.module
+        else:
+            name = f"h{ref.head}"
+        text = Text(name)
+        if self._is_marked(ref):
+            text = Text("● ", style="bold") + text
+        badge = self.badges.get(ref)
+        if badge is not None:
+            if badge.alpha is not None:
+                text.append(f" α{fmt(badge.alpha, 2)}", style="dim italic" if not badge.alpha_reliable else "")
+            if badge.delta_rel is not None:
+                text.append(f" Δ{fmt(badge.delta_rel, 2)}", style="")
+        return text
+
+    def _is_marked(self, ref: NodeRef) -> bool:
+        return ref.head is not None and ref.module in ("q", "o") and (ref.layer, ref.head) in self.marks
+
+    def set_badge(self, ref: NodeRef, badge: Badge) -> None:
+        """Record `badge` for `ref` and relabel the node if it is built."""
+        self.badges[ref] = self.badges.get(ref, Badge()).merged(badge)
+        node = self._by_ref.get(ref)
+        if node is not None:
+            node.set_label(self._label(ref))
+
+    def set_marks(self, marks: frozenset[tuple[int, int]]) -> None:
+        """Show a dot on marked heads (q and o head nodes carry query heads)."""
+        changed = marks ^ self.marks
+        self.marks = marks
+        for layer, head in changed:
+            for proj in ("q", "o"):
+                node = self._by_ref.get(NodeRef(layer, proj, head))
+                if node is not None:
+                    node.set_label(self._label(NodeRef(layer, proj, head)))
+
+    # ---- cursor ------------------------------------------------------------------------------
+    @property
+    def current(self) -> NodeRef:
+        """The node under the cursor (the model when nothing is)."""
+        node = self.cursor_node
+        return node.data if node is not None and node.data is not None else NodeRef()
+
+    def on_tree_node_highlighted(self, event: Tree.NodeHighlighted[NodeRef]) -> None:
+        event.stop()
+        if event.node.data is not None:
+            self.post_message(NodeSelected(event.node.data))
+
+    def on_tree_node_selected(self, event: Tree.NodeSelected[NodeRef]) -> None:
+        event.stop()
+
+    def action_first(self) -> None:
+        """g: cursor to the first line."""
+        self.cursor_line = 0
+        self.scroll_to_line(0, animate=False)
+
+    def action_last(self) -> None:
+        """G: cursor to the last line."""
+        self.cursor_line = self.last_line
+        self.scroll_to_line(self.last_line, animate=False)
+
+    def action_mark(self) -> None:
+        """space: on a head, ask the app to mark/unmark it; elsewhere expand/collapse as Tree does."""
+        ref = self.current
+        if ref.is_head:
+            self.post_message(ToggleMark(ref))
+        else:
+            self.action_toggle_node()
+
+    def action_expand_or_child(self) -> None:
+        """l: expand a collapsed node, else step to its first child."""
+        node = self.cursor_node
+        if node is None or not node.allow_expand:
+            return
+        if not node.is_expanded:
+            node.expand()
+        else:
+            self._ensure_children(node)
+            if node.children:
+                self.move_cursor(node.children[0])
+
+    def action_collapse_or_parent(self) -> None:
+        """h: collapse an expanded node, else step to its parent."""
+        node = self.cursor_node
+        if node is None:
+            return
+        if node.allow_expand and node.is_expanded and node is not self.root:
+            node.collapse()
+        elif node.parent is not None:
+            self.move_cursor(node.parent)
+
+    def go_to(self, ref: NodeRef) -> bool:
+        """Expand the path to `ref` (building children on the way) and put the cursor on it."""
+        if self.filter_words and ref not in self._by_ref:
+            self.clear_filter()
+        path = [NodeRef()]
+        if ref.layer is not None:
+            path.append(NodeRef(ref.layer))
+            if ref.module is not None:
+                path.append(NodeRef(ref.layer, ref.module))
+                if ref.head is not None:
+                    path.append(ref)
+        elif ref.module is not None:
+            path.append(ref)
+        for step in path[:-1]:
+            node = self._by_ref.get(step)
+            if node is None:
+                return False
+            self._ensure_children(node)
+            node.expand()
+        target = self._by_ref.get(path[-1])
+        if target is None:
+            return False
+        self.move_cursor(target)
+        self.scroll_to_node(target, animate=False)
+        return True
+
+    def step_layer(self, delta: int) -> bool:
+        """Move to the same module/head in the previous (−1) or next (+1) layer."""
+        ref = self.current
+        if ref.layer is None:
+            target = NodeRef(0 if delta > 0 else self.model_layout.num_layers - 1)
+        else:
+            layer = ref.layer + delta
+            if not 0 <= layer < self.model_layout.num_layers:
+                return False
+            target = NodeRef(layer, ref.module, ref.head)
+            if target.module is not None and target.module not in module_names(self.model_layout, layer):
+                target = NodeRef(layer)
+        return self.go_to(target)
+
+    # ---- filter ------------------------------------------------------------------------------
+    def apply_filter(self, text: str) -> int:
+        """Show only nodes whose label contains every word of `text` (and their ancestors), expanded.
+
+        Returns how many nodes matched (at most FILTER_MATCH_LIMIT are shown).
+        """
+        words = text.lower().split()
+        if not words:
+            self.clear_filter()
+            return 0
+        hits = [ref for ref in all_nodes(self.model_layout) if matches(ref, words)]
+        self.filter_words = words
+        self.root.remove_children()
+        self._by_ref = {NodeRef(): self.root}
+        for ref in hits[:FILTER_MATCH_LIMIT]:
+            parent = self.root
+            chain: list[NodeRef] = []
+            if ref.layer is not None:
+                chain.append(NodeRef(ref.layer))
+                if ref.module is not None:
+                    chain.append(NodeRef(ref.layer, ref.module))
+                    if ref.head is not None:
+                        chain.append(ref)
+            else:
+                chain.append(ref)
+            for step in chain:
+                node = self._by_ref.get(step)
+                if node is None:
+                    node = self._add(parent, step, leaf=step == ref and not self._children_of(step))
+                    node.expand()
+                parent = node
+        self.root.expand()
+        if hits:
+            first = self._by_ref.get(hits[0])
+            if first is not None:
+                self.move_cursor(first)
+        return len(hits)
+
+    def clear_filter(self) -> None:
+        """Back to the full lazy tree, keeping the cursor on the same node when possible."""
+        current = self.current
+        self.filter_words = []
+        self._populate_root()
+        self.go_to(current)
