@@ -1,9 +1,97 @@
-"""`diffract-tui scan` (being built; see the issue that owns it)."""
+"""`diffract-tui scan CKPT … --out FILE`: SPEC §3 metrics of every matrix (and head, and delta) to a table."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+
+from diffract_tui import __version__ as TOOL_VERSION
+
+
+def unique_labels(paths: list[Path]) -> list[str]:
+    """Display names: the folder/file name, or the whole path when two inputs share a name."""
+    names = [p.name or str(p) for p in paths]
+    return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the root app."""
+    """Add the `scan` command to the root app."""
+
+    @app.command("scan")
+    def scan_command(
+        checkpoints: List[Path] = typer.Argument(..., help="Checkpoints to scan; the first is the base for --delta."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output table: .csv, .json or .parquet."),
+        heads: bool = typer.Option(False, "--heads", help="Also every q/k/v/o head slice."),
+        delta: bool = typer.Option(False, "--delta", help="Also ΔW = θ_i − θ_0 against the first checkpoint."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
+        cache_dir: Optional[Path] = typer.Option(
+            None, "--cache-dir", help="Cache folder (default: $DIFFRACT_TUI_CACHE_DIR, else the user cache folder)."
+        ),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything; read and write no cache."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Scan checkpoints: one row per matrix (and head slice, and delta) with every SPEC §3 metric."""
+        from analysis.errors import DiffractError
+        from analysis.tables import table_format
+
+        table_format(out)  # a bad suffix fails before any work
+        if dtype not in ("float32", "float64"):
+            raise DiffractError(f"--dtype must be float32 or float64, not {dtype!r}",
+                                hint="pass --dtype float32 or --dtype float64")
+        if delta and len(checkpoints) < 2:
+            raise DiffractError("--delta needs at least two checkpoints (the first is the base)",
+                                hint="pass the base and one or more continually-pretrained checkpoints")
+
+        from analysis import ENGINE_VERSION
+        from analysis.backend import SpectralSettings, resolve_device
+        from analysis.cache import Cache
+        from analysis.checkpoint import open_checkpoint
+        from analysis.scan import scan
+        from analysis.tables import write_table
+
+        settings = SpectralSettings(device=device, dtype=dtype)
+        device_kind = resolve_device(device).type
+        cache = None if no_cache else Cache(cache_dir)
+        opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
+        try:
+            rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan)
+        finally:
+            for c in opened:
+                c.close()
+        order = {c.label: i for i, c in enumerate(opened)}
+        rows.sort(key=lambda r: (order[r["checkpoint"]], r["operation"] != "weight"))  # stable: layer order kept
+        metadata = {
+            "created_by": f"diffract-tui {TOOL_VERSION}",
+            "engine_version": ENGINE_VERSION,
+            "command": "scan",
+            "checkpoints": [{"label": c.label, "path": str(c.path), "fingerprint": c.fingerprint} for c in opened],
+            "heads": heads,
+            "delta": delta,
+            "device_kind": device_kind,
+            "settings": settings.key(),
+        }
+        write_table(rows, out, metadata=metadata)
+        typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
+
+
+def _run(opened, *, heads, delta, settings, cache, quiet, scan) -> list[dict]:
+    """Collect the scan's rows with a rich progress bar on stderr (none with --quiet)."""
+    if quiet:
+        return list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache))
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("scanning", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label[:60])
+
+        rows = list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, progress=progress))
+        bar.update(task, description="done")
+    return rows

@@ -1,0 +1,463 @@
+"""Scan: SPEC §3 metrics of every matrix of N aligned checkpoints — and, on request, of every
+q/k/v/o head slice and of every ΔW = θ_i − θ_0 — as rows, through the persistent cache.
+
+Work goes layer by layer; within a layer each stored tensor of each checkpoint is read once (the
+base's stays in memory for the deltas) and nothing is read when every item of the layer hits the
+cache. All heads of one projection go through ONE batched spectral call. `node_metrics` is the
+single-node variant the app's workers call; it shares the scan's cache entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from analysis.cache import Cache, decode_json_value, encode_json_value
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.architecture import Module, ModelLayout
+    from analysis.backend import SpectralSettings
+    from analysis.checkpoint import Checkpoint
+
+ProgressFn = Callable[[int, int, str], None]
+CancelFn = Callable[[], bool]
+
+HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
+ID_COLUMNS: tuple[str, ...] = (
+    "checkpoint", "operation", "tensor", "layer", "module", "kind", "head", "kv_head", "rows", "cols",
+)
+SCAN_OPERATION_VERSION = 1  # bump when what a scan stores under its keys changes
+WEIGHT = "weight"
+DELTA = "delta"
+
+
+# ------------------------------------------------------------------------------------------------
+# In-memory reads: each stored tensor of a layer read once, served to heads.py's readers
+# ------------------------------------------------------------------------------------------------
+
+
+class _TensorMemo:
+    """Duck-types the reader side of a Checkpoint (`tensor`, `rows`) from tensors read once, in one dtype."""
+
+    def __init__(self, ckpt: "Checkpoint", dtype: torch.dtype):
+        self.ckpt = ckpt
+        self.dtype = dtype
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.reads = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ckpt
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self._tensors.get(name)
+        if t is None:
+            t = self.ckpt.tensor(name, self.dtype)
+            self._tensors[name] = t
+            self.reads += 1
+        return t if dtype is None or dtype == t.dtype else t.to(dtype)
+
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.tensor(name, dtype)[start:stop]
+
+    def release(self) -> None:
+        self._tensors.clear()
+
+
+def _torch_dtype(settings: "SpectralSettings") -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[settings.dtype]
+
+
+def _matrix(reader: Any, module: "Module", dtype: torch.dtype) -> torch.Tensor:
+    from analysis.heads import module_matrix
+
+    return module_matrix(reader, module, dtype)
+
+
+def _heads(reader: Any, layout: "ModelLayout", layer: int, proj: str, dtype: torch.dtype) -> torch.Tensor:
+    from analysis.heads import projection_heads
+
+    return projection_heads(reader, layout, layer, proj, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Items: what a scan computes, and their cache keys
+# ------------------------------------------------------------------------------------------------
+
+
+def is_matrix(module: "Module") -> bool:
+    """Modules with a spectrum: 2-D with both sides > 0 (norms and biases are not)."""
+    return len(module.shape) == 2 and min(module.shape) > 0
+
+
+def module_slice(module: "Module") -> dict[str, Any] | None:
+    """Cache-key slice of a module: None for a whole stored tensor, else its part of a fused one."""
+    if module.segments:
+        return {"part": module.name, "segments": [list(s) for s in module.segments], "axis": module.axis}
+    return None
+
+
+def head_slice_key(proj: str, head: int) -> dict[str, Any]:
+    """Cache-key slice of one head (query head for q/o, kv head for k/v)."""
+    return {"proj": proj, "head": int(head)}
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One unit of scan work: a matrix, or all heads of one projection, of one checkpoint (or its delta)."""
+
+    operation: str                 # WEIGHT | DELTA
+    ckpt: int                      # index into the checkpoints
+    layer: int | None              # None for globals
+    module: "Module | None" = None   # a matrix item
+    proj: str | None = None        # a head-batch item
+    label: str = ""
+
+
+@dataclass
+class _Context:
+    checkpoints: Sequence["Checkpoint"]
+    layouts: Sequence["ModelLayout"]
+    settings: "SpectralSettings"
+    cache: Cache | None
+    dtype: torch.dtype
+    device_kind: str
+    settings_key: dict = field(default_factory=dict)
+
+    def key(self, fingerprint: Any, tensor: str, slc: Any, operation: str) -> str:
+        return Cache.key(fingerprint=fingerprint, tensor=tensor, slice=slc,
+                         operation=f"scan/{operation}/v{SCAN_OPERATION_VERSION}",
+                         settings=self.settings_key, dtype=self.settings.dtype, device_kind=self.device_kind)
+
+    def fingerprint(self, item_ckpt: int, operation: str) -> Any:
+        fp = self.checkpoints[item_ckpt].fingerprint
+        return [self.checkpoints[0].fingerprint, fp] if operation == DELTA else fp
+
+
+def _plan_layer(ctx: _Context, layer: int | None, heads: bool, delta: bool) -> list[_Item]:
+    """Items of one layer (or of the globals when `layer` is None), checkpoint by checkpoint."""
+    items: list[_Item] = []
+    base_layout = ctx.layouts[0]
+    for i, (ckpt, layout) in enumerate(zip(ctx.checkpoints, ctx.layouts)):
+        if layer is None:
+            modules = layout.globals
+        elif layer < layout.num_layers:
+            modules = layout.layers[layer].modules
+        else:
+            continue
+        ops = [WEIGHT] + ([DELTA] if delta and i > 0 else [])
+        for op in ops:
+            for m in modules:
+                if not is_matrix(m):
+                    continue
+                if op == DELTA and (m.tensor not in ctx.checkpoints[0]
+                                    or tuple(ctx.checkpoints[0].info(m.tensor).shape)
+                                    != tuple(ckpt.info(m.tensor).shape)):
+                    continue  # present in only some checkpoints: listed by alignment, not fatal
+                where = "globals" if layer is None else f"layer {layer}"
+                items.append(_Item(op, i, layer, module=m, label=f"{ckpt.label} {op} {where} {m.name}"))
+            if heads and layer is not None and layout.heads_available:
+                if op == DELTA and not _same_heads(base_layout, layout, layer):
+                    continue
+                for proj in HEAD_PROJECTIONS:
+                    items.append(_Item(op, i, layer, proj=proj, label=f"{ckpt.label} {op} layer {layer} {proj} heads"))
+    return items
+
+
+def _same_heads(a: "ModelLayout", b: "ModelLayout", layer: int) -> bool:
+    return (a.heads_available and b.heads_available and layer < a.num_layers and layer < b.num_layers
+            and a.head_dim == b.head_dim and a.attention[layer] == b.attention[layer])
+
+
+# ------------------------------------------------------------------------------------------------
+# Computing one item
+# ------------------------------------------------------------------------------------------------
+
+
+def _clean(metrics: dict) -> dict:
+    """Metrics exactly as a cache hit returns them (plain floats, NaN/inf kept), so hits equal misses."""
+    return decode_json_value(encode_json_value(dict(metrics)))
+
+
+def _weight_metrics(W: torch.Tensor, settings: "SpectralSettings") -> tuple[dict, np.ndarray]:
+    from analysis.spectra import eigenvalues, spectral_metrics
+
+    evals = eigenvalues(W, settings)
+    metrics = spectral_metrics(W, settings, evals=evals)
+    return _clean(metrics), evals.detach().cpu().numpy()
+
+
+def _weight_batch_metrics(Ws: torch.Tensor, settings: "SpectralSettings") -> tuple[list[dict], np.ndarray]:
+    """All heads of one projection: ONE batched eigen call and ONE batched metrics call."""
+    from analysis.spectra import batched_spectral_metrics, eigenvalues
+
+    evals = eigenvalues(Ws, settings)
+    try:
+        rows = batched_spectral_metrics(Ws, settings, evals=evals)
+    except TypeError:  # an engine whose batched call takes no precomputed eigenvalues
+        rows = batched_spectral_metrics(Ws, settings)
+    return [_clean(r) for r in rows], evals.detach().cpu().numpy()
+
+
+def _delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, settings: "SpectralSettings",
+                   dtype: torch.dtype) -> list[dict]:
+    """SPEC §4 delta metrics (norms, ρ, energy ranks) and SPEC §3 metrics of ΔW, for a pair or a stack."""
+    from analysis.delta import batched_delta_metrics
+
+    rows = batched_delta_metrics(W0, Wd, settings=settings, dtype=dtype, agreement=False, spectral=True)
+    return [_clean(r) for r in rows]
+
+
+def _id_row(ctx: _Context, item: _Item, *, tensor: str, module: str, kind: str, head: int | None,
+            kv_head: int | None, shape: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "checkpoint": ctx.checkpoints[item.ckpt].label,
+        "operation": item.operation,
+        "tensor": tensor,
+        "layer": item.layer,
+        "module": module,
+        "kind": kind,
+        "head": head,
+        "kv_head": kv_head,
+        "rows": int(shape[0]),
+        "cols": int(shape[1]),
+    }
+
+
+def _with_metrics(row: dict, metrics: dict) -> dict:
+    out = dict(row)
+    for k, v in metrics.items():
+        if k not in out:
+            out[k] = v
+    return out
+
+
+def _module_shape(m: "Module") -> tuple[int, int]:
+    """Logical (out × in) shape of a module's matrix."""
+    r, c = m.shape[0], m.shape[1]
+    return (c, r) if m.transpose else (r, c)
+
+
+def _head_rows(ctx: _Context, item: _Item, layout: "ModelLayout", n: int) -> list[dict]:
+    """Identity columns of the n heads of item.proj: q/o query heads (with their kv group), k/v kv heads."""
+    p = layout.projection(item.layer, item.proj)
+    dh, D = layout.head_dim, layout.hidden_size
+    shape = (D, dh) if item.proj == "o" else (dh, D)
+    tensor = p.tensor
+    rows = []
+    for j in range(n):
+        if item.proj in ("q", "o"):
+            head, kv = j, layout.kv_group(j)
+        else:
+            head, kv = None, j
+        rows.append(_id_row(ctx, item, tensor=tensor, module=item.proj, kind="attention", head=head,
+                            kv_head=kv, shape=shape))
+    return rows
+
+
+def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo]) -> list[dict]:
+    """Rows of one item, from the cache when every entry hits, else computed (reading via `readers`)."""
+    layout = ctx.layouts[item.ckpt]
+    fp = ctx.fingerprint(item.ckpt, item.operation)
+    cache = ctx.cache
+
+    if item.module is not None:  # one matrix
+        m = item.module
+        key = ctx.key(fp, m.tensor, module_slice(m), item.operation)
+        row = _id_row(ctx, item, tensor=m.tensor, module=m.name, kind=m.kind, head=None, kv_head=None,
+                      shape=_module_shape(m))
+        metrics = cache.get_json(key) if cache is not None else None
+        if metrics is None:
+            Wd = _matrix(readers[item.ckpt], m, ctx.dtype)
+            if item.operation == WEIGHT:
+                metrics, evals = _weight_metrics(Wd, ctx.settings)
+                if cache is not None:
+                    cache.put_array(key, evals)
+            else:
+                W0 = _matrix(readers[0], m, ctx.dtype)
+                metrics = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype)[0]
+            if cache is not None:
+                cache.put_json(key, metrics)
+        return [_with_metrics(row, metrics)]
+
+    # all heads of one projection
+    p = layout.projection(item.layer, item.proj)
+    n = p.heads
+    keys = [ctx.key(fp, p.tensor, head_slice_key(item.proj, j), item.operation) for j in range(n)]
+    cached = [cache.get_json(k) for k in keys] if cache is not None else [None] * n
+    if any(c is None for c in cached):
+        Wd = _heads(readers[item.ckpt], layout, item.layer, item.proj, ctx.dtype)
+        if item.operation == WEIGHT:
+            cached, evals = _weight_batch_metrics(Wd, ctx.settings)
+            if cache is not None:
+                for k, e in zip(keys, evals):
+                    cache.put_array(k, e)
+        else:
+            W0 = _heads(readers[0], layout, item.layer, item.proj, ctx.dtype)
+            cached = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype)
+        if cache is not None:
+            for k, metrics in zip(keys, cached):
+                cache.put_json(k, metrics)
+    return [_with_metrics(r, mt) for r, mt in zip(_head_rows(ctx, item, layout, n), cached)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The scan
+# ------------------------------------------------------------------------------------------------
+
+
+def _context(checkpoints: Sequence["Checkpoint"], settings: "SpectralSettings", cache: Cache | None,
+             layouts: Sequence["ModelLayout"] | None = None) -> _Context:
+    from analysis.architecture import layout_of
+    from analysis.backend import resolve_device
+
+    device = resolve_device(settings.device)
+    if layouts is None:
+        layouts = [layout_of(c) for c in checkpoints]
+    return _Context(checkpoints=list(checkpoints), layouts=list(layouts), settings=settings, cache=cache,
+                    dtype=_torch_dtype(settings), device_kind=device.type, settings_key=settings.key())
+
+
+def plan_size(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: bool = False,
+              layouts: Sequence["ModelLayout"] | None = None) -> int:
+    """How many items (matrices + head batches) a scan of these checkpoints has: the progress total."""
+    from analysis.architecture import layout_of
+
+    layouts = list(layouts) if layouts is not None else [layout_of(c) for c in checkpoints]
+    ctx = _Context(list(checkpoints), layouts, None, None, torch.float32, "cpu")  # type: ignore[arg-type]
+    groups = list(range(max(l.num_layers for l in layouts))) + [None]
+    return sum(len(_plan_layer(ctx, g, heads, delta)) for g in groups)
+
+
+def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: bool = False,
+         settings: "SpectralSettings", cache: Cache | None, progress: ProgressFn | None = None,
+         cancel: CancelFn | None = None) -> Iterator[dict]:
+    """Yield one row per matrix (and head slice, and delta) of the checkpoints; the first is the base.
+
+    Rows carry ID_COLUMNS plus every SPEC §3 metric (delta rows also SPEC §4's norms and ρ).
+    `progress(done, total, label)` is called after each item; `cancel()` returning True stops the
+    scan between items. `cache=None` computes everything and stores nothing.
+    """
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        return
+    if len(checkpoints) > 1:
+        from analysis.alignment import align
+
+        align(checkpoints)  # a shared key with different shapes is an error naming both
+    ctx = _context(checkpoints, settings, cache)
+    groups: list[int | None] = list(range(max(l.num_layers for l in ctx.layouts))) + [None]
+    plans = [_plan_layer(ctx, g, heads, delta) for g in groups]
+    total = sum(len(p) for p in plans)
+    done = 0
+    if progress is not None:
+        progress(0, total, "starting")
+    for plan in plans:
+        readers = {i: _TensorMemo(c, ctx.dtype) for i, c in enumerate(checkpoints)}
+        try:
+            previous = 0
+            for item in plan:
+                if cancel is not None and cancel():
+                    return
+                if item.ckpt != previous and previous != 0:
+                    readers[previous].release()  # done with that checkpoint's layer; the base's stays
+                previous = item.ckpt
+                yield from _run_item(ctx, item, readers)
+                done += 1
+                if progress is not None:
+                    progress(done, total, item.label)
+        finally:
+            for r in readers.values():
+                r.release()
+
+
+# ------------------------------------------------------------------------------------------------
+# One node (the app's workers)
+# ------------------------------------------------------------------------------------------------
+
+
+def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, module: "str | Module",
+                 head: int | None = None, *, delta_against: "Checkpoint | None" = None,
+                 settings: "SpectralSettings", cache: Cache | None) -> dict[str, Any]:
+    """Row of one node — a matrix (`head=None`) or one head slice — with its eigenvalues for charts.
+
+    `module` is a layout module name (or Module); `head` is a query head for q/o, a kv head for k/v.
+    With `delta_against=θ₀` the node is ΔW = W(ckpt) − W(θ₀). The result is the scan's row plus
+    `"eigenvalues"`: the ESD (ascending np.ndarray; for a delta, of ΔW in float64 per SPEC §4).
+    Shares cache entries with `scan`, so a scanned node costs two small file reads.
+    """
+    from analysis.heads import head_slice
+
+    operation = DELTA if delta_against is not None else WEIGHT
+    checkpoints = [delta_against, ckpt] if delta_against is not None else [ckpt]
+    layouts = [layout] * len(checkpoints)
+    ctx = _context(checkpoints, settings, cache, layouts=layouts)
+    idx = len(checkpoints) - 1
+    fp = ctx.fingerprint(idx, operation)
+
+    if head is None:
+        m = module if not isinstance(module, str) else _find_module(layout, layer, module)
+        item = _Item(operation, idx, layer, module=m)
+        tensor, slc = m.tensor, module_slice(m)
+        row = _id_row(ctx, item, tensor=m.tensor, module=m.name, kind=m.kind, head=None, kv_head=None,
+                      shape=_module_shape(m))
+        read = lambda c: _matrix(c, m, ctx.dtype)  # noqa: E731
+    else:
+        proj = module if isinstance(module, str) else module.name
+        p = layout.projection(layer, proj)
+        item = _Item(operation, idx, layer, proj=proj)
+        tensor, slc = p.tensor, head_slice_key(proj, head)
+        row = _head_rows(ctx, item, layout, p.heads)[head]
+        read = lambda c: head_slice(c, layout, layer, proj, head, ctx.dtype)  # noqa: E731
+
+    key = ctx.key(fp, tensor, slc, operation)
+    metrics = cache.get_json(key) if cache is not None else None
+    evals = cache.get_array(key) if cache is not None else None
+    if metrics is None or evals is None:
+        Wd = read(ckpt)
+        if operation == WEIGHT:
+            if metrics is None:
+                metrics, evals = _weight_metrics(Wd, settings)
+                if cache is not None:
+                    cache.put_json(key, metrics)
+            else:
+                from analysis.spectra import eigenvalues
+
+                evals = eigenvalues(Wd, settings).detach().cpu().numpy()
+        else:
+            from analysis.delta import esd, upcast_pair
+
+            W0 = read(delta_against)
+            if metrics is None:
+                metrics = _delta_metrics(W0, Wd, settings, ctx.dtype)[0]
+                if cache is not None:
+                    cache.put_json(key, metrics)
+            evals = esd(upcast_pair(W0, Wd, ctx.dtype)[2]).detach().cpu().numpy()
+        if cache is not None:
+            cache.put_array(key, evals)
+    out = _with_metrics(row, metrics)
+    out["eigenvalues"] = evals
+    return out
+
+
+def _find_module(layout: "ModelLayout", layer: int | None, name: str) -> "Module":
+    modules = layout.globals if layer is None else layout.layers[layer].modules
+    for m in modules:
+        if m.name == name:
+            return m
+    where = "the globals" if layer is None else f"layer {layer}"
+    raise KeyError(f"{where} has no module {name!r}")
+
+
+def metric_columns(rows: Sequence[dict]) -> list[str]:
+    """Metric column names of rows (everything but the identity columns), first-seen order."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            if k not in ID_COLUMNS:
+                seen.setdefault(k, None)
+    return list(seen)
+
