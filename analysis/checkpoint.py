@@ -80,6 +80,8 @@ class Checkpoint:
                 if name in self._infos:  # e.g. both `model.x` and `x`: keep the stored name for this one
                     name = raw
                 self._infos[name] = TensorInfo(name, raw, entry.shape, entry.dtype, file, entry.nbytes)
+        if not self._infos:
+            raise CheckpointError("holds no tensors", path=path, hint="point at a checkpoint with weights")
         self._order = sorted(self._infos, key=_natural_key)
         parts = [(f, f.read_bytes()) for f in index_files] + [(f, readers[f].fingerprint_bytes()) for f in weight_files]
         self.fingerprint = _fingerprint(parts)
@@ -169,10 +171,14 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
 
 
 def _reader(file: Path) -> WeightFile:
-    """The reader for one weight file, chosen by suffix (safetensors files also by content)."""
+    """The reader for one weight file: by suffix, else by content (hub-cache blobs have no suffix)."""
     if file.name.endswith(SAFETENSORS_SUFFIXES):
         return SafetensorsFile(file)
-    return PickleFile(file)
+    if file.name.endswith(PICKLE_SUFFIXES):
+        return PickleFile(file)
+    with open(file, "rb") as f:
+        head = f.read(9)
+    return SafetensorsFile(file) if head[8:9] == b"{" else PickleFile(file)
 
 
 def _aux_files(folder: Path) -> list[Path]:

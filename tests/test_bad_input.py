@@ -175,3 +175,39 @@ def test_no_traceback_in_a_real_process(tmp_path):
     assert proc.stderr.strip() == (f"diffract-tui: error: {path}: safetensors header is not valid JSON "
                                    f"(JSONDecodeError: Expecting value: line 1 column 1 (char 0)) — the file is "
                                    f"damaged or incomplete; download or export it again")
+
+
+def test_checkpoint_without_tensors(capsys, tmp_path):
+    path = write_safetensors(tmp_path / "empty.safetensors", {})
+    _fails(capsys, [path], f"{path}: holds no tensors")
+
+
+def test_pickle_holding_a_bare_tensor(capsys, tmp_path):
+    path = tmp_path / "bare.pt"
+    torch.save(torch.ones(3), path)
+    _fails(capsys, [path], f"{path}: holds a Tensor, not a state dict of tensors")
+
+
+def test_legacy_pickle_with_non_tensor_value(capsys, tmp_path):
+    path = tmp_path / "old.bin"
+    torch.save({"w": torch.ones(2), "epoch": 3}, path, _use_new_zipfile_serialization=False)
+    _fails(capsys, [path], f"{path}: holds a non-tensor value at key 'epoch' (int)")
+
+
+def test_hf_cache_snapshot_links_into_own_blobs_are_allowed(capsys, tmp_path):
+    """Hugging Face hub caches store shards as links snapshots/<rev>/x -> ../../blobs/<hash>: not refused."""
+    repo = tmp_path / "models--org--tiny"
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    blob = write_safetensors(repo / "blobs" / "deadbeef", {"model.w": torch.ones(4, 4)})
+    os.symlink("../../blobs/deadbeef", snap / "model-00001-of-00001.safetensors")
+    (snap / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.w": "model-00001-of-00001.safetensors"}}))
+    assert main(["info", str(snap), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["checkpoints"][0]["weight_files"] == [str(blob.resolve())]
+    # ...but a link from the snapshot to anywhere else is still refused
+    other = write_safetensors(tmp_path / "elsewhere.safetensors", {"model.w": torch.ones(4, 4)})
+    (snap / "model-00001-of-00001.safetensors").unlink()
+    os.symlink(other, snap / "model-00001-of-00001.safetensors")
+    _fails(capsys, [snap], "links outside its folder")

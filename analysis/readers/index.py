@@ -23,16 +23,26 @@ def read_index(index: Path) -> dict[str, Path]:
         raise CheckpointError("index has no 'weight_map' object mapping tensor names to shard files", path=index,
                               hint="fix or regenerate the index file")
     folder = index.parent.resolve()
+    allowed = [folder, *_hf_cache_blobs(folder)]
     shards: dict[str, Path] = {}
     result: dict[str, Path] = {}
     for name, shard in weight_map.items():
         if shard not in shards:
-            shards[shard] = _shard_path(index, folder, shard)
+            shards[shard] = _shard_path(index, folder, shard, allowed)
         result[name] = shards[shard]
     return result
 
 
-def _shard_path(index: Path, folder: Path, shard: object) -> Path:
+def _hf_cache_blobs(folder: Path) -> list[Path]:
+    """In a Hugging Face hub cache (`models--org--name/snapshots/<rev>/`) shards are links into the
+    repository's own `blobs/` folder; those links stay inside the model and are allowed."""
+    repo = folder.parent.parent
+    if folder.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        return [(repo / "blobs").resolve()]
+    return []
+
+
+def _shard_path(index: Path, folder: Path, shard: object, allowed: list[Path]) -> Path:
     """The resolved shard path, or a CheckpointError naming the offending entry."""
     if not isinstance(shard, str) or not shard:
         raise CheckpointError(f"index names an invalid shard {shard!r}", path=index, hint=HINT)
@@ -42,7 +52,7 @@ def _shard_path(index: Path, folder: Path, shard: object) -> Path:
         raise CheckpointError(f"index names a shard outside its folder {shard!r}", path=index, hint=HINT)
     candidate = folder / shard
     resolved = candidate.resolve()
-    if not resolved.is_relative_to(folder):
+    if not any(resolved.is_relative_to(root) for root in allowed):
         raise CheckpointError(f"index names a shard {shard!r} that links outside its folder (to {resolved})",
                               path=index, hint=HINT)
     if not resolved.is_file():

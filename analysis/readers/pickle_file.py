@@ -49,7 +49,10 @@ def _state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"holds a {type(obj).__name__}, not a state dict of tensors",
                               path=path, hint=HINT_UNSAFE)
     for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise CheckpointError(f"holds a non-string key {key!r} where a state dict of tensors should be",
+                                  path=path, hint=HINT_UNSAFE)
+        if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"holds a non-tensor value at key {key!r} ({type(value).__name__}) where a state "
                                   f"dict of tensors should be", path=path, hint=HINT_UNSAFE)
     return obj
