@@ -101,3 +101,327 @@ def write_checkpoint(directory: str | Path, family: str = "llama", *, seed: int 
         (folder / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                indent=2) + "\n")
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# A base + domain family with planted structure
+
+MANIFEST_FORMAT = "diffract-family/1"
+LOW_MAGNITUDE = (1e-3, 1.5e-3)     # "low" heads: ‖ΔW_h‖/‖W₀_h‖ in this range (the greedy-rewind set)
+SMALL_MAGNITUDE = (0.01, 0.03)     # "small" heads (inert by magnitude, but not in the low set)
+LARGE_MAGNITUDE = (0.2, 0.6)       # "large" heads
+FAMILY_DEFAULTS = dict(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=512, vocab_size=256)
+# MLP planted low-rank deltas: module name → (rank, relative magnitude, direction)
+MLP_PLANTS = {"gate": (4, 0.05, "shared"), "up": (8, 0.10, "specific"), "down": (16, 0.20, "shared"),
+              "fc_in": (4, 0.05, "shared"), "fc_out": (8, 0.10, "specific")}
+EMBED_PLANT = (2, 0.02, "shared")      # token embedding: rank 2, rel 0.02, same in every domain
+LM_HEAD_PLANT = (2, 0.02, "specific")  # untied output head: rank 2, rel 0.02, own direction per domain
+NORM_DELTA_STD = 0.01                  # every norm gain (and norm bias) += N(0, 0.01²), per domain
+
+
+@dataclass
+class HeadPlant:
+    """What was planted in one query head (the same in every domain except `specific` directions)."""
+
+    layer: int
+    head: int
+    kv_head: int
+    cls: str                 # "low" | "small" | "large"
+    direction: str           # "shared" (one ΔW for every domain: A2 = 1) | "specific" (independent: A2 ≈ 0)
+    magnitude: float         # ‖ΔW^q_h‖_F/‖W₀^q_h‖_F = ‖ΔW^o_h‖_F/‖W₀^o_h‖_F (and for its q/k/v bias entries)
+    kv_magnitude: float      # the same ratio for k and v of its kv head (mean of its query heads' magnitudes)
+    expected_score: float    # SPEC §4 head score r_{ℓ,h} (k/v energy split equally over the group), float64
+    expected_class: str      # SPEC §4 classification with default (median) thresholds: agnostic/specific/inert
+
+
+@dataclass
+class LowRankPlant:
+    """A matrix whose delta is exactly rank r: ΔW = s·‖W₀‖_F·(A·B)/‖A·B‖_F, A m×r, B r×n."""
+
+    tensor: str              # normalised key
+    raw_tensor: str          # key as stored
+    layer: int | None
+    module: str
+    rank: int
+    rel: float               # ‖ΔW‖_F/‖W₀‖_F
+    direction: str           # "shared" | "specific"
+
+
+@dataclass
+class FamilyManifest:
+    """A generated base + domain family and the structure planted in its deltas (manifest.json)."""
+
+    root: Path
+    family: str
+    model_type: str
+    seed: int
+    dtype: str
+    fmt: str
+    base: Path
+    domains: dict[str, Path]
+    architecture: dict[str, int]
+    heads: list[HeadPlant]
+    low_importance: list[tuple[int, int]]     # (layer, head): clearly the lowest scores, whole kv groups
+    greedy_fraction: float                    # ⌊f·L·H⌋ == len(low_importance)
+    low_rank: list[LowRankPlant]
+    unchanged: list[str]                      # normalised keys whose delta is exactly zero in every domain
+    notes: list[str] = field(default_factory=list)
+
+    def head(self, layer: int, head: int) -> HeadPlant:
+        """The plant of query head `head` in layer `layer`."""
+        return self.heads[layer * self.architecture["heads"] + head]
+
+    def grid(self, attr: str) -> list[list[Any]]:
+        """An L × H grid of one HeadPlant attribute (e.g. "magnitude", "expected_score", "cls")."""
+        H = self.architecture["heads"]
+        return [[getattr(self.heads[l * H + h], attr) for h in range(H)] for l in range(self.architecture["layers"])]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d = {"format": MANIFEST_FORMAT, **d}
+        d["root"] = str(self.root)
+        d["base"] = self.base.name
+        d["domains"] = {k: v.name for k, v in self.domains.items()}
+        d["low_importance"] = [list(x) for x in self.low_importance]
+        return d
+
+    def save(self) -> Path:
+        path = self.root / "manifest.json"
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, root: str | Path) -> "FamilyManifest":
+        """Read root/manifest.json back (paths resolved against root)."""
+        root = Path(root)
+        d = json.loads((root / "manifest.json").read_text())
+        if d.pop("format", None) != MANIFEST_FORMAT:
+            raise ValueError(f"{root / 'manifest.json'} is not a {MANIFEST_FORMAT} manifest")
+        d["root"] = root
+        d["base"] = root / d["base"]
+        d["domains"] = {k: root / v for k, v in d["domains"].items()}
+        d["heads"] = [HeadPlant(**h) for h in d["heads"]]
+        d["low_rank"] = [LowRankPlant(**p) for p in d["low_rank"]]
+        d["low_importance"] = [tuple(x) for x in d["low_importance"]]
+        return cls(**d)
+
+
+class _DictReader:
+    """The `.tensor` / `.rows` reader protocol over an in-memory {normalised name: tensor} dict."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._t = tensors
+
+    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        t = self._t[name]
+        return t if dtype is None else t.to(dtype)
+
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        return self.tensor(name, dtype)[start:stop]
+
+
+def _unit(shape: Sequence[int], gen: torch.Generator, rank: int | None = None) -> torch.Tensor:
+    """A random direction of unit Frobenius norm, exactly rank `rank` when given (float64)."""
+    if rank is None:
+        d = torch.randn(tuple(shape), generator=gen, dtype=torch.float64)
+    else:
+        m, n = shape
+        d = torch.randn(m, rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, n, generator=gen,
+                                                                                      dtype=torch.float64)
+    return d / d.norm()
+
+
+def _add_logical(stored: torch.Tensor, slot_axis: int, index: torch.Tensor, transpose: bool,
+                 delta: torch.Tensor) -> None:
+    """Add a logical (out × in)-oriented slice delta into a stored tensor at a head slot."""
+    stored.index_add_(slot_axis, index, (delta.T if transpose else delta).to(stored.dtype))
+
+
+def _head_classes(units: int, gen: torch.Generator) -> list[tuple[str, str]]:
+    """(class, direction) per kv-group unit: ¼ low, ¼ small, ½ large; half of each class shared."""
+    n_low = max(1, units // 4)
+    n_small = max(1, units // 4)
+    n_large = units - n_low - n_small
+    plan: list[tuple[str, str]] = []
+    for cls, n in (("low", n_low), ("small", n_small), ("large", n_large)):
+        plan += [(cls, "shared" if i % 2 == 0 else "specific") for i in range(n)]
+    perm = torch.randperm(units, generator=gen).tolist()
+    return [plan[i] for i in perm]
+
+
+def write_family(root: str | Path, *, family: str = "llama", domains: Sequence[str] = ("math", "code"),
+                 seed: int = 0, dtype: str = "float32", fmt: str = "safetensors",
+                 **config_overrides: Any) -> FamilyManifest:
+    """Write root/base and root/<domain> checkpoints with planted deltas; return (and save) the manifest.
+
+    Planted in every domain d (ΔW = W_d − W₀; default llama: 4 layers, hidden 256, 8 heads of 32,
+    4 kv heads, float32):
+    - Heads, planted per kv group (both query heads of a group share class and direction): ¼ of the
+      groups "low" (q/o/k/v magnitude ‖ΔW_h‖/‖W₀_h‖ ∈ [1e-3, 1.5e-3]), ¼ "small" ([0.01, 0.03]), ½
+      "large" ([0.2, 0.6]); distinct graded magnitudes per query head, k/v at the group mean. The
+      "low" heads are `low_importance`: the ⌊greedy_fraction·L·H⌋ lowest head scores, with a gap of
+      ≥ 6× to the next. Half of each class is "shared" (the identical ΔW in every domain, A2 = 1,
+      A3 = 1) and half "specific" (independent Gaussian directions, A2 ≈ 0 ± 1/√(d_h·D)).
+      q/k/v biases (qwen2, gpt2, gpt_neox, bert) move with their head (same magnitude, direction).
+    - MLP: ΔW exactly rank r (`low_rank`: gate r4 rel .05 shared, up r8 rel .10 specific, down r16
+      rel .20 shared; fc_in r4 .05 shared, fc_out r8 .10 specific); phi3's gate/up inside gate_up.
+    - Token embedding rank 2 rel .02 shared; untied lm_head rank 2 rel .02 specific; every norm gain
+      and norm bias + N(0, 0.01²) per domain; o/MLP biases + N(0, 0.005²) per domain.
+    - `unchanged`: tensors with zero delta (position/type embeddings, pooler, ...).
+    Facts hold to float32 precision; bf16/fp16 quantise the low heads' deltas (noted in the manifest).
+    """
+    check_family(family)
+    from analysis.architecture import detect_layout
+    from analysis.checkpoint import normalise_key
+    from analysis.heads import head_slice, head_slots, module_matrix
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    overrides = {**FAMILY_DEFAULTS, **config_overrides}
+    config = family_config(family, dtype=dtype, **overrides)
+    base_raw = random_state_dict(family, config, seed)
+    norm_of = {raw: normalise_key(raw) for raw in base_raw}
+    raw_of = {n: r for r, n in norm_of.items()}
+    base = {norm_of[k]: v.to(torch.float64) for k, v in base_raw.items()}
+    layout = detect_layout(config, {k: tuple(v.shape) for k, v in base.items()})
+    L, H, G, dh = layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim
+    per = H // G
+    gen = torch.Generator().manual_seed(seed + 1)
+    reader = _DictReader(base)
+
+    # --- head plan
+    unit_plan = _head_classes(L * G, gen)
+    ranges = {"low": LOW_MAGNITUDE, "small": SMALL_MAGNITUDE, "large": LARGE_MAGNITUDE}
+    heads_in = {c: [(l, h) for l in range(L) for h in range(H) if unit_plan[l * G + h // per][0] == c] for c in ranges}
+    magnitude: dict[tuple[int, int], float] = {}
+    for c, members in heads_in.items():
+        lo, hi = ranges[c]
+        order = torch.randperm(len(members), generator=gen).tolist()
+        for rank_, i in enumerate(order):
+            t = rank_ / max(1, len(members) - 1)
+            magnitude[members[i]] = lo + (hi - lo) * t
+    kv_mag = {(l, g): sum(magnitude[(l, h)] for h in layout.query_heads_of(g)) / per
+              for l in range(L) for g in range(G)}
+
+    def slot_norm2(l: int, proj: str, j: int) -> float:
+        return float(head_slice(reader, layout, l, proj, j, torch.float64).pow(2).sum())
+
+    # --- directions: "shared" ones drawn once (from `gen`), "specific" ones per domain (from `dgen`)
+    shared_dirs: dict[tuple, torch.Tensor] = {}
+
+    def pick(key: tuple, shape: Sequence[int], shared: bool, dgen: torch.Generator, rank: int | None = None):
+        if shared:
+            if key not in shared_dirs:
+                shared_dirs[key] = _unit(shape, gen, rank)
+            return shared_dirs[key]
+        return _unit(shape, dgen, rank)
+
+
+    low_rank: list[LowRankPlant] = []
+    changed: set[str] = set()
+    domain_paths: dict[str, Path] = {}
+    notes = [f"planted with seed {seed}; magnitudes are ‖ΔW‖_F/‖W₀‖_F of the head slice (SPEC §2)"]
+    if dtype != "float32":
+        notes.append(f"stored as {dtype}: deltas below ~1e-2 relative (the low heads) are quantised; "
+                     "exact facts hold for float32 families")
+
+    for di, domain in enumerate(domains):
+        dgen = torch.Generator().manual_seed(seed * 1000 + 17 * (di + 1))
+        W = {k: v.clone() for k, v in base.items()}
+        # heads: q/o per query head, k/v per kv head (+ their bias entries)
+        for l in range(L):
+            for proj in ("q", "k", "v", "o"):
+                n = H if proj in ("q", "o") else G
+                for j in range(n):
+                    unit = j if proj in ("q", "o") else j * per  # a query head of the unit (its group)
+                    cls, direction = unit_plan[l * G + unit // per]
+                    m = magnitude[(l, j)] if proj in ("q", "o") else kv_mag[(l, j)]
+                    (slot,) = head_slots(layout, l, proj, j)
+                    shape = (dh, layout.hidden_size) if proj != "o" else (layout.hidden_size, dh)
+                    d = pick(("head", l, proj, j), shape, direction == "shared", dgen)
+                    _add_logical(W[slot.tensor], slot.axis, slot.index, slot.transpose,
+                                 d * (m * slot_norm2(l, proj, j) ** 0.5))
+                    changed.add(slot.tensor)
+                    for bslot in head_slots(layout, l, proj, j, bias=True):
+                        b0 = base[bslot.tensor].index_select(0, bslot.index)
+                        db = pick(("bias", l, proj, j), (dh,), direction == "shared", dgen).flatten()
+                        W[bslot.tensor].index_add_(0, bslot.index, db * (m * float(b0.norm())))
+                        changed.add(bslot.tensor)
+        # MLP: exact low rank
+        for l, layer in enumerate(layout.layers):
+            for mod in layer.modules:
+                if mod.kind != "mlp" or mod.name not in MLP_PLANTS:
+                    continue
+                rank, rel, direction = MLP_PLANTS[mod.name]
+                W0 = module_matrix(reader, mod, torch.float64)
+                d = pick(("mlp", l, mod.name), tuple(W0.shape), direction == "shared", dgen, rank)
+                delta = d * (rel * float(W0.norm()))
+                stored = delta.T if mod.transpose else delta
+                if mod.segments:
+                    (a, b), = mod.segments
+                    W[mod.tensor].narrow(mod.axis, a, b - a).add_(stored)
+                else:
+                    W[mod.tensor].add_(stored)
+                changed.add(mod.tensor)
+                if di == 0:
+                    low_rank.append(LowRankPlant(mod.tensor, raw_of[mod.tensor], l, mod.name, rank, rel, direction))
+        # embeddings, output head
+        for g in layout.globals:
+            plant = {"embed": EMBED_PLANT, "lm_head": LM_HEAD_PLANT}.get(g.name)
+            if plant is None:
+                continue
+            rank, rel, direction = plant
+            d = pick(("global", g.name), g.shape, direction == "shared", dgen, rank)
+            W[g.tensor].add_(d * (rel * float(base[g.tensor].norm())))
+            changed.add(g.tensor)
+            if di == 0:
+                low_rank.append(LowRankPlant(g.tensor, raw_of[g.tensor], None, g.name, rank, rel, direction))
+        # norms and the remaining biases
+        for k, v in W.items():
+            if k in changed and not (v.dim() == 1 and _is_norm_key(raw_of[k])):
+                continue
+            if v.dim() == 1 and _is_norm_key(raw_of[k]):
+                v.add_(torch.randn(v.shape, generator=dgen, dtype=torch.float64) * NORM_DELTA_STD)
+                changed.add(k)
+            elif v.dim() == 1 and k.endswith(".bias") and _is_layer_bias(k):
+                v.add_(torch.randn(v.shape, generator=dgen, dtype=torch.float64) * 0.005)
+                changed.add(k)
+        folder = root / domain
+        write_checkpoint(folder, family, dtype=dtype, fmt=fmt,
+                         state_dict={raw_of[k]: v.to(torch.float32) for k, v in W.items()}, **overrides)
+        domain_paths[domain] = folder
+    base_path = write_checkpoint(root / "base", family, dtype=dtype, fmt=fmt, state_dict=base_raw, **overrides)
+
+    # --- expected scores (SPEC §4) and classes from the plan
+    heads: list[HeadPlant] = []
+    scores = {}
+    for l in range(L):
+        kv_e0 = {g: slot_norm2(l, "k", g) + slot_norm2(l, "v", g) for g in range(G)}
+        for h in range(H):
+            g = layout.kv_group(h)
+            qo0 = slot_norm2(l, "q", h) + slot_norm2(l, "o", h)
+            num = magnitude[(l, h)] ** 2 * qo0 + kv_mag[(l, g)] ** 2 * kv_e0[g] / per
+            scores[(l, h)] = (num / (qo0 + kv_e0[g] / per)) ** 0.5
+    for l in range(L):
+        for h in range(H):
+            g = layout.kv_group(h)
+            cls, direction = unit_plan[l * G + g]
+            expected = "inert" if cls != "large" else ("agnostic" if direction == "shared" else "specific")
+            if len(domains) < 2 and cls == "large":
+                expected = "n/a"
+            heads.append(HeadPlant(l, h, g, cls, direction, magnitude[(l, h)], kv_mag[(l, g)],
+                                   scores[(l, h)], expected))
+    low = [(p.layer, p.head) for p in heads if p.cls == "low"]
+    unchanged = sorted(k for k in base if k not in changed)
+    manifest = FamilyManifest(
+        root=root, family=family, model_type=layout.model_type, seed=seed, dtype=dtype, fmt=fmt,
+        base=base_path, domains=domain_paths, architecture={**layout.describe(), "hidden_size": layout.hidden_size},
+        heads=heads, low_importance=low, greedy_fraction=(len(low) + 0.5) / (L * H), low_rank=low_rank,
+        unchanged=unchanged, notes=notes)
+    manifest.save()
+    return manifest
+
+
+def _is_layer_bias(key: str) -> bool:
+    """A bias of a layer matrix (o-projection, MLP; q/k/v ones are planted with their heads first)."""
+    return not key.startswith(("embeddings.", "pooler."))
