@@ -56,6 +56,14 @@ class TensorInfo:
     nbytes: int
 
 
+def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A tensor the caller owns: readers may hand out views of memory maps or cached state dicts
+    (safetensors' get_tensor does), so same-dtype reads are copied; `.to` copies otherwise."""
+    if dtype is None or t.dtype == dtype:
+        return t.clone()
+    return t.to(dtype)
+
+
 class Checkpoint:
     """An opened checkpoint: tensor metadata from headers; bytes read only when asked for."""
 
@@ -115,8 +123,7 @@ class Checkpoint:
         """The whole tensor on CPU, upcast to `dtype` through torch; `dtype=None` returns the stored
         values bit-exact (used by writers). The caller owns the result."""
         info = self.info(name)
-        t = self._readers[info.file].tensor(info.raw_name)
-        return t if dtype is None else t.to(dtype)
+        return _owned(self._readers[info.file].tensor(info.raw_name), dtype)
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Rows [start, stop) along dim 0; safetensors reads only those rows."""
@@ -125,8 +132,7 @@ class Checkpoint:
             raise ValueError(f"{name!r} is a scalar; it has no rows")
         if not 0 <= start <= stop <= info.shape[0]:
             raise IndexError(f"rows [{start}, {stop}) out of range for {name!r} with {info.shape[0]} rows")
-        t = self._readers[info.file].rows(info.raw_name, start, stop)
-        return t if dtype is None else t.to(dtype)
+        return _owned(self._readers[info.file].rows(info.raw_name, start, stop), dtype)
 
     def close(self) -> None:
         """Release memory maps and loaded pickles; metadata stays usable, tensors reopen on demand."""

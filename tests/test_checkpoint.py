@@ -108,6 +108,22 @@ def test_bf16_upcast_equals_fp32_source_rounded_to_bf16(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy"])
+def test_results_are_owned_by_the_caller(tmp_path, fmt):
+    """Zeroing a returned tensor (as stored, or same dtype) must not change what the next read returns."""
+    src = {"w": torch.arange(12.0).reshape(4, 3), "h": torch.arange(6.0).to(torch.bfloat16)}
+    if fmt == "safetensors":
+        path = write_safetensors(tmp_path / "o.safetensors", src)
+    else:
+        path = tmp_path / "o.bin"
+        torch.save(src, path, _use_new_zipfile_serialization=(fmt == "zip"))
+    ckpt = open_checkpoint(path)
+    for read in (lambda: ckpt.tensor("w"), lambda: ckpt.tensor("w", dtype=None), lambda: ckpt.rows("w", 1, 3),
+                 lambda: ckpt.tensor("h", dtype=None), lambda: ckpt.rows("h", 0, 6, dtype=torch.bfloat16)):
+        read().zero_()
+    assert torch.equal(ckpt.tensor("w"), src["w"]) and torch.equal(ckpt.tensor("h", dtype=None), src["h"])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy"])
 def test_rows_equal_slicing_the_full_tensor(tmp_path, fmt):
     src = {"w": torch.randn(40, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16),
            "b": torch.arange(40, dtype=torch.float32)}

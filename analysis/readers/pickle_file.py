@@ -85,12 +85,12 @@ class PickleFile:
         return self._tensors
 
     def tensor(self, raw_name: str) -> torch.Tensor:
-        """A copy of the whole tensor as stored (callers may modify it freely)."""
-        return self._loaded()[raw_name].clone()
+        """The whole tensor as stored (a view of the loaded state dict; Checkpoint copies it)."""
+        return self._loaded()[raw_name]
 
     def rows(self, raw_name: str, start: int, stop: int) -> torch.Tensor:
-        """A copy of rows [start, stop) along dim 0 (mmap pages only those rows in)."""
-        return self._loaded()[raw_name][start:stop].clone()
+        """Rows [start, stop) along dim 0, a view (mmap pages only those rows in; Checkpoint copies it)."""
+        return self._loaded()[raw_name][start:stop]
 
     def close(self) -> None:
         self._tensors = None

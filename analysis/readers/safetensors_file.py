@@ -111,7 +111,7 @@ class SafetensorsFile:
         return self._handle
 
     def tensor(self, raw_name: str) -> torch.Tensor:
-        """The whole tensor, as stored (bit-exact)."""
+        """The whole tensor, as stored (bit-exact; may be a view of the memory map: Checkpoint copies it)."""
         return self._open().get_tensor(raw_name)
 
     def rows(self, raw_name: str, start: int, stop: int) -> torch.Tensor:
