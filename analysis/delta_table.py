@@ -163,13 +163,13 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
         raise DiffractError("delta needs a base checkpoint and at least one CPT checkpoint",
                             hint="run: diffract-tui delta BASE CPT [CPT …] --out FILE")
     dtype = options.torch_dtype()
-    device = _device(options)
-    settings = _settings(options) if options.spectral else None
-    skey = _settings_key(options, settings)
-    report = align([base, *targets])
+    report = align([base, *targets])      # shape mismatch → one-line AlignmentError before any work
     shared = set(report.shared)
     labels = list(report.labels[1:])      # unique display labels of the targets (#i suffix on clashes)
     layout = layout_of(base)
+    device = _device(options)
+    settings = _settings(options) if options.spectral else None
+    skey = _settings_key(options, settings)
     modules = matrix_modules(layout, shared)
     n = len(targets)
     heads_on, heads_reason = _heads_ok(layout, shared) if options.heads else (False, "heads not requested")
