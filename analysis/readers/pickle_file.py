@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class PickleFile:
     def __init__(self, path: Path):
         self.path = path
         self.is_zip = zipfile.is_zipfile(path)
+        self._lock = threading.Lock()  # app workers may read concurrently; load a legacy file once
         if self.is_zip:
             self._tensors: dict[str, torch.Tensor] | None = _state_dict(path, _load(path, mmap=True, map_location="cpu"))
             meta = self._tensors
@@ -79,6 +81,10 @@ class PickleFile:
             return f.read(FINGERPRINT_BYTES)
 
     def _loaded(self) -> dict[str, torch.Tensor]:
+        with self._lock:
+            return self._loaded_locked()
+
+    def _loaded_locked(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:  # legacy pickle: one full load on first use (or a reopen after close)
             kwargs = {"mmap": True} if self.is_zip else {}
             self._tensors = _state_dict(self.path, _load(self.path, map_location="cpu", **kwargs))
@@ -93,4 +99,5 @@ class PickleFile:
         return self._loaded()[raw_name][start:stop]
 
     def close(self) -> None:
-        self._tensors = None
+        with self._lock:
+            self._tensors = None

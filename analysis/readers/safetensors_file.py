@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +95,17 @@ class SafetensorsFile:
         self.path = path
         self._header, self.entries = read_header(path)
         self._handle: Any = None
+        self._lock = threading.Lock()  # app workers may read concurrently; open the map once
 
     def fingerprint_bytes(self) -> bytes:
         """The header bytes (length prefix + JSON): they change whenever names, shapes or offsets do."""
         return self._header
 
     def _open(self) -> Any:
+        with self._lock:
+            return self._open_locked()
+
+    def _open_locked(self) -> Any:
         if self._handle is None:
             from safetensors import safe_open
 
@@ -119,4 +125,5 @@ class SafetensorsFile:
         return self._open().get_slice(raw_name)[start:stop]
 
     def close(self) -> None:
-        self._handle = None
+        with self._lock:
+            self._handle = None
