@@ -183,11 +183,13 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
                           top_k: int | None = None,
                           spectral: bool = True,
                           agreement: bool = True,
+                          truncation: bool = False,
                           base_svd: SVD | None = None) -> list[dict[str, Any]]:
     """SPEC §4 metrics for each pair of a stack (B, m, n) (or one (m, n) pair → one-element list).
 
     Keys: delta_frob, delta_rel, delta_cos, delta_rho, delta_rank_{90,95,99}, avg_max_{l,r}_agreement,
-    a1_k, a1_noise_floor_{l,r} and, with `spectral`, every SPEC §3 metric of ΔW itself.
+    a1_k, a1_noise_floor_{l,r}, with `truncation` the SPEC §5 `truncatable_fraction` (error ≤ 0.1) and, with
+    `spectral`, every SPEC §3 metric of ΔW itself.
     `base_svd` lets a caller reuse W₀'s decomposition across several targets.
     """
     single = W0.dim() == 2
@@ -222,6 +224,11 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
             r[name] = v
     for r in rows:
         r.update(extra)
+    if truncation:
+        from analysis.truncation import DEFAULT_TOLERANCE, truncatable_fraction
+
+        for r, sd in zip(rows, sigma_d):
+            r["truncatable_fraction"] = truncatable_fraction(sd, DEFAULT_TOLERANCE)
     if spectral:
         from analysis.backend import SpectralSettings
         from analysis.spectra import spectral_metrics

@@ -3,7 +3,7 @@ against their base, with the SPEC §4 metrics, cross-domain agreement and a conc
 
 Row keys: checkpoint, tensor, layer, module, head, kv_head, rows, cols, then delta_frob, delta_rel,
 delta_cos, delta_rho, delta_rank_{90,95,99}, avg_max_{l,r}_agreement (+ a1_k, a1_noise_floor_{l,r}),
-the SPEC §3 metrics of ΔW itself, and with ≥ 2 CPT checkpoints a2_agreement / a3_agreement (mean over the
+truncatable_fraction (SPEC §5, relative error ≤ 0.1), the SPEC §3 metrics of ΔW itself, and with ≥ 2 CPT checkpoints a2_agreement / a3_agreement (mean over the
 other domains; per matrix or per head slice) plus, on head rows, head_score, head_a2_agreement,
 head_a3_agreement and head_class (the whole head, all projections).
 """
@@ -184,7 +184,8 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
             progress(done, total, what)
 
     per_target: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-    metric_kwargs = dict(settings=settings, dtype=dtype, top_k=options.top_k, spectral=options.spectral)
+    metric_kwargs = dict(settings=settings, dtype=dtype, top_k=options.top_k, spectral=options.spectral,
+                         truncation=True)
 
     # ---- whole matrices -------------------------------------------------------------------------
     for layer, module in modules:

@@ -280,3 +280,15 @@ def test_head_scores_follow_the_spec_slices_and_split_kv_energy():
     assert hx.projections == ("q", "o")
     c = D.head_concentration(hs)
     assert 0.0 < c.top10_share <= 1.0 and c.gini == pytest.approx(D.gini(hs.scores))
+
+
+def test_truncatable_fraction_column_on_a_planted_rank():
+    # ΔW of rank 2 in 10×12 with σ = (2, 1): dropping the 8 zero σ loses nothing; dropping a 9th (σ = 1) gives
+    # error √(1/5) = .447 > 0.1 → the truncatable fraction is 8/10.
+    U = torch.linalg.qr(torch.randn(10, 2, generator=_gen(40), dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(12, 2, generator=_gen(41), dtype=torch.float64))[0]
+    W0 = torch.randn(10, 12, generator=_gen(42), dtype=torch.float64)
+    dW = U @ torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64)) @ V.T
+    m = D.delta_metrics(W0, W0 + dW, dtype=torch.float64, spectral=False, truncation=True)
+    assert m["truncatable_fraction"] == pytest.approx(0.8)
+    assert "truncatable_fraction" not in D.delta_metrics(W0, W0 + dW, spectral=False)
