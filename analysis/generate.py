@@ -376,14 +376,13 @@ def write_family(root: str | Path, *, family: str = "llama", domains: Sequence[s
             changed.add(g.tensor)
             if di == 0:
                 low_rank.append(LowRankPlant(g.tensor, raw_of[g.tensor], None, g.name, rank, rel, direction))
-        # norms and the remaining biases
+        # norms and the remaining biases (the q/k/v biases were planted with their heads)
+        head_biases = {s.tensor for l in range(L) for p in ("q", "k", "v") for s in head_slots(layout, l, p, 0, bias=True)}
         for k, v in W.items():
-            if k in changed and not (v.dim() == 1 and _is_norm_key(raw_of[k])):
-                continue
             if v.dim() == 1 and _is_norm_key(raw_of[k]):
                 v.add_(torch.randn(v.shape, generator=dgen, dtype=torch.float64) * NORM_DELTA_STD)
                 changed.add(k)
-            elif v.dim() == 1 and k.endswith(".bias") and _is_layer_bias(k):
+            elif v.dim() == 1 and k.endswith(".bias") and k not in head_biases and _is_layer_bias(k):
                 v.add_(torch.randn(v.shape, generator=dgen, dtype=torch.float64) * 0.005)
                 changed.add(k)
         folder = root / domain
