@@ -242,6 +242,12 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
     if heads_on:
         H, G = layout.num_heads, layout.num_kv_heads
         per = H // G
+        partner: dict[tuple[int, str, str | None], torch.Tensor] = {}
+
+        def partner_mean(i: int, metric: str, proj: str | None) -> torch.Tensor:
+            if (i, metric, proj) not in partner:
+                partner[(i, metric, proj)] = agreement.partner_mean(i, metric, proj)
+            return partner[(i, metric, proj)]
         for layer in range(layout.num_layers):
             for p in PROJECTIONS:
                 tensor = layout.projection(layer, p).tensor
@@ -273,11 +279,11 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                         if p not in ("k", "v") or per == 1:
                             row["head_score"] = float(hs.scores[layer, qh])
                         if agreement is not None and not (options.exclude_kv and p in ("k", "v")):
-                            row["a2_agreement"] = float(agreement.partner_mean(i, "a2", p)[layer, qh])
-                            row["a3_agreement"] = float(agreement.partner_mean(i, "a3", p)[layer, qh])
+                            row["a2_agreement"] = float(partner_mean(i, "a2", p)[layer, qh])
+                            row["a3_agreement"] = float(partner_mean(i, "a3", p)[layer, qh])
                             if head is not None:
-                                row["head_a2_agreement"] = float(agreement.partner_mean(i, "a2")[layer, qh])
-                                row["head_a3_agreement"] = float(agreement.partner_mean(i, "a3")[layer, qh])
+                                row["head_a2_agreement"] = float(partner_mean(i, "a2", None)[layer, qh])
+                                row["head_a3_agreement"] = float(partner_mean(i, "a3", None)[layer, qh])
                                 row["head_class"] = agreement.classification.classes[layer][qh]
                         per_target[i].append(row)
                 tick(f"heads, layer {layer} {p}")

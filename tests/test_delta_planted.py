@@ -99,3 +99,22 @@ def test_delta_cli_on_the_family(fam, tmp_path):
     counts = meta["summary"]["agreement"]["classes"]
     flat = [c for row in expected_cls for c in row]
     assert counts == {c: flat.count(c) for c in ("agnostic", "specific", "inert")}
+
+
+def test_three_domains_mean_pairwise_agreement(tmp_path):
+    # With three domains every shared head has A2 = 1 in all three pairs and every large specific head ≈ 0;
+    # the classes stay those planted and the Spearman matrix is 3 × 3, symmetric, 1 on the diagonal.
+    manifest = write_family(tmp_path, seed=4, domains=("math", "code", "law"), num_layers=2)
+    base = open_checkpoint(manifest.base)
+    doms = [open_checkpoint(p) for p in manifest.domains.values()]
+    res = domain_agreement(base, doms, layout_of(base))
+    assert len(res.pairs) == 3 and res.spearman.shape == (3, 3)
+    assert torch.equal(res.spearman, res.spearman.T) and torch.all(torch.diagonal(res.spearman) == 1)
+    assert res.classification.classes == manifest.grid("expected_class")
+    for p in manifest.heads:
+        if p.direction == "shared":
+            assert all(float(pr.a2[p.layer, p.head]) > 0.999 for pr in res.pairs)
+    # the same planted magnitudes in every domain → identical head-score ranks up to float32 noise
+    assert float(res.spearman[0, 1]) > 0.99
+    for c in (base, *doms):
+        c.close()
