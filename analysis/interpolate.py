@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from analysis.errors import AlignmentError, DiffractError
-from analysis.rewind import target_specs, torch_dtype
+from analysis.rewind import MappedReadBudget, target_specs, torch_dtype
 from analysis.rewind_list import tool_version
 from analysis.writer import DEFAULT_MAX_SHARD_BYTES, WriteResult, write_checkpoint_streaming
 
@@ -66,9 +66,10 @@ def combine(tensors: Sequence[torch.Tensor | Callable[[], torch.Tensor]], coeffi
     for t, c in zip(tensors, coefficients):
         if c == 0.0:
             continue
-        x = t() if callable(t) else t
+        owned = callable(t)  # a loader's tensor is ours (Checkpoint.tensor copies); a passed tensor is not
+        x = t() if owned else t
         if acc is None:
-            acc = x.to(compute_dtype, copy=True)  # never alias an input: the sum is updated in place
+            acc = x.to(compute_dtype, copy=not owned)  # the sum is updated in place: never alias an input
             if c != 1.0:
                 acc.mul_(c)
         else:
@@ -172,8 +173,10 @@ def _stream(comb: Combination, *, compute_dtype: torch.dtype, stats: TaskVectorS
     """Each output tensor in the target's order, computed from one tensor per input at a time
     (None instead of the tensor when only diagnostics are wanted)."""
     target = comb.target
+    maps = MappedReadBudget([ck for ck, _ in comb.terms] + [ck for ck in (stats_sides or ()) if ck is not None])
     for name in target.keys():
         info = target.info(name)
+        maps.note(info.nbytes * (len(comb.terms) + (3 if stats is not None else 0)))
         out_dtype = torch_dtype(info.dtype)
         present = all(name in ck for ck, _ in comb.terms)
         if not present or out_dtype not in _FLOATS:

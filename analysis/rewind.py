@@ -327,9 +327,29 @@ def target_specs(target: "Checkpoint") -> list[TensorSpec]:
     return specs
 
 
+class MappedReadBudget:
+    """Closes memory-mapped safetensors checkpoints after every `budget` bytes read, so the process's resident
+    file pages stay bounded by about one budget plus the tensors in hand (tensors keep their own mapping
+    alive; the checkpoints reopen on demand). Pickle-backed checkpoints stay open: reopening reloads them."""
+
+    def __init__(self, checkpoints: Sequence["Checkpoint"], budget: int = 256 << 20):
+        self._ckpts = [c for c in checkpoints
+                       if c is not None and all(str(f).endswith(".safetensors") for f in c.weight_files)]
+        self._budget = budget
+        self._read = 0
+
+    def note(self, nbytes: int) -> None:
+        self._read += nbytes
+        if self._read >= self._budget:
+            for c in self._ckpts:
+                c.close()
+            self._read = 0
+
+
 def rewound_tensors(base: "Checkpoint", target: "Checkpoint", edits: dict[str, list["Slot"]]
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each target tensor as stored, with the edited positions copied from the base (one at a time)."""
+    maps = MappedReadBudget([base, target])
     for name in target.keys():
         info = target.info(name)
         t = target.tensor(name, dtype=None)
@@ -339,13 +359,13 @@ def rewound_tensors(base: "Checkpoint", target: "Checkpoint", edits: dict[str, l
             if tuple(b.shape) != tuple(t.shape):
                 raise AlignmentError(f"tensor {name} has shape {tuple(b.shape)} in the base and {tuple(t.shape)} "
                                      "in the target", path=target.path, hint="rewind needs the same architecture")
-            t = t.clone()
-            b = b.to(t.dtype)
+            b = b.to(t.dtype)  # Checkpoint.tensor hands out an owned copy: safe to edit `t` in place
             for s in slots:
                 t.index_copy_(s.axis, s.index, b.index_select(s.axis, s.index))
             del b
         yield info.raw_name, t
         del t
+        maps.note(info.nbytes * (2 if slots else 1))
 
 
 def apply_rewind(rl: RewindList, out_dir: str | Path, *, force: bool = False, source: str | Path | None = None,

@@ -353,3 +353,35 @@ def test_rxnfp_trio_plan_and_apply(tmp_path, capsys):
     untouched = [k for k in t_ck.keys() if "attention" not in k]
     assert all(torch.equal(out.tensor(k, None), t_ck.tensor(k, None)) for k in untouched)
     assert {p: p.stat().st_mtime_ns for folder in (base, target, ref) for p in folder.iterdir()} == stamp
+
+
+# --------------------------------------------------------------------------------------------------
+# planted structure from analysis.generate.write_family
+# --------------------------------------------------------------------------------------------------
+
+def test_greedy_and_reference_select_planted_low_heads(tmp_path):
+    """write_family plants whole kv groups of `low_importance` heads (‖ΔW_h‖/‖W₀_h‖ ≈ 1e-3, ≥ 6× below the
+    rest) in every domain: greedy at its `greedy_fraction` must pick exactly those, and so must the
+    reference pattern ranked by the other domain. After apply, those heads' scores against the base are
+    exactly 0 and every other head's score is the target's."""
+    from analysis.delta import head_scores
+    from analysis.generate import write_family
+
+    m = write_family(tmp_path / "fam")
+    planted = sorted(tuple(x) for x in m.low_importance)
+    b, math_, code = open_checkpoint(m.base), open_checkpoint(m.domains["math"]), open_checkpoint(m.domains["code"])
+    g = plan_rewind(b, math_, pattern="greedy", fraction=m.greedy_fraction)
+    assert sorted((e.layer, e.head) for e in g.heads) == planted
+    assert all(e.projections == ("q", "k", "v", "o") for e in g.heads)  # whole groups → k/v under 'group'
+    r = plan_rewind(b, math_, reference=code, pattern="reference", fraction=m.greedy_fraction)
+    assert sorted((e.layer, e.head) for e in r.heads) == planted
+    apply_rewind(g, tmp_path / "out")
+    out = open_checkpoint(tmp_path / "out")
+    layout = layout_of(math_)
+    after, before = head_scores(b, out, layout).scores, head_scores(b, math_, layout).scores
+    for layer in range(layout.num_layers):
+        for head in range(layout.num_heads):
+            if (layer, head) in planted:
+                assert after[layer, head] == 0.0
+            else:
+                assert after[layer, head] == before[layer, head]
