@@ -48,11 +48,16 @@ class CacheMiss(Exception):
 
 class ProbeCache:
     """A read-only view of a `Cache` whose misses raise `CacheMiss`: handing it to an engine call that
-    reads the cache before computing (`scan.node_metrics`) turns that call into a cache-only look-up."""
+    reads the cache before computing (`scan.node_metrics`) turns that call into a cache-only look-up.
 
-    def __init__(self, cache: "Cache"):
+    With `metrics_only`, a missing array reads as an empty one, so a node whose metrics are cached but
+    whose eigenvalues are not (a scanned delta) still answers with its metrics.
+    """
+
+    def __init__(self, cache: "Cache", metrics_only: bool = False):
         self._cache = cache
         self.key = cache.key
+        self.metrics_only = metrics_only
 
     def get_json(self, key: str) -> Any:
         value = self._cache.get_json(key)
@@ -63,6 +68,8 @@ class ProbeCache:
     def get_array(self, key: str) -> np.ndarray:
         value = self._cache.get_array(key)
         if value is None:
+            if self.metrics_only:
+                return np.empty(0)
             raise CacheMiss(key)
         return value
 
@@ -310,14 +317,15 @@ class ExplorerSession:
         return module_matrix(ckpt, module, dtype=dtype)
 
     # ---- engine calls (all per-node numbers come from analysis.scan.node_metrics) ------------
-    def _node_metrics(self, ckpt: "Checkpoint", node: Node, *, delta: bool, probe: bool) -> dict[str, Any]:
+    def _node_metrics(self, ckpt: "Checkpoint", node: Node, *, delta: bool, probe: bool,
+                      metrics_only: bool = False) -> dict[str, Any]:
         """`scan.node_metrics` of a node (its row + `eigenvalues`); with `probe`, cache hits only
-        (raises `CacheMiss` instead of computing)."""
+        (raises `CacheMiss` instead of computing); `metrics_only` accepts a hit without eigenvalues."""
         from analysis.scan import node_metrics
 
+        cache = ProbeCache(self.cache, metrics_only) if probe else self.cache
         return node_metrics(ckpt, self.layout, node.layer, node.module, node.head,
-                            delta_against=self.base if delta else None, settings=self.settings,
-                            cache=ProbeCache(self.cache) if probe else self.cache)
+                            delta_against=self.base if delta else None, settings=self.settings, cache=cache)
 
     def _checkpoint_spectrum(self, ckpt: "Checkpoint", node: Node, probe: bool) -> CheckpointSpectrum:
         row = self._node_metrics(ckpt, node, delta=False, probe=probe)
@@ -428,13 +436,13 @@ class ExplorerSession:
             return None
         out: dict[str, Any] = {}
         try:
-            row = self._node_metrics(self.base, node, delta=False, probe=True)
+            row = self._node_metrics(self.base, node, delta=False, probe=True, metrics_only=True)
             out["pl_alpha"] = row.get("pl_alpha")
             out["pl_alpha_reliable"] = row.get("pl_alpha_reliable", True)
         except CacheMiss:
             pass
         try:
-            row = self._node_metrics(self.targets[0], node, delta=True, probe=True)
+            row = self._node_metrics(self.targets[0], node, delta=True, probe=True, metrics_only=True)
             out["delta_rel"] = row.get("delta_rel")
         except CacheMiss:
             pass

@@ -18,6 +18,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
+from textual.keys import key_to_character
 from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import ContentSwitcher, DataTable, Input, Label, Tree
@@ -52,8 +53,14 @@ class MainScreen(Screen):
         view = getattr(self.app, "active_view", None)
         if view is None or any(node is view for node, _ in chain):
             return chain
+        bindings = view._bindings.copy()
+        focused = self.focused
+        if focused is not None:  # keys the focused widget consumes (typing in the filter) stay with it
+            for key in list(bindings.key_to_bindings):
+                if focused.check_consume_key(key, key_to_character(key)):
+                    del bindings.key_to_bindings[key]
         at = next((i for i, (node, _) in enumerate(chain) if node is self), len(chain))
-        return chain[:at] + [(view, view._bindings.copy())] + chain[at:]
+        return chain[:at] + [(view, bindings)] + chain[at:]
 
     def compose(self) -> ComposeResult:
         yield from self.app.compose_main()

@@ -10,6 +10,7 @@ import typer
 
 RXNFP_LABELS = {"bert_pretrained": "pretrained", "bert_ft": "ft", "bert_ft_10k_25s": "ft_10k_25s"}
 SYNTHETIC_FOLDER = "demo-synthetic"
+SYNTHETIC_DOMAINS = ("math", "code")
 
 
 def rxnfp_paths(cache_root: Path | None) -> list[Path]:
@@ -29,12 +30,17 @@ def rxnfp_paths(cache_root: Path | None) -> list[Path]:
 
 
 def synthetic_paths(cache_root: Path) -> list[Path]:
-    """A generated base + two domains (written once into the cache folder, reused afterwards)."""
-    from analysis.generate import write_family
+    """A generated base + two domains with planted structure (`analysis.generate.write_family`), written
+    once into the cache folder and reused afterwards (so cached spectra stay valid)."""
+    from analysis.generate import FamilyManifest, write_family
 
     root = cache_root / SYNTHETIC_FOLDER
-    family = write_family(root)
-    return list(family)
+    try:
+        manifest = FamilyManifest.load(root)
+    except (OSError, ValueError, KeyError):
+        typer.echo(f"diffract-tui: writing the synthetic demo family into {root} …", err=True)
+        manifest = write_family(root, domains=SYNTHETIC_DOMAINS)
+    return [manifest.base, *manifest.domains.values()]
 
 
 def register(app: typer.Typer) -> None:

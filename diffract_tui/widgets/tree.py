@@ -231,7 +231,7 @@ class ModelTree(Tree[NodeRef]):
         else:
             self._ensure_children(node)
             if node.children:
-                self.move_cursor(node.children[0])
+                self._move_to(node.children[0])
 
     def action_collapse_or_parent(self) -> None:
         """h: collapse an expanded node, else step to its parent."""
@@ -265,9 +265,14 @@ class ModelTree(Tree[NodeRef]):
         target = self._by_ref.get(path[-1])
         if target is None:
             return False
-        self.move_cursor(target)
-        self.scroll_to_node(target, animate=False)
+        self._move_to(target)
         return True
+
+    def _move_to(self, node: TreeNode[NodeRef]) -> None:
+        """Cursor onto `node` now, even when its line was just added (lines are rebuilt lazily)."""
+        _ = self._tree_lines  # rebuild the line index so node._line is current
+        self.move_cursor(node)
+        self.scroll_to_node(node, animate=False)
 
     def step_layer(self, delta: int) -> bool:
         """Move to the same module/head in the previous (−1) or next (+1) layer."""
@@ -318,7 +323,7 @@ class ModelTree(Tree[NodeRef]):
         if hits:
             first = self._by_ref.get(hits[0])
             if first is not None:
-                self.move_cursor(first)
+                self._move_to(first)
         return len(hits)
 
     def clear_filter(self) -> None:
