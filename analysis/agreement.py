@@ -137,8 +137,8 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     a = x.to(torch.float64).flatten().numpy()
     b = y.to(torch.float64).flatten().numpy()
     ok = ~(np.isnan(a) | np.isnan(b))
-    if ok.sum() < 2:
-        return math.nan
+    if ok.sum() < 2 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+        return math.nan   # undefined for a constant grid (e.g. a checkpoint equal to its base)
     return float(spearmanr(a[ok], b[ok]).statistic)
 
 
@@ -190,7 +190,8 @@ class DomainAgreement:
         off = [float(self.spearman[i, j]) for i in range(n) for j in range(n) if i < j]
         return {"mean_a2": float(self.mean_a2.nanmean()), "mean_a3": float(self.mean_a3.nanmean()),
                 "a3_k": self.k, "a3_random": self.a3_random,
-                "spearman": float(np.nanmean(off)) if off else math.nan,
+                "spearman": float(np.mean([v for v in off if not math.isnan(v)]))
+                if any(not math.isnan(v) for v in off) else math.nan,
                 "agreement_threshold": self.classification.agreement_threshold,
                 "magnitude_threshold": self.classification.magnitude_threshold,
                 "classes": self.classification.counts()}

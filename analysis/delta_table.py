@@ -322,7 +322,18 @@ def _summary(base_label: str, labels: Sequence[str], scores: dict[str, HeadScore
     missing = {label: list(keys) for label, keys in report.missing.items() if keys}
     if missing:
         out["missing"] = missing
-    return out
+    return json_safe(out)
+
+
+def json_safe(value: Any) -> Any:
+    """A copy with NaN/±inf floats as None, so summaries are strict JSON in every export format."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *, options: DeltaOptions = DeltaOptions(),

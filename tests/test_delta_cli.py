@@ -159,3 +159,26 @@ def test_help_is_fast_and_lists_the_options():
     assert proc.returncode == 0
     for opt in ("--out", "--heads", "--device", "--dtype", "--top-k", "--cache-dir"):
         assert opt in proc.stdout
+
+
+def test_unchanged_checkpoints_give_zero_deltas_and_strict_json(family, tmp_path, capsys):
+    # The base against two copies of itself: every ΔW = 0 → delta_frob = delta_rel = 0, ρ and A2 undefined
+    # (NaN in the table), every head inert, and the summary still valid JSON (undefined numbers are null).
+    import json
+    import shutil
+
+    base, _, _ = family
+    copy1, copy2 = tmp_path / "same1", tmp_path / "same2"
+    shutil.copytree(base, copy1)
+    shutil.copytree(base, copy2)
+    out = tmp_path / "same.json"
+    code, stdout, err = _run(["delta", str(base), str(copy1), str(copy2), "--out", str(out), "--no-spectral",
+                              "--no-cache", "--summary-json"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["agreement"]["classes"] == {"agnostic": 0, "specific": 0, "inert": 8}
+    assert summary["agreement"]["mean_a2"] is None and summary["agreement"]["spearman"] is None
+    assert all(c["top10_share"] == 0.0 and c["gini"] == 0.0 for c in summary["checkpoints"])
+    rows, _ = read_table(out)
+    assert all(r["delta_frob"] == 0.0 and r["delta_rel"] == 0.0 for r in rows)
+    assert all(r["delta_rho"] != r["delta_rho"] for r in rows)   # NaN: ρ is 0/0 for a zero delta

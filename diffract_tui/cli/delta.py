@@ -45,7 +45,7 @@ def print_summary(summary: dict[str, Any], out: Path, rows: int) -> None:
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_row("mean A2 (cos of head deltas)", _fmt(agreement["mean_a2"]))
-        table.add_row(f"mean A3 (top-{agreement['a3_k']} subspace overlap; random ≈ {agreement['a3_random']:.3f})",
+        table.add_row(f"mean A3 (top-{agreement['a3_k']} subspace overlap; random ≈ {_fmt(agreement['a3_random'])})",
                       _fmt(agreement["mean_a3"]))
         table.add_row("Spearman of head scores (mean over pairs)", _fmt(agreement["spearman"]))
         classes = agreement["classes"]
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
         write_table(result.rows, out, metadata=metadata)
         print_summary(result.summary, out, len(result.rows))
         if summary_json:
-            typer.echo(json.dumps(result.summary, indent=1, default=_json_default, allow_nan=True))
+            typer.echo(json.dumps(result.summary, indent=1, default=_json_default))
 
 
 def _default_threads() -> int:
