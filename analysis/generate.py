@@ -271,6 +271,8 @@ def write_family(root: str | Path, *, family: str = "llama", domains: Sequence[s
     Facts hold to float32 precision; bf16/fp16 quantise the low heads' deltas (noted in the manifest).
     """
     check_family(family)
+    if not domains or len(set(domains)) != len(domains) or "base" in domains:
+        raise ValueError(f"domains must be distinct names other than 'base', not {tuple(domains)!r}")
     from analysis.architecture import detect_layout
     from analysis.checkpoint import normalise_key
     from analysis.heads import head_slice, head_slots, module_matrix
@@ -286,6 +288,8 @@ def write_family(root: str | Path, *, family: str = "llama", domains: Sequence[s
     layout = detect_layout(config, {k: tuple(v.shape) for k, v in base.items()})
     L, H, G, dh = layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim
     per = H // G
+    if L * G < 4:
+        raise ValueError(f"a planted family needs layers × kv heads ≥ 4 (got {L} × {G}) to hold every head class")
     gen = torch.Generator().manual_seed(seed + 1)
     reader = _DictReader(base)
 
