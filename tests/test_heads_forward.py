@@ -174,7 +174,10 @@ def test_q_bias_and_k_bias_tell_q_from_k(probe):
     entry is not rotated (no RoPE: bert, gpt2; last dim beyond gpt_neox's rotary 25 %)."""
     L = probe.layout
     if probe.family not in ("bert", "gpt2", "gpt_neox"):
-        pytest.skip("separate q/k tensors or GQA already distinguish q from k")
+        # q and k live in their own tensors, or (phi3) GQA tells them apart in the kv-group test
+        q, k = L.attention[LAYER].q.tensor, L.attention[LAYER].k.tensor
+        assert (q.endswith("q_proj.weight") and k.endswith("k_proj.weight")) or L.num_kv_heads < L.num_heads
+        return
     base_ctx, _ = probe.run()
     h = 1
     for proj, expected in (("q", {h}), ("k", set())):
