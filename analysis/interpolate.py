@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from analysis.errors import AlignmentError, DiffractError
-from analysis.rewind import MappedReadBudget, target_specs, torch_dtype
+from analysis.rewind import MappedReadBudget, RawSource, target_specs, torch_dtype
 from analysis.rewind_list import tool_version
 from analysis.writer import DEFAULT_MAX_SHARD_BYTES, WriteResult, write_checkpoint_streaming
 
@@ -174,18 +174,19 @@ def _stream(comb: Combination, *, compute_dtype: torch.dtype, stats: TaskVectorS
     (None instead of the tensor when only diagnostics are wanted)."""
     target = comb.target
     maps = MappedReadBudget([ck for ck, _ in comb.terms] + [ck for ck in (stats_sides or ()) if ck is not None])
+    raw_source = RawSource(target)
     for name in target.keys():
         info = target.info(name)
-        maps.note(info.nbytes * (len(comb.terms) + (3 if stats is not None else 0)))
         out_dtype = torch_dtype(info.dtype)
         present = all(name in ck for ck, _ in comb.terms)
         if not present or out_dtype not in _FLOATS:
             copied.append(name)
-            yield info.raw_name, target.tensor(name, dtype=None) if write else None
+            yield info.raw_name, (raw_source(name) or target.tensor(name, dtype=None)) if write else None
             continue
         def loader(ck: "Checkpoint", name: str = name, info: Any = info) -> Callable[[], torch.Tensor]:
             def load() -> torch.Tensor:
                 t = ck.tensor(name, dtype=None)
+                maps.note(info.nbytes)  # the copy is ours: drop the file pages behind it when over budget
                 if tuple(t.shape) != tuple(info.shape):
                     raise AlignmentError(f"tensor {name} has shape {tuple(t.shape)} in {ck.path} and "
                                          f"{tuple(info.shape)} in {target.path}",
@@ -197,9 +198,10 @@ def _stream(comb: Combination, *, compute_dtype: torch.dtype, stats: TaskVectorS
                 name in ck for ck in stats_sides if ck is not None):
             base, a, b = stats_sides
             t0 = base.tensor(name, dtype=compute_dtype)
-            tau_a = a.tensor(name, dtype=compute_dtype) - t0
-            tau_b = (b.tensor(name, dtype=compute_dtype) - t0) if b is not None else None
+            tau_a = a.tensor(name, dtype=compute_dtype).sub_(t0)
+            tau_b = b.tensor(name, dtype=compute_dtype).sub_(t0) if b is not None else None
             del t0
+            maps.note(3 * info.nbytes)
             stats.add(name, tau_a, tau_b)
             del tau_a, tau_b
         if not write:

@@ -21,7 +21,8 @@ from analysis.delta import KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energie
 from analysis.errors import AlignmentError, DiffractError, LayoutError, RewindListError
 from analysis.rewind_list import (GQA_POLICIES, Architecture, CheckpointRef, HeadEntry, Pattern, RewindList,
                                   check_fresh, tool_version, validate_rewind_list)
-from analysis.writer import DEFAULT_MAX_SHARD_BYTES, TensorSpec, WriteResult, write_checkpoint_streaming
+from analysis.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, TensorSpec, WriteResult, safetensors_data_offsets,
+                             write_checkpoint_streaming)
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.architecture import ModelLayout
@@ -346,16 +347,44 @@ class MappedReadBudget:
             self._read = 0
 
 
+class RawSource:
+    """Where an unchanged tensor's stored bytes can be copied from directly (safetensors files only)."""
+
+    def __init__(self, ckpt: "Checkpoint"):
+        self._ckpt = ckpt
+        self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
+
+    def __call__(self, name: str) -> RawBytes | None:
+        info = self._ckpt.info(name)
+        f = Path(info.file)
+        if not str(f).endswith(".safetensors"):
+            return None
+        if f not in self._offsets:
+            self._offsets[f] = safetensors_data_offsets(f)
+        span = self._offsets[f].get(info.raw_name)
+        if span is None or span[1] - span[0] != info.nbytes:
+            return None
+        return RawBytes(f, span[0], info.nbytes)
+
+
 def rewound_tensors(base: "Checkpoint", target: "Checkpoint", edits: dict[str, list["Slot"]]
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each target tensor as stored, with the edited positions copied from the base (one at a time)."""
+                    ) -> Iterator[tuple[str, torch.Tensor | RawBytes]]:
+    """Each target tensor as stored, with the edited positions copied from the base (one at a time);
+    unchanged tensors of safetensors files are passed as raw byte ranges (copied file to file)."""
     maps = MappedReadBudget([base, target])
+    raw_source = RawSource(target)
     for name in target.keys():
         info = target.info(name)
-        t = target.tensor(name, dtype=None)
         slots = edits.get(name)
+        raw = None if slots else raw_source(name)
+        if raw is not None:
+            yield info.raw_name, raw
+            continue
+        t = target.tensor(name, dtype=None)
+        maps.note(info.nbytes)
         if slots:
             b = base.tensor(name, dtype=None)
+            maps.note(info.nbytes)
             if tuple(b.shape) != tuple(t.shape):
                 raise AlignmentError(f"tensor {name} has shape {tuple(b.shape)} in the base and {tuple(t.shape)} "
                                      "in the target", path=target.path, hint="rewind needs the same architecture")
@@ -365,7 +394,6 @@ def rewound_tensors(base: "Checkpoint", target: "Checkpoint", edits: dict[str, l
             del b
         yield info.raw_name, t
         del t
-        maps.note(info.nbytes * (2 if slots else 1))
 
 
 def apply_rewind(rl: RewindList, out_dir: str | Path, *, force: bool = False, source: str | Path | None = None,

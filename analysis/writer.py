@@ -10,8 +10,10 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import torch
 
@@ -53,6 +55,19 @@ class TensorSpec:
         for s in self.shape:
             n *= int(s)
         return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class RawBytes:
+    """A tensor's stored bytes inside a file (a safetensors data section), written as they are: an
+    unchanged tensor is copied file-to-file by the kernel, never decoded or held in memory."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+Payload = Union[torch.Tensor, RawBytes]
 
 
 @dataclass(frozen=True)
@@ -153,11 +168,72 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+def safetensors_data_offsets(path: str | Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte ranges [start, end) of every tensor's data in a safetensors file (header only)."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    base = 8 + n
+    return {name: (base + meta["data_offsets"][0], base + meta["data_offsets"][1])
+            for name, meta in header.items() if name != "__metadata__"}
+
+
+def copy_raw(raw: RawBytes, fh: BinaryIO) -> None:
+    """Append `raw`'s bytes to the open (buffered) file `fh`: copy_file_range in the kernel where it
+    works, else sendfile, else a chunked read/write."""
+    fh.flush()
+    remaining, offset = raw.nbytes, raw.offset
+    with open(raw.path, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        if offset + remaining > size:
+            raise DiffractError(f"tensor bytes [{offset}, {offset + remaining}) lie past the end of the file "
+                                f"({size} bytes)", path=raw.path, hint="the file changed or is truncated")
+        out_fd, in_fd = fh.fileno(), src.fileno()
+        for copier in ("copy_file_range", "sendfile"):
+            if not hasattr(os, copier):
+                continue
+            try:
+                while remaining > 0:
+                    if copier == "copy_file_range":
+                        n = os.copy_file_range(in_fd, out_fd, min(remaining, 1 << 30), offset)
+                    else:
+                        n = os.sendfile(out_fd, in_fd, offset, min(remaining, 1 << 30))
+                    if n == 0:
+                        raise DiffractError("unexpected end of file while copying tensor bytes", path=raw.path)
+                    offset += n
+                    remaining -= n
+                break
+            except OSError:
+                continue  # not supported for this pair of files: try the next way
+        if remaining > 0:
+            src.seek(offset)
+            while remaining > 0:
+                chunk = src.read(min(remaining, 16 << 20))
+                if not chunk:
+                    raise DiffractError("unexpected end of file while copying tensor bytes", path=raw.path)
+                fh.write(chunk)
+                remaining -= len(chunk)
+            fh.flush()
+    fh.seek(0, os.SEEK_END)  # the buffered writer's idea of the position must follow the kernel's
+
+
+def _write_payload(fh: BinaryIO, payload: Payload) -> None:
+    if isinstance(payload, RawBytes):
+        copy_raw(payload, fh)
+    else:
+        fh.write(tensor_bytes(payload))
+
+
 def _shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _check_matches(spec: TensorSpec, name: str, t: torch.Tensor) -> None:
+def _check_matches(spec: TensorSpec, name: str, t: Payload) -> None:
+    if isinstance(t, RawBytes):
+        if name != spec.raw_name or t.nbytes != spec.nbytes:
+            raise DiffractError(f"tensor stream does not match its plan: got {name!r} as {t.nbytes} raw bytes, "
+                                f"expected {spec.raw_name!r} with {spec.nbytes}", hint="this is a bug; please report it")
+        return
     if name != spec.raw_name or tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
         raise DiffractError(
             f"tensor stream does not match its plan: got {name!r} {tuple(t.shape)} {t.dtype}, "
@@ -176,7 +252,7 @@ def _umask() -> int:
     return 0o022
 
 
-def _write_shards(tmp: Path, specs: Sequence[TensorSpec], stream: Iterator[tuple[str, torch.Tensor]],
+def _write_shards(tmp: Path, specs: Sequence[TensorSpec], stream: Iterator[tuple[str, Payload]],
                   max_shard_bytes: int, progress: Callable[[int, int], None] | None,
                   shard_metadata: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
     """Write every shard: header first (from the specs), then each tensor's bytes straight to the file."""
@@ -197,7 +273,7 @@ def _write_shards(tmp: Path, specs: Sequence[TensorSpec], stream: Iterator[tuple
                     raise DiffractError(f"tensor stream ended before {spec.raw_name!r}",
                                         hint="this is a bug; please report it") from None
                 _check_matches(spec, name, t)
-                fh.write(tensor_bytes(t))
+                _write_payload(fh, t)
                 del t
                 weight_map[spec.raw_name] = fname
                 done += spec.nbytes
@@ -225,6 +301,8 @@ def _write_unplanned(tmp: Path, stream: Iterator[tuple[str, torch.Tensor]], max_
             if name in seen:
                 raise DiffractError(f"tensor {name!r} is written twice", hint="this is a bug; please report it")
             seen.add(name)
+            if isinstance(t, RawBytes):
+                raise DiffractError("raw tensor bytes need a tensor plan (specs)", hint="this is a bug; please report it")
             spec = TensorSpec(name, tuple(int(s) for s in t.shape), t.dtype)
             dtype_tag(spec.dtype)
             if data_fh is not None and specs and size + spec.nbytes > max_shard_bytes:
@@ -296,7 +374,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def write_checkpoint_streaming(
     out_dir: str | Path,
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, Payload]],
     *,
     aux_files: Iterable[str | Path] = (),
     inputs: Sequence[str | Path] = (),
@@ -308,7 +386,7 @@ def write_checkpoint_streaming(
     progress: Callable[[int, int], None] | None = None,
     fsync: bool = False,
 ) -> WriteResult:
-    """Write ``(raw_name, tensor)`` pairs as safetensors shards + ``model.safetensors.index.json`` into a
+    """Write ``(raw_name, tensor or RawBytes)`` pairs as safetensors shards + ``model.safetensors.index.json`` into a
     temp folder next to ``out_dir``, copy ``aux_files`` (config, tokenizer), then rename it into place.
 
     With ``specs`` (name, shape, dtype of every tensor, in stream order) each shard's header is written

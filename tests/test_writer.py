@@ -177,3 +177,45 @@ def test_empty_stream_writes_valid_empty_checkpoint(tmp_path):
     res = write_checkpoint_streaming(tmp_path / "o", [], specs=[])
     assert res.num_tensors == 0
     assert load_file(str(tmp_path / "o" / res.shards[0])) == {}
+
+
+@pytest.mark.parametrize("disable", [(), ("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_raw_bytes_passthrough_is_bit_exact(tmp_path, monkeypatch, disable):
+    """Unchanged tensors are copied file to file from a safetensors data section; every fallback
+    (sendfile, then read/write) gives the same bytes."""
+    from safetensors.torch import save_file
+
+    src_t = {"x": torch.randn(33, 7), "y": torch.arange(10, dtype=torch.int32), "z": torch.randn(5).to(torch.bfloat16)}
+    src = tmp_path / "src.safetensors"
+    save_file(src_t, str(src))
+    offsets = writer.safetensors_data_offsets(src)
+
+    def broken(*a, **k):
+        raise OSError(95, "Operation not supported (simulated)")
+
+    for name in disable:
+        monkeypatch.setattr(writer.os, name, broken)
+    # mix raw and decoded tensors in one shard, in an order unlike the source's
+    stream = [("z", writer.RawBytes(src, offsets["z"][0], offsets["z"][1] - offsets["z"][0])),
+              ("w", torch.ones(3, dtype=torch.float16)),
+              ("x", writer.RawBytes(src, offsets["x"][0], offsets["x"][1] - offsets["x"][0])),
+              ("y", src_t["y"])]
+    specs = [TensorSpec("z", (5,), torch.bfloat16), TensorSpec("w", (3,), torch.float16),
+             TensorSpec("x", (33, 7), torch.float32), TensorSpec("y", (10,), torch.int32)]
+    write_checkpoint_streaming(tmp_path / "o", stream, specs=specs)
+    back = _read_all(tmp_path / "o")
+    for name in ("x", "y", "z"):
+        assert _bits_equal(back[name], src_t[name]), name
+    assert torch.equal(back["w"], torch.ones(3, dtype=torch.float16))
+
+
+def test_raw_bytes_size_must_match_plan(tmp_path):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "s.safetensors"
+    save_file({"x": torch.ones(4)}, str(src))
+    start, _ = writer.safetensors_data_offsets(src)["x"]
+    with pytest.raises(DiffractError, match="as 8 raw bytes"):
+        write_checkpoint_streaming(tmp_path / "o", [("x", writer.RawBytes(src, start, 8))],
+                                   specs=[TensorSpec("x", (4,), torch.float32)])
+    assert not (tmp_path / "o").exists()
