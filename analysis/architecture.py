@@ -112,12 +112,16 @@ class ModelLayout:
 
     def kv_group(self, head: int) -> int:
         """g(h) = h // (H / H_kv): the key/value head a query head reads (HF repeat_kv grouping)."""
+        if not self.heads_available:
+            raise LayoutError(f"heads are not available for this model: {self.heads_reason}")
         if not 0 <= head < self.num_heads:
             raise IndexError(f"query head {head} out of range 0..{self.num_heads - 1}")
         return head // (self.num_heads // self.num_kv_heads)
 
     def query_heads_of(self, kv_head: int) -> range:
         """The query heads sharing key/value head `kv_head`."""
+        if not self.heads_available:
+            raise LayoutError(f"heads are not available for this model: {self.heads_reason}")
         per = self.num_heads // self.num_kv_heads
         return range(kv_head * per, (kv_head + 1) * per)
 
@@ -340,18 +344,21 @@ def _family_layout(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     if hidden is None:  # infer D from the anchor's input side
         hidden = anchor_shape[0] if style == STYLE_GPT2 else anchor_shape[1]
         d_field = "hidden size inferred from " + anchor_name
-    if heads is None:
-        return _unknown_layout(config, shapes, model_type,
-                               "config.json has no num_attention_heads (or n_head); matrices are listed, "
-                               "heads are not offered", style=style)
+    no_heads_reason = None
+    if heads is None:  # e.g. a bare .safetensors file without config.json: the tree, but no heads
+        no_heads_reason = ("config.json has no num_attention_heads (or n_head), so heads cannot be located; "
+                           "matrices are listed, heads are not offered — put the model's config.json next to the weights")
+        heads = 0
+        kv_heads = kv_heads or 0
+        head_dim = head_dim or 0
     if kv_heads is None:
         kv_heads, kv_field = heads, kv_field or "num_key_value_heads (absent: = heads)"
-    if head_dim is None:
+    if head_dim is None and heads:
         if hidden % heads:
             raise LayoutError(f"config {d_field}={hidden} is not divisible by {h_field}={heads} and there is no "
                               "head_dim", hint="add head_dim to config.json or fix the sizes")
         head_dim, hd_field = hidden // heads, f"head_dim = {d_field}/{h_field}"
-    if heads % kv_heads:
+    if heads and heads % kv_heads:
         raise LayoutError(f"config {h_field}={heads} is not a multiple of num_key_value_heads={kv_heads}",
                           hint="fix num_key_value_heads in config.json")
     if n_layers is not None and len(anchored) != n_layers:
@@ -390,8 +397,8 @@ def _family_layout(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
             used.update({stem + ".weight", stem + ".bias"})
             mods.append(Module(name, kind, full(stem + ".weight"), bias_of(stem), s, transpose=transposed))
 
-        att = _attention_for_style(style, t, full, bias_of, mods, H, G, dh, D, hfields, kvfields)
-        attention.append(att)
+        if no_heads_reason is None:
+            attention.append(_attention_for_style(style, t, full, bias_of, mods, H, G, dh, D, hfields, kvfields))
         mods = _order_modules(mods, style, t)
         for suffix, s in t.items():
             if suffix in used or not suffix.endswith(".weight"):
@@ -405,8 +412,9 @@ def _family_layout(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
 
     globals_ = _global_modules(rest, prefix)
     return ModelLayout(model_type=model_type, num_layers=n_layers, num_heads=H, num_kv_heads=G, head_dim=dh,
-                       hidden_size=D, layers=tuple(layers), globals=tuple(globals_), heads_available=True,
-                       heads_reason=None, style=style, model_type_inferred=inferred, attention=tuple(attention))
+                       hidden_size=D, layers=tuple(layers), globals=tuple(globals_),
+                       heads_available=no_heads_reason is None, heads_reason=no_heads_reason, style=style,
+                       model_type_inferred=inferred, attention=tuple(attention))
 
 
 def _attention_for_style(style, t, full, bias_of, mods, H, G, dh, D, hfields, kvfields) -> AttentionLayout:

@@ -262,3 +262,18 @@ def test_gemma3_multimodal_uses_the_language_model():
     assert (L.num_layers, L.num_heads, L.num_kv_heads, L.head_dim) == (2, 4, 2, 32)
     assert L.attention[0].q.tensor == "language_model.layers.0.self_attn.q_proj.weight"
     assert any(g.tensor.startswith("vision_tower.") for g in L.globals)
+
+
+def test_bare_safetensors_file_without_config_keeps_the_tree_but_offers_no_heads(tmp_path):
+    """A lone model.safetensors: family inferred from names (llama), modules named, heads refused with a reason."""
+    folder = write_checkpoint(tmp_path / "m", "llama")
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((folder / "model.safetensors").read_bytes())
+    with open_checkpoint(lone) as ck:
+        L = layout_of(ck)
+    assert L.model_type == "llama" and L.model_type_inferred and not L.heads_available
+    assert "no num_attention_heads" in L.heads_reason and "config.json" in L.heads_reason
+    assert [m.name for m in L.layers[0].modules][:7] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert L.num_layers == 2 and L.hidden_size == 64
+    with pytest.raises(LayoutError, match="heads are not available"):
+        L.kv_group(0)
