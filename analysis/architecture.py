@@ -399,7 +399,7 @@ def _family_layout(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
 
         if no_heads_reason is None:
             attention.append(_attention_for_style(style, t, full, bias_of, mods, H, G, dh, D, hfields, kvfields))
-        mods = _order_modules(mods, style, t)
+        mods = _order_modules(mods)
         for suffix, s in t.items():
             if suffix in used or not suffix.endswith(".weight"):
                 continue
@@ -501,14 +501,14 @@ def _attention_for_style(style, t, full, bias_of, mods, H, G, dh, D, hfields, kv
 _ORDER = ["qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down", "fc_in", "fc_out"]
 
 
-def _order_modules(mods: list[Module], style: str, t: Mapping[str, tuple[int, ...]]) -> list[Module]:
+def _order_modules(mods: list[Module]) -> list[Module]:
+    """Fused node first, then q, k, v, o, then the MLP in data-flow order."""
     return sorted(mods, key=lambda m: _ORDER.index(m.name) if m.name in _ORDER else len(_ORDER))
 
 
 def _global_modules(rest: Mapping[str, tuple[int, ...]], prefix: str) -> list[Module]:
     """Embeddings, output head, final norm, pooler; every other matrix as an 'other' global."""
     out: list[Module] = []
-    used: set[str] = set()
     weights = [k for k in rest if k.endswith(".weight")]
     for k in weights:
         stem = k[: -len(".weight")]
@@ -523,7 +523,6 @@ def _global_modules(rest: Mapping[str, tuple[int, ...]], prefix: str) -> list[Mo
         else:
             continue
         out.append(Module(name, kind, k, bias, rest[k]))
-        used.add(k)
     rank = {"embedding": 0, "norm": 1, "other": 2}
     return sorted(out, key=lambda m: (rank.get(m.kind, 3), m.name != "embed", m.name == "lm_head"))
 

@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 
 from analysis.families import FAMILIES, check_family, family_config, weight_shapes
 
+__all__ = ["FAMILIES", "FamilyManifest", "HeadPlant", "LowRankPlant", "random_state_dict", "write_checkpoint",
+           "write_family"]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = ("safetensors", "sharded", "bin", "bin_sharded")
 INIT_STD = 0.02
