@@ -89,13 +89,11 @@ def register(app: typer.Typer) -> None:
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the cache."),
         summary_json: bool = typer.Option(False, "--summary-json", help="Print the summary as JSON on stdout."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                              help="Compute threads (default: half the logical CPUs — one per "
-                                                   "physical core on SMT machines; LAPACK slows down when "
-                                                   "threads share a core)."),
+                                              help="Compute threads (default: $DIFFRACT_TUI_THREADS, else "
+                                                   "physical cores)."),
     ) -> None:
         """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
         agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes."""
-        import torch
 
         from analysis.delta_table import DeltaOptions, open_and_build
         from analysis.errors import DiffractError
@@ -104,7 +102,9 @@ def register(app: typer.Typer) -> None:
         table_format(out)  # bad suffix → one-line error before any work
         if agreement_metric not in ("a2", "a3"):
             raise DiffractError(f"unknown agreement metric {agreement_metric!r}", hint="use --agreement a2 or a3")
-        torch.set_num_threads(threads or _default_threads())
+        from analysis.backend import apply_thread_policy
+
+        apply_thread_policy(threads)
         options = DeltaOptions(heads=heads, dtype=dtype, device=device, top_k=top_k, a3_k=a3_k, spectral=spectral,
                                exclude_kv=exclude_kv, agreement_metric=agreement_metric,
                                agreement_threshold=agreement_threshold, magnitude_threshold=magnitude_threshold)
@@ -133,14 +133,6 @@ def register(app: typer.Typer) -> None:
         print_summary(result.summary, out, len(result.rows))
         if summary_json:
             typer.echo(json.dumps(result.summary, indent=1, default=_json_default))
-
-
-def _default_threads() -> int:
-    """One compute thread per physical core, assuming two logical CPUs per core (PERF-NOTES: threads that
-    share a core make LAPACK 3–10× slower)."""
-    import os
-
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def _json_default(value: Any) -> Any:
