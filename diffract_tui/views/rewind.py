@@ -1,0 +1,454 @@
+"""View 4 — Rewind: choose heads to set back to the base (SPEC §6) and see at once what that removes.
+
+Settings: pattern (`p`: manual = the marked heads, greedy = the ⌊f·L·H⌋ lowest head scores of the target,
+reference = ranked by a reference domain), fraction f (`+`/`-` by 0.05, `>`/`<` by 0.01), target (`d`),
+reference (`r`) and its variant (`v`), GQA policy for k/v (`c`). Every change re-plans in a worker
+(`analysis.rewind.plan_from_inputs` + `preview` on the cached head energies): heads per layer as a bar chart,
+the share of the attention ‖Δ‖² removed, and the list with scores. `e` writes the list (atomically, through
+`analysis.rewind_list`), `A` applies it into a new folder (`analysis.rewind.apply_rewind`, with progress).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.widgets import DataTable, Input, Label
+from textual.worker import get_current_worker
+from textual_plotext import PlotextPlot
+
+from diffract_tui.messages import MarksChanged
+from diffract_tui.node import NodeRef
+from diffract_tui.views import Cancelled, NodeView
+from diffract_tui.views.heads_grid import CancelledFn, EngineWork, ProgressFn, head_energy_inputs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.rewind import RewindInputs, RewindPreview
+    from analysis.rewind_list import RewindList
+    from analysis.session import ExplorerSession
+
+PATTERNS: tuple[str, ...] = ("greedy", "manual", "reference")
+GQA_POLICIES: tuple[str, ...] = ("group", "never", "any")
+VARIANTS: tuple[str, ...] = ("lowest", "most_agreeing")
+DEFAULT_FRACTION = 0.15      # SPEC §6's example fraction
+BIG_STEP, SMALL_STEP = 0.05, 0.01
+APPLY_GROUP = "rewind-apply"
+MARKS_POLL_S = 0.3
+
+
+def safe_name(text: str) -> str:
+    """A label made safe for a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-.") or "target"
+
+
+class PromptInput(Input):
+    """The one-line question at the bottom of the view (file to export to, folder to apply into)."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Cancel", show=False)]
+
+    class Dismissed(Message):
+        """Esc in the prompt."""
+
+    def action_dismiss(self) -> None:
+        self.post_message(self.Dismissed())
+
+
+class RewindView(EngineWork, NodeView):
+    """Rewind settings, live preview, the list, export and apply."""
+
+    VIEW_ID = "rewind"
+    BINDINGS = [
+        Binding("p", "cycle_pattern", "Pattern: greedy / manual (marked heads) / reference"),
+        Binding("plus,equals_sign", "fraction(0.05)", "Fraction +0.05", key_display="+"),
+        Binding("minus", "fraction(-0.05)", "Fraction −0.05", key_display="-"),
+        Binding("greater_than_sign", "fraction(0.01)", "Fraction +0.01", key_display=">"),
+        Binding("less_than_sign", "fraction(-0.01)", "Fraction −0.01", key_display="<"),
+        Binding("d", "cycle_target", "Target checkpoint (the one rewound)"),
+        Binding("r", "cycle_reference", "Reference checkpoint (pattern reference)"),
+        Binding("v", "cycle_variant", "Reference variant: lowest / most agreeing"),
+        Binding("c", "cycle_gqa", "GQA policy for k/v: group / never / any"),
+        Binding("e", "export", "Export this rewind list (JSON)"),
+        Binding("A", "apply", "Apply: write the rewound checkpoint"),
+    ]
+    DEFAULT_CSS = """
+    RewindView { layout: vertical; }
+    RewindView > .rewind-line { height: auto; max-height: 2; width: 1fr; }
+    RewindView > #rewind-keys { color: $text-muted; }
+    RewindView > #rewind-body { height: 1fr; }
+    RewindView #rewind-chart { width: 1fr; height: 1fr; min-height: 6; }
+    RewindView #rewind-list { width: 30; height: 1fr; }
+    RewindView > #rewind-prompt-label { height: 1; display: none; }
+    RewindView > PromptInput { height: 1; border: none; padding: 0 1; display: none; }
+    RewindView.-prompt > #rewind-prompt-label { display: block; }
+    RewindView.-prompt > PromptInput { display: block; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.pattern = PATTERNS[0]
+        self.fraction = DEFAULT_FRACTION
+        self.target_index = 0
+        self.reference_index: int | None = None
+        self.variant = VARIANTS[0]
+        self.gqa_policy = GQA_POLICIES[0]
+        self.plan: "RewindList | None" = None
+        self.preview: "RewindPreview | None" = None
+        self.prompt_action: str | None = None
+        self._ref_inputs: dict[tuple[int, int], "RewindInputs"] = {}
+        self._planned_marks: frozenset[tuple[int, int]] = frozenset()
+        self._applying = False
+
+    def compose(self) -> ComposeResult:
+        yield Label("", id="rewind-settings", classes="rewind-line")
+        yield Label("", id="rewind-summary", classes="rewind-line")
+        with Horizontal(id="rewind-body"):
+            yield PlotextPlot(id="rewind-chart")
+            yield DataTable(id="rewind-list", cursor_type="row", zebra_stripes=True)
+        yield Label("", id="rewind-marks", classes="rewind-line")
+        yield Label("keys: p pattern · +/- fraction · d target · r ref · c gqa · e export · A apply",
+                    id="rewind-keys", classes="rewind-line")
+        yield Label("", id="rewind-prompt-label")
+        yield PromptInput(id="rewind-prompt")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#rewind-list", DataTable)
+        table.add_column("layer", key="layer")
+        table.add_column("head", key="head")
+        table.add_column("proj", key="proj")
+        table.add_column("score r", key="score")
+        if getattr(self.app, "no_color", False):
+            self.query_one(PlotextPlot).theme = "clear"
+        self.set_interval(MARKS_POLL_S, self._marks_poll)
+
+    @property
+    def session(self) -> "ExplorerSession":
+        return self.app.session
+
+    # ---- the NodeView contract ---------------------------------------------------------------
+    def show_node(self, node: NodeRef) -> None:
+        """The preview does not depend on the node: plan once when first shown, and when marks changed."""
+        self.node = node
+        if self.plan is None and not self._busy():
+            self.replan()
+
+    def refresh_node(self) -> None:
+        self.replan()
+
+    def show_message(self, text: str) -> None:
+        self.query_one("#rewind-summary", Label).update(text)
+
+    def _busy(self) -> bool:
+        return any(w.group == self.VIEW_ID and w.is_running for w in self.workers)
+
+    def _marks_poll(self) -> None:
+        if self.display and self.pattern == "manual" and frozenset(self.session.marks) != self._planned_marks:
+            self.replan()
+        self._update_marks_line()
+
+    # ---- settings ----------------------------------------------------------------------------
+    def _targets(self) -> list:
+        return self.session.targets
+
+    def _reference_choices(self) -> list[int]:
+        """Targets other than the rewound one (indices into session.targets)."""
+        return [i for i in range(len(self._targets())) if i != self.target_index]
+
+    def _reference(self) -> int | None:
+        choices = self._reference_choices()
+        if not choices:
+            return None
+        if self.reference_index not in choices:
+            self.reference_index = choices[0]
+        return self.reference_index
+
+    def settings_text(self) -> str:
+        labels = [c.label for c in self._targets()]
+        arch_heads = self.session.layout.num_layers * self.session.layout.num_heads
+        parts = [f"pattern {self.pattern}"]
+        if self.pattern != "manual":
+            from analysis.rewind import head_count
+            from analysis.rewind_list import Architecture
+
+            n = head_count(self.fraction, Architecture.from_layout(self.session.layout))
+            parts.append(f"f {self.fraction:.2f} ({n}/{arch_heads} heads)")
+        parts.append(f"target {labels[self.target_index]}")
+        if self.pattern == "reference":
+            ref = self._reference()
+            parts.append(f"ref {labels[ref] if ref is not None else '—'} ({self.variant})")
+        parts.append(f"gqa {self.gqa_policy}")
+        return " · ".join(parts)
+
+    def _changed(self) -> None:
+        self.replan()
+
+    def action_cycle_pattern(self) -> None:
+        """p: greedy → manual → reference."""
+        self.pattern = PATTERNS[(PATTERNS.index(self.pattern) + 1) % len(PATTERNS)]
+        self._changed()
+
+    def action_fraction(self, step: float) -> None:
+        """+/-/>/<: change f (kept in [0, 1], rounded so the list states exactly the fraction shown)."""
+        self.fraction = round(min(1.0, max(0.0, self.fraction + step)), 4)
+        if self.pattern == "manual":
+            self.pattern = "greedy"
+        self._changed()
+
+    def action_cycle_target(self) -> None:
+        """d: the next CPT checkpoint to rewind."""
+        self.target_index = (self.target_index + 1) % len(self._targets())
+        self._changed()
+
+    def action_cycle_reference(self) -> None:
+        """r: the next reference checkpoint (switches to the reference pattern)."""
+        choices = self._reference_choices()
+        if not choices:
+            self.app.notify("The reference pattern needs a second CPT checkpoint.", severity="warning")
+            return
+        if self.pattern == "reference":
+            current = self._reference()
+            self.reference_index = choices[(choices.index(current) + 1) % len(choices)]
+        self.pattern = "reference"
+        self._changed()
+
+    def action_cycle_variant(self) -> None:
+        """v: reference variant — its lowest scores, or the heads most agreeing with it."""
+        self.variant = VARIANTS[(VARIANTS.index(self.variant) + 1) % len(VARIANTS)]
+        if self.pattern == "reference":
+            self._changed()
+
+    def action_cycle_gqa(self) -> None:
+        """c: GQA policy for k/v rows."""
+        self.gqa_policy = GQA_POLICIES[(GQA_POLICIES.index(self.gqa_policy) + 1) % len(GQA_POLICIES)]
+        self._changed()
+
+    # ---- planning ----------------------------------------------------------------------------
+    def inputs_for(self, target_index: int, reference_index: int | None, progress: ProgressFn) -> "RewindInputs":
+        """Head energies of the target (cached on disk), plus the reference's and their A2 when asked."""
+        if reference_index is None:
+            return head_energy_inputs(self.session, target_index, progress)
+        key = (target_index, reference_index)
+        if key not in self._ref_inputs:
+            from analysis.rewind import rewind_inputs
+
+            s = self.session
+            target, reference = s.targets[target_index], s.targets[reference_index]
+
+            def step(done: int, total: int) -> None:
+                progress(done / max(1, total), f"energies of {target.label} and {reference.label} {done}/{total}")
+
+            self._ref_inputs[key] = rewind_inputs(s.base, target, reference, layout=s.layout, progress=step)
+        return self._ref_inputs[key]
+
+    def make_plan(self, progress: ProgressFn, cancelled: CancelledFn) -> tuple["RewindList", "RewindPreview"]:
+        """The list and its preview for the current settings (runs in the worker)."""
+        from analysis.errors import DiffractError
+        from analysis.rewind import checkpoint_ref, plan_from_inputs, preview
+
+        s = self.session
+        pattern, fraction, gqa, variant = self.pattern, self.fraction, self.gqa_policy, self.variant
+        target_index = self.target_index
+        reference_index = self._reference() if pattern == "reference" else None
+        if pattern == "reference" and reference_index is None:
+            raise DiffractError("the reference pattern needs a second CPT checkpoint", hint="open two or more CPTs")
+        marks = sorted(self._planned_marks)
+        if pattern == "manual" and not marks:
+            raise DiffractError("no heads are marked", hint="press space on a head in the tree or the grid")
+        inputs = self.inputs_for(target_index, reference_index, progress)
+        if cancelled():
+            raise Cancelled()
+        target = s.targets[target_index]
+        reference = s.targets[reference_index] if reference_index is not None else None
+        rl = plan_from_inputs(inputs, base=checkpoint_ref(s.base), target=checkpoint_ref(target),
+                              reference=checkpoint_ref(reference) if reference is not None else None,
+                              pattern=pattern, fraction=None if pattern == "manual" else fraction,
+                              heads=marks if pattern == "manual" else None, score="rel_frob", gqa_policy=gqa,
+                              variant=variant)
+        return rl, preview(rl, inputs)
+
+    def replan(self) -> None:
+        """Recompute the plan and preview for the current settings in the worker."""
+        if not self.session.layout.heads_available:
+            self.show_message(f"Heads are not available for this model: {self.session.layout.heads_reason}")
+            return
+        self._planned_marks = frozenset(self.session.marks)
+        self.query_one("#rewind-settings", Label).update(self.settings_text())
+        self.plan = None
+        self.result = None
+        self.show_message("planning…")
+        self.start_work("rewind preview", self.make_plan, self._planned, fail=self._plan_failed)
+
+    def _plan_failed(self, message: str) -> None:
+        self.plan, self.preview = None, None
+        self.show_message(message.replace("rewind preview failed: ", ""))
+        self._draw_chart(None)
+        self.query_one("#rewind-list", DataTable).clear()
+
+    def _planned(self, result: tuple["RewindList", "RewindPreview"]) -> None:
+        self.plan, self.preview = result
+        self.result = result
+        self.query_one("#rewind-settings", Label).update(self.settings_text())
+        self._draw(self.plan, self.preview)
+
+    # ---- drawing -----------------------------------------------------------------------------
+    def _draw(self, rl: "RewindList", pv: "RewindPreview") -> None:
+        total = rl.architecture.layers * rl.architecture.heads
+        kv = sum(1 for e in rl.heads if "k" in e.projections)
+        self.show_message(f"{len(rl.heads)}/{total} heads ({kv} with k/v) · attention ‖Δ‖² removed "
+                          f"{pv.share_removed:.2%}")
+        self._draw_chart(pv)
+        table = self.query_one("#rewind-list", DataTable)
+        table.clear()
+        for layer, head, projs, score in pv.rows:
+            table.add_row(str(layer), str(head), "".join(projs), "—" if score is None else f"{score:.4g}",
+                          key=f"{layer}:{head}")
+        self._update_marks_line()
+
+    def _draw_chart(self, pv: "RewindPreview | None") -> None:
+        plot = self.query_one(PlotextPlot)
+        plt = plot.plt
+        plt.clear_data()
+        plt.clear_figure()
+        if pv is not None:
+            layers = list(range(len(pv.heads_per_layer)))
+            plt.bar(layers, list(pv.heads_per_layer), color=None if getattr(self.app, "no_color", False) else "cyan",
+                    width=0.6)
+            step = max(1, len(layers) // 8)
+            plt.xticks(layers[::step], [str(x) for x in layers[::step]])
+            plt.ylim(0, max(1, self.session.layout.num_heads))
+            plt.title("heads rewound per layer")
+            plt.xlabel("layer")
+        plot.refresh()
+
+    def _update_marks_line(self) -> None:
+        marks = sorted(self.session.marks)
+        if not marks:
+            text = "marked: none (space on a head in the tree or grid; pattern manual uses them)"
+        else:
+            shown = " ".join(f"L{l}h{h}" for l, h in marks[:12]) + (" …" if len(marks) > 12 else "")
+            text = f"marked {len(marks)}: {shown}"
+        self.query_one("#rewind-marks", Label).update(text)
+
+    # ---- export and apply --------------------------------------------------------------------
+    def _ask(self, action: str, question: str, default: str) -> None:
+        self.prompt_action = action
+        self.query_one("#rewind-prompt-label", Label).update(question)
+        prompt = self.query_one(PromptInput)
+        prompt.value = default
+        self.add_class("-prompt")
+        prompt.focus()
+
+    def _close_prompt(self) -> None:
+        self.prompt_action = None
+        self.remove_class("-prompt")
+        tree = getattr(self.app, "tree", None)
+        if tree is not None:
+            tree.focus()
+
+    def default_list_name(self) -> str:
+        target = self._targets()[self.target_index].label
+        tail = "manual" if self.pattern == "manual" else f"{self.pattern}-f{self.fraction:g}"
+        return f"rewind-{safe_name(target)}-{tail}.json"
+
+    def action_export(self) -> None:
+        """e: write this list (pattern, fraction, GQA policy as shown) to a JSON file."""
+        if self.plan is None:
+            self.app.notify("No rewind list yet: wait for the preview, or mark heads.", severity="warning")
+            return
+        self._ask("export", "Write the rewind list to (enter writes, esc cancels):", self.default_list_name())
+
+    def action_apply(self) -> None:
+        """A: write the target with these heads rewound into a new folder."""
+        if self.plan is None:
+            self.app.notify("No rewind list yet: wait for the preview, or mark heads.", severity="warning")
+            return
+        if self._applying:
+            self.app.notify("Already applying a list.", severity="warning")
+            return
+        target = self._targets()[self.target_index].label
+        self._ask("apply", "Write the rewound checkpoint into the new folder (enter starts, esc cancels):",
+                  f"{safe_name(target)}-rewound")
+
+    def on_prompt_input_dismissed(self, message: PromptInput.Dismissed) -> None:
+        message.stop()
+        self._close_prompt()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if not isinstance(event.input, PromptInput):
+            return
+        event.stop()
+        action, value = self.prompt_action, event.value.strip()
+        self._close_prompt()
+        if not value or self.plan is None:
+            return
+        if action == "export":
+            self.export_to(Path(value).expanduser())
+        elif action == "apply":
+            self.apply_into(Path(value).expanduser())
+
+    def export_to(self, path: Path) -> Path | None:
+        """Write the current list atomically (SPEC §6 JSON); marks count as saved for the manual pattern."""
+        from analysis.errors import DiffractError
+        from analysis.rewind_list import write_rewind_list
+
+        rl = self.plan
+        if rl is None:
+            return None
+        try:
+            out = write_rewind_list(rl, path)
+        except (DiffractError, OSError) as err:
+            self.app.notify(str(err).splitlines()[0], title="export failed", severity="error", timeout=8)
+            return None
+        if rl.pattern.name == "manual":
+            self.session.marks_saved = frozenset((e.layer, e.head) for e in rl.heads)
+            self.post_message(MarksChanged(frozenset(self.session.marks)))
+        self.app.notify(f"Wrote {len(rl.heads)} head(s) to {path}", title="rewind list", timeout=5)
+        return out
+
+    def apply_into(self, out_dir: Path) -> None:
+        """Run `apply_rewind` in its own worker with progress (Esc cancels; the output appears only when done)."""
+        rl = self.plan
+        if rl is None:
+            return
+        self._applying = True
+        self.run_worker(lambda: self._apply_work(rl, out_dir), thread=True, exclusive=True, group=APPLY_GROUP,
+                        name="rewind apply", exit_on_error=False)
+
+    def _apply_work(self, rl: "RewindList", out_dir: Path) -> None:
+        from analysis.rewind import apply_rewind
+
+        worker = get_current_worker()
+        app = self.app
+
+        def progress(done: int, total: int) -> None:
+            if worker.is_cancelled:
+                raise Cancelled()
+            app.call_from_thread(app.report_progress, APPLY_GROUP, done / max(1, total),
+                                 f"applying rewind: {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+
+        try:
+            result = apply_rewind(rl, out_dir, progress=progress)
+        except Cancelled:
+            app.call_from_thread(self._apply_done, None, "cancelled")
+            return
+        except Exception as err:
+            app.call_from_thread(self._apply_done, None, str(err).splitlines()[0] if str(err) else repr(err))
+            return
+        app.call_from_thread(self._apply_done, result, None)
+
+    def _apply_done(self, result: Any, error: str | None) -> None:
+        self._applying = False
+        self.app.work_done(APPLY_GROUP)
+        if error is not None:
+            self.app.notify(error, title="apply failed", severity="error", timeout=8)
+            return
+        self.app.notify(f"Wrote {result.out_dir} ({result.num_tensors} tensors, "
+                        f"{len(self.plan.heads) if self.plan else 0} heads rewound)", title="rewind applied",
+                        timeout=6)
+
+    def cancel_work(self) -> None:
+        super().cancel_work()
+        self.workers.cancel_group(self, APPLY_GROUP)
