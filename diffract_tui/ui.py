@@ -178,9 +178,13 @@ class DiffractApp(App):
     def on_node_selected(self, message: NodeSelected) -> None:
         self.current_node = message.node
         self._update_status()
+        # the cursor's frame first; the view follows after that refresh (skipped if the cursor moved on)
+        self.call_after_refresh(self._show_current, message.node)
+
+    def _show_current(self, node: NodeRef) -> None:
         view = self.active_view
-        if view is not None:
-            view.show_node(message.node)
+        if view is not None and node == self.current_node:
+            view.show_node(node)
 
     def on_open_node(self, message: OpenNode) -> None:
         self.go_to_node(message.node)

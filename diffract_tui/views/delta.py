@@ -58,6 +58,8 @@ class DeltaView(NodeView):
     DeltaView.-narrow PlotextPlot { display: none; }
     DeltaView.-narrow PlotextPlot.-shown { display: block; }
     DeltaView > #delta-metrics { height: auto; max-height: 45%; }
+    DeltaView.-empty > #delta-charts { display: none; }
+    DeltaView.-stale > #delta-charts, DeltaView.-stale > #delta-metrics { text-opacity: 40%; }
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -89,14 +91,19 @@ class DeltaView(NodeView):
         return self.app.session.delta(node, progress=progress, cancelled=cancelled)
 
     def show_message(self, text: str) -> None:
+        self.remove_class("-stale")
+        self.add_class("-empty")
         self.query_one("#delta-title", Label).update(text)
         self.query_one(MetricPanel).clear(columns=True)
         self._clear()
 
     def show_waiting(self, node: NodeRef) -> None:
-        self.show_message(f"{node.label()} — computing ΔW…")
+        """Keep the previous charts, dimmed, under the new title: no layout change while the cursor moves."""
+        self.add_class("-stale")
+        self.query_one("#delta-title", Label).update(f"Δ {node.label()} — computing ΔW…")
 
     def show_result(self, node: NodeRef, result: Any) -> None:
+        self.remove_class("-empty", "-stale")
         rows, cols = result.shape
         self.query_one("#delta-title", Label).update(f"Δ {node.label()}  {result.title}  {rows}×{cols}")
         self._draw(result)

@@ -58,10 +58,12 @@ class SpectrumView(NodeView):
     DEFAULT_CSS = """
     SpectrumView { layout: vertical; }
     SpectrumView > #spectrum-title { height: 1; width: 1fr; text-style: bold; }
-    SpectrumView > #spectrum-legend { height: auto; width: 1fr; color: $text-muted; }
+    SpectrumView > #spectrum-legend { height: 1; width: 1fr; color: $text-muted; }
     SpectrumView > #spectrum-plot { height: 1fr; min-height: 8; }
     SpectrumView > #spectrum-metrics { height: auto; max-height: 45%; }
     SpectrumView > #spectrum-note { height: auto; width: 1fr; color: $text-muted; }
+    SpectrumView.-empty > #spectrum-plot { display: none; }
+    SpectrumView.-stale > #spectrum-plot, SpectrumView.-stale > #spectrum-metrics { text-opacity: 40%; }
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -87,6 +89,8 @@ class SpectrumView(NodeView):
         return self.app.session.spectrum(node, progress=progress, cancelled=cancelled)
 
     def show_message(self, text: str) -> None:
+        self.remove_class("-stale")
+        self.add_class("-empty")
         self.query_one("#spectrum-title", Label).update(text)
         self.query_one("#spectrum-legend", Label).update("")
         self.query_one("#spectrum-note", Label).update("")
@@ -94,13 +98,12 @@ class SpectrumView(NodeView):
         self._clear_plot()
 
     def show_waiting(self, node: NodeRef) -> None:
+        """Keep the previous chart, dimmed, under the new title: no layout change while the cursor moves."""
+        self.add_class("-stale")
         self.query_one("#spectrum-title", Label).update(f"{node.label()} — computing…")
-        self.query_one("#spectrum-legend", Label).update("")
-        self.query_one("#spectrum-note", Label).update("")
-        self.query_one(MetricPanel).clear(columns=True)
-        self._clear_plot()
 
     def show_result(self, node: NodeRef, result: Any) -> None:
+        self.remove_class("-empty", "-stale")
         rows, cols = result.shape
         self.query_one("#spectrum-title", Label).update(f"{node.label()}  {result.title}  {rows}×{cols}")
         self._draw(result)
@@ -193,8 +196,13 @@ class SpectrumView(NodeView):
             rows.append((label, values))
             grey.append([fit and not s.metrics.get("pl_alpha_reliable", True) for s in spectra])
         self.query_one(MetricPanel).show_metrics([s.label for s in spectra], rows, grey)
-        notes = [f"{s.label}: {s.metrics['fit_warning']}" for s in spectra if s.metrics.get("fit_warning")]
-        note = "? = unreliable fit: " + "; ".join(dict.fromkeys(notes)) if notes else ""
+        by_reason: dict[str, list[str]] = {}
+        for s in spectra:
+            if s.metrics.get("fit_warning"):
+                by_reason.setdefault(str(s.metrics["fit_warning"]), []).append(s.label)
+        parts = [reason if len(labels) == len(spectra) else f"{', '.join(labels)}: {reason}"
+                 for reason, labels in by_reason.items()]
+        note = "? = unreliable fit: " + "; ".join(parts) if parts else ""
         self.query_one("#spectrum-note", Label).update(note)
 
 
