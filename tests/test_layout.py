@@ -277,3 +277,20 @@ def test_bare_safetensors_file_without_config_keeps_the_tree_but_offers_no_heads
     assert L.num_layers == 2 and L.hidden_size == 64
     with pytest.raises(LayoutError, match="heads are not available"):
         L.kv_group(0)
+
+
+def test_legacy_buffers_are_not_modules_and_embed_out_is_the_lm_head():
+    """Older GPT-2 / Pythia files carry attention masks and rotary caches; Pythia names its head embed_out."""
+    cfg = family_config("gpt2")
+    shapes = shapes_of("gpt2", cfg)
+    shapes |= {"h.0.attn.bias": (1, 1, 128, 128), "h.0.attn.masked_bias": (), "h.1.attn.bias": (1, 1, 128, 128)}
+    L = detect_layout(cfg, shapes)
+    assert all(m.kind != "other" for layer in L.layers for m in layer.modules)
+    cfg = family_config("gpt_neox")
+    shapes = shapes_of("gpt_neox", cfg)
+    shapes["embed_out.weight"] = shapes.pop("lm_head.weight")
+    shapes |= {"layers.0.attention.rotary_emb.inv_freq": (4,), "layers.0.attention.bias": (1, 1, 128, 128),
+               "layers.0.attention.masked_bias": ()}
+    L = detect_layout(cfg, shapes)
+    assert all(m.kind != "other" for layer in L.layers for m in layer.modules)
+    assert [g.name for g in L.globals if g.tensor == "embed_out.weight"] == ["lm_head"]
