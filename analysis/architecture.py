@@ -4,7 +4,7 @@
 (SPEC §2), so it is testable without files; `layout_of(ckpt)` applies it to an open checkpoint.
 Supported families: llama, mistral, qwen2, qwen3, olmo, olmo2, gemma, gemma2, gemma3 (text),
 phi3 (fused qkv / gate_up), gpt2 (Conv1D, stored in × out), gpt_neox (per-head interleaved qkv)
-and bert. Anything else opens as "unknown": every matrix listed, heads not offered, reason given.
+and bert (roberta, xlm-roberta). Anything else opens as "unknown": every matrix listed, heads not offered, reason given.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from analysis.errors import LayoutError
 # Families whose head mapping is verified against the model's own forward pass
 # (tests/test_heads_forward.py).
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2", "gemma3", "gemma3_text")
-SUPPORTED_FAMILIES = DECODER_FAMILIES + ("phi3", "gpt2", "gpt_neox", "bert")
+ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta")   # one attention layout (BertSelfAttention and copies)
+SUPPORTED_FAMILIES = DECODER_FAMILIES + ("phi3", "gpt2", "gpt_neox") + ENCODER_FAMILIES
 
 # Storage styles of the attention block.
 STYLE_SEPARATE = "separate"      # q_proj/k_proj/v_proj/o_proj (out × in)
@@ -172,7 +173,8 @@ def _field(cfg: Mapping[str, Any], *names: str) -> tuple[str | None, int | None]
 
 
 _ARCH_PREFIX = {
-    "Bert": "bert", "GPT2": "gpt2", "GPTNeoX": "gpt_neox", "Phi3": "phi3", "Llama": "llama",
+    "Bert": "bert", "Roberta": "roberta", "XLMRoberta": "xlm-roberta", "GPT2": "gpt2", "GPTNeoX": "gpt_neox",
+    "Phi3": "phi3", "Llama": "llama",
     "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3", "Olmo2": "olmo2", "Olmo": "olmo",
     "Gemma3": "gemma3_text", "Gemma2": "gemma2", "Gemma": "gemma",
 }
@@ -216,7 +218,7 @@ def _infer_model_type(config: Mapping[str, Any], shapes: Mapping[str, tuple[int,
 # Per-style recipes: (anchor regex for the layer prefix, attention suffixes, MLP suffixes)
 
 _STYLE_OF = {**{f: STYLE_SEPARATE for f in DECODER_FAMILIES}, "phi3": STYLE_PHI3, "gpt2": STYLE_GPT2,
-             "gpt_neox": STYLE_NEOX, "bert": STYLE_BERT}
+             "gpt_neox": STYLE_NEOX, **{f: STYLE_BERT for f in ENCODER_FAMILIES}}
 
 _ANCHOR = {
     STYLE_SEPARATE: (r"layers", "self_attn.q_proj.weight"),

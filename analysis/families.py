@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2", "gemma3",
-            "phi3", "gpt2", "gpt_neox", "bert")
+            "phi3", "gpt2", "gpt_neox", "bert", "roberta", "xlm-roberta")
+ENCODERS = ("bert", "roberta", "xlm-roberta")
 
 # family → (model_type written to config.json, architectures class, weight prefix)
 _META = {
@@ -27,9 +28,11 @@ _META = {
     "gpt2": ("gpt2", "GPT2LMHeadModel", "transformer."),
     "gpt_neox": ("gpt_neox", "GPTNeoXForCausalLM", "gpt_neox."),
     "bert": ("bert", "BertModel", ""),
+    "roberta": ("roberta", "RobertaModel", ""),
+    "xlm-roberta": ("xlm-roberta", "XLMRobertaModel", ""),
 }
 # Families that tie lm_head to the input embedding by default (no lm_head tensor is saved).
-_TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gpt2", "bert"}
+_TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gpt2", "bert", "roberta", "xlm-roberta"}
 # Families whose head_dim is written explicitly (and defaults to ≠ hidden/heads).
 _EXPLICIT_HEAD_DIM = {"qwen3", "gemma", "gemma2", "gemma3"}
 _GQA = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2", "gemma3", "phi3"}
@@ -75,10 +78,11 @@ def family_config(family: str, *, hidden_size: int = 64, num_layers: int = 2, nu
     if family == "gpt2":
         cfg = {**common, "n_embd": hidden_size, "n_layer": num_layers, "n_head": num_heads,
                "n_inner": intermediate_size, "n_positions": max_positions, "activation_function": "gelu_new"}
-    elif family == "bert":
+    elif family in ENCODERS:
         cfg = {**common, "hidden_size": hidden_size, "num_hidden_layers": num_layers,
                "num_attention_heads": num_heads, "intermediate_size": intermediate_size,
-               "max_position_embeddings": max_positions, "type_vocab_size": 2, "hidden_act": "gelu"}
+               "max_position_embeddings": max_positions, "type_vocab_size": 2 if family == "bert" else 1,
+               "hidden_act": "gelu"}
     elif family == "gpt_neox":
         cfg = {**common, "hidden_size": hidden_size, "num_hidden_layers": num_layers,
                "num_attention_heads": num_heads, "intermediate_size": intermediate_size,
@@ -127,7 +131,7 @@ def weight_shapes(family: str, cfg: dict[str, Any]) -> dict[str, tuple[int, ...]
         if not tie:
             out["lm_head.weight"] = (V, D)
         return out
-    if family == "bert":
+    if family in ENCODERS:
         P = cfg.get("max_position_embeddings", 512)
         out |= {"embeddings.word_embeddings.weight": (V, D), "embeddings.position_embeddings.weight": (P, D),
                 "embeddings.token_type_embeddings.weight": (cfg.get("type_vocab_size", 2), D),

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 def test_transformers_loads_every_family_without_missing_or_unexpected_keys(family, tmp_path):
     transformers = pytest.importorskip("transformers")
     folder = write_checkpoint(tmp_path / family, family, seed=3)
-    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    auto = transformers.AutoModel if family in ("bert", "roberta", "xlm-roberta") else transformers.AutoModelForCausalLM
     model, info = auto.from_pretrained(folder, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}, info
     assert type(model).__name__ == family_config(family)["architectures"][0]

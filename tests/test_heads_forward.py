@@ -37,6 +37,8 @@ CASES = [
     ("gpt2", {}),                        # Conv1D c_attn stored in × out
     ("gpt_neox", {}),                    # fused query_key_value, interleaved per head
     ("bert", {}),
+    ("roberta", {}),                     # BERT attention, RobertaModel
+    ("xlm-roberta", {}),
 ]
 INPUT_IDS = torch.tensor([[3, 17, 42, 5, 99, 7, 64]])
 LAYER = 1  # the last of two layers: checks layer indexing too
@@ -52,7 +54,7 @@ class Probe:
         config = transformers.AutoConfig.for_model(model_type, **cfg)
         config._attn_implementation = "eager"
         torch.manual_seed(0)
-        auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+        auto = transformers.AutoModel if family in ("bert", "roberta", "xlm-roberta") else transformers.AutoModelForCausalLM
         self.model = auto.from_config(config, attn_implementation="eager").eval()
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # large, non-zero weights and biases so every slot visibly matters
@@ -173,7 +175,7 @@ def test_q_bias_and_k_bias_tell_q_from_k(probe):
     """Shifting one bias entry: in q it changes head h's scores; in k it is softmax-invariant where the
     entry is not rotated (no RoPE: bert, gpt2; last dim beyond gpt_neox's rotary 25 %)."""
     L = probe.layout
-    if probe.family not in ("bert", "gpt2", "gpt_neox"):
+    if probe.family not in ("bert", "roberta", "xlm-roberta", "gpt2", "gpt_neox"):
         # q and k live in their own tensors, or (phi3) GQA tells them apart in the kv-group test
         q, k = L.attention[LAYER].q.tensor, L.attention[LAYER].k.tensor
         assert (q.endswith("q_proj.weight") and k.endswith("k_proj.weight")) or L.num_kv_heads < L.num_heads

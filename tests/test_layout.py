@@ -56,6 +56,10 @@ EXPECTED = {
                                                    "input_layernorm", "post_attention_layernorm"]),
     "bert": ("bert", "bert", 4, 16, ["q", "k", "v", "o", "fc_in", "fc_out", "attention.output.LayerNorm",
                                      "output.LayerNorm"]),
+    "roberta": ("roberta", "bert", 4, 16, ["q", "k", "v", "o", "fc_in", "fc_out", "attention.output.LayerNorm",
+                                           "output.LayerNorm"]),
+    "xlm-roberta": ("xlm-roberta", "bert", 4, 16, ["q", "k", "v", "o", "fc_in", "fc_out",
+                                                   "attention.output.LayerNorm", "output.LayerNorm"]),
 }
 
 
