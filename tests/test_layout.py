@@ -298,3 +298,38 @@ def test_legacy_buffers_are_not_modules_and_embed_out_is_the_lm_head():
     L = detect_layout(cfg, shapes)
     assert all(m.kind != "other" for layer in L.layers for m in layer.modules)
     assert [g.name for g in L.globals if g.tensor == "embed_out.weight"] == ["lm_head"]
+
+
+class CountingReader:
+    """Records every read, to show projection_heads reads once and head_slice only the head's rows."""
+
+    def __init__(self, tensors):
+        self.t, self.reads = tensors, []
+
+    def tensor(self, name, dtype=torch.float32):
+        self.reads.append((name, None))
+        return self.t[name].to(dtype)
+
+    def rows(self, name, start, stop, dtype=torch.float32):
+        self.reads.append((name, stop - start))
+        return self.t[name][start:stop].to(dtype)
+
+
+@pytest.mark.parametrize("family,proj,expected_reads", [
+    ("llama", "q", [("layers.1.self_attn.q_proj.weight", 64)]),        # all 4 heads' rows, one read
+    ("llama", "k", [("layers.1.self_attn.k_proj.weight", 32)]),
+    ("phi3", "v", [("layers.1.self_attn.qkv_proj.weight", 32)]),       # only v's rows of the fused tensor
+    ("gpt_neox", "v", [("layers.1.attention.query_key_value.weight", 160)]),  # rows 32..191 hold every v
+    ("gpt2", "q", [("h.1.attn.c_attn.weight", None)]),                 # Conv1D: heads are columns
+])
+def test_projection_heads_reads_the_projection_once(family, proj, expected_reads):
+    L, cfg = layout_for(family)
+    g = torch.Generator().manual_seed(0)
+    r = CountingReader({k: torch.randn(s, generator=g) for k, s in shapes_of(family, cfg).items()})
+    from analysis.heads import head_slice, projection_heads
+    stacked = projection_heads(r, L, 1, proj)
+    assert r.reads == expected_reads
+    r.reads.clear()
+    assert torch.equal(head_slice(r, L, 1, proj, 1), stacked[1])
+    if family != "gpt2":
+        assert r.reads == [(expected_reads[0][0], L.head_dim)]             # one head: only its d_h rows
