@@ -341,3 +341,29 @@ def test_export_table_writes_what_the_panel_shows(session: ExplorerSession, tmp_
     assert [r["metric"] for r in rows][0] == "α PL"
     assert set(rows[0]) == {"metric", "base", "chem", "code"}
     assert meta["node"] == "L1 q h0"
+
+
+def test_palette_goes_to_a_head_and_no_color(session: ExplorerSession, monkeypatch) -> None:
+    """ctrl+p, type an address, enter: the tree cursor lands there. Under NO_COLOR the charts lose colour."""
+    from diffract_tui.views.spectrum import SpectrumView
+
+    monkeypatch.setenv("NO_COLOR", "1")
+
+    async def run() -> None:
+        app = make_app(session)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("ctrl+p")
+            await pilot.pause()
+            for ch in "L1 q h3":
+                await pilot.press("space" if ch == " " else ch)
+            await pilot.pause(0.3)
+            await pilot.press("enter")
+            await settle(pilot, app)
+            assert app.current_node == NodeRef(1, "q", 3)
+            assert app.query_one(SpectrumView).result is not None
+            assert app.query_one("#spectrum-plot").theme == "clear"
+            chart = app.query_one("#spectrum-plot").render()
+            colours = {span.style.color for span in chart.spans if not isinstance(span.style, str)}
+            assert colours <= {None}  # no foreground colour anywhere in the plot
+
+    asyncio.run(run())

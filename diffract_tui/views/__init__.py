@@ -35,25 +35,25 @@ class ViewSpec:
 VIEW_SPECS: tuple[ViewSpec, ...] = (
     ViewSpec("1", "spectrum", "Spectrum", "diffract_tui.views.spectrum"),
     ViewSpec("2", "delta", "Delta", "diffract_tui.views.delta"),
-    ViewSpec("3", "heads", "Heads", "diffract_tui.views.heads"),
+    ViewSpec("3", "heads", "Heads", "diffract_tui.views.heads_grid"),
     ViewSpec("4", "rewind", "Rewind", "diffract_tui.views.rewind"),
     ViewSpec("5", "table", "Table", "diffract_tui.views.table"),
 )
 
 
 def view_class(spec: ViewSpec) -> type[Widget] | None:
-    """The view widget class defined in `spec.module` (the Widget subclass with `show_node`), or None
-    when that module is not part of this build."""
+    """The view widget class defined in `spec.module` (a Widget subclass with `show_node`, preferring
+    the one whose VIEW_ID is `spec.id`), or None when that module is not part of this build."""
     try:
         module = importlib.import_module(spec.module)
     except ModuleNotFoundError as err:
         if err.name == spec.module:
             return None
         raise
-    for _, cls in inspect.getmembers(module, inspect.isclass):
-        if cls.__module__ == module.__name__ and issubclass(cls, Widget) and hasattr(cls, "show_node"):
-            return cls
-    return None
+    views = [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+             if cls.__module__ == module.__name__ and issubclass(cls, Widget) and hasattr(cls, "show_node")]
+    views.sort(key=lambda cls: getattr(cls, "VIEW_ID", None) != spec.id)  # the one with the view's id first
+    return views[0] if views else None
 
 
 class Cancelled(Exception):

@@ -21,7 +21,7 @@ from textual_plotext import PlotextPlot
 from diffract_tui.messages import MetricsReady
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
-from diffract_tui.widgets.charts import log_ticks, no_color, positive, series_color, series_marker
+from diffract_tui.widgets.charts import log_ticks, muted_color, no_color, positive, series_color, series_marker
 from diffract_tui.widgets.metric_panel import MetricPanel
 
 CHARTS: tuple[str, ...] = ("sigma", "truncation", "agreement")
@@ -167,7 +167,7 @@ class DeltaView(NodeView):
         if deltas and deltas[0].agreement_k.size:
             d = deltas[0]
             plt.plot(np.log10(d.agreement_k).tolist(), d.noise_floor.tolist(), label="noise floor",
-                     color=None if no_color() else "gray", marker="x" if no_color() else "dot")
+                     color=muted_color(), marker="x" if no_color() else "dot")
             ks = d.agreement_k
             ticks = sorted({float(k) for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
                             if ks.min() <= k <= ks.max()})

@@ -21,9 +21,14 @@ def no_color() -> bool:
     return bool(os.environ.get("NO_COLOR"))
 
 
-def series_color(i: int) -> str | None:
-    """The plotext colour of the i-th series, or None (plotext's default) under NO_COLOR."""
-    return None if no_color() else SERIES_COLORS[i % len(SERIES_COLORS)]
+def series_color(i: int) -> str:
+    """The plotext colour of the i-th series; the terminal's default colour under NO_COLOR."""
+    return "default" if no_color() else SERIES_COLORS[i % len(SERIES_COLORS)]
+
+
+def muted_color() -> str:
+    """Colour of reference lines (noise floor): gray, or the default colour under NO_COLOR."""
+    return "default" if no_color() else "gray"
 
 
 def series_marker(i: int) -> str:
