@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from analysis.errors import AlignmentError, DiffractError
 from analysis.rewind import MappedReadBudget, RawSource, target_specs, torch_dtype
 from analysis.rewind_list import tool_version
-from analysis.writer import DEFAULT_MAX_SHARD_BYTES, WriteResult, write_checkpoint_streaming
+from analysis.writer import DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, write_checkpoint_streaming
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.architecture import ModelLayout
@@ -79,6 +80,96 @@ def combine(tensors: Sequence[torch.Tensor | Callable[[], torch.Tensor]], coeffi
         first = tensors[0]
         acc = torch.zeros((first() if callable(first) else first).shape, dtype=compute_dtype)
     return acc.to(out_dtype)
+
+
+class Workspace:
+    """Two reusable byte buffers — the float sum and one input's stored bytes — grown to the largest tensor,
+    so a pass allocates (and page-faults) its working memory once instead of once per tensor, and reads
+    safetensors data straight into them with pread (no memory map, no extra copy)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._fds: dict[Path, int] = {}
+
+    def view(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of `shape`/`dtype` over buffer `slot` (valid until the slot is used again)."""
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            self._bufs.pop(slot, None)
+            buf = torch.empty(max(nbytes, 8), dtype=torch.uint8)
+            self._bufs[slot] = buf
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def read(self, raw: RawBytes, into: torch.Tensor) -> None:
+        """Fill `into` (contiguous, raw.nbytes long) with the file bytes of `raw`."""
+        fd = self._fds.get(raw.path)
+        if fd is None:
+            fd = self._fds[raw.path] = os.open(raw.path, os.O_RDONLY)
+        if raw.nbytes == 0:
+            return
+        mv = memoryview(into.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < raw.nbytes:
+            n = os.preadv(fd, [mv[done:]], raw.offset + done)
+            if n <= 0:
+                raise DiffractError("unexpected end of file while reading tensor bytes", path=raw.path,
+                                    hint="the file changed or is truncated")
+            done += n
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._bufs.clear()
+
+
+def combine_streamed(name: str, terms: Sequence[tuple["Checkpoint", float, "RawSource"]], shape: tuple[int, ...],
+                     out_dtype: torch.dtype, compute_dtype: torch.dtype, ws: Workspace,
+                     on_read: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Σ cᵢ θᵢ[name] like `combine`, reading each input into the workspace (safetensors) or through the
+    checkpoint (other formats). The result is a view into `ws`, valid until the next call."""
+    acc: torch.Tensor | None = None
+    for ck, c, source in terms:
+        if c == 0.0:
+            continue
+        info = ck.info(name)
+        if tuple(info.shape) != tuple(shape):
+            raise AlignmentError(f"tensor {name} has shape {tuple(info.shape)} in {ck.path} and {tuple(shape)} in "
+                                 "the output's checkpoint", hint="interpolate checkpoints of the same architecture")
+        in_dtype = torch_dtype(info.dtype)
+        raw = source(name)
+        if raw is not None and acc is None and in_dtype == compute_dtype:
+            acc = ws.view("acc", shape, compute_dtype)
+            ws.read(raw, acc)
+            if c != 1.0:
+                acc.mul_(c)
+            continue
+        if raw is not None:
+            x = ws.view("in", shape, in_dtype)
+            ws.read(raw, x)
+        else:
+            x = ck.tensor(name, dtype=None)
+            if on_read is not None:
+                on_read(info.nbytes)
+        if acc is None:
+            acc = ws.view("acc", shape, compute_dtype)
+            acc.copy_(x)
+            if c != 1.0:
+                acc.mul_(c)
+        else:
+            acc.add_(x, alpha=c)
+        del x
+    if acc is None:
+        acc = ws.view("acc", shape, compute_dtype).zero_()
+    if out_dtype == compute_dtype:
+        return acc
+    out = ws.view("in", shape, out_dtype)
+    out.copy_(acc)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,6 +266,21 @@ def _stream(comb: Combination, *, compute_dtype: torch.dtype, stats: TaskVectorS
     target = comb.target
     maps = MappedReadBudget([ck for ck, _ in comb.terms] + [ck for ck in (stats_sides or ()) if ck is not None])
     raw_source = RawSource(target)
+    terms = [(ck, c, RawSource(ck)) for ck, c in comb.terms]
+    ws = Workspace()
+    try:
+        yield from _stream_items(comb, terms, ws, maps, raw_source, compute_dtype=compute_dtype, stats=stats,
+                                 stats_sides=stats_sides, copied=copied, write=write)
+    finally:
+        ws.close()
+
+
+def _stream_items(comb: Combination, terms: list, ws: Workspace, maps: MappedReadBudget, raw_source: RawSource, *,
+                  compute_dtype: torch.dtype, stats: TaskVectorStats | None,
+                  stats_sides: tuple["Checkpoint", "Checkpoint", "Checkpoint | None"] | None,
+                  copied: list[str], write: bool) -> Iterator[tuple[str, Any]]:
+    """The body of `_stream`: per target tensor, diagnostics (optional) then the combined tensor."""
+    target = comb.target
     for name in target.keys():
         info = target.info(name)
         out_dtype = torch_dtype(info.dtype)
@@ -183,17 +289,6 @@ def _stream(comb: Combination, *, compute_dtype: torch.dtype, stats: TaskVectorS
             copied.append(name)
             yield info.raw_name, (raw_source(name) or target.tensor(name, dtype=None)) if write else None
             continue
-        def loader(ck: "Checkpoint", name: str = name, info: Any = info) -> Callable[[], torch.Tensor]:
-            def load() -> torch.Tensor:
-                t = ck.tensor(name, dtype=None)
-                maps.note(info.nbytes)  # the copy is ours: drop the file pages behind it when over budget
-                if tuple(t.shape) != tuple(info.shape):
-                    raise AlignmentError(f"tensor {name} has shape {tuple(t.shape)} in {ck.path} and "
-                                         f"{tuple(info.shape)} in {target.path}",
-                                         hint="interpolate checkpoints of the same architecture")
-                return t
-            return load
-
         if stats is not None and stats_sides is not None and all(
                 name in ck for ck in stats_sides if ck is not None):
             base, a, b = stats_sides
@@ -207,8 +302,8 @@ def _stream(comb: Combination, *, compute_dtype: torch.dtype, stats: TaskVectorS
         if not write:
             yield info.raw_name, None
             continue
-        out = combine([loader(ck) for ck, _ in comb.terms], [c for _, c in comb.terms], out_dtype, compute_dtype)
-        yield info.raw_name, out
+        out = combine_streamed(name, terms, tuple(info.shape), out_dtype, compute_dtype, ws, maps.note)
+        yield info.raw_name, out  # a view into the workspace: the writer has written it before we resume
         del out
 
 

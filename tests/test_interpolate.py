@@ -212,3 +212,19 @@ def test_cli_interpolate(tmp_path, capsys):
     assert "need --base" in capsys.readouterr().err
     assert main(["interpolate", str(pa), "--out", str(tmp_path / "z")]) == 1
     assert "needs --base" in capsys.readouterr().err
+
+
+def test_pickle_and_safetensors_inputs_mix(tmp_path):
+    """A as a PyTorch pickle (read through the checkpoint), B as safetensors (read straight into the
+    workspace): the midpoint is still the exact float32 mean and α = 1 is B bit for bit."""
+    sa, sb = state(3), state(4)
+    (tmp_path / "a").mkdir()
+    torch.save(sa, tmp_path / "a" / "pytorch_model.bin")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(CONFIG))
+    a, b = open_checkpoint(tmp_path / "a"), open_checkpoint(save(tmp_path / "b", sb))
+    run_interpolation(endpoints(a, b, 0.5), tmp_path / "mid")
+    for n, t in read(tmp_path / "mid").items():
+        assert bits(t) == bits(((sa[n].double() + sb[n].double()) / 2).float()), n
+    run_interpolation(endpoints(b, a, 0.0), tmp_path / "one")  # output laid out like A (the pickle), values of B
+    got = read(tmp_path / "one")
+    assert set(got) == set(sa) and all(bits(got[n]) == bits(sb[n]) for n in sb)

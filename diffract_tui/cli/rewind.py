@@ -10,10 +10,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import typer
 
-rewind_app = typer.Typer(help="Head-wise rewind: set chosen attention heads of a CPT checkpoint back to the base.",
-                         no_args_is_help=True)
-
-
 @contextmanager
 def stderr_progress(description: str, unit_bytes: bool = False) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr; yields a `progress(done, total)` callback."""
@@ -59,6 +55,8 @@ def print_preview(rl: Any, pv: Any, limit: int = 40) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add `rewind plan` and `rewind apply` to the root app."""
+    rewind_app = typer.Typer(help="Head-wise rewind: set chosen attention heads of a CPT checkpoint back to the base.",
+                             no_args_is_help=True)
 
     @rewind_app.command("plan")
     def plan(
