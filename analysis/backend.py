@@ -1,0 +1,180 @@
+"""Where and how spectra are computed: settings, device, compute threads and memory chunks.
+
+Everything here is pure policy (no numbers about weights): the spectral engine (`analysis.spectra`)
+asks it which device, which dtype, how many threads and how many matrices fit in one batched call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from analysis.errors import DiffractError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+XMIN_RULES = ("ks", "local_min")
+EIG_ROUTES = ("gram64", "gram32", "svd")
+THREADS_ENV = "DIFFRACT_TUI_THREADS"
+DEFAULT_CPU_BUDGET = 1 << 30          # bytes one batched eigen call may use on the CPU (1 GiB)
+CUDA_BUDGET_FRACTION = 0.5            # share of the free GPU memory one batched call may use
+
+
+@dataclass(frozen=True)
+class SpectralSettings:
+    """Every setting that changes a spectral number (SPEC §8 provenance), immutable so it can key a cache.
+
+    `dtype` is the compute dtype of W itself (and of ΔW, SPEC §1). `eig_route` says how eigenvalues are
+    obtained: "gram64" (default) forms W·Wᵀ over the smaller side in float64 and calls eigvalsh — exact
+    over the whole spectrum; "gram32" keeps the Gram in float32 (≈2× faster, but eigenvalues below
+    ≈1e-6·λ_max are garbage: fine for α/xmin, wrong for entropy/effective rank/MP bulk); "svd" uses
+    svdvals on the tall orientation (slowest, the reference).
+    """
+
+    device: str = "auto"
+    dtype: str = "float32"
+    xmin_rule: str = "ks"             # or "local_min" (leftmost significant local minimum of KS(xmin))
+    seed: int = 42
+    rtol: float = 1e-5
+    fit_min_tail: int = 50
+    fit_min_esd: int = 100
+    eig_route: str = "gram64"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise DiffractError(f"dtype must be float32 or float64, not {self.dtype!r}",
+                                hint="use dtype='float32' (default) or 'float64'")
+        if self.xmin_rule not in XMIN_RULES:
+            raise DiffractError(f"xmin_rule must be one of {', '.join(XMIN_RULES)}, not {self.xmin_rule!r}",
+                                hint="use xmin_rule='ks' (global KS minimum) or 'local_min'")
+        if self.eig_route not in EIG_ROUTES:
+            raise DiffractError(f"eig_route must be one of {', '.join(EIG_ROUTES)}, not {self.eig_route!r}",
+                                hint="use eig_route='gram64' (default)")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def key(self) -> dict:
+        """Settings that change numbers, for cache keys and provenance: the device KIND, not its index."""
+        key = asdict(self)
+        key["device"] = resolve_device(self.device).type
+        return key
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" → the first CUDA device when one is usable, else CPU; "cpu"; "cuda"/"cuda:N" if present."""
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DiffractError(f"device {device!r} is not available: this torch build sees no CUDA GPU",
+                                hint="use --device cpu (or auto)")
+        index = 0
+        if ":" in name:
+            try:
+                index = int(name.split(":", 1)[1])
+            except ValueError:
+                raise DiffractError(f"device {device!r} is not a device name",
+                                    hint="use auto, cpu, cuda or cuda:N") from None
+        if not 0 <= index < torch.cuda.device_count():
+            raise DiffractError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)",
+                                hint=f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}, or cpu")
+        return torch.device("cuda", index)
+    raise DiffractError(f"device {device!r} is not a device name", hint="use auto, cpu, cuda or cuda:N")
+
+
+# --------------------------------------------------------------------------------------------------
+# Threads: physical cores, never more (PERF-NOTES: 2 threads on one shared core are 3–10× slower)
+# --------------------------------------------------------------------------------------------------
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on.
+
+    Counts distinct sibling groups in /sys topology among the CPUs in our affinity mask. Under a
+    hypervisor that reports every vCPU as its own core (no SMT siblings visible, as on this machine,
+    where 2 "cores" are in fact two hyperthreads of one core), assume the cloud convention
+    1 vCPU = 1 hyperthread and halve the count.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cpus = list(range(os.cpu_count() or 1))
+    groups: set[str] = set()
+    smt_visible = False
+    for cpu in cpus:
+        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            siblings = path.read_text().strip()
+        except OSError:
+            groups.add(str(cpu))
+            continue
+        groups.add(siblings)
+        smt_visible |= ("," in siblings or "-" in siblings)
+    cores = max(1, len(groups))
+    if not smt_visible and "hypervisor" in _cpu_flags() and "ht" in _cpu_flags():
+        cores = max(1, cores // 2)
+    return cores
+
+
+def compute_threads() -> int:
+    """Threads for LAPACK/BLAS: `$DIFFRACT_TUI_THREADS` when set (a positive integer), else physical cores."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise DiffractError(f"{THREADS_ENV}={raw!r} is not a positive integer",
+                                hint=f"unset {THREADS_ENV} or set it to e.g. 1")
+        return value
+    return physical_cores()
+
+
+def apply_thread_policy(threads: int | None = None) -> int:
+    """Set torch's intra-op threads to `threads` (default `compute_threads()`); returns the number set."""
+    n = threads if threads is not None else compute_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory budget
+# --------------------------------------------------------------------------------------------------
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes one batched call may allocate: half the free GPU memory, or 1 GiB on the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(1 << 26, int(free * CUDA_BUDGET_FRACTION))
+    return DEFAULT_CPU_BUDGET
+
+
+def chunks(batch_size: int, bytes_per_item: int, budget: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) ranges covering `batch_size` items, each range using at most `budget` bytes
+    (always at least one item per range, so an item larger than the budget still runs alone)."""
+    if batch_size < 0 or bytes_per_item < 0 or budget <= 0:
+        raise ValueError(f"chunks({batch_size}, {bytes_per_item}, {budget}): sizes must be ≥ 0, budget > 0")
+    per = max(1, budget // max(1, bytes_per_item))
+    for start in range(0, batch_size, per):
+        yield start, min(batch_size, start + per)
