@@ -82,9 +82,9 @@ class RewindView(EngineWork, NodeView):
     RewindView #rewind-chart { width: 1fr; height: 1fr; min-height: 6; }
     RewindView #rewind-list { width: 30; height: 1fr; }
     RewindView > #rewind-prompt-label { height: 1; display: none; }
-    RewindView > PromptInput { height: 1; border: none; padding: 0 1; display: none; }
+    RewindView > PromptInput, RewindView > PromptInput:focus { height: 1; border: none; padding: 0 1; display: none; }
     RewindView.-prompt > #rewind-prompt-label { display: block; }
-    RewindView.-prompt > PromptInput { display: block; }
+    RewindView.-prompt > PromptInput, RewindView.-prompt > PromptInput:focus { display: block; }
     """
 
     def __init__(self, *, id: str | None = None) -> None:

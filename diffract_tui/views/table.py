@@ -1,0 +1,397 @@
+"""View 5 — Table: every matrix and head slice of the model with its key metrics, one row per node.
+
+Rows come from `analysis.scan.scan` over all checkpoints (weights and deltas, heads included), computed in a
+worker and filled in progressively; the scan reads and writes the persistent cache, so a second look is
+quick. Columns: α of each checkpoint, and per CPT checkpoint the relative update ‖ΔW‖/‖W₀‖, ρ and the stable
+rank of ΔW. `s` sorts by the column under the cursor (`S` reverse), `f` (or `/` in the table) filters:
+words match the node name (`L3 q`, `h5`, `mlp`), `col>x` / `col<x` compare a column (`rel>0.1`, `alpha<2`).
+Enter opens the row's node in the tree; `x` (app) exports what is shown.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Input, Label
+
+from diffract_tui.messages import OpenNode
+from diffract_tui.node import NodeRef
+from diffract_tui.views import NodeView
+from diffract_tui.views.heads_grid import CancelledFn, EngineWork, ProgressFn
+from diffract_tui.widgets.charts import fmt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.session import ExplorerSession
+
+FLUSH_S = 0.3   # the worker hands rows to the table at most this often
+CONDITION = re.compile(r"^([A-Za-z_]+)(<=|>=|<|>)(-?[0-9.eE+-]+)$")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric column: its key (`alpha:<label>`), header, the scan operation and metric it shows."""
+
+    key: str
+    header: str
+    operation: str      # "weight" | "delta"
+    checkpoint: str     # label of the checkpoint the row comes from
+    metric: str
+
+
+@dataclass
+class Record:
+    """One node's row: where it is, its order in the scan, its shape, and metric values by column key."""
+
+    node: NodeRef
+    order: int
+    kind: str
+    shape: str
+    values: dict[str, float | None] = field(default_factory=dict)
+    unreliable: set[str] = field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        return self.node.label()
+
+
+def node_of(row: dict[str, Any]) -> NodeRef:
+    """The tree node of a scan row: a matrix (head None), a query head (q/o) or a kv head (k/v)."""
+    head = row.get("head")
+    if head is None:
+        head = row.get("kv_head") if row.get("module") in ("k", "v") and row.get("kv_head") is not None else None
+    return NodeRef(row.get("layer"), row.get("module"), head)
+
+
+def is_head_row(row: dict[str, Any]) -> bool:
+    return row.get("head") is not None or (row.get("module") in ("k", "v") and row.get("kv_head") is not None)
+
+
+def columns_for(session: "ExplorerSession") -> list[Column]:
+    """α per checkpoint; Δrel, ρ and stable rank of ΔW per CPT checkpoint."""
+    cols = [Column(f"alpha:{c.label}", f"α {c.label}", "weight", c.label, "pl_alpha") for c in session.checkpoints]
+    for t in session.targets:
+        cols.append(Column(f"rel:{t.label}", f"Δrel {t.label}", "delta", t.label, "delta_rel"))
+    for t in session.targets:
+        cols.append(Column(f"rho:{t.label}", f"ρ {t.label}", "delta", t.label, "delta_rho"))
+    for t in session.targets:
+        cols.append(Column(f"srank:{t.label}", f"srank Δ {t.label}", "delta", t.label, "stable_rank"))
+    return cols
+
+
+def matches(record: Record, words: list[str], conditions: list[tuple[str, str, float]]) -> bool:
+    """True when every word is in the row's name/kind and every `col op x` holds for some matching column."""
+    text = f"{record.label} {record.kind}".lower()
+    if any(w not in text for w in words):
+        return False
+    for prefix, op, x in conditions:
+        vals = [v for k, v in record.values.items() if k.lower().startswith(prefix) and v is not None
+                and not math.isnan(v)]
+        ok = {"<": lambda v: v < x, ">": lambda v: v > x, "<=": lambda v: v <= x, ">=": lambda v: v >= x}[op]
+        if not any(ok(v) for v in vals):
+            return False
+    return True
+
+
+def parse_filter(text: str) -> tuple[list[str], list[tuple[str, str, float]]]:
+    """Words (lower case) and (column prefix, operator, number) conditions of a filter string."""
+    words, conditions = [], []
+    for token in text.split():
+        m = CONDITION.match(token)
+        if m:
+            try:
+                conditions.append((m.group(1).lower(), m.group(2), float(m.group(3))))
+                continue
+            except ValueError:
+                pass
+        words.append(token.lower())
+    return words, conditions
+
+
+class MetricsTable(DataTable):
+    """The table; `/` opens the view's filter while it has focus."""
+
+    BINDINGS = [Binding("slash", "filter", "Filter rows", show=False, key_display="/")]
+
+    def action_filter(self) -> None:
+        view = next((a for a in self.ancestors if isinstance(a, TableView)), None)
+        if view is not None:
+            view.action_filter()
+
+
+class FilterInput(Input):
+    """The filter line: Esc clears and closes it."""
+
+    BINDINGS = [Binding("escape", "close", "Clear the filter", show=False)]
+
+    def action_close(self) -> None:
+        view = next((a for a in self.ancestors if isinstance(a, TableView)), None)
+        if view is not None:
+            view.close_filter(clear=True)
+
+
+class TableView(EngineWork, NodeView):
+    """Every matrix/head with its metrics, sortable and filterable; Enter jumps to the node."""
+
+    VIEW_ID = "table"
+    BINDINGS = [
+        Binding("s", "sort(False)", "Sort by the column under the cursor"),
+        Binding("S", "sort(True)", "Sort by it, largest first"),
+        Binding("f", "filter", "Filter rows: words (L3 q h5) and col>x (rel>0.1, alpha<2)"),
+        Binding("tab", "focus_table", "Focus the table ⇄ tree", show=False),
+    ]
+    DEFAULT_CSS = """
+    TableView { layout: vertical; }
+    TableView > #table-info { height: 1; width: 1fr; color: $text-muted; }
+    TableView > FilterInput, TableView > FilterInput:focus { height: 1; border: none; padding: 0 1; display: none; }
+    TableView > FilterInput.-shown, TableView > FilterInput.-shown:focus { display: block; }
+    TableView > MetricsTable { height: 1fr; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.records: dict[NodeRef, Record] = {}
+        self.columns: list[Column] = []
+        self.sort_key: str | None = None
+        self.sort_reverse = False
+        self.filter_text = ""
+        self.complete = False
+        self.status = ""
+        self._shown_keys: list[NodeRef] = []
+
+    def compose(self) -> ComposeResult:
+        yield Label("", id="table-info")
+        yield FilterInput(placeholder="filter: L3 q h5 · rel>0.1 · alpha<2 (enter keeps, esc clears)",
+                          id="table-filter")
+        yield MetricsTable(id="table-rows", cursor_type="cell", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        self.columns = columns_for(self.session)
+        table = self.table
+        table.add_column("node", key="node")
+        table.add_column("kind", key="kind")
+        table.add_column("shape", key="shape")
+        for c in self.columns:
+            table.add_column(c.header, key=c.key)
+
+    @property
+    def session(self) -> "ExplorerSession":
+        return self.app.session
+
+    @property
+    def table(self) -> MetricsTable:
+        return self.query_one(MetricsTable)
+
+    # ---- the NodeView contract ---------------------------------------------------------------
+    def show_node(self, node: NodeRef) -> None:
+        """The table covers the whole model: start (or resume) the scan the first time it is shown."""
+        self.node = node
+        if not self.complete and not self._scan_running():
+            self.start_scan()
+
+    def refresh_node(self) -> None:
+        if not self._scan_running():
+            self.complete = False
+            self.start_scan()
+
+    def show_message(self, text: str) -> None:
+        self.status = text
+        self._update_info()
+
+    def _scan_running(self) -> bool:
+        return any(w.group == self.VIEW_ID and w.is_running for w in self.workers)
+
+    # ---- the scan ----------------------------------------------------------------------------
+    def start_scan(self) -> None:
+        """Scan every matrix and head of every checkpoint (and the deltas) in the worker, rows flowing in."""
+        self.result = None
+        self.status = "scanning…"
+        self._update_info()
+        self.start_work("table scan", self._scan, self._scan_done, fail=self.show_message)
+
+    def _scan(self, progress: ProgressFn, cancelled: CancelledFn) -> int:
+        from analysis.scan import scan
+
+        s = self.session
+        wanted = {(c.operation, c.checkpoint, c.metric): c.key for c in self.columns}
+        metrics_of = {}
+        for (op, ck, metric), key in wanted.items():
+            metrics_of.setdefault((op, ck), []).append((metric, key))
+        pending: list[dict[str, Any]] = []
+        last = time.monotonic()
+        count = 0
+
+        def on_progress(done: int, total: int, label: str) -> None:
+            progress(done / max(1, total), f"{done}/{total} {label}")
+
+        for row in scan(s.checkpoints, heads=s.layout.heads_available, delta=True, settings=s.settings,
+                        cache=s.cache, progress=on_progress, cancel=cancelled):
+            count += 1
+            pending.append(row)
+            now = time.monotonic()
+            if now - last >= FLUSH_S:
+                batch, pending = pending, []
+                last = now
+                self.app.call_from_thread(self._merge, batch, metrics_of)
+        if cancelled():
+            from analysis.session import Cancelled
+
+            raise Cancelled()
+        if pending:
+            self.app.call_from_thread(self._merge, pending, metrics_of)
+        return count
+
+    def _scan_done(self, count: int) -> None:
+        self.complete = True
+        self.result = count
+        self.status = f"{len(self.records)} matrices and heads from {count} scan rows"
+        self._rebuild()
+
+    def _merge(self, rows: list[dict[str, Any]], metrics_of: dict) -> None:
+        """Fold scan rows into records; append/update table rows in place when no sort or filter is active."""
+        new: list[Record] = []
+        changed: set[NodeRef] = set()
+        for row in rows:
+            node = node_of(row)
+            rec = self.records.get(node)
+            if rec is None:
+                kind = "head" if is_head_row(row) else str(row.get("kind") or "")
+                rec = Record(node, len(self.records), kind, f"{row.get('rows')}×{row.get('cols')}")
+                self.records[node] = rec
+                new.append(rec)
+            for metric, key in metrics_of.get((row.get("operation"), row.get("checkpoint")), []):
+                value = row.get(metric)
+                rec.values[key] = None if value is None else float(value)
+                if metric == "pl_alpha" and not row.get("pl_alpha_reliable", True):
+                    rec.unreliable.add(key)
+            changed.add(node)
+        if self.sort_key is None and not self.filter_text:
+            table = self.table
+            new_nodes = {r.node for r in new}
+            for node in changed - new_nodes:
+                rec = self.records[node]
+                for c in self.columns:
+                    table.update_cell(rec.label, c.key, self._cell(rec, c.key))
+            for rec in new:
+                table.add_row(*self._cells(rec), key=rec.label)
+                self._shown_keys.append(rec.node)
+        else:
+            self._rebuild()
+        self._update_info()
+
+    # ---- drawing -----------------------------------------------------------------------------
+    def _cell(self, rec: Record, key: str) -> Text:
+        value = rec.values.get(key)
+        grey = key in rec.unreliable
+        return Text(fmt(value) + ("?" if grey else ""), style="dim italic" if grey else "", justify="right")
+
+    def _cells(self, rec: Record) -> list[Any]:
+        return [rec.label, rec.kind, rec.shape] + [self._cell(rec, c.key) for c in self.columns]
+
+    def visible_records(self) -> list[Record]:
+        """The records the filter lets through, in the chosen order."""
+        words, conditions = parse_filter(self.filter_text)
+        recs = [r for r in self.records.values() if matches(r, words, conditions)]
+        if self.sort_key is None:
+            recs.sort(key=lambda r: r.order)
+        elif self.sort_key in ("node", "kind", "shape"):
+            attr = {"node": "order", "kind": "kind", "shape": "shape"}[self.sort_key]
+            recs.sort(key=lambda r: (getattr(r, attr), r.order), reverse=self.sort_reverse)
+        else:
+            def value(r: Record) -> float:
+                v = r.values.get(self.sort_key)
+                return math.nan if v is None else v
+            finite = [r for r in recs if not math.isnan(value(r))]
+            missing = [r for r in recs if math.isnan(value(r))]
+            finite.sort(key=lambda r: (value(r), r.order), reverse=self.sort_reverse)
+            recs = finite + sorted(missing, key=lambda r: r.order)   # missing values always last
+        return recs
+
+    def _rebuild(self) -> None:
+        """Refill the table from the records (after a sort, a filter, or rows arriving while one is active)."""
+        table = self.table
+        row, col = table.cursor_coordinate
+        current = self._shown_keys[row] if 0 <= row < len(self._shown_keys) else None
+        recs = self.visible_records()
+        table.clear()
+        for rec in recs:
+            table.add_row(*self._cells(rec), key=rec.label)
+        self._shown_keys = [r.node for r in recs]
+        if current in self._shown_keys:
+            table.move_cursor(row=self._shown_keys.index(current), column=col, animate=False)
+        elif recs:
+            table.move_cursor(row=0, column=col, animate=False)
+        self._update_info()
+
+    def _update_info(self) -> None:
+        parts = [self.status] if self.status else []
+        if self.filter_text:
+            parts.append(f"filter '{self.filter_text}': {len(self._shown_keys)} of {len(self.records)}")
+        if self.sort_key is not None:
+            header = {"node": "node", "kind": "kind", "shape": "shape"}.get(self.sort_key) or next(
+                (c.header for c in self.columns if c.key == self.sort_key), self.sort_key)
+            parts.append(f"sorted by {header} {'▼' if self.sort_reverse else '▲'}")
+        parts.append("s/S sort · f filter · enter open")
+        self.query_one("#table-info", Label).update(" · ".join(parts))
+
+    # ---- actions -----------------------------------------------------------------------------
+    def column_under_cursor(self) -> str:
+        keys = ["node", "kind", "shape"] + [c.key for c in self.columns]
+        col = self.table.cursor_coordinate.column
+        return keys[min(max(0, col), len(keys) - 1)]
+
+    def action_sort(self, reverse: bool) -> None:
+        """s / S: sort by the column under the cursor (smallest first / largest first); missing values last."""
+        self.sort_key = self.column_under_cursor()
+        self.sort_reverse = bool(reverse)
+        self._rebuild()
+
+    def action_filter(self) -> None:
+        """f: type words and conditions; rows update as you type."""
+        box = self.query_one(FilterInput)
+        box.add_class("-shown")
+        box.value = self.filter_text
+        box.focus()
+
+    def close_filter(self, clear: bool) -> None:
+        box = self.query_one(FilterInput)
+        if clear:
+            box.value = ""
+            self.filter_text = ""
+            self._rebuild()
+        box.remove_class("-shown")
+        self.table.focus()
+
+    def action_focus_table(self) -> None:
+        """tab: move the focus between the tree and the table."""
+        if self.table.has_focus:
+            tree = getattr(self.app, "tree", None)
+            if tree is not None and tree.parent is not None and tree.parent.display:
+                tree.focus()
+                return
+            self.app.screen.focus_next()
+        else:
+            self.table.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if isinstance(event.input, FilterInput):
+            event.stop()
+            self.filter_text = event.value.strip()
+            self._rebuild()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if isinstance(event.input, FilterInput):
+            event.stop()
+            self.close_filter(clear=False)
+
+    def on_data_table_cell_selected(self, event: DataTable.CellSelected) -> None:
+        event.stop()
+        row = event.coordinate.row
+        if 0 <= row < len(self._shown_keys):
+            self.post_message(OpenNode(self._shown_keys[row]))
