@@ -231,12 +231,12 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
             r["truncatable_fraction"] = truncatable_fraction(sd, DEFAULT_TOLERANCE)
     if spectral:
         from analysis.backend import SpectralSettings
-        from analysis.spectra import spectral_metrics
+        from analysis.spectra import batched_spectral_metrics
 
         settings = settings or SpectralSettings()
-        N = max(m, n)
-        for i, r in enumerate(rows):
-            metrics = spectral_metrics(dW[i], settings, evals=evals_d[i] / N)
+        # one batched fit over the stack, on the float64-Gram ESD of ΔW computed above (λ = σ²/N)
+        spectra = batched_spectral_metrics(dW, settings, evals=evals_d / max(m, n))
+        for r, metrics in zip(rows, spectra):
             for key, value in metrics.items():
                 r.setdefault(key, value)
     return rows

@@ -292,3 +292,21 @@ def test_truncatable_fraction_column_on_a_planted_rank():
     m = D.delta_metrics(W0, W0 + dW, dtype=torch.float64, spectral=False, truncation=True)
     assert m["truncatable_fraction"] == pytest.approx(0.8)
     assert "truncatable_fraction" not in D.delta_metrics(W0, W0 + dW, spectral=False)
+
+
+def test_spectral_metrics_of_the_delta_itself():
+    # ΔW = U·diag(3, 2, 1)·Vᵀ planted in 24×40 (float64): SPEC §3 metrics must describe ΔW, not W₀:
+    # frob_norm = √14 = delta_frob, l2_norm = 3, stable_rank = 14/9, hard_rank = 3 (rtol 1e-5 on λ),
+    # effective_rank = exp(entropy of σ/Σσ) with σ = (3, 2, 1).
+    U = torch.linalg.qr(torch.randn(24, 3, generator=_gen(50), dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(40, 3, generator=_gen(51), dtype=torch.float64))[0]
+    dW = U @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) @ V.T
+    W0 = torch.randn(24, 40, generator=_gen(52), dtype=torch.float64)
+    m = D.delta_metrics(W0, W0 + dW, dtype=torch.float64, spectral=True)
+    assert m["frob_norm"] == pytest.approx(math.sqrt(14.0), rel=1e-9)
+    assert m["delta_frob"] == pytest.approx(math.sqrt(14.0), rel=1e-9)
+    assert m["l2_norm"] == pytest.approx(3.0, rel=1e-9)
+    assert m["stable_rank"] == pytest.approx(14.0 / 9.0, rel=1e-9)
+    assert m["hard_rank"] == 3
+    p = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) / 6.0
+    assert m["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
