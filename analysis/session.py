@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -100,6 +100,7 @@ class CheckpointSpectrum:
     label: str
     evals: np.ndarray          # ESD λ = σ²/N, ascending
     metrics: dict[str, Any]    # the scan's row: rows, cols, SPEC §3 names, *_reliable flags, fit_warning
+    lines: dict[str, np.ndarray] = field(default_factory=dict)  # spectra.fit_lines: pl/tpl/mp x and pdf
 
 
 @dataclass(frozen=True)
@@ -328,8 +329,13 @@ class ExplorerSession:
                             delta_against=self.base if delta else None, settings=self.settings, cache=cache)
 
     def _checkpoint_spectrum(self, ckpt: "Checkpoint", node: Node, probe: bool) -> CheckpointSpectrum:
+        from analysis.spectra import fit_lines
+
         row = self._node_metrics(ckpt, node, delta=False, probe=probe)
-        return CheckpointSpectrum(ckpt.label, _np(row.pop("eigenvalues")), row)
+        evals = _np(row.pop("eigenvalues"))
+        rows, cols = _shape(row)
+        lines = fit_lines(evals, row, max(rows, cols), min(rows, cols)) if evals.size else {}
+        return CheckpointSpectrum(ckpt.label, evals, row, lines)
 
     # ---- spectra ---------------------------------------------------------------------------
     def cached_spectrum(self, node: Node) -> SpectrumResult | None:

@@ -96,8 +96,10 @@ def test_navigate_compute_mark_export(session: ExplorerSession, family: list[Pat
                 assert spec.metrics["pl_alpha"] == pytest.approx(row["pl_alpha"], rel=1e-9, nan_ok=True)
                 assert spec.evals == pytest.approx(row["eigenvalues"], rel=1e-6)
             # drawn: the chart names every checkpoint; the panel shows α greyed (16 eigenvalues < 100)
+            legend = str(app.query_one("#spectrum-legend").render())
+            assert "base" in legend and "chem" in legend and "code" in legend
             chart = str(app.query_one("#spectrum-plot").render())
-            assert "base" in chart and "chem" in chart and "code" in chart
+            assert sum(0x2800 < ord(c) <= 0x28FF for c in chart) > 20  # braille dots of the drawn ESDs
             panel = app.query_one("#spectrum-metrics")
             alpha_cells = [c.plain for c in panel.get_row("α PL")[1:]]
             assert alpha_cells == [fmt(s.metrics["pl_alpha"]) + "?" for s in result.spectra]

@@ -11,6 +11,7 @@ import math
 from typing import Any, Callable
 
 import numpy as np
+from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -21,7 +22,8 @@ from textual_plotext import PlotextPlot
 from diffract_tui.messages import MetricsReady
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
-from diffract_tui.widgets.charts import log_ticks, muted_color, no_color, positive, series_color, series_marker
+from diffract_tui.widgets.charts import (legend_key, log_ticks, muted_color, no_color, positive, series_color,
+                                         series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
 CHARTS: tuple[str, ...] = ("sigma", "truncation", "agreement")
@@ -53,6 +55,7 @@ class DeltaView(NodeView):
     DEFAULT_CSS = """
     DeltaView { layout: vertical; }
     DeltaView > #delta-title { height: 1; width: 1fr; text-style: bold; }
+    DeltaView > #delta-legend { height: 1; width: 1fr; }
     DeltaView > #delta-charts { height: 1fr; min-height: 8; }
     DeltaView PlotextPlot { width: 1fr; height: 1fr; }
     DeltaView.-narrow PlotextPlot { display: none; }
@@ -68,6 +71,7 @@ class DeltaView(NodeView):
 
     def compose(self) -> ComposeResult:
         yield Label("", id="delta-title")
+        yield Label("", id="delta-legend")
         with Horizontal(id="delta-charts"):
             for name in CHARTS:
                 yield PlotextPlot(id=f"delta-{name}", classes="-shown" if name == CHARTS[0] else "")
@@ -94,6 +98,7 @@ class DeltaView(NodeView):
         self.remove_class("-stale")
         self.add_class("-empty")
         self.query_one("#delta-title", Label).update(text)
+        self.query_one("#delta-legend", Label).update("")
         self.query_one(MetricPanel).clear(columns=True)
         self._clear()
 
@@ -140,7 +145,7 @@ class DeltaView(NodeView):
         for i, d in enumerate(deltas):
             s = positive(d.sigma)
             if s.size:
-                plt.plot(list(range(1, s.size + 1)), np.log10(s).tolist(), label=d.label,
+                plt.plot(list(range(1, s.size + 1)), np.log10(s).tolist(),
                          color=series_color(i + 1), marker=series_marker(i))
                 tops.append((float(np.log10(s.min())), float(np.log10(s.max()))))
         if tops:
@@ -152,7 +157,7 @@ class DeltaView(NodeView):
         # truncation error vs t
         plt = plots["truncation"].plt
         for i, d in enumerate(deltas):
-            plt.plot(d.ts.tolist(), d.error.tolist(), label=d.label, color=series_color(i + 1),
+            plt.plot(d.ts.tolist(), d.error.tolist(), color=series_color(i + 1),
                      marker=series_marker(i))
         plt.hline(TRUNCATION_TOLERANCE, color=series_color(5))
         plt.ylim(0, 1)
@@ -162,11 +167,11 @@ class DeltaView(NodeView):
         plt = plots["agreement"].plt
         for i, d in enumerate(deltas):
             if d.agreement_k.size:
-                plt.plot(np.log10(d.agreement_k).tolist(), d.agreement.tolist(), label=d.label,
+                plt.plot(np.log10(d.agreement_k).tolist(), d.agreement.tolist(),
                          color=series_color(i + 1), marker=series_marker(i))
         if deltas and deltas[0].agreement_k.size:
             d = deltas[0]
-            plt.plot(np.log10(d.agreement_k).tolist(), d.noise_floor.tolist(), label="noise floor",
+            plt.plot(np.log10(d.agreement_k).tolist(), d.noise_floor.tolist(),
                      color=muted_color(), marker="x" if no_color() else "dot")
             ks = d.agreement_k
             ticks = sorted({float(k) for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -178,6 +183,12 @@ class DeltaView(NodeView):
         plt.ylim(0, 1)
         plt.title(CHART_TITLES["agreement"])
         plt.xlabel("k")
+        legend = Text()
+        for i, d in enumerate(deltas):
+            legend.append_text(legend_key(d.label, series_color(i + 1), series_marker(i)))
+        legend.append_text(legend_key("A1 noise floor", muted_color(), "x" if no_color() else "dot"))
+        legend.append_text(legend_key(f"tolerance {TRUNCATION_TOLERANCE}", series_color(5), "dot"))
+        self.query_one("#delta-legend", Label).update(legend)
         for plot in plots.values():
             plot.refresh()
 

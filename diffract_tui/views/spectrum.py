@@ -9,17 +9,17 @@ import math
 from typing import Any, Callable
 
 import numpy as np
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
 from textual.widgets import Label
 from textual_plotext import PlotextPlot
 
 from diffract_tui.messages import MetricsReady
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
-from diffract_tui.widgets.charts import (bounds, fmt, log_histogram, log_ticks, no_color, power_law_line,
-                                         series_color, series_marker, truncated_power_law_line)
+from diffract_tui.widgets.charts import (bounds, fit_color, fmt, legend_key, log_histogram, log_ticks, log_xy,
+                                         no_color, series_color, series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
 # (row label, metric name, greyed when the power-law fit is unreliable)
@@ -58,10 +58,10 @@ class SpectrumView(NodeView):
     DEFAULT_CSS = """
     SpectrumView { layout: vertical; }
     SpectrumView > #spectrum-title { height: 1; width: 1fr; text-style: bold; }
-    SpectrumView > #spectrum-legend { height: 1; width: 1fr; color: $text-muted; }
-    SpectrumView > #spectrum-plot { height: 1fr; min-height: 8; }
-    SpectrumView > #spectrum-metrics { height: auto; max-height: 45%; }
-    SpectrumView > #spectrum-note { height: auto; width: 1fr; color: $text-muted; }
+    SpectrumView > #spectrum-legend { height: auto; max-height: 3; width: 1fr; }
+    SpectrumView > #spectrum-plot { height: 1fr; min-height: 10; }
+    SpectrumView > #spectrum-metrics { height: auto; max-height: 40%; }
+    SpectrumView > #spectrum-note { height: auto; max-height: 2; width: 1fr; color: $text-muted; }
     SpectrumView.-empty > #spectrum-plot { display: none; }
     SpectrumView.-stale > #spectrum-plot, SpectrumView.-stale > #spectrum-metrics { text-opacity: 40%; }
     """
@@ -105,7 +105,7 @@ class SpectrumView(NodeView):
     def show_result(self, node: NodeRef, result: Any) -> None:
         self.remove_class("-empty", "-stale")
         rows, cols = result.shape
-        self.query_one("#spectrum-title", Label).update(f"{node.label()}  {result.title}  {rows}×{cols}")
+        self.query_one("#spectrum-title", Label).update(f"ESD {node.label()}  {result.title}  {rows}×{cols}")
         self._draw(result)
         self._fill_metrics(result)
         base = result.spectra[0].metrics
@@ -144,35 +144,34 @@ class SpectrumView(NodeView):
             return
         bins = esd_bins(min(s.evals.size for s in spectra))
         xs_all, ys_all = [], []
+        legend = Text()
         for i, spec in enumerate(spectra):
             x, y = log_histogram(spec.evals, bins=bins, lo=lo, hi=hi)
             xs_all.append(x)
             ys_all.append(y)
-            plt.plot(x.tolist(), y.tolist(), label=spec.label, color=series_color(i), marker=series_marker(i))
+            plt.plot(x.tolist(), y.tolist(), color=series_color(i), marker=series_marker(i))
+            legend.append_text(legend_key(spec.label, series_color(i), series_marker(i)))
         m = focus.metrics
-        n = max(1, focus.evals.size)
-        legend = [f"fits of {focus.label} (c: next)"]
-        alpha, xmin = _num(m.get("pl_alpha")), _num(m.get("pl_esd_xmin"))
-        n_tail = _num(m.get("pl_n_tail"))
-        frac = (n_tail / n) if np.isfinite(n_tail) else 1.0
-        x, y = power_law_line(alpha, xmin, hi, frac)
-        if x.size:
-            plt.plot(x.tolist(), y.tolist(), label=f"PL α={fmt(alpha)}", color=series_color(4), marker="dot")
-            ys_all.append(y)
-        t_alpha, t_lam = _num(m.get("tpl_alpha")), _num(m.get("tpl_lambda"))
-        t_xmin = _num(m.get("tpl_esd_xmin", m.get("pl_esd_xmin")))
-        x, y = truncated_power_law_line(t_alpha, t_lam, t_xmin, hi, frac)
-        if x.size:
-            plt.plot(x.tolist(), y.tolist(), label=f"TPL α={fmt(t_alpha)}", color=series_color(3), marker="dot")
-            ys_all.append(y)
+        legend.append(f"\nfits of {focus.label} (c next):", style="dim")
+        hist_lo, _ = bounds(ys_all)
+        for name, key, label in (("pl", "pl_alpha", "PL α"), ("tpl", "tpl_alpha", "TPL α"), ("mp", None, "MP")):
+            x, y = log_xy(focus.lines.get(f"{name}_x"), focus.lines.get(f"{name}_pdf"), floor=hist_lo - 1.0)
+            if x.size:
+                plt.plot(x.tolist(), y.tolist(), color=fit_color(name), marker="dot")
+                ys_all.append(y)
+                text = label if key is None else f"{label} {fmt(m.get(key))}"
+                legend.append_text(legend_key(text, fit_color(name), "dot"))
         ylo, yhi = bounds(ys_all)
-        for name, key, color in (("xmin", "pl_esd_xmin", 6), ("MP", "mp_esd_max", 4), ("TW", "tw_esd_bound", 5)):
+        edges = []
+        for name, key in (("xmin", "pl_esd_xmin"), ("λ+", "mp_esd_max"), ("TW", "tw_esd_bound")):
             value = _num(m.get(key))
             if np.isfinite(value) and value > 0:
-                plt.vline(math.log10(value), color=series_color(color))
+                plt.vline(math.log10(value), color=fit_color(name))
                 if np.isfinite(yhi):
-                    plt.text(name, math.log10(value), yhi, color=series_color(color))
-                legend.append(f"{name} {fmt(value)}")
+                    plt.text(name, math.log10(value), yhi, color=fit_color(name))
+                edges.append(f"{name} {fmt(value)}")
+        if edges:
+            legend.append("  │ " + " ".join(edges), style="dim")
         xlo, xhi = bounds(xs_all)
         xt, xl = log_ticks(xlo, xhi)
         yt, yl = log_ticks(ylo, yhi, most=4)
@@ -180,9 +179,7 @@ class SpectrumView(NodeView):
             plt.xticks(xt, xl)
         if yt:
             plt.yticks(yt, yl)
-        plt.xlabel("λ")
-        plt.ylabel("density")
-        self.query_one("#spectrum-legend", Label).update("  ".join(legend))
+        self.query_one("#spectrum-legend", Label).update(legend)
         plot.refresh()
 
     def _fill_metrics(self, result: Any) -> None:
@@ -196,13 +193,9 @@ class SpectrumView(NodeView):
             rows.append((label, values))
             grey.append([fit and not s.metrics.get("pl_alpha_reliable", True) for s in spectra])
         self.query_one(MetricPanel).show_metrics([s.label for s in spectra], rows, grey)
-        by_reason: dict[str, list[str]] = {}
-        for s in spectra:
-            if s.metrics.get("fit_warning"):
-                by_reason.setdefault(str(s.metrics["fit_warning"]), []).append(s.label)
-        parts = [reason if len(labels) == len(spectra) else f"{', '.join(labels)}: {reason}"
-                 for reason, labels in by_reason.items()]
-        note = "? = unreliable fit: " + "; ".join(parts) if parts else ""
+        focus = spectra[self.focus_index % len(spectra)]
+        warning = focus.metrics.get("fit_warning")
+        note = f"? unreliable fit ({focus.label}): {warning}" if warning else ""
         self.query_one("#spectrum-note", Label).update(note)
 
 

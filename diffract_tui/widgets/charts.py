@@ -10,6 +10,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from rich.text import Text
 
 # Distinct series colours that read on dark and light themes; ignored under NO_COLOR.
 SERIES_COLORS: tuple[str, ...] = ("cyan", "orange", "magenta", "green", "red", "blue", "yellow")
@@ -24,6 +25,25 @@ def no_color() -> bool:
 def series_color(i: int) -> str:
     """The plotext colour of the i-th series; the terminal's default colour under NO_COLOR."""
     return "default" if no_color() else SERIES_COLORS[i % len(SERIES_COLORS)]
+
+
+FIT_COLORS = {"pl": "green", "tpl": "red", "mp": "blue", "xmin": "yellow", "λ+": "blue", "TW": "gray"}
+# plotext colour names that Rich spells differently
+_RICH_NAMES = {"orange": "dark_orange", "gray": "grey50", "default": "default"}
+_MARKER_GLYPHS = {"braille": "⣿", "dot": "•", "sd": "▘", "hd": "▞", "fhd": "▟", "x": "x", "+": "+"}
+
+
+def fit_color(name: str) -> str:
+    """Colour of a fitted line or edge (`pl`, `tpl`, `mp`, `xmin`, `λ+`, `TW`); default under NO_COLOR."""
+    return "default" if no_color() else FIT_COLORS.get(name, "white")
+
+
+def legend_key(label: str, color: str, marker: str) -> Text:
+    """` ━ label` in the series colour (the marker glyph under NO_COLOR), for a one-line legend above a chart
+    (plotext's own legend would cover the data in a small terminal)."""
+    glyph = _MARKER_GLYPHS.get(marker, "━") if no_color() else "━"
+    style = "" if no_color() else _RICH_NAMES.get(color, color)
+    return Text.assemble(" ", (glyph, style), f" {label}")
 
 
 def muted_color() -> str:
@@ -68,52 +88,48 @@ def log_histogram(values: np.ndarray, bins: int = 40, lo: float | None = None,
     return np.log10(centres[keep]), np.log10(density[keep])
 
 
-def power_law_line(alpha: float, xmin: float, xmax: float, tail_fraction: float,
-                   points: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """log10 of the fitted PL density over [xmin, xmax], scaled to the whole ESD (×n_tail/n).
-
-    p(λ) = (α−1)/xmin · (λ/xmin)^−α for λ ≥ xmin (SPEC §3's continuous power law).
-    """
-    if not (np.isfinite(alpha) and alpha > 1 and np.isfinite(xmin) and xmin > 0 and xmax > xmin):
+def log_xy(x: np.ndarray | None, y: np.ndarray | None, floor: float = -np.inf,
+           points: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """log10 of a curve (e.g. an engine fit line) where both coordinates are positive and log10(y) ≥ floor,
+    thinned to about `points` points (plotext draws every point)."""
+    if x is None or y is None:
         return np.empty(0), np.empty(0)
-    x = np.logspace(math.log10(xmin), math.log10(xmax), points)
-    p = tail_fraction * (alpha - 1.0) / xmin * (x / xmin) ** (-alpha)
-    return np.log10(x), np.log10(p)
-
-
-def truncated_power_law_line(alpha: float, lam: float, xmin: float, xmax: float, tail_fraction: float,
-                             points: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """log10 of the fitted TPL density ∝ λ^−α e^{−Λλ} over [xmin, xmax], normalised on [xmin, ∞).
-
-    The normalising integral is taken numerically on a log grid out to where the tail is negligible.
-    """
-    if not (np.isfinite(alpha) and np.isfinite(lam) and lam >= 0 and np.isfinite(xmin) and xmin > 0
-            and xmax > xmin):
-        return np.empty(0), np.empty(0)
-    upper = max(xmax, xmin) * 1e6 if lam == 0 else max(xmax, xmin + 60.0 / lam)
-    grid = np.logspace(math.log10(xmin), math.log10(upper), 4000)
-    dens = grid ** (-alpha) * np.exp(-lam * (grid - xmin))
-    norm = np.trapezoid(dens, grid) if hasattr(np, "trapezoid") else np.trapz(dens, grid)
-    if not (np.isfinite(norm) and norm > 0):
-        return np.empty(0), np.empty(0)
-    x = np.logspace(math.log10(xmin), math.log10(xmax), points)
-    p = tail_fraction * x ** (-alpha) * np.exp(-lam * (x - xmin)) / norm
-    ok = p > 0
-    return np.log10(x[ok]), np.log10(p[ok])
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    lx, ly = np.log10(x[ok]), np.log10(y[ok])
+    keep = ly >= floor
+    lx, ly = lx[keep], ly[keep]
+    step = max(1, lx.size // points)
+    return lx[::step], ly[::step]
 
 
 def log_ticks(lo: float, hi: float, most: int = 5) -> tuple[list[float], list[str]]:
-    """Integer-decade tick positions between log10 bounds `lo`..`hi` and labels like 1e-3."""
+    """Tick positions between log10 bounds `lo`..`hi` and their labels (1e-3, 2e-3, 5e-3, …): decades when
+    the range spans several, else 1-2-5 steps, else a few evenly spaced values."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return [], []
-    first, last = math.ceil(lo), math.floor(hi)
-    decades = list(range(first, last + 1))
-    if not decades:
-        mid = (lo + hi) / 2
-        return [mid], [f"{10 ** mid:.2g}"]
-    step = max(1, math.ceil(len(decades) / most))
-    decades = decades[::step]
-    return [float(d) for d in decades], [f"1e{d}" for d in decades]
+    if hi <= lo:
+        return [lo], [f"{10 ** lo:.2g}"]
+    decades = [float(d) for d in range(math.ceil(lo), math.floor(hi) + 1)]
+    if len(decades) >= 3:
+        ticks = decades
+    else:
+        ticks = [math.log10(m) + d for d in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5)]
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) < 3:
+            ticks = list(np.linspace(lo, hi, 4))
+    step = max(1, math.ceil(len(ticks) / most))
+    ticks = ticks[::step]
+    return ticks, [tick_label(10 ** t) for t in ticks]
+
+
+def tick_label(value: float) -> str:
+    """A short axis label: 2 significant digits, exponents without '+' or leading zeros (2e2, 1e-3)."""
+    text = f"{value:.2g}"
+    if "e" in text:
+        mantissa, exp = text.split("e")
+        text = f"{mantissa}e{int(exp)}"
+    return text
 
 
 def bounds(series: Sequence[np.ndarray]) -> tuple[float, float]:
