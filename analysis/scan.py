@@ -195,10 +195,7 @@ def _weight_batch_metrics(Ws: torch.Tensor, settings: "SpectralSettings") -> tup
     from analysis.spectra import batched_spectral_metrics, eigenvalues
 
     evals = eigenvalues(Ws, settings)
-    try:
-        rows = batched_spectral_metrics(Ws, settings, evals=evals)
-    except TypeError:  # an engine whose batched call takes no precomputed eigenvalues
-        rows = batched_spectral_metrics(Ws, settings)
+    rows = batched_spectral_metrics(Ws, settings, evals=evals)
     return [_clean(r) for r in rows], evals.detach().cpu().numpy()
 
 

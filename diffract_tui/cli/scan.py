@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         ),
         no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything; read and write no cache."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", min=1, help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores)."
+        ),
     ) -> None:
         """Scan checkpoints: one row per matrix (and head slice, and delta) with every SPEC §3 metric."""
         from analysis.errors import DiffractError
@@ -46,12 +49,13 @@ def register(app: typer.Typer) -> None:
                                 hint="pass the base and one or more continually-pretrained checkpoints")
 
         from analysis import ENGINE_VERSION
-        from analysis.backend import SpectralSettings, resolve_device
+        from analysis.backend import SpectralSettings, apply_thread_policy, resolve_device
         from analysis.cache import Cache
         from analysis.checkpoint import open_checkpoint
         from analysis.scan import scan
         from analysis.tables import write_table
 
+        apply_thread_policy(threads)
         settings = SpectralSettings(device=device, dtype=dtype)
         device_kind = resolve_device(device).type
         cache = None if no_cache else Cache(cache_dir)
