@@ -161,6 +161,13 @@ def _tpl_J(alpha: float, c):
     b ≤ 0 with tiny c, so those points are evaluated at α ± 1e-7 and averaged (J is smooth in α);
     c = 0 is the pure power law, J = 1/(α−1). Accepts a scalar or an array c.
     """
+    if isinstance(c, float):                       # scalar fast path (the optimiser's inner loop)
+        if c <= 0.0:
+            return 1.0 / (alpha - 1.0) if alpha > 1.0 else math.inf
+        v = special.hyperu(1.0, 2.0 - alpha, c)
+        if v != v or v == math.inf:
+            v = 0.5 * (special.hyperu(1.0, 2.0 - alpha - 1e-7, c) + special.hyperu(1.0, 2.0 - alpha + 1e-7, c))
+        return float(v)
     c_arr = np.asarray(c, dtype=np.float64)
     with np.errstate(all="ignore"):
         value = special.hyperu(1.0, 2.0 - alpha, c_arr)
@@ -219,22 +226,33 @@ def fit_tpl(tail: np.ndarray, xmin: float, alpha0: float) -> tuple[float, float]
     mean_log = float(np.mean(np.log(t)))
     mean_t = float(np.mean(t))
 
-    def nll(p: np.ndarray) -> float:
+    def nll(p) -> float:
         a, c = float(p[0]), float(p[1])
         J = _tpl_J(a, c)
-        if not (J > 0 and math.isfinite(J)):
+        if not (0.0 < J < math.inf):
             return 1e300
         return a * mean_log + c * (mean_t - 1.0) + math.log(J)
 
     a0 = alpha0 if (math.isfinite(alpha0) and alpha0 > 1.0) else 2.0
-    # Nelder–Mead (as powerlaw) in (α, c/c_scale): scipy 1.17's L-BFGS-B spends ~2 ms per iteration in
-    # its Fortran driver here, 10× the cost of the objective; the problem is 2-D and convex.
-    c_scale = 1.0 / max(mean_t - 1.0, 1e-12)          # the exponential's c, the natural unit of c
-    res = optimize.minimize(lambda p: nll(np.array([p[0], p[1] * c_scale])), x0=[a0, 0.05],
-                            method="Nelder-Mead", bounds=[(0.0, 50.0), (0.0, 1e6 / c_scale)],
-                            options={"xatol": 1e-9, "fatol": 1e-15, "maxiter": 2000,
-                                     "initial_simplex": [[a0, 0.05], [a0 + 0.5, 0.05], [a0, 0.5]]})
-    res.x[1] *= c_scale
+    # Nelder–Mead (as powerlaw; scipy 1.17's L-BFGS-B spends ~2 ms per iteration in its driver here, 10×
+    # the objective). Stage 1 searches (α, log10 c) from a cut-off at the largest value (c = 1/t_max):
+    # c spans decades and the heavy tail makes any moment-based scale useless. Stage 2 polishes in
+    # linear (α, c/c₁), where the problem is convex.
+    t_max = float(np.max(t))
+    lc0 = -math.log10(max(t_max, 1.0 + 1e-12))
+    stage1 = optimize.minimize(lambda p: nll((p[0], 10.0 ** p[1])), x0=[a0, lc0], method="Nelder-Mead",
+                               bounds=[(0.0, 50.0), (-30.0, 6.0)],
+                               options={"xatol": 1e-4, "fatol": 1e-10, "maxiter": 300,
+                                        "initial_simplex": [[a0, lc0], [a0 + 0.3, lc0], [a0, lc0 + 1.0]]})
+    a1, c1 = float(stage1.x[0]), 10.0 ** float(stage1.x[1])
+    res = optimize.minimize(lambda p: nll((p[0], p[1] * c1)), x0=[a1, 1.0], method="Nelder-Mead",
+                            bounds=[(0.0, 50.0), (0.0, 1e6 / c1)],
+                            options={"xatol": 1e-9, "fatol": 1e-14, "maxiter": 300,
+                                     "initial_simplex": [[a1, 1.0], [a1 + 0.01, 1.0], [a1, 1.05]]})
+    res.x[1] *= c1
+    if stage1.fun < res.fun:
+        res.x[:] = [a1, c1]
+        res.fun = stage1.fun
     a, c = float(res.x[0]), float(res.x[1])
     if math.isfinite(alpha0) and alpha0 > 1.0 and nll(np.array([alpha0, 0.0])) <= res.fun:
         a, c = alpha0, 0.0          # the Λ = 0 boundary (pure power law) is at least as likely
