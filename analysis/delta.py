@@ -234,11 +234,16 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
         from analysis.spectra import batched_spectral_metrics
 
         settings = settings or SpectralSettings()
-        # one batched fit over the stack, on the float64-Gram ESD of ΔW computed above (λ = σ²/N)
-        spectra = batched_spectral_metrics(dW, settings, evals=evals_d / max(m, n))
-        for r, metrics in zip(rows, spectra):
-            for key, value in metrics.items():
-                r.setdefault(key, value)
+        # one batched fit over the stack, on the float64-Gram ESD of ΔW computed above (λ = σ²/N); a zero
+        # delta (an unchanged tensor) has no spectrum to describe, so its spectral columns stay empty
+        nonzero = [i for i, r in enumerate(rows) if r["delta_frob"] > 0]
+        if nonzero:
+            idx = torch.tensor(nonzero, device=dW.device)
+            spectra = batched_spectral_metrics(dW.index_select(0, idx), settings,
+                                               evals=evals_d.index_select(0, idx) / max(m, n))
+            for i, metrics in zip(nonzero, spectra):
+                for key, value in metrics.items():
+                    rows[i].setdefault(key, value)
     return rows
 
 

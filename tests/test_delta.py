@@ -310,3 +310,14 @@ def test_spectral_metrics_of_the_delta_itself():
     assert m["hard_rank"] == 3
     p = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) / 6.0
     assert m["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
+
+
+def test_zero_delta_rows_have_no_spectral_columns():
+    # An unchanged matrix has ΔW = 0: norms are 0, ρ is 0/0 (NaN) and there is no spectrum to fit, while a
+    # changed matrix in the same batch still gets its SPEC §3 metrics.
+    W = torch.randn(3, 20, 30, generator=_gen(60))
+    Wd = W.clone()
+    Wd[1] += 0.1 * torch.randn(20, 30, generator=_gen(61))
+    rows = D.batched_delta_metrics(W, Wd, spectral=True)
+    assert rows[0]["delta_frob"] == 0.0 and math.isnan(rows[0]["delta_rho"]) and "pl_alpha" not in rows[0]
+    assert rows[1]["frob_norm"] == pytest.approx(rows[1]["delta_frob"], rel=1e-9) and "pl_alpha" in rows[1]
