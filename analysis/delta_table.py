@@ -235,8 +235,8 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
         else:
             for layer_i in range(layout.num_layers):
                 tick(f"head scores, layer {layer_i}")
-            scores[labels[0]] = head_scores(base, targets[0], layout, exclude_kv=options.exclude_kv,
-                                                   dtype=dtype, device=device)
+            scores[labels[0]] = head_scores(base, targets[0], layout, exclude_kv=options.exclude_kv, dtype=dtype,
+                                            device=device)
 
     # ---- head slices ----------------------------------------------------------------------------
     if heads_on:
@@ -248,6 +248,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
             if (i, metric, proj) not in partner:
                 partner[(i, metric, proj)] = agreement.partner_mean(i, metric, proj)
             return partner[(i, metric, proj)]
+
         for layer in range(layout.num_layers):
             for p in PROJECTIONS:
                 tensor = layout.projection(layer, p).tensor
