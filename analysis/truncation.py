@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -157,3 +157,39 @@ def dare_error(dW: torch.Tensor, p: float, generator: torch.Generator | int = 42
 def dare_curve(dW: torch.Tensor, ps: Sequence[float], seed: int = 42) -> torch.Tensor:
     """DARE errors at several drop probabilities (one seeded generator per p, so each p is reproducible)."""
     return torch.tensor([dare_error(dW, p, torch.Generator().manual_seed(seed)) for p in ps], dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class DeltaTruncation:
+    """SPEC §5 curves of every shared matrix's ΔW between two checkpoints, and their energy-weighted
+    aggregates by module kind ("attention", "mlp", "embedding", …) and by layer (None = global matrices)."""
+
+    matrices: dict[tuple[int | None, str], TruncationCurve]     # (layer, module name) → curve
+    kinds: dict[str, TruncationCurve]
+    layers: dict[int | None, TruncationCurve]
+    ranks: dict[tuple[int | None, str], dict[float, int]]        # rank for 90/95/99 % energy per matrix
+    overall: TruncationCurve | None
+
+
+def delta_truncation(base: Any, target: Any, layout: Any, *, ts: Sequence[float] | torch.Tensor = DEFAULT_TS,
+                     dtype: torch.dtype = torch.float32, shared: set[str] | None = None) -> DeltaTruncation:
+    """Walk the layout's ≥ 2-D modules (those in `shared`, default all), one σ(ΔW) per matrix (float64 Gram)."""
+    from analysis.heads import module_matrix
+
+    mods = [(layer.index, m) for layer in layout.layers for m in layer.modules]
+    mods += [(None, m) for m in layout.globals]
+    curves: dict[tuple[int | None, str], TruncationCurve] = {}
+    kind_of: dict[tuple[int | None, str], str] = {}
+    ranks: dict[tuple[int | None, str], dict[float, int]] = {}
+    for layer, m in mods:
+        if len(m.shape) < 2 or (shared is not None and m.tensor not in shared):
+            continue
+        dW = module_matrix(target, m, dtype) - module_matrix(base, m, dtype)
+        sigma = singular_values(dW)
+        curves[(layer, m.name)] = truncation_curve(sigma, ts)
+        kind_of[(layer, m.name)] = m.kind
+        ranks[(layer, m.name)] = energy_ranks(sigma)
+    return DeltaTruncation(matrices=curves,
+                           kinds={str(k): v for k, v in aggregate_by(curves, lambda key: kind_of[key]).items()},
+                           layers=aggregate_by(curves, lambda key: key[0]),
+                           ranks=ranks, overall=aggregate_curves(curves.values()) if curves else None)

@@ -118,3 +118,24 @@ def test_three_domains_mean_pairwise_agreement(tmp_path):
     assert float(res.spearman[0, 1]) > 0.99
     for c in (base, *doms):
         c.close()
+
+
+def test_truncation_aggregates_by_kind_and_layer(fam):
+    # The MLP deltas are exactly rank 4 (gate), 8 (up), 16 (down) in 256-wide matrices: keeping 16 values
+    # keeps ≥ 99.9 % of every MLP matrix and so of their energy-weighted aggregate; keeping 3 loses part of
+    # gate's rank-4 delta. Aggregates weigh matrices by ‖ΔW‖² (checked against a hand-weighted sum).
+    from analysis.truncation import delta_truncation
+
+    manifest, base, doms, layout = fam
+    M = 256
+    tr = delta_truncation(base, doms[0], layout, ts=[0.0, (M - 16) / M, (M - 3) / M])
+    mlp = tr.kinds["mlp"]
+    assert float(mlp.kept_energy[0]) == pytest.approx(1.0)
+    assert float(mlp.kept_energy[1]) >= 0.999
+    assert float(mlp.kept_energy[2]) < 0.999
+    layer0 = [c for (l, _), c in tr.matrices.items() if l == 0]
+    w = torch.tensor([c.energy for c in layer0], dtype=torch.float64)
+    manual = (torch.stack([c.kept_energy for c in layer0]) * w[:, None]).sum(0) / w.sum()
+    assert torch.allclose(tr.layers[0].kept_energy, manual)
+    assert tr.ranks[(0, "down")][0.99] <= 16 and tr.ranks[(0, "gate")][0.99] <= 4
+    assert set(tr.kinds) >= {"attention", "mlp", "embedding"}
