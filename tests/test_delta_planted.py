@@ -139,3 +139,25 @@ def test_truncation_aggregates_by_kind_and_layer(fam):
     assert torch.allclose(tr.layers[0].kept_energy, manual)
     assert tr.ranks[(0, "down")][0.99] <= 16 and tr.ranks[(0, "gate")][0.99] <= 4
     assert set(tr.kinds) >= {"attention", "mlp", "embedding"}
+
+
+def test_delta_cli_spectral_columns_recover_the_planted_ranks(fam, tmp_path):
+    # With the SPEC §3 metrics of ΔW on, hard_rank (λ > 1e-5·λ_max) of each planted low-rank MLP/embedding
+    # delta equals its planted rank: the float32 storage noise sits ~1e-14 below λ_max, far under rtol.
+    manifest, base, doms, layout = fam
+    out = tmp_path / "spec.json"
+    first = next(iter(manifest.domains.values()))
+    code = main(["delta", str(manifest.base), str(first), "--out", str(out), "--no-heads", "--no-cache",
+                 "--threads", "1"])
+    assert code == 0
+    rows, meta = read_table(out)
+    ranks = {(p.layer, p.module): p.rank for p in manifest.low_rank}
+    seen = 0
+    for r in rows:
+        if (r["layer"], r["module"]) in ranks:
+            assert r["hard_rank"] == ranks[(r["layer"], r["module"])], (r["tensor"], r["hard_rank"])
+            assert r["frob_norm"] == pytest.approx(r["delta_frob"], rel=1e-9)
+            assert r["stable_rank"] <= ranks[(r["layer"], r["module"])] + 1e-9
+            seen += 1
+    assert seen == len(manifest.low_rank)
+    assert meta["settings"]["spectral"]["xmin_rule"] == "ks"
