@@ -141,8 +141,9 @@ def dare(dW: torch.Tensor, p: float, generator: torch.Generator | int = 42) -> t
     if not 0.0 <= p < 1.0:
         raise ValueError("the DARE drop probability p must lie in [0, 1)")
     gen = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(int(generator))
-    keep = torch.rand(dW.shape, generator=gen, dtype=torch.float64) >= p
-    return torch.where(keep, dW.to(torch.float64) / (1.0 - p), torch.zeros((), dtype=torch.float64))
+    # the mask is drawn on the CPU (a CPU generator), so one seed gives one mask on every device
+    keep = (torch.rand(dW.shape, generator=gen, dtype=torch.float64) >= p).to(dW.device)
+    return torch.where(keep, dW.to(torch.float64) / (1.0 - p), torch.zeros((), dtype=torch.float64, device=dW.device))
 
 
 def dare_error(dW: torch.Tensor, p: float, generator: torch.Generator | int = 42) -> float:
