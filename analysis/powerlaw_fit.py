@@ -101,12 +101,15 @@ def power_law_curves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _local_min_index(ks: torch.Tensor, n: int) -> int:
     """Leftmost significant local minimum of one KS-vs-xmin curve (NaN = no candidate); -1 if none.
 
-    diffract-core's exact rule is not public; this follows its description as closely as we can:
-    a candidate is a *local minimum* when its KS is the smallest within ±w neighbouring candidates
-    (w = max(2, K//100) for K candidates — single-step wiggles of the discrete KS curve are noise), and
-    it is *significant* when its KS exceeds the global minimum by less than the 5 % Kolmogorov critical
-    value for its tail, 1.36/√n_tail (statistically indistinguishable from the best fit). The global
-    minimum always qualifies, so a fit always exists when any candidate does.
+    diffract-core's exact rule is not published with the package we have; this is our reading of it,
+    stated so it can be checked. Over the K candidates in ascending order, candidate i is chosen when it is
+    (a) a local minimum: the smallest KS within ±w candidates, w = max(2, K//100) (single-step wiggles
+        of the discrete KS curve are noise);
+    (b) a real dip: within ±4w candidates the curve rises to at least 1.05 × its KS on each side that
+        exists (a plateau or a shoulder is not a minimum);
+    (c) statistically indistinguishable from the best fit: KS_i − KS_min ≤ 1.36/√n_tail(i), the 5 %
+        Kolmogorov critical value for its tail.
+    The global minimum (first on ties) always counts, so the result is never right of the "ks" rule's xmin.
     """
     valid = ~torch.isnan(ks)
     pos = torch.nonzero(valid).flatten()
@@ -115,11 +118,18 @@ def _local_min_index(ks: torch.Tensor, n: int) -> int:
     curve = ks[pos]
     K = curve.numel()
     w = max(2, K // 100)
-    padded = torch.nn.functional.pad(curve[None, None], (w, w), value=math.inf)[0, 0]
-    window_min = padded.unfold(0, 2 * w + 1, 1).amin(-1)
+    pad = torch.nn.functional.pad
+    window_min = pad(curve[None, None], (w, w), value=math.inf)[0, 0].unfold(0, 2 * w + 1, 1).amin(-1)
+    W = 4 * w
+    padded = pad(curve[None, None], (W, W), value=-math.inf)[0, 0]
+    left_max = padded[:-W - 1].unfold(0, W, 1)[:K].amax(-1) if K else curve   # max over [i−W, i)
+    right_max = padded[W + 1:].unfold(0, W, 1)[:K].amax(-1)                  # max over (i, i+W]
+    rises = ((left_max >= 1.05 * curve) | (left_max == -math.inf)) & \
+            ((right_max >= 1.05 * curve) | (right_max == -math.inf))
     best = curve.min()
     n_tail = (n - pos).to(torch.float64)
-    ok = (curve <= window_min) & (curve - best <= 1.36 / torch.sqrt(n_tail))
+    ok = (curve <= window_min) & rises & (curve - best <= 1.36 / torch.sqrt(n_tail))
+    ok[int(curve.argmin())] = True
     return int(pos[torch.nonzero(ok).flatten()[0]])
 
 

@@ -41,9 +41,10 @@ def mp_cdf(x: np.ndarray, s2: float, Q: float, grid: int = 4097) -> np.ndarray:
     theta = np.linspace(0.0, math.pi, grid)
     centre, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
     lam = centre - half * np.cos(theta)
-    dens = np.sqrt(np.clip((hi - lam) * (lam - lo), 0.0, None)) / (2.0 * math.pi * y * s2 * lam)
-    integrand = dens * half * np.sin(theta)                  # dλ = half·sin θ dθ
-    steps = 0.5 * (integrand[1:] + integrand[:-1]) * np.diff(theta)
+    mid = 0.5 * (theta[1:] + theta[:-1])                       # midpoint rule: never evaluates λ = λ₋ = 0
+    lam_mid = centre - half * np.cos(mid)
+    dens = np.sqrt(np.clip((hi - lam_mid) * (lam_mid - lo), 0.0, None)) / (2.0 * math.pi * y * s2 * lam_mid)
+    steps = dens * half * np.sin(mid) * np.diff(theta)         # dλ = half·sin θ dθ
     cdf = np.concatenate([[0.0], np.cumsum(steps)])
     cdf /= cdf[-1]
     return np.interp(np.asarray(x, dtype=np.float64), lam, cdf, left=0.0, right=1.0)
