@@ -63,12 +63,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Interpolate checkpoints, base→CPT or task arithmetic; diagnostics and barriers.
 
-        endpoints: (1−α)A + αB, laid out like B. base-cpt: θ₀ + α(A − θ₀), laid out like A (a B given too
-        is used only for the diagnostics' cos). task-arithmetic: θ₀ + λ_A(A − θ₀) + λ_B(B − θ₀), laid out
-        like A. Computed in float32/float64, written in each tensor's stored dtype.
+        endpoints: (1−α)A + αB, laid out like B. base-cpt: θ₀ + α(A − θ₀), laid out like A (a B given too is used only for the diagnostics' cos). task-arithmetic: θ₀ + λ_A(A − θ₀) + λ_B(B − θ₀), laid out like A. Computed in float32/float64, written in each tensor's stored dtype.
 
-        --barrier: B = max over α of [(1−α)f(0) + αf(1) − f(α)]; a metric is a loss (sign flipped) with
-        --loss or when its name contains "loss", "ppl" or "perplexity".
+        --barrier: B = max over α of [(1−α)f(0) + αf(1) − f(α)]; a metric is a loss (sign flipped) with --loss or when its name contains "loss", "ppl" or "perplexity".
         """
         import torch
 
