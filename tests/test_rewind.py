@@ -385,3 +385,39 @@ def test_greedy_and_reference_select_planted_low_heads(tmp_path):
                 assert after[layer, head] == 0.0
             else:
                 assert after[layer, head] == before[layer, head]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gpt2", "gpt_neox", "bert"])
+def test_apply_across_storage_layouts(tmp_path, family):
+    """Fused qkv (phi3), Conv1D in × out (gpt2), per-head interleaving (gpt_neox), biases (qwen2, gpt2,
+    neox, bert): greedy picks the planted heads; after apply those heads read back (through the engine's
+    own head slices) exactly as the base, every other head exactly as the target, and only the attention
+    tensors changed."""
+    from analysis.delta import head_scores
+    from analysis.generate import write_family
+    from analysis.rewind import rewind_edits
+
+    kv = 2 if family in ("qwen2", "phi3") else 4
+    m = write_family(tmp_path / "fam", family=family, domains=("math",), hidden_size=128, num_layers=2,
+                     num_heads=4, num_kv_heads=kv)
+    b, t = open_checkpoint(m.base), open_checkpoint(m.domains["math"])
+    rl = plan_rewind(b, t, pattern="greedy", fraction=m.greedy_fraction)
+    planted = sorted(tuple(x) for x in m.low_importance)
+    assert sorted((e.layer, e.head) for e in rl.heads) == planted and planted
+    apply_rewind(rl, tmp_path / "out")
+    out = open_checkpoint(tmp_path / "out")
+    layout = layout_of(t)
+    after, before = head_scores(b, out, layout).scores, head_scores(b, t, layout).scores
+    for layer in range(layout.num_layers):
+        for head in range(layout.num_heads):
+            expected = 0.0 if (layer, head) in planted else float(before[layer, head])
+            assert float(after[layer, head]) == expected, (layer, head)
+    edited = set(rewind_edits(rl, layout))
+    for name in t.keys():
+        assert out.info(name).raw_name == t.info(name).raw_name
+        if name not in edited:
+            assert bits(out.tensor(name, None)) == bits(t.tensor(name, None)), name
+    if family != "phi3":  # o-projection bias (shared by all heads) stays the target's
+        o_bias = layout.projection(0, "o").tensor.removesuffix(".weight") + ".bias"
+        if o_bias in t:
+            assert bits(out.tensor(o_bias, None)) == bits(t.tensor(o_bias, None))
