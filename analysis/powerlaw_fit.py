@@ -243,13 +243,13 @@ def fit_tpl(tail: np.ndarray, xmin: float, alpha0: float) -> tuple[float, float]
             return 1e300
         return a * mean_log + c * (mean_t - 1.0) + math.log(J)
 
-    a0 = alpha0 if (math.isfinite(alpha0) and alpha0 > 1.0) else 2.0
+    a0 = min(alpha0, 49.0) if (math.isfinite(alpha0) and alpha0 > 1.0) else 2.0
     # Nelder–Mead (as powerlaw; scipy 1.17's L-BFGS-B spends ~2 ms per iteration in its driver here, 10×
     # the objective). Stage 1 searches (α, log10 c) from a cut-off at the largest value (c = 1/t_max):
     # c spans decades and the heavy tail makes any moment-based scale useless. Stage 2 polishes in
     # linear (α, c/c₁), where the problem is convex.
     t_max = float(np.max(t))
-    lc0 = -math.log10(max(t_max, 1.0 + 1e-12))
+    lc0 = min(5.0, max(-29.0, -math.log10(max(t_max, 1.0 + 1e-12))))
     stage1 = optimize.minimize(lambda p: nll((p[0], 10.0 ** p[1])), x0=[a0, lc0], method="Nelder-Mead",
                                bounds=[(0.0, 50.0), (-30.0, 6.0)],
                                options={"xatol": 1e-4, "fatol": 1e-10, "maxiter": 300,
