@@ -421,3 +421,25 @@ def test_apply_across_storage_layouts(tmp_path, family):
         o_bias = layout.projection(0, "o").tensor.removesuffix(".weight") + ".bias"
         if o_bias in t:
             assert bits(out.tensor(o_bias, None)) == bits(t.tensor(o_bias, None))
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda d: d.update(format="diffract-rewind/9"), "field 'format': expected 'diffract-rewind/1'"),
+    (lambda d: d["heads"].append(dict(d["heads"][0])), "is listed twice"),
+    (lambda d: d["pattern"].update(fraction=-0.1), "field 'pattern.fraction': -0.1 is outside [0, 1]"),
+    (lambda d: d.pop("target"), "field 'target': missing"),
+    (lambda d: d["heads"][0].update(projections=["q", "z"]), "unknown projection 'z'"),
+])
+def test_cli_malformed_lists_one_line(tmp_path, pair, capsys, mutate, expected):
+    base, target, _, _ = pair
+    lst = tmp_path / "r.json"
+    assert main(["rewind", "plan", str(base), str(target), "--pattern", "manual", "--heads", "0:0,0:1",
+                 "--out", str(lst)]) == 0
+    capsys.readouterr()
+    data = json.loads(lst.read_text())
+    mutate(data)
+    lst.write_text(json.dumps(data))
+    assert main(["rewind", "apply", str(lst), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"diffract-tui: error: {lst}: ") and expected in err, err
+    assert not (tmp_path / "out").exists()
