@@ -219,3 +219,18 @@ def test_raw_bytes_size_must_match_plan(tmp_path):
         write_checkpoint_streaming(tmp_path / "o", [("x", writer.RawBytes(src, start, 8))],
                                    specs=[TensorSpec("x", (4,), torch.float32)])
     assert not (tmp_path / "o").exists()
+
+
+def test_cancel_from_progress_callback_leaves_nothing(tmp_path):
+    """The app cancels a write by raising from the progress callback: the temp folder goes, no output."""
+    class Cancelled(Exception):
+        pass
+
+    def progress(done, total):
+        if done >= 8:
+            raise Cancelled()
+
+    ts = [("a", torch.ones(2)), ("b", torch.ones(2)), ("c", torch.ones(2))]
+    with pytest.raises(Cancelled):
+        write_checkpoint_streaming(tmp_path / "o", ts, specs=_specs(ts), progress=progress)
+    assert list(tmp_path.iterdir()) == []
