@@ -298,7 +298,7 @@ async def test_table_rows_sort_filter_and_open(session, family) -> None:
         # sort by Δrel math, largest first
         await pilot.press("tab")
         assert app.focused is table
-        col = ["node", "kind", "shape"] + [c.key for c in view.columns]
+        col = ["node", "shape"] + [c.key for c in view.columns]
         for _ in range(col.index("rel:math")):
             await pilot.press("right")
         await pilot.press("S")

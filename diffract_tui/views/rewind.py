@@ -298,7 +298,7 @@ class RewindView(EngineWork, NodeView):
         total = rl.architecture.layers * rl.architecture.heads
         kv = sum(1 for e in rl.heads if "k" in e.projections)
         self.show_message(f"{len(rl.heads)}/{total} heads ({kv} with k/v) · attention ‖Δ‖² removed "
-                          f"{pv.share_removed:.2%}")
+                          f"{pv.share_removed * 100:.3g}%")
         self._draw_chart(pv)
         table = self.query_one("#rewind-list", DataTable)
         table.clear()
@@ -318,7 +318,10 @@ class RewindView(EngineWork, NodeView):
                     width=0.6)
             step = max(1, len(layers) // 8)
             plt.xticks(layers[::step], [str(x) for x in layers[::step]])
-            plt.ylim(0, max(1, self.session.layout.num_heads))
+            top = max(1, self.session.layout.num_heads)
+            plt.ylim(0, top)
+            ticks = list(range(0, top + 1, max(1, top // 4)))
+            plt.yticks(ticks, [str(t) for t in ticks])
             plt.title("heads rewound per layer")
             plt.xlabel("layer")
         plot.refresh()
@@ -326,7 +329,7 @@ class RewindView(EngineWork, NodeView):
     def _update_marks_line(self) -> None:
         marks = sorted(self.session.marks)
         if not marks:
-            text = "marked: none (space on a head in the tree or grid; pattern manual uses them)"
+            text = "marked: none (space on a head marks it; pattern manual rewinds them)"
         else:
             shown = " ".join(f"L{l}h{h}" for l, h in marks[:12]) + (" …" if len(marks) > 12 else "")
             text = f"marked {len(marks)}: {shown}"

@@ -2,8 +2,9 @@
 
 Rows come from `analysis.scan.scan` over all checkpoints (weights and deltas, heads included), computed in a
 worker and filled in progressively; the scan reads and writes the persistent cache, so a second look is
-quick. Columns: α of each checkpoint, and per CPT checkpoint the relative update ‖ΔW‖/‖W₀‖, ρ and the stable
-rank of ΔW. `s` sorts by the column under the cursor (`S` reverse), `f` (or `/` in the table) filters:
+quick. Columns: per CPT checkpoint the relative update ‖ΔW‖/‖W₀‖ and ρ, α of each checkpoint (greyed `?`
+when the fit is unreliable, SPEC §3), and the stable rank of ΔW. The node's kind (attention, mlp, head…)
+is not shown but the filter matches it. `s` sorts by the column under the cursor (`S` reverse), `f` (or `/` in the table) filters:
 words match the node name (`L3 q`, `h5`, `mlp`), `col>x` / `col<x` compare a column (`rel>0.1`, `alpha<2`).
 Enter opens the row's node in the tree; `x` (app) exports what is shown.
 """
@@ -30,6 +31,7 @@ from diffract_tui.widgets.charts import fmt
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.session import ExplorerSession
 
+FIXED_COLUMNS = ("node", "shape")
 FLUSH_S = 0.3   # the worker hands rows to the table at most this often
 CONDITION = re.compile(r"^([A-Za-z_]+)(<=|>=|<|>)(-?[0-9.eE+-]+)$")
 
@@ -74,12 +76,11 @@ def is_head_row(row: dict[str, Any]) -> bool:
 
 
 def columns_for(session: "ExplorerSession") -> list[Column]:
-    """α per checkpoint; Δrel, ρ and stable rank of ΔW per CPT checkpoint."""
-    cols = [Column(f"alpha:{c.label}", f"α {c.label}", "weight", c.label, "pl_alpha") for c in session.checkpoints]
-    for t in session.targets:
-        cols.append(Column(f"rel:{t.label}", f"Δrel {t.label}", "delta", t.label, "delta_rel"))
+    """Per CPT checkpoint Δrel and ρ, then α per checkpoint, then the stable rank of ΔW per CPT checkpoint."""
+    cols = [Column(f"rel:{t.label}", f"Δrel {t.label}", "delta", t.label, "delta_rel") for t in session.targets]
     for t in session.targets:
         cols.append(Column(f"rho:{t.label}", f"ρ {t.label}", "delta", t.label, "delta_rho"))
+    cols += [Column(f"alpha:{c.label}", f"α {c.label}", "weight", c.label, "pl_alpha") for c in session.checkpoints]
     for t in session.targets:
         cols.append(Column(f"srank:{t.label}", f"srank Δ {t.label}", "delta", t.label, "stable_rank"))
     return cols
@@ -175,7 +176,6 @@ class TableView(EngineWork, NodeView):
         self.columns = columns_for(self.session)
         table = self.table
         table.add_column("node", key="node")
-        table.add_column("kind", key="kind")
         table.add_column("shape", key="shape")
         for c in self.columns:
             table.add_column(c.header, key=c.key)
@@ -292,7 +292,7 @@ class TableView(EngineWork, NodeView):
         return Text(fmt(value) + ("?" if grey else ""), style="dim italic" if grey else "", justify="right")
 
     def _cells(self, rec: Record) -> list[Any]:
-        return [rec.label, rec.kind, rec.shape] + [self._cell(rec, c.key) for c in self.columns]
+        return [rec.label, rec.shape] + [self._cell(rec, c.key) for c in self.columns]
 
     def visible_records(self) -> list[Record]:
         """The records the filter lets through, in the chosen order."""
@@ -300,8 +300,8 @@ class TableView(EngineWork, NodeView):
         recs = [r for r in self.records.values() if matches(r, words, conditions)]
         if self.sort_key is None:
             recs.sort(key=lambda r: r.order)
-        elif self.sort_key in ("node", "kind", "shape"):
-            attr = {"node": "order", "kind": "kind", "shape": "shape"}[self.sort_key]
+        elif self.sort_key in FIXED_COLUMNS:
+            attr = {"node": "order", "shape": "shape"}[self.sort_key]
             recs.sort(key=lambda r: (getattr(r, attr), r.order), reverse=self.sort_reverse)
         else:
             def value(r: Record) -> float:
@@ -334,7 +334,7 @@ class TableView(EngineWork, NodeView):
         if self.filter_text:
             parts.append(f"filter '{self.filter_text}': {len(self._shown_keys)} of {len(self.records)}")
         if self.sort_key is not None:
-            header = {"node": "node", "kind": "kind", "shape": "shape"}.get(self.sort_key) or next(
+            header = self.sort_key if self.sort_key in FIXED_COLUMNS else next(
                 (c.header for c in self.columns if c.key == self.sort_key), self.sort_key)
             parts.append(f"sorted by {header} {'▼' if self.sort_reverse else '▲'}")
         parts.append("s/S sort · f filter · enter open")
@@ -342,7 +342,7 @@ class TableView(EngineWork, NodeView):
 
     # ---- actions -----------------------------------------------------------------------------
     def column_under_cursor(self) -> str:
-        keys = ["node", "kind", "shape"] + [c.key for c in self.columns]
+        keys = list(FIXED_COLUMNS) + [c.key for c in self.columns]
         col = self.table.cursor_coordinate.column
         return keys[min(max(0, col), len(keys) - 1)]
 

@@ -25,7 +25,9 @@ RAMP_STOPS: tuple[tuple[int, int, int], ...] = (
 SHADES = " ░▒▓█"          # NO_COLOR: five levels, low → high
 RAMP_WIDTH = 10            # characters of the colour-scale swatch
 LABEL_WIDTH = 4            # "L12 "
-MAX_CELL_WIDTH = 6         # characters per cell when few heads leave room
+MAX_CELL_WIDTH = 8         # characters per cell when few heads leave room
+MAX_CELL_HEIGHT = 3        # lines per layer when few layers leave room
+MIN_VALUE_CELL = 6         # cells at least this wide print their value
 CHROME_LINES = 4           # title, head header, scale, cursor line
 
 
@@ -46,6 +48,16 @@ def fmt_value(v: float) -> str:
     if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
         return f"{v:.3e}"
     return f"{v:.4g}"
+
+
+def compact(v: float, room: int) -> str:
+    """`v` in at most `room` characters (3, then fewer significant digits, then e-notation), '' if it cannot fit."""
+    if not math.isfinite(v):
+        return "—" if room >= 1 else ""
+    for text in (f"{v:.3g}", f"{v:.2g}", f"{v:.1g}", f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e")):
+        if len(text) <= room:
+            return text
+    return ""
 
 
 def normalise(values: np.ndarray, log: bool = False) -> tuple[np.ndarray, float, float]:
@@ -179,14 +191,17 @@ class Heatmap(Widget, can_focus=True):
     def _no_color(self) -> bool:
         return bool(getattr(self.app, "no_color", False))
 
-    def _geometry(self, width: int, height: int) -> tuple[int, int, int]:
-        """(cell width, visible heads, visible layers) for the widget's size."""
+    def _geometry(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(cell width, cell height, visible heads, visible layers) for the widget's size: cells grow (up to
+        MAX_CELL_WIDTH × MAX_CELL_HEIGHT) when few heads and layers leave room."""
         L, H = self.shape
         avail = max(1, width - LABEL_WIDTH)
         cw = max(1, min(MAX_CELL_WIDTH, avail // max(1, H)))
         cols = max(1, min(H, avail // cw))
-        rows = max(1, min(L, height - CHROME_LINES))
-        return cw, cols, rows
+        room = max(1, height - CHROME_LINES)
+        ch = max(1, min(MAX_CELL_HEIGHT, room // max(1, L)))
+        rows = max(1, min(L, room // ch))
+        return cw, ch, cols, rows
 
     def _scroll_into_view(self, cols: int, rows: int) -> None:
         r, c = self.cursor
@@ -202,20 +217,29 @@ class Heatmap(Widget, can_focus=True):
         self._top = max(0, min(self._top, L - rows))
         self._left = max(0, min(self._left, H - cols))
 
-    def _cell(self, t: float, width: int, cursor: bool, marked: bool, no_color: bool) -> Text:
-        """One cell: colour (or shade) from position t, a mark '•', the cursor in reverse with brackets."""
+    def _cell(self, t: float, value: float, width: int, cursor: bool, marked: bool, no_color: bool,
+              middle: bool) -> Text:
+        """One line of a cell: colour (or shade) from position t; on the middle line the value when it fits,
+        a mark '•', and the cursor as [ ] in bold reverse."""
         if not math.isfinite(t):
-            body, style = ("·" * width), Style(dim=True)
+            chars, style = list("·" * width), Style(dim=True)
         elif no_color:
-            body, style = SHADES[min(len(SHADES) - 1, int(t * len(SHADES)))] * width, Style()
+            chars, style = list(SHADES[min(len(SHADES) - 1, int(t * len(SHADES)))] * width), Style()
         else:
             rgb = ramp_rgb(t)
             light = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]) > 140
-            body = " " * width
+            chars = list(" " * width)
             style = Style(bgcolor=Color.from_rgb(*rgb), color="black" if light else "white")
-        chars = list(body)
-        if marked:
-            chars[width // 2] = "•" if not no_color else "*"
+        if middle:
+            first = 1 if width >= 3 else 0
+            if marked:
+                chars[first if width >= 3 else width // 2] = "•" if not no_color else "*"
+                first += 1
+            room = width - first - (1 if width >= 3 else 0)
+            text = compact(value, room) if width >= MIN_VALUE_CELL else ""
+            if text:
+                pad = first + (room - len(text)) // 2
+                chars[pad:pad + len(text)] = list(text)
         if cursor:
             if width >= 3:
                 chars[0], chars[-1] = "[", "]"
@@ -229,7 +253,7 @@ class Heatmap(Widget, can_focus=True):
         if self.values is None:
             return Text(self.empty_text)
         L, H = self.shape
-        cw, cols, rows = self._geometry(width, height)
+        cw, ch, cols, rows = self._geometry(width, height)
         self._scroll_into_view(cols, rows)
         no_color = self._no_color()
         t, lo, hi = normalise(self.values, self.log_scale)
@@ -245,13 +269,17 @@ class Heatmap(Widget, can_focus=True):
             line.append(label.rjust(cw) if cw < 3 else label.center(cw),
                         style="bold" if h == self.cursor[1] else "dim")
         lines.append(line)
-        # rows
+        # rows of cells, `ch` lines each; the label and values on the middle line
+        mid = ch // 2
         for layer in range(self._top, self._top + rows):
-            line = Text(f"L{layer}".ljust(LABEL_WIDTH)[:LABEL_WIDTH], style="bold" if layer == self.cursor[0] else "dim")
-            for h in range(self._left, self._left + cols):
-                line.append_text(self._cell(float(t[layer, h]), cw, (layer, h) == self.cursor,
-                                            (layer, h) in self.marks, no_color))
-            lines.append(line)
+            for k in range(ch):
+                name = f"L{layer}" if k == mid else ""
+                line = Text(name.ljust(LABEL_WIDTH)[:LABEL_WIDTH], style="bold" if layer == self.cursor[0] else "dim")
+                for h in range(self._left, self._left + cols):
+                    line.append_text(self._cell(float(t[layer, h]), float(self.values[layer, h]), cw,
+                                                (layer, h) == self.cursor, (layer, h) in self.marks, no_color,
+                                                k == mid))
+                lines.append(line)
         # colour scale
         line = Text("scale ", style="dim")
         line.append(f"{'log' if self.log_scale else 'linear'} {fmt_value(lo)} ")
