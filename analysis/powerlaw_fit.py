@@ -283,10 +283,10 @@ def fit_tails(evals_sorted: np.ndarray, xmin: float, alpha: float) -> TailFits:
     (as `powerlaw.Fit.distribution_compare('power_law', 'truncated_power_law')`: nested → p from χ²₁)."""
     nan = math.nan
     if not (math.isfinite(xmin) and xmin > 0 and math.isfinite(alpha)):
-        return TailFits(nan, nan, nan, nan, nan, nan, nan, nan, nan, "undetermined")
+        return TailFits(nan, nan, nan, nan, nan, nan, nan, nan, "undetermined")
     tail = evals_sorted[evals_sorted >= xmin]
     if tail.size < 2:
-        return TailFits(xmin, nan, nan, nan, nan, nan, nan, nan, nan, "undetermined")
+        return TailFits(xmin, nan, nan, nan, nan, nan, nan, nan, "undetermined")
     t_alpha, t_lambda = fit_tpl(tail, xmin, alpha)
     t_ks = _ks_left(tail, tpl_cdf(tail, xmin, t_alpha, t_lambda))
     excess = float(np.mean(tail) - xmin)
