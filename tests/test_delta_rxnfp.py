@@ -28,7 +28,7 @@ def delta_run(trio, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("rxnfp") / "delta.parquet"
     code = main(["delta", str(trio["bert_pretrained"]), str(trio["bert_ft"]), str(trio["bert_ft_10k_25s"]),
-                 "--out", str(out), "--no-spectral", "--no-cache", "--threads", "1"])
+                 "--out", str(out), "--no-cache", "--threads", "1"])
     assert code == 0
     return read_table(out)
 
@@ -63,6 +63,23 @@ def test_row_counts_and_ranges(delta_run):
     assert sum(ag["classes"].values()) == 48
     assert -1.0 <= ag["spearman"] <= 1.0 and -1.0 <= ag["mean_a2"] <= 1.0 and 0.0 <= ag["mean_a3"] <= 1.0
     assert meta["architecture"]["model_type"] == "bert" and meta["architecture"]["heads"] == 4
+
+
+def test_spectral_columns_describe_the_delta(delta_run):
+    # SPEC §3 metrics are of ΔW itself: its Frobenius norm is delta_frob, its ranks are bounded by its shape and
+    # the continuous power-law MLE α̂ = 1 + n/Σ ln(λ/xmin) exceeds 1 whenever it is defined.
+    rows, _ = delta_run
+    changed = [r for r in rows if r["delta_frob"] > 0]
+    assert len(changed) > 0.9 * len(rows)
+    for r in changed:
+        assert r["frob_norm"] == pytest.approx(r["delta_frob"], rel=1e-6)
+        assert 1 <= r["hard_rank"] <= min(r["rows"], r["cols"])
+        # stable rank Σσ²/σ₁² ≥ 1, and ≤ hard rank plus the (< rtol = 1e-5 each) share of the dropped λ
+        assert 1.0 - 1e-9 <= r["stable_rank"] <= r["hard_rank"] + 1e-5 * min(r["rows"], r["cols"])
+        if r["pl_alpha"] is not None and math.isfinite(r["pl_alpha"]):
+            assert r["pl_alpha"] > 1.0
+    q = [r for r in changed if r["module"] == "q" and r["head"] is None]
+    assert len(q) == 2 * 12 and all(math.isfinite(r["pl_alpha"]) for r in q)
 
 
 def test_numbers_match_the_raw_pickles(delta_run, trio):
