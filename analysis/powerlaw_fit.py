@@ -82,18 +82,20 @@ def power_law_curves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     alpha = torch.where(cand & (denom > 0), 1.0 + n_t / denom.clamp_min(1e-300), torch.full_like(x, math.nan))
 
     ks = torch.full_like(x, math.nan)
-    rows_per_block = max(1, KS_BLOCK_BYTES // max(1, 8 * 4 * B * n))
-    j = torch.arange(n, device=x.device)
+    rows_per_block = max(1, KS_BLOCK_BYTES // max(1, 8 * 3 * B * n))
     for start in range(0, n, rows_per_block):
         stop = min(n, start + rows_per_block)
-        i = torch.arange(start, stop, device=x.device)
+        # only values j ≥ start can be in a tail of candidates i ∈ [start, stop): the upper triangle
+        cols = logx[:, start:]                                                       # (B, n−start)
         a = alpha[:, start:stop]                                                     # (B, r)
-        dlog = logx[:, None, :] - logx[:, start:stop, None]                          # (B, r, n)
-        fitted = -torch.expm1((1.0 - a)[..., None] * dlog)                           # 1 − (λ_j/λ_i)^(1−α)
-        empirical = (j[None, :] - i[:, None]).to(torch.float64) / n_t[start:stop, None]
-        diff = (fitted - empirical[None]).abs()
-        valid = (j[None, :] >= i[:, None])[None] & first[:, None, :]
-        diff = torch.where(valid, diff, torch.zeros_like(diff))
+        i = torch.arange(start, stop, device=x.device, dtype=torch.float64)
+        j = torch.arange(start, n, device=x.device, dtype=torch.float64)
+        rel = j[None, :] - i[:, None]                                                # (r, n−start): j − i
+        diff = cols[:, None, :] - logx[:, start:stop, None]                          # ln(λ_j/λ_i)
+        diff.mul_((1.0 - a)[..., None]).expm1_().neg_()                              # fitted CDF 1 − (λ_j/λ_i)^(1−α)
+        diff.sub_((rel / n_t[start:stop, None])[None]).abs_()                        # − empirical (j−i)/n_t
+        valid = (rel >= 0)[None] & first[:, None, start:]
+        diff.masked_fill_(~valid, 0.0)
         ks[:, start:stop] = torch.where(torch.isnan(a), a, diff.amax(-1))
     return alpha, ks
 
