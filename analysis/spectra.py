@@ -1,15 +1,19 @@
 """Spectra of one matrix or a stack of matrices (SPEC §3): eigenvalues and every named metric.
 
-Eigenvalue route (measured on this 2-vCPU machine, torch 2.13 MKL, 1 thread — see tests/test_spectra.py
-and the report of issue 3): the Gram matrix over the smaller side + `eigvalsh` is 3–7× faster than any
-SVD. In float32 the Gram squares the condition number and destroys eigenvalues below ≈1e-6·λ_max (up to
-190 % error, λ ≤ 0 on low-rank deltas), which wrecks entropy/effective rank/MP bulk. float64 Gram costs
-≈2× float32 Gram here (2048×5632: 0.58 s → 1.17 s; 1024×4096: 0.12 s → 0.23 s) and is still 3× faster
-than float32 svdvals passed tall, so the default route ("gram64") ALWAYS forms the Gram in float64,
-whatever the compute dtype of W. Against float64 svdvals it agrees to ≤1e-10 relative on the tail and
-≤1e-9·λ_max absolute over the whole spectrum (tests/test_spectra.py::test_gram64_matches_svd_*). The
+Eigenvalue route (measured on this 2-vCPU machine, torch 2.13 MKL, 1 thread): the Gram matrix over the
+smaller side + `eigvalsh` is 3–7× faster than any SVD (PERF-NOTES). In float32 the Gram squares the
+condition number and destroys eigenvalues below ≈1e-6·λ_max: measured on a rank-8 delta 256×1024, float32
+Gram puts its zero eigenvalues at up to 3.9e-7·λ_max and the effective rank off by 2.6 %; on a float32
+rank-4 delta its α was 1.40 instead of 1.64. A float64 Gram costs ≈2× a float32 Gram here (2048×5632:
+0.58 s → 1.17 s; 1024×4096: 0.12 s → 0.23 s; 32 heads 128×4096 batched: 71 ms → 168 ms CPU) and is still
+≈3× faster than float32 svdvals passed tall, so the default route ("gram64") ALWAYS forms the Gram in
+float64, whatever the compute dtype of W. Against float64 svdvals it agrees to ≤ 3e-15·λ_max absolute over
+the whole spectrum and ≤ 1e-14 relative on the tail, on real rxnfp matrices, a Student-t matrix and
+low-rank deltas (tests/test_spectra.py::test_gram64_matches_svd_on_real_heavy_tailed_and_delta). The
 "gram32" route is offered for speed when only tail metrics matter; "svd" is the reference.
 Negative eigenvalues (round-off of a rank-deficient Gram) are clipped to 0 and counted (`esd_n_clipped`).
+The permuted null's ESD, used only through absolute-scale sums, takes float32 Gram for float32 work
+(`null_settings`).
 """
 
 from __future__ import annotations
