@@ -1,0 +1,407 @@
+#!/usr/bin/env python
+"""Whole-model scan vs WeightWatcher `analyze()`, vs the linear-algebra floor, and the cache-hit re-scan.
+
+One run, one compute thread, on (a) the real rxnfp BERT `bert_ft` and (b) a generated Llama-shaped
+checkpoint (~1B parameters by default). For each model it measures:
+
+- our cold scan (`analysis.scan.scan`, whole matrices, fresh cache) — time per item from the progress
+  callback, and every torch.linalg eigen/SVD call it makes (counted by wrapping torch.linalg);
+- the floor: the same number of `torch.linalg.eigvalsh` calls (same sizes, same dtype) on the Gram
+  matrices of the same weights, Gram matmul included, nothing else;
+- the re-scan from the cache (every entry a hit) as a fraction of the cold scan;
+- WeightWatcher 0.7.x `analyze()` with its defaults (its own power-law fitter) on exactly the same
+  matrices, wrapped as `nn.Linear` layers; α agreement (median |Δα|) where both fit the same tail.
+
+When WeightWatcher would take too long on the big model, `--ww-layers K` restricts the WeightWatcher
+comparison to the first K transformer layers: our time for those layers is read off the same cold
+scan's per-item timings, so both tools are compared on the same matrices. Generated files are deleted.
+
+    python benchmarks/scan_vs_weightwatcher.py                  # bert_ft + generated 1B (ww on 4 layers)
+    python benchmarks/scan_vs_weightwatcher.py --quick          # small generated model, a smoke run
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # before numpy/torch/scipy load their BLAS
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from analysis.backend import SpectralSettings  # noqa: E402
+from analysis.cache import Cache  # noqa: E402
+from analysis.checkpoint import open_checkpoint  # noqa: E402
+from analysis.scan import scan  # noqa: E402
+
+LINALG = ("eigvalsh", "eigh", "svdvals", "svd")
+_EIGVALSH = torch.linalg.eigvalsh  # the real routines, for the floor (the scan's are wrapped while it runs)
+_SVDVALS = torch.linalg.svdvals
+
+
+# ------------------------------------------------------------------------------------------------
+# Instrumentation
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinalgCall:
+    item: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    seconds: float
+
+
+@dataclass
+class ScanTiming:
+    rows: list[dict]
+    total: float
+    item_seconds: list[float]
+    calls: list[LinalgCall] = field(default_factory=list)
+    floor_seconds: float = 0.0
+    floor_calls: int = 0
+
+
+@contextlib.contextmanager
+def counting_linalg(calls: list[LinalgCall], current_item: list[int]):
+    """Wrap torch.linalg's eigen/SVD routines to record (item, routine, input shape, dtype, time)."""
+    originals = {name: getattr(torch.linalg, name) for name in LINALG}
+
+    def wrap(name, fn):
+        def wrapper(A, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(A, *args, **kwargs)
+            calls.append(LinalgCall(current_item[0], name, tuple(A.shape), A.dtype, time.perf_counter() - t0))
+            return out
+        return wrapper
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch.linalg, name, wrap(name, fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.linalg, name, fn)
+
+
+def timed_scan(path: Path, cache: Cache, settings: SpectralSettings, instrument: bool,
+               floor_items: set[int] | None = None) -> ScanTiming:
+    """One whole-matrix scan: rows, time per item (from progress) and the linalg calls.
+
+    With `floor_items`, the floor of each of those items (its recorded eigen calls replayed as Gram +
+    eigvalsh) is measured right after the item, inside the progress callback, and kept out of the scan's
+    timing: both see the same machine load, which on a shared machine drifts by tens of percent per minute.
+    """
+    ckpt = open_checkpoint(path)
+    floor_ckpt = open_checkpoint(path) if floor_items else None
+    current = [0]
+    calls: list[LinalgCall] = []
+    rows: list[dict] = []
+    item_seconds: list[float] = []
+    floor = {"seconds": 0.0, "calls": 0}
+    clock = [0.0]
+
+    def progress(done: int, total: int, label: str) -> None:
+        now = time.perf_counter()
+        if done > 0:
+            item_seconds.append(now - clock[0])
+            item = done - 1
+            if floor_items and item in floor_items:
+                mine = [c for c in calls if c.item == item]
+                sec, n = replay_floor(floor_ckpt, rows[item], mine)
+                floor["seconds"] += sec
+                floor["calls"] += n
+        current[0] = done
+        clock[0] = time.perf_counter()
+
+    ctx = counting_linalg(calls, current) if instrument else contextlib.nullcontext()
+    with ctx:
+        t0 = time.perf_counter()
+        for row in scan([ckpt], settings=settings, cache=cache, progress=progress):
+            rows.append(row)
+        wall = time.perf_counter() - t0
+    ckpt.close()
+    if floor_ckpt is not None:
+        floor_ckpt.close()
+    timing = ScanTiming(rows, sum(item_seconds) if floor_items else wall, item_seconds, calls)
+    timing.floor_seconds, timing.floor_calls = floor["seconds"], floor["calls"]
+    return timing
+
+
+# ------------------------------------------------------------------------------------------------
+# The floor: the same eigen calls on Gram matrices, nothing else
+# ------------------------------------------------------------------------------------------------
+
+
+def gram(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    W = W.to(dtype)
+    return W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
+
+
+def replay_floor(ckpt, row: dict, calls: list[LinalgCall]) -> tuple[float, int]:
+    """Replay one item's recorded eigen calls as Gram + eigvalsh of that item's matrix; (seconds, calls)."""
+    W = ckpt.tensor(row["tensor"], torch.float32)
+    M = min(W.shape)
+    total = 0.0
+    for c in calls:
+        if c.name in ("eigvalsh", "eigh") and c.shape[-1] == M:
+            t0 = time.perf_counter()
+            G = gram(W, c.dtype)
+            if len(c.shape) == 3:  # a batched call: as many Grams as the batch
+                G = G.expand(c.shape[0], M, M).contiguous()
+            _EIGVALSH(G)
+            total += time.perf_counter() - t0
+        else:  # an eigen/SVD call on something else (e.g. a small matrix): replay it as recorded
+            A = torch.randn(c.shape, dtype=c.dtype)
+            if c.name in ("eigvalsh", "eigh"):
+                A = A @ A.transpose(-2, -1)
+            t0 = time.perf_counter()
+            (_EIGVALSH if c.name in ("eigvalsh", "eigh") else _SVDVALS)(A)
+            total += time.perf_counter() - t0
+    return total, len(calls)
+
+
+# ------------------------------------------------------------------------------------------------
+# WeightWatcher on the same matrices
+# ------------------------------------------------------------------------------------------------
+
+
+def weightwatcher_run(path: Path, rows: list[dict], items: list[int]) -> tuple[float, dict[int, dict]]:
+    """WeightWatcher analyze() (defaults, its own fitter) on the items' matrices; {item: its row}."""
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import weightwatcher as ww
+
+    ckpt = open_checkpoint(path)
+    model = torch.nn.ModuleList()
+    for i in items:
+        W = ckpt.tensor(rows[i]["tensor"], torch.float32)
+        layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+        layer.weight.data = W
+        model.append(layer)
+    ckpt.close()
+    watcher = ww.WeightWatcher(model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        details = watcher.analyze()
+        seconds = time.perf_counter() - t0
+    out = {}
+    for rec in details.to_dict("records"):
+        out[items[int(rec["longname"])]] = rec
+    return seconds, out
+
+
+def alpha_agreement(rows: list[dict], ww_rows: dict[int, dict]) -> dict:
+    """|Δα| between our pl_alpha and WeightWatcher's alpha, overall and where both chose the same tail."""
+    all_d, same_d = [], []
+    for i, rec in ww_rows.items():
+        a, b = rows[i].get("pl_alpha"), rec.get("alpha")
+        if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+            continue
+        d = abs(a - b)
+        all_d.append(d)
+        if int(rows[i].get("pl_n_tail", -1)) == int(rec.get("num_pl_spikes", -2)):
+            same_d.append(d)
+    return {
+        "matched": len(all_d),
+        "same_tail": len(same_d),
+        "median_abs_dalpha_same_tail": statistics.median(same_d) if same_d else math.nan,
+        "max_abs_dalpha_same_tail": max(same_d) if same_d else math.nan,
+        "median_abs_dalpha_all": statistics.median(all_d) if all_d else math.nan,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+
+def bert_ft_path() -> Path:
+    from analysis.realmodels import rxnfp_checkpoints
+
+    return rxnfp_checkpoints()["bert_ft"]
+
+
+def generate_llama(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
+                   vocab: int, seed: int = 0) -> Path:
+    """A Llama-shaped bf16 checkpoint with heavy-tailed (Student-t, ν=3) matrices, like trained weights."""
+    from analysis.families import family_config, weight_shapes
+    from analysis.generate import write_checkpoint
+
+    config = family_config("llama", hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                           intermediate_size=intermediate, vocab_size=vocab, tie_word_embeddings=False,
+                           dtype="bfloat16")
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in weight_shapes("llama", config).items():
+        if len(shape) == 1:
+            state[key] = torch.ones(shape, dtype=torch.bfloat16)
+            continue
+        z = torch.randn(shape, generator=gen)
+        chi2 = torch.randn((3,) + tuple(shape), generator=gen).pow_(2).sum(0)  # χ²(3)
+        state[key] = (z.mul_(0.02).div_(chi2.div_(3).sqrt_())).to(torch.bfloat16)
+        del z, chi2
+    return write_checkpoint(folder, "llama", dtype="bfloat16", state_dict=state, fmt="safetensors",
+                            hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                            intermediate_size=intermediate, vocab_size=vocab, tie_word_embeddings=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# One model end to end
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_model(name: str, path: Path, work: Path, ww_layers: int | None, skip_ww: bool,
+                floor_all: bool = False) -> dict:
+    settings = SpectralSettings(device="cpu", dtype="float32")
+    cache = Cache(work / f"cache-{name}")
+    cache.clear()
+    from analysis.spectra import spectral_metrics
+
+    spectral_metrics(torch.randn(64, 200), settings)  # warm-up: lazy imports and first-call costs, untimed
+    layouts = open_checkpoint(path)
+    from analysis.architecture import layout_of
+
+    layout = layout_of(layouts)
+    layouts.close()
+    # items are whole matrices, layer by layer, then the globals: the first K layers' items come first
+    per_layer = [sum(1 for m in lay.modules if len(m.shape) == 2) for lay in layout.layers]
+    n_items = sum(per_layer) + sum(1 for m in layout.globals if len(m.shape) == 2)
+    k = len(per_layer) if ww_layers is None else min(ww_layers, len(per_layer))
+    subset = list(range(n_items)) if ww_layers is None else list(range(sum(per_layer[:k])))
+    floor_items = set(range(n_items)) if floor_all else set(subset)
+    print(f"[{name}] cold scan, floor interleaved on {len(floor_items)} matrices …", flush=True)
+    cold = timed_scan(path, cache, settings, instrument=True, floor_items=floor_items)
+    print(f"[{name}] cold scan {cold.total:.1f} s, {len(cold.rows)} matrices, {len(cold.calls)} linalg calls; "
+          f"floor {cold.floor_seconds:.1f} s", flush=True)
+    print(f"[{name}] re-scan from the cache …", flush=True)
+    warm = timed_scan(path, cache, settings, instrument=False)
+    same = all(a.keys() == b.keys() for a, b in zip(cold.rows, warm.rows)) and len(cold.rows) == len(warm.rows)
+    assert len(cold.rows) == n_items, (len(cold.rows), n_items)
+    ww_items = subset
+    floor_s, n_floor = cold.floor_seconds, cold.floor_calls
+    ours_floor_items = sum(cold.item_seconds[i] for i in floor_items)
+    scan_items_seconds = sum(cold.item_seconds)
+    result = {
+        "model": name,
+        "matrices": len(cold.rows),
+        "parameters": sum(r["rows"] * r["cols"] for r in cold.rows),
+        "linalg_calls": len(cold.calls),
+        "linalg_calls_by_routine": {k: sum(1 for c in cold.calls if c.name == k) for k in LINALG},
+        "linalg_seconds_inside_scan": sum(c.seconds for c in cold.calls),
+        "ours_cold_s": cold.total,
+        "ours_items_s": scan_items_seconds,
+        "floor_matrices": len(floor_items),
+        "floor_s": floor_s,
+        "floor_calls": n_floor,
+        "ours_on_floor_matrices_s": ours_floor_items,
+        "ours_over_floor": ours_floor_items / floor_s if floor_s else math.nan,
+        "rescan_s": warm.total,
+        "rescan_fraction": warm.total / cold.total,
+        "rescan_rows_equal": same,
+        "ww_layers": ww_layers,
+    }
+    if not skip_ww:
+        ours_subset = sum(cold.item_seconds[i] for i in ww_items)
+        print(f"[{name}] WeightWatcher analyze() on {len(ww_items)} matrices …", flush=True)
+        ww_s, ww_rows = weightwatcher_run(path, cold.rows, ww_items)
+        result.update({
+            "ww_matrices": len(ww_items),
+            "ww_analyzed": len(ww_rows),
+            "ww_s": ww_s,
+            "ours_same_matrices_s": ours_subset,
+            "ww_over_ours": ww_s / ours_subset if ours_subset else math.nan,
+            **{f"alpha_{k}": v for k, v in alpha_agreement(cold.rows, ww_rows).items()},
+        })
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    head = (f"{'model':<10} {'mats':>5} {'cold s':>8} {'rescan s':>8} {'rescan %':>8} | {'mats':>4} {'ours s*':>8} "
+            f"{'floor s':>8} {'ours/floor':>10} {'ww s':>8} {'ww/ours':>8} {'med|Δα|':>9} {'same/all':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(f"{r['model']:<10} {r['matrices']:>5} {r['ours_cold_s']:>8.1f} {r['rescan_s']:>8.2f} "
+              f"{100 * r['rescan_fraction']:>7.2f}% | {r['floor_matrices']:>4} {r['ours_on_floor_matrices_s']:>8.1f} "
+              f"{r['floor_s']:>8.1f} {r['ours_over_floor']:>10.2f} {r.get('ww_s', math.nan):>8.1f} "
+              f"{r.get('ww_over_ours', math.nan):>8.2f} {r.get('alpha_median_abs_dalpha_same_tail', math.nan):>9.2g} "
+              f"{r.get('alpha_same_tail', 0):>4}/{r.get('alpha_matched', 0):<4}")
+    print("cold/rescan: the whole model. Right of |: the matrices compared (with --ww-layers K, the first K layers);")
+    print("ours s* = our cold-scan time on exactly those matrices (per-item progress timings);")
+    print("med|Δα| = median |α_ours − α_WW| over matrices where both chose the same tail (same n_tail).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small generated model only (smoke run, < 1 min)")
+    p.add_argument("--skip-bert", action="store_true")
+    p.add_argument("--skip-llama", action="store_true")
+    p.add_argument("--skip-ww", action="store_true", help="no WeightWatcher comparison")
+    p.add_argument("--layers", type=int, default=16, help="generated model layers (default 16)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--ww-layers", type=int, default=4,
+                   help="compare with WeightWatcher on the first K layers of the generated model (0 = all)")
+    p.add_argument("--floor-all", action="store_true",
+                   help="measure the floor on every matrix (default: on the matrices compared with WeightWatcher)")
+    p.add_argument("--workdir", type=Path, default=None, help="where to write the generated model and caches")
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "out" / "scan_vs_weightwatcher.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads = 2, 256, 704, 1000, 4, 4
+        args.skip_bert, args.ww_layers = True, 0
+
+    work = Path(tempfile.mkdtemp(prefix="diffract-bench-", dir=args.workdir))
+    results = []
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, workdir {work}", flush=True)
+    try:
+        if not args.skip_bert:
+            results.append(bench_model("bert_ft", bert_ft_path(), work, None, args.skip_ww))
+        if not args.skip_llama:
+            t0 = time.perf_counter()
+            path = generate_llama(work / "llama", args.layers, args.hidden, args.intermediate, args.heads,
+                                  args.kv_heads, args.vocab)
+            print(f"[llama] generated {args.layers}×{args.hidden} (ff {args.intermediate}) in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            name = f"llama-{args.layers}L"
+            results.append(bench_model(name, path, work, args.ww_layers or None, args.skip_ww, args.floor_all))
+            shutil.rmtree(work / "llama", ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print_table(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                     "results": results}, indent=1, default=str) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
