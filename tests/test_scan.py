@@ -167,6 +167,30 @@ def test_delta_rows(family, scanned):
     assert v1["delta_frob"] == pytest.approx(torch.linalg.norm(Wv1 - Wv0).item(), rel=1e-5)
 
 
+def test_fused_and_transposed_gpt2_parts_and_heads(tmp_path):
+    # GPT-2 stores c_attn as Conv1D (in × out) with q|k|v along out: parts and heads must be cut from columns
+    path = write_checkpoint(tmp_path / "g", "gpt2", seed=2, num_layers=1, hidden_size=32, num_heads=2,
+                            intermediate_size=48, vocab_size=40)
+    rows = _rows([path], None, heads=True)
+    whole = [r for r in rows if r["head"] is None and r["kv_head"] is None]
+    # qkv (fused), its q/k/v parts, o, fc_in, fc_out + wte and wpe (lm_head is tied, the norms are 1-D)
+    assert [r["module"] for r in whole] == ["qkv", "q", "k", "v", "o", "fc_in", "fc_out", "embed", "pos_embed"]
+    assert len(rows) == 9 + 4 * 2  # q, k, v, o for each of the 2 heads (no GQA in gpt2)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        c_attn = f.get_tensor("transformer.h.0.attn.c_attn.weight")  # (D, 3·D) stored in × out
+        c_proj = f.get_tensor("transformer.h.0.attn.c_proj.weight")  # (D, D) stored in × out
+    by = {(r["module"], r["head"], r["kv_head"]): r for r in rows}
+    assert (by[("fc_in", None, None)]["rows"], by[("fc_in", None, None)]["cols"]) == (48, 32)  # logical out × in
+    k_part = by[("k", None, None)]
+    assert k_part["frob_norm"] == pytest.approx(torch.linalg.norm(c_attn[:, 32:64]).item(), rel=1e-5)
+    v_head1 = by[("v", None, 1)]  # logical rows [16, 32) of W_v = stored columns 64 + [16, 32) of c_attn
+    assert (v_head1["rows"], v_head1["cols"]) == (16, 32)
+    assert v_head1["l2_norm"] == pytest.approx(torch.linalg.matrix_norm(c_attn[:, 80:96], ord=2).item(), rel=1e-4)
+    o_head0 = by[("o", 0, 0)]  # logical columns [0, 16) of W_o = c_projᵀ = stored rows [0, 16) of c_proj
+    assert (o_head0["rows"], o_head0["cols"]) == (32, 16)
+    assert o_head0["frob_norm"] == pytest.approx(torch.linalg.norm(c_proj[:16]).item(), rel=1e-5)
+
+
 def test_each_tensor_read_once_and_one_batched_call_per_projection(tiny, tmp_path, monkeypatch):
     other = write_checkpoint(tmp_path / "other", "llama", seed=6, num_layers=1, hidden_size=32, num_heads=2,
                              num_kv_heads=1, intermediate_size=48, vocab_size=40, tie_word_embeddings=False)
