@@ -150,11 +150,28 @@ def compute_threads() -> int:
 
 
 def apply_thread_policy(threads: int | None = None) -> int:
-    """Set torch's intra-op threads to `threads` (default `compute_threads()`); returns the number set."""
+    """Set torch's intra-op threads to `threads` (default `compute_threads()`); returns the number set.
+
+    An explicit `threads` (e.g. the CLI's --threads) is also written to $DIFFRACT_TUI_THREADS, the one
+    documented override, so `clamp_threads` in the engine keeps honouring it.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise DiffractError(f"threads must be ≥ 1, not {threads}", hint="pass --threads 1 or more")
+        os.environ[THREADS_ENV] = str(threads)
     n = threads if threads is not None else compute_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def clamp_threads() -> int:
+    """Never compute with more torch threads than the policy allows (physical cores or the override):
+    lowers torch's thread count when it is above `compute_threads()`, never raises it. Returns the count."""
+    limit = compute_threads()
+    if torch.get_num_threads() > limit:
+        torch.set_num_threads(limit)
+    return torch.get_num_threads()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.backend import SpectralSettings, chunks, memory_budget, resolve_device
+from analysis.backend import SpectralSettings, chunks, clamp_threads, memory_budget, resolve_device
 from analysis.errors import DiffractError
 from analysis.powerlaw_fit import PowerLawFit, fit_power_law, fit_tails
 from analysis.rmt import marchenko_pastur, mp_density, permuted, tracy_widom, w1_rand_distance
@@ -43,6 +43,10 @@ def _check_matrix(W: torch.Tensor) -> None:
     if W.is_complex() or not W.is_floating_point():
         raise DiffractError(f"spectra need real floating-point weights, got {W.dtype}",
                             hint="upcast the weights to float32 or float64")
+    if not bool(torch.isfinite(W).all()):
+        bad = int((~torch.isfinite(W)).sum())
+        raise DiffractError(f"the matrix of shape {tuple(W.shape)} has {bad} NaN/inf entries, so it has no spectrum",
+                            hint="check the checkpoint (or the delta's dtype) for overflowed weights")
 
 
 def _eig_chunk(X: torch.Tensor, route: str) -> torch.Tensor:
@@ -64,6 +68,8 @@ def eigenvalues(W: torch.Tensor, settings: SpectralSettings | None = None) -> to
     settings = settings or SpectralSettings()
     _check_matrix(W)
     device = resolve_device(settings.device)
+    if device.type == "cpu":
+        clamp_threads()          # PERF-NOTES: more threads than physical cores is 3–10× slower in LAPACK
     m, n = W.shape[-2:]
     N, M = max(m, n), min(m, n)
     lead = W.shape[:-2]

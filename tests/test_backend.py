@@ -91,10 +91,26 @@ def test_hypervisor_without_visible_smt_is_halved(monkeypatch, tmp_path):
     assert physical_cores() == 2
 
 
-def test_apply_thread_policy_sets_torch_threads():
+def test_apply_thread_policy_and_engine_clamp(monkeypatch):
+    """An explicit count is set and becomes the override; the engine lowers torch's threads to the policy
+    before an eigen call (never raises them)."""
+    from analysis.spectra import eigenvalues
+
     before = torch.get_num_threads()
+    monkeypatch.setenv("DIFFRACT_TUI_THREADS", "1")   # records the original state, so teardown restores it
+    monkeypatch.delenv("DIFFRACT_TUI_THREADS")
     try:
         assert apply_thread_policy(1) == 1 and torch.get_num_threads() == 1
+        assert compute_threads() == 1
+        monkeypatch.setenv("DIFFRACT_TUI_THREADS", "1")
+        torch.set_num_threads(2)
+        eigenvalues(torch.randn(4, 6), SpectralSettings(device="cpu"))
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("DIFFRACT_TUI_THREADS", "2")
+        eigenvalues(torch.randn(4, 6), SpectralSettings(device="cpu"))
+        assert torch.get_num_threads() == 1                       # clamps down only
+        with pytest.raises(DiffractError):
+            apply_thread_policy(0)
     finally:
         torch.set_num_threads(before)
 

@@ -200,8 +200,9 @@ def test_spectrum_result_has_chart_data():
 
 
 def test_bad_input_is_one_line_error():
-    """Vectors, integer and empty tensors are refused with a one-line DiffractError."""
-    for bad in (torch.ones(5), torch.ones(3, 4, dtype=torch.int64), torch.ones(0, 4)):
+    """Vectors, integer, empty and NaN-holding tensors are refused with a one-line DiffractError."""
+    for bad in (torch.ones(5), torch.ones(3, 4, dtype=torch.int64), torch.ones(0, 4),
+                torch.tensor([[1.0, float("nan")], [0.0, 1.0]])):
         with pytest.raises(DiffractError) as e:
             spectral_metrics(bad, CPU)
         assert "\n" not in str(e.value)
