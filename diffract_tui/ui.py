@@ -66,7 +66,7 @@ class MainScreen(Screen):
         yield from self.app.compose_main()
 
     def on_mount(self) -> None:
-        self.app.main_mounted()
+        self.app.call_after_refresh(self.app.main_mounted)
 
 
 class DiffractApp(App):
@@ -162,6 +162,15 @@ class DiffractApp(App):
         self.query_one(StatusBar).set_text(
             f"{self.current_node.label()} │ marks {marks}{dirty} │ {device} │ ? help  ctrl+p commands")
 
+    @property
+    def busy(self) -> bool:
+        """True while something is still to come: the active view has not caught up with the cursor,
+        a debounce timer is pending, or a worker runs (tests and benchmarks wait on this)."""
+        view = self.active_view
+        if isinstance(view, NodeView) and (view.node != self.current_node or view._timer is not None):
+            return True
+        return any(w.is_running or w.state.name == "PENDING" for w in self.workers)
+
     # ---- progress (called on the UI thread, from workers via call_from_thread) ----------------
     def report_progress(self, source: str, fraction: float | None, text: str) -> None:
         """Show a worker's progress on the status line."""
@@ -238,6 +247,9 @@ class DiffractApp(App):
         """Switch the right-hand view and show the current node in it."""
         if view_id not in {s.id for s in self.view_specs}:
             return
+        previous = self.active_view
+        if isinstance(previous, NodeView) and view_id != self.active_view_id:
+            previous.deactivate()
         self.active_view_id = view_id
         self.query_one(ContentSwitcher).current = view_id
         self._update_viewbar()

@@ -45,10 +45,12 @@ def session(family: list[Path], tmp_path: Path) -> ExplorerSession:
 
 
 async def settle(pilot, app) -> None:
-    """Let debounce timers fire and every worker finish, then let the UI process the results."""
-    for _ in range(3):
-        await pilot.pause(0.2)
+    """Until the active view shows the cursor's node and every worker has finished (at most 20 s)."""
+    for _ in range(200):
+        await pilot.pause(0.1)
         await app.workers.wait_for_complete()
+        if not app.busy:
+            break
     await pilot.pause()
 
 

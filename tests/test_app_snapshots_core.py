@@ -44,12 +44,16 @@ def at(node: NodeRef, *keys: str):
 
     async def run_before(pilot) -> None:
         app = pilot.app
+        await pilot.pause()
         app.go_to_node(node)
         for key in keys:
             await pilot.press(key)
-        for _ in range(3):
-            await pilot.pause(0.2)
+        for _ in range(200):
+            await pilot.pause(0.1)
             await app.workers.wait_for_complete()
+            if not app.busy:
+                break
+        await pilot.pause(0.3)  # let the tables settle their column widths
         await pilot.pause()
 
     return run_before
@@ -68,7 +72,7 @@ def test_spectrum_view_of_a_head(snap_compare, session, size) -> None:
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_spectrum_view_of_a_matrix(snap_compare, session, size) -> None:
-    assert snap_compare(make_app(session), terminal_size=size, run_before=at(NodeRef(0, "down")))
+    assert snap_compare(make_app(session), terminal_size=size, run_before=at(NodeRef(1, "down")))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -56,7 +56,7 @@ class HelpScreen(ModalScreen[None]):
         with VerticalScroll():
             for title, rows in self.groups:
                 table = Table(title=Text(title, style="bold"), title_justify="left", show_header=False,
-                              box=None, padding=(0, 1), expand=True)
+                              box=None, padding=(0, 1), expand=False)
                 table.add_column("key", style="bold", no_wrap=True, width=10)
                 table.add_column("what")
                 for key, text in rows:

@@ -134,6 +134,12 @@ class NodeView(Widget):
         if node is not None:
             self.show_node(node)
 
+    def deactivate(self) -> None:
+        """The view was switched away from: stop its pending work (it recomputes when shown again)."""
+        self.cancel_work()
+        if self.result is None:
+            self.node = None
+
     def cancel_work(self) -> None:
         """Stop a pending or running computation of this view."""
         if self._timer is not None:

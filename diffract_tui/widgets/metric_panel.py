@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.widgets import DataTable
 
@@ -23,23 +24,28 @@ class MetricPanel(DataTable):
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes, zebra_stripes=False, cursor_type="row", show_cursor=False)
-        self.notes: list[str] = []
 
     def show_metrics(self, columns: Sequence[str], rows: Sequence[tuple[str, Sequence[Any]]],
                      unreliable: Sequence[Sequence[bool]] | None = None) -> None:
         """Fill the table: `rows` = (metric name, one value per column); greyed cells where
         `unreliable[row][col]` is True."""
         self.clear(columns=True)
-        self.add_column("metric", key="metric")
-        for i, name in enumerate(columns):
-            self.add_column(name, key=f"c{i}")
+        body: list[list[Text | str]] = []
         for r, (name, values) in enumerate(rows):
-            cells: list[Any] = [name]
+            cells: list[Text | str] = [name]
             for c, value in enumerate(values):
                 grey = bool(unreliable and unreliable[r][c])
                 cells.append(Text(fmt(value) + ("?" if grey else ""), style="dim italic" if grey else ""))
-            self.add_row(*cells, key=name)
-
+            body.append(cells)
+        headers = ["metric", *columns]
+        # explicit widths: the header is drawn with the same widths as the rows from the first frame on
+        widths = [max([cell_len(h)] + [cell_len(c.plain if isinstance(c, Text) else c) for c in col])
+                  for h, col in zip(headers, zip(*body))] if body else [cell_len(h) for h in headers]
+        self.add_column("metric", key="metric", width=widths[0])
+        for i, name in enumerate(columns):
+            self.add_column(name, key=f"c{i}", width=widths[i + 1])
+        for cells in body:
+            self.add_row(*cells, key=str(cells[0]))
 
 
 def table_rows(table: DataTable) -> tuple[list[str], list[list[str]]]:
