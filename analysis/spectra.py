@@ -166,8 +166,9 @@ def _metrics_batch(Ws: torch.Tensor, lam: torch.Tensor, settings: SpectralSettin
     device = resolve_device(settings.device)
     fit = fit_power_law(lam, xmin_rule=settings.xmin_rule)
     null = eigenvalues(permuted(Ws.to(device), settings.seed), null_settings(settings)).cpu().numpy()
-    Wc = Ws.to(device=device, dtype=torch.float64)
-    var = Wc.reshape(Wc.shape[0], -1).var(dim=-1, correction=0).cpu().numpy()   # population var(W)
+    # population var(W) of the compute-dtype weights, accumulated in float64 one matrix at a time
+    var = [float(Ws[b].to(device=device, dtype=settings.torch_dtype).double().var(correction=0))
+           for b in range(Ws.shape[0])]
     lam_np = fit.evals.cpu().numpy()
     rows = []
     for b in range(lam_np.shape[0]):
