@@ -129,6 +129,7 @@ class Heatmap(Widget, can_focus=True):
         self.empty_text = "No data yet."
         self._top = 0     # first visible layer
         self._left = 0    # first visible head
+        self._wanted: tuple[int, int] | None = None
 
     # ---- data ------------------------------------------------------------------------------
     @property
@@ -140,7 +141,8 @@ class Heatmap(Widget, can_focus=True):
         self.values = np.asarray(values, dtype=np.float64)
         self.grid_title, self.note, self.log_scale = title, note, log
         L, H = self.shape
-        r, c = self.cursor
+        r, c = self._wanted if self._wanted is not None else self.cursor
+        self._wanted = None
         self.cursor = (min(r, max(0, L - 1)), min(c, max(0, H - 1)))
         self.refresh()
 
@@ -159,6 +161,8 @@ class Heatmap(Widget, can_focus=True):
         L, H = self.shape
         if L and H:
             self.cursor = (min(max(0, layer), L - 1), min(max(0, head), H - 1))
+        else:
+            self._wanted = (layer, head)  # applied when the data arrives
 
     def value_at(self, layer: int, head: int) -> float:
         if self.values is None:
