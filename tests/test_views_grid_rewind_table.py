@@ -324,3 +324,158 @@ async def test_table_rows_sort_filter_and_open(session, family) -> None:
         await pilot.press("enter")
         await settle(pilot)
         assert app.current_node == target
+
+
+# ------------------------------------------------------------------------------------------------
+# More of the grid: projections, A1, α, Esc, and the widget's geometry
+# ------------------------------------------------------------------------------------------------
+
+
+@sync
+async def test_grid_projections_and_a1_against_direct_computation(session, family) -> None:
+    """p → q: r of the q slices is the planted ‖ΔW^q_h‖/‖W₀^q_h‖; p p → v: the planted kv magnitude of
+    g(h). m → A1 of the q slices equals the mean row maximum of |U₀ᵀU_d| from a full float64 SVD."""
+    from analysis.heads import head_slice
+
+    app = make_app(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("3", "p")
+        await settle(pilot)
+        grid = app.query_one("#heads")
+        assert grid.choice().projection == "q"
+        np.testing.assert_allclose(grid.heatmap.values, np.array(family.grid("magnitude")), rtol=1e-4)
+        await pilot.press("p", "p")
+        await settle(pilot)
+        assert grid.choice().projection == "v"
+        np.testing.assert_allclose(grid.heatmap.values, np.array(family.grid("kv_magnitude")), rtol=1e-4)
+        await pilot.press("m")
+        await settle(pilot)
+        assert (grid.choice().metric, grid.choice().projection) == ("a1", "q")
+        values = grid.heatmap.values
+    for l in range(L):
+        for h in range(H):
+            w0 = head_slice(session.base, session.layout, l, "q", h, dtype=torch.float64)
+            wd = head_slice(session.targets[0], session.layout, l, "q", h, dtype=torch.float64)
+            u0 = torch.linalg.svd(w0, full_matrices=False).U
+            ud = torch.linalg.svd(wd, full_matrices=False).U
+            expected = float((u0.T @ ud).abs().amax(dim=1).mean())
+            assert values[l, h] == pytest.approx(expected, abs=1e-6)
+
+
+@sync
+async def test_grid_alpha_shows_each_heads_fit_in_its_cell(session) -> None:
+    """m×4 → α of the base's q slices, then p → k slices: cell (ℓ, h) holds `pl_alpha` of head h (q) or of
+    kv head g(h) (k) from the engine's per-node fit, and the note says these fits are unreliable (16 values)."""
+    from analysis.scan import node_metrics
+
+    app = make_app(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("3", "m", "m", "m", "m")
+        await settle(pilot)
+        grid = app.query_one("#heads")
+        assert grid.choice().metric == "alpha" and grid.choice().source == 0
+        q_values = grid.heatmap.values.copy()
+        assert "16 eigenvalues" in str(app.query_one("#grid-info").render())
+        await pilot.press("p")
+        await settle(pilot)
+        k_values = grid.heatmap.values.copy()
+    for l in range(L):
+        for h in range(H):
+            q = node_metrics(session.base, session.layout, l, "q", h, settings=session.settings, cache=None)
+            k = node_metrics(session.base, session.layout, l, "k", session.layout.kv_group(h),
+                             settings=session.settings, cache=None)
+            assert q_values[l, h] == pytest.approx(q["pl_alpha"], rel=1e-9)
+            assert k_values[l, h] == pytest.approx(k["pl_alpha"], rel=1e-9)
+
+
+@sync
+async def test_escape_cancels_a_grid_computation(session, monkeypatch) -> None:
+    """A grid pass that is still running when Esc is pressed stops (its progress callback raises), no grid is
+    drawn, and showing the view again computes it afresh."""
+    import threading
+
+    import diffract_tui.views.heads_grid as heads_grid
+
+    real = heads_grid.update_magnitude_grids
+    started, stopped = threading.Event(), threading.Event()
+
+    def slow(session_, target_index, progress):
+        started.set()
+        try:
+            while True:  # until the worker is cancelled: progress then raises
+                progress(0.5, "waiting")
+                threading.Event().wait(0.02)
+        finally:
+            stopped.set()
+
+    monkeypatch.setattr(heads_grid, "update_magnitude_grids", slow)
+    app = make_app(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("3")
+        for _ in range(50):
+            await pilot.pause(0.05)
+            if started.is_set():
+                break
+        assert started.is_set()
+        await pilot.press("escape")
+        await settle(pilot)
+        assert stopped.is_set()
+        grid = app.query_one("#heads")
+        assert grid.heatmap.values is None and grid.result is None
+        monkeypatch.setattr(heads_grid, "update_magnitude_grids", real)
+        await pilot.press("1", "3")
+        await settle(pilot)
+        assert grid.heatmap.values is not None and grid.heatmap.values.shape == (L, H)
+
+
+@sync
+async def test_heatmap_fits_a_large_model_at_80_columns() -> None:
+    """32 layers × 32 heads in a 56×20 widget: 1-character cells, a window of layers that follows the cursor,
+    and the hidden range named; every rendered line fits the width."""
+    from textual.app import App
+
+    from diffract_tui.widgets.heatmap import Heatmap
+
+    class One(App):
+        def compose(self):
+            yield Heatmap(id="grid")
+
+    values = np.arange(32 * 32, dtype=np.float64).reshape(32, 32)
+    app = One()
+    async with app.run_test(size=(56, 20)) as pilot:
+        grid = app.query_one(Heatmap)
+        grid.set_data(values, title="test metric")
+        grid.focus()
+        await pilot.pause()
+        text = grid.render().plain
+        assert all(len(line) <= 56 for line in text.splitlines())
+        assert "layers 0–15 of 32" in text
+        assert f"linear 0 " in text and "1023" in text
+        for _ in range(20):
+            await pilot.press("j")
+        await pilot.press("l", "l")
+        await pilot.pause()
+        assert grid.cursor == (20, 2)
+        text = grid.render().plain
+        assert "layers 5–20 of 32" in text and "L20 h2 = 642" in text
+
+
+@sync
+async def test_reference_pattern_export_is_the_cli_plan(session, family, tmp_path) -> None:
+    """r → pattern reference with the other domain (code) as reference, f = 0.25: the same file as
+    `diffract-tui rewind plan base math --pattern reference --reference code --fraction 0.25`."""
+    from diffract_tui.cli import main
+
+    app = make_app(session)
+    ours = tmp_path / "ui.json"
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("4", "r", "plus", "plus")
+        await settle(pilot)
+        view = app.query_one("#rewind")
+        assert (view.pattern, view.fraction, view.variant) == ("reference", 0.25, "lowest")
+        await _export(pilot, ours)
+    cli = tmp_path / "cli.json"
+    assert main(["rewind", "plan", str(family.base), str(family.domains["math"]), "--out", str(cli),
+                 "--pattern", "reference", "--reference", str(family.domains["code"]), "--fraction", "0.25"]) == 0
+    assert ours.read_bytes() == cli.read_bytes()
+    assert json.loads(ours.read_text())["reference"]["path"] == str(Path(family.domains["code"]).resolve())
