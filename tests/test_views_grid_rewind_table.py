@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,11 @@ async def test_grid_shows_planted_head_scores_with_metric_and_scale(session, fam
         assert f"linear {fmt_value(expected.min())}" in text and fmt_value(expected.max()) in text
         # the bar names what is compared: base → the first domain, whole head
         assert "base→math" in str(app.query_one("#grid-bar").render())
+        # d: the other domain (planted with the same magnitudes in every domain)
+        await pilot.press("d")
+        await settle(pilot)
+        assert "base→code" in str(app.query_one("#grid-bar").render())
+        np.testing.assert_allclose(grid.heatmap.values, expected, rtol=1e-4)
 
 
 @sync
@@ -479,3 +485,45 @@ async def test_reference_pattern_export_is_the_cli_plan(session, family, tmp_pat
                  "--pattern", "reference", "--reference", str(family.domains["code"]), "--fraction", "0.25"]) == 0
     assert ours.read_bytes() == cli.read_bytes()
     assert json.loads(ours.read_text())["reference"]["path"] == str(Path(family.domains["code"]).resolve())
+
+
+@sync
+async def test_heatmap_under_no_color_shades_cells(monkeypatch) -> None:
+    """NO_COLOR (Textual removes it from the environment and sets app.no_color): cells and the scale are
+    drawn with ░▒▓█ from low to high instead of colours."""
+    from textual.app import App
+
+    from diffract_tui.widgets.heatmap import Heatmap
+
+    class One(App):
+        def compose(self):
+            yield Heatmap(id="grid")
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = One()
+    async with app.run_test(size=(40, 12)) as pilot:
+        assert app.no_color
+        grid = app.query_one(Heatmap)
+        grid.set_data(np.array([[0.0, 1.0], [2.0, 3.0]]), title="t")
+        await pilot.pause()
+        lines = grid.render().plain.splitlines()
+        row0 = next(line for line in lines if line.startswith("L0"))
+        row1 = next(line for line in lines if line.startswith("L1"))
+        assert "█" in row1 and "█" not in row0            # the maximum is the full block
+        scale = next(line for line in lines if line.startswith("scale"))
+        assert re.search("░+▒+▓+█+", scale)                  # the swatch runs low → high
+        assert "░" in row0 and "▓" in row1                 # 0 → ░ (lowest quarter), 2 → ▓
+
+
+@sync
+async def test_manual_pattern_without_marks_says_how_to_mark(session) -> None:
+    app = make_app(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("4", "p")
+        await settle(pilot)
+        view = app.query_one("#rewind")
+        assert view.pattern == "manual" and view.plan is None
+        assert "no heads are marked" in str(app.query_one("#rewind-summary").render())
+        await pilot.press("e")          # nothing to export: a warning, no prompt
+        await pilot.pause()
+        assert not view.has_class("-prompt")

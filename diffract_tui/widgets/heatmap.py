@@ -22,7 +22,7 @@ from textual.widget import Widget
 # viridis at 0, .25, .5, .75, 1: lightness rises monotonically, so it also reads in greyscale
 RAMP_STOPS: tuple[tuple[int, int, int], ...] = (
     (68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
-SHADES = " ░▒▓█"          # NO_COLOR: five levels, low → high
+SHADES = "░▒▓█"           # NO_COLOR: four levels, low → high (NaN is a dim ·)
 RAMP_WIDTH = 10            # characters of the colour-scale swatch
 LABEL_WIDTH = 4            # "L12 "
 MAX_CELL_WIDTH = 8         # characters per cell when few heads leave room
