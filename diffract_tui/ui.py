@@ -66,7 +66,7 @@ class MainScreen(Screen):
         yield from self.app.compose_main()
 
     def on_mount(self) -> None:
-        self.app.call_after_refresh(self.app.main_mounted)
+        self.app.main_mounted(self)
 
 
 class DiffractApp(App):
@@ -124,12 +124,13 @@ class DiffractApp(App):
         layout = self.session.layout
         return f"{layout.model_type} · {layout.num_layers} layers"
 
-    def main_mounted(self) -> None:
-        """Focus the tree and fill the status lines once the main screen is up."""
-        tree = self.query_one(ModelTree)
+    def main_mounted(self, screen: Screen) -> None:
+        """Focus the tree and fill the status lines once the main screen is mounted (it may not be
+        `self.screen` yet, so everything is looked up inside `screen`)."""
+        tree = screen.query_one(ModelTree)
         tree.focus()
-        self._update_viewbar()
-        self._update_status()
+        self._update_viewbar(screen)
+        self._update_status(screen)
         if not self.session.layout.heads_available:
             self.notify(f"Heads are not offered: {self.session.layout.heads_reason}", severity="warning",
                         timeout=8)
@@ -146,20 +147,20 @@ class DiffractApp(App):
         except NoMatches:
             return None
 
-    def _update_viewbar(self) -> None:
+    def _update_viewbar(self, root: Widget | Screen | None = None) -> None:
         parts = []
         for spec in self.view_specs:
             text = f"{spec.key} {spec.title}"
             parts.append(f"[reverse] {text} [/]" if spec.id == self.active_view_id else f" {text} ")
         labels = self.session.labels
         title = f"[b]{labels[0]}[/] → {', '.join(labels[1:])}"
-        self.query_one("#viewbar", Label).update(" ".join(parts) + "  " + title)
+        (root or self.screen).query_one("#viewbar", Label).update(" ".join(parts) + "  " + title)
 
-    def _update_status(self) -> None:
+    def _update_status(self, root: Widget | Screen | None = None) -> None:
         marks = len(self.session.marks)
         dirty = "*" if self.session.marks_dirty else ""
         device = getattr(self.session.device, "type", "cpu")
-        self.query_one(StatusBar).set_text(
+        (root or self.screen).query_one(StatusBar).set_text(
             f"{self.current_node.label()} │ marks {marks}{dirty} │ {device} │ ? help  ctrl+p commands")
 
     @property
