@@ -231,7 +231,7 @@ async def test_greedy_export_is_the_cli_plan_byte_for_byte(session, family, tmp_
 @sync
 async def test_apply_writes_the_rewound_checkpoint(session, family, tmp_path, monkeypatch) -> None:
     """A in the Rewind view writes a new folder where the listed heads' q rows equal the base and the
-    others stay at the target."""
+    others stay at the target; switching to another view meanwhile does not stop the writing."""
     from analysis.checkpoint import open_checkpoint
     from analysis.heads import head_slice
     from diffract_tui.views.rewind import PromptInput
@@ -246,7 +246,7 @@ async def test_apply_writes_the_rewound_checkpoint(session, family, tmp_path, mo
         await pilot.press("A")
         await pilot.pause()
         app.query_one(PromptInput).value = str(out)
-        await pilot.press("enter")
+        await pilot.press("enter", "1")
         await settle(pilot)
     assert heads == [(1, 2)]  # ⌊0.15·8⌋ = 1: the lowest planted score
     rewound = open_checkpoint(out)

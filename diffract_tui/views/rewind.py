@@ -453,5 +453,12 @@ class RewindView(EngineWork, NodeView):
                         timeout=6)
 
     def cancel_work(self) -> None:
+        """Esc: stop the preview and a running apply (its output folder appears only when complete)."""
         super().cancel_work()
         self.workers.cancel_group(self, APPLY_GROUP)
+
+    def deactivate(self) -> None:
+        """Switched away: stop the preview only; an apply keeps writing in the background."""
+        NodeView.cancel_work(self)
+        if self.result is None:
+            self.node = None
