@@ -1,7 +1,7 @@
 """Snapshots of the Heads grid, Rewind and Table views at 80×24 and 160×48.
 
-Deterministic: a seeded `write_family` (folders base/math/code = the labels), a cache in tmp_path shared by the module, device
-cpu, and every worker finished before the screenshot. After an intended change, update with
+Deterministic: a seeded `write_family` (folders base/math/code = the labels), a cache in tmp_path shared
+by the module, device cpu, and every worker finished before the screenshot. After an intended change, update with
 `pytest tests/test_app_snapshots_views.py --snapshot-update` and look at the SVGs.
 """
 

@@ -170,6 +170,8 @@ def agreement_grids(session: "ExplorerSession", progress: ProgressFn) -> Agreeme
     fps = [session.base.fingerprint] + [t.fingerprint for t in targets]
     key = _key(session, fps, "domain-agreement")
     meta_key = _key(session, fps, "domain-agreement-meta")
+    import torch
+
     L, H = session.layout.num_layers, session.layout.num_heads
     names = (WHOLE,) + PROJECTIONS
     hit, meta = session.cache.get_array(key), session.cache.get_json(meta_key)
@@ -185,14 +187,10 @@ def agreement_grids(session: "ExplorerSession", progress: ProgressFn) -> Agreeme
                 if p in pa.a2_projection:
                     arr[i, 0, j], arr[i, 1, j] = pa.a2_projection[p].numpy(), pa.a3_projection[p].numpy()
         arr[len(pairs), 0, 0], arr[len(pairs), 1, 0] = da.mean_a2.numpy(), da.mean_a3.numpy()
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                for m in range(2):
-                    for j in range(1, 5):
-                        arr[len(pairs), m, j] = np.nanmean(arr[:len(pairs), m, j], axis=0)
+        for j, p in enumerate(PROJECTIONS, 1):  # per-projection means over the pairs (torch: NaN-safe)
+            if all(p in pa.a2_projection for pa in da.pairs):
+                arr[len(pairs), 0, j] = torch.stack([pa.a2_projection[p] for pa in da.pairs]).nanmean(0).numpy()
+                arr[len(pairs), 1, j] = torch.stack([pa.a3_projection[p] for pa in da.pairs]).nanmean(0).numpy()
         arr[len(pairs) + 1, 0, 0] = da.magnitude.numpy()
         meta = {"k": int(da.k), "a3_random": float(da.a3_random)}
         session.cache.put_array(key, arr)
