@@ -283,11 +283,13 @@ async def test_rewind_escape_closes_the_prompt_without_writing(session, tmp_path
 
 
 @sync
-async def test_table_rows_sort_filter_and_open(session, family) -> None:
+async def test_table_rows_sort_filter_and_open(session, family, tmp_path, monkeypatch) -> None:
     """Every matrix and head is a row; Δrel of a q head is the planted magnitude; S/s sort by the cursor
-    column; the filter keeps matching rows; Enter opens the row's node."""
+    column; the filter keeps matching rows; `x` exports exactly the rows shown; Enter opens the row's node."""
+    from analysis.tables import read_table
     from diffract_tui.views.table import MetricsTable
 
+    monkeypatch.chdir(tmp_path)
     app = make_app(session)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("5")
@@ -326,6 +328,12 @@ async def test_table_rows_sort_filter_and_open(session, family) -> None:
                                       if any((r.values.get(k) or 0) > 0.1 for k in ("rel:math", "rel:code")))
         await pilot.press("enter")     # keep the filter, back to the table
         assert app.focused is table
+        await pilot.press("x")         # the app's export of the table as shown
+        await pilot.pause()
+        (csv,) = tmp_path.glob("diffract-table-*.csv")
+        rows, _ = read_table(csv)
+        assert [r["node"] for r in rows] == [r.label for r in view.visible_records()]
+        assert "Δrel math" in rows[0]
         target = view.visible_records()[0].node
         await pilot.press("enter")
         await settle(pilot)
