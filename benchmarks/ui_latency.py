@@ -3,7 +3,7 @@
 The app runs in a detached 80×24 tmux session on a generated base + 2 CPT family. After the scan starts
 (`a`), the script presses `j` repeatedly inside an expanded list of heads and, for each press, polls
 `tmux capture-pane` until the screen changes: press → visible frame. The same is measured with the app
-idle for comparison. Prints median / p95 / max in milliseconds and whether the scan was still running.
+idle, and with a bare Textual tree (the floor of this harness: tmux polling + Textual's frame pacing). Prints median / p95 / max in milliseconds and whether the scan was still running.
 
     python benchmarks/ui_latency.py [--presses 40] [--hidden 512] [--layers 8]
 """
@@ -75,6 +75,44 @@ def make_family(root: Path, hidden: int, layers: int) -> list[Path]:
     return paths
 
 
+def run_baseline_app() -> None:
+    """A bare Textual tree whose label shows the highlighted node: the harness's floor (tmux + Textual)."""
+    from textual.app import App, ComposeResult
+    from textual.widgets import Label, Tree
+
+    class Baseline(App):
+        def compose(self) -> ComposeResult:
+            tree: Tree[None] = Tree("root")
+            for i in range(40):
+                tree.root.add_leaf(f"node {i}")
+            tree.root.expand()
+            yield Label("-", id="where")
+            yield tree
+
+        def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
+            self.query_one("#where", Label).update(str(event.node.label))
+
+    Baseline().run()
+
+
+def measure_baseline(presses: int, gap: float) -> dict[str, float]:
+    """Latency of the bare Textual tree under the same harness (what no app can beat here)."""
+    subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
+    tmux("new-session", "-d", "-s", SESSION, "-x", "80", "-y", "24",
+         f"{shlex.quote(sys.executable)} {shlex.quote(__file__)} --baseline-app")
+    try:
+        wait_for(lambda s: "node 3" in s, timeout=30)
+        tmux("send-keys", "-t", SESSION, "Down")
+        time.sleep(0.5)
+        samples = []
+        for i in range(presses):
+            samples.append(press_and_time("Down" if i % 2 == 0 else "Up"))
+            time.sleep(gap)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
+    return summary(samples)
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     ms = sorted(s * 1000 for s in samples)
     p95 = ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
@@ -97,7 +135,12 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=0.15, help="seconds between presses")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--baseline-app", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.baseline_app:
+        run_baseline_app()
+        return 0
+    baseline = measure_baseline(args.presses // 2, args.gap)
 
     with tempfile.TemporaryDirectory(prefix="diffract-latency-") as tmp:
         root = Path(tmp)
@@ -126,7 +169,7 @@ def main() -> int:
             time.sleep(0.3)
             subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
     report = {"terminal": "tmux 80x24", "model": f"llama hidden {args.hidden}, {args.layers} layers, 3 checkpoints",
-              "idle": summary(idle), "during_compute_all": summary(busy),
+              "bare_textual_tree_baseline": baseline, "no_scan": summary(idle), "during_compute_all": summary(busy),
               "scan_still_running_at_end": still_running, "cpus": os.cpu_count()}
     print(json.dumps(report, indent=2))
     return 0

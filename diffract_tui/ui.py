@@ -7,6 +7,8 @@ an app worker, and badges from the cache are read in a short worker when a tree 
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from datetime import datetime
 from functools import partial
@@ -41,6 +43,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SCAN_SOURCE = "scan"
 BADGE_FLUSH_S = 0.25  # compute-all pushes badges to the tree at most this often
+
+
+def lower_thread_priority(niceness: int = 10) -> None:
+    """Make the calling (worker) thread yield the CPU to the UI thread: on Linux a thread has its own nice
+    value. Best effort; elsewhere it does nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
 
 
 class MainScreen(Screen):
@@ -346,6 +357,7 @@ class DiffractApp(App):
     @work(thread=True, exclusive=True, group=SCAN_SOURCE)
     def _compute_all(self) -> None:
         worker = get_current_worker()
+        lower_thread_priority()
 
         def progress(fraction: float | None, text: str) -> None:
             if not worker.is_cancelled:
