@@ -4,7 +4,8 @@
     python scripts/make_screenshots.py [--size 120x36] [--out screenshots] [--cache-dir DIR] [--synthetic]
 
 `--synthetic` uses a generated base + two domains (`analysis.generate.write_family`) instead of rxnfp.
-A cache folder (default: a temporary one) keeps spectra between runs; pass one to make reruns quick.
+Spectra go to the usual cache (`--cache-dir`, else $DIFFRACT_TUI_CACHE_DIR, else the user cache folder), so a
+rerun is quick; the first run scans the whole trio for the Table view (minutes on a small CPU).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Shot:
 SHOTS: tuple[Shot, ...] = (
     Shot("spectrum", (11, "fc_in", None), ("1",)),
     Shot("delta", (11, "q", None), ("2",)),
-    Shot("grid", (5, "q", 2), ("3",)),
+    Shot("grid", (5, "q", 2), ("3", "tab", "space", "j", "j", "l", "space")),
     Shot("rewind", (0, None, None), ("4", "plus", "plus")),
     Shot("table", (0, None, None), ("5", "tab", "right", "right", "S")),
 )
@@ -63,7 +64,7 @@ async def settle(pilot, rounds: int = 3) -> None:
     await pilot.pause()
 
 
-async def take(shot: Shot, paths: list[Path], labels: list[str], cache: Path, size: tuple[int, int],
+async def take(shot: Shot, paths: list[Path], labels: list[str], cache: Path | None, size: tuple[int, int],
                out: Path) -> Path:
     """Open a fresh app, walk to the shot's node, press its keys and save the SVG."""
     from analysis.session import ExplorerSession
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="120x36", help="terminal COLUMNSxLINES (default 120x36)")
     parser.add_argument("--out", type=Path, default=REPO / "screenshots", help="output folder")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="spectra cache (default: temporary)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="spectra cache (default: the user cache)")
     parser.add_argument("--synthetic", action="store_true", help="a generated family instead of rxnfp")
     parser.add_argument("--only", nargs="*", default=None, help="views to shoot (default: all)")
     args = parser.parse_args(argv)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="diffract-shots-") as tmp:
         work = Path(tmp)
-        cache = args.cache_dir or work / "cache"
+        cache = args.cache_dir  # None: the session's default cache folder
         paths, labels = demo_paths(args.synthetic, work)
         for shot in SHOTS:
             if args.only and shot.name not in args.only:
