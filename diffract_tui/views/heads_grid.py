@@ -298,7 +298,8 @@ class HeadsGridView(EngineWork, NodeView):
         Binding("d", "cycle_source", "Next pair / domain / checkpoint"),
         Binding("p", "cycle_projection", "Next projection (all, q, k, v, o)"),
         Binding("z", "toggle_log", "Log / linear colour scale"),
-        Binding("tab", "focus_grid", "Grid ⇄ tree focus (grid: arrows/hjkl move, enter opens, space marks)", show=False),
+        Binding("tab", "focus_grid", "Grid ⇄ tree focus (grid: arrows/hjkl move, enter opens, space marks)",
+                show=False),
     ]
     DEFAULT_CSS = """
     HeadsGridView { layout: vertical; }
