@@ -5,7 +5,8 @@ worker and filled in progressively; the scan reads and writes the persistent cac
 quick. Columns: per CPT checkpoint the relative update ‖ΔW‖/‖W₀‖ and ρ, α of each checkpoint (greyed `?`
 when the fit is unreliable, SPEC §3), and the stable rank of ΔW. The node's kind (attention, mlp, head…)
 is not shown but the filter matches it. `s` sorts by the column under the cursor (`S` reverse), `f` (or `/`
-in the table) filters: words match the node name (`L3 q`, `h5`, `mlp`), `col>x` / `col<x` compare a column (`rel>0.1`, `alpha<2`).
+in the table) filters: words match the node name (`L3 q`, `h5`, `mlp`), `col>x` / `col<x` compare a column
+(`rel>0.1`, `alpha<2`).
 Enter opens the row's node in the tree; `x` (app) exports what is shown.
 """
 
