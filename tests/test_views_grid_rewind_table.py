@@ -101,6 +101,28 @@ async def test_grid_shows_planted_head_scores_with_metric_and_scale(session, fam
 
 
 @sync
+async def test_grid_x_exports_the_shown_grid(session, family, tmp_path, monkeypatch) -> None:
+    """x in the Heads view writes the grid on screen: one row per layer, the metric and what it compares,
+    and every head's value at full precision."""
+    from analysis.tables import read_table
+
+    monkeypatch.chdir(tmp_path)
+    app = make_app(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("3")
+        await settle(pilot)
+        values = app.query_one("#heads").heatmap.values.copy()
+        await pilot.press("x")
+        await pilot.pause()
+    (csv,) = tmp_path.glob("diffract-heads-*.csv")
+    rows, _ = read_table(csv)
+    assert [int(r["layer"]) for r in rows] == list(range(L))
+    assert {(r["metric"], r["compared"], r["projection"]) for r in rows} == {("r", "base→math", "all")}
+    got = np.array([[float(r[f"h{h}"]) for h in range(H)] for r in rows])
+    np.testing.assert_array_equal(got, values)
+
+
+@sync
 async def test_grid_agreement_recovers_shared_and_specific_heads(session, family) -> None:
     """Metric A2 (m m): planted shared heads have the identical ΔW in both domains → A2 = 1; specific heads
     have independent Gaussian directions → |A2| ≈ 1/√(dim) ≪ 0.3. The class counts are the manifest's."""

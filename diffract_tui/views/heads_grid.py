@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Label
+from textual.widgets import DataTable, Label
 from textual.worker import get_current_worker
 
 from diffract_tui.messages import MarksChanged, OpenNode
@@ -306,6 +306,7 @@ class HeadsGridView(EngineWork, NodeView):
     HeadsGridView > #grid-bar { height: 1; width: 1fr; color: $text-muted; }
     HeadsGridView > Heatmap { height: 1fr; }
     HeadsGridView > #grid-info { height: auto; max-height: 3; width: 1fr; color: $text-muted; }
+    HeadsGridView > #grid-data { display: none; }
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -321,6 +322,7 @@ class HeadsGridView(EngineWork, NodeView):
         yield Label("", id="grid-bar")
         yield Heatmap(id="grid")
         yield Label("", id="grid-info")
+        yield DataTable(id="grid-data")  # never shown: the grid's numbers for the app's `x` export
 
     @property
     def session(self) -> "ExplorerSession":
@@ -387,6 +389,7 @@ class HeadsGridView(EngineWork, NodeView):
     def show_message(self, text: str) -> None:
         self.heatmap.clear(text)
         self.query_one("#grid-info", Label).update("")
+        self.query_one("#grid-data", DataTable).clear(columns=True)
 
     def refresh_node(self) -> None:
         self.refresh_grid()
@@ -481,8 +484,18 @@ class HeadsGridView(EngineWork, NodeView):
         grid, note = self.grids[c]
         self.result = grid
         self.heatmap.set_data(grid, title=METRIC_TITLES[c.metric], log=self.log_scale)
+        self._fill_export_table(c, grid)
         self.heatmap.set_marks(self.session.marks)
         self.query_one("#grid-info", Label).update((note + "\n" if note else "") + KEY_HINT)
+
+    def _fill_export_table(self, c: GridChoice, grid: np.ndarray) -> None:
+        """The shown grid as rows (layer, metric, source, projection, h0 … h{H-1}) for `x`, full precision."""
+        table = self.query_one("#grid-data", DataTable)
+        table.clear(columns=True)
+        table.add_columns("layer", "metric", "compared", "projection", *[f"h{h}" for h in range(grid.shape[1])])
+        for layer, row in enumerate(grid):
+            table.add_row(str(layer), METRIC_SHORT[c.metric], self.source_label(c), c.projection,
+                          *[repr(float(v)) for v in row])
 
     # ---- actions ---------------------------------------------------------------------------
     def action_cycle_metric(self) -> None:
