@@ -371,3 +371,33 @@ def test_palette_goes_to_a_head_and_no_color(session: ExplorerSession, monkeypat
             assert colours <= {None}  # no foreground colour anywhere in the plot
 
     asyncio.run(run())
+
+
+def test_compute_all_badges_recover_the_planted_head_updates(tmp_path: Path) -> None:
+    """write_family plants ‖ΔW^q_h‖/‖W₀^q_h‖ per head; after "compute all" every q head's badge shows it."""
+    from analysis.generate import write_family
+    from diffract_tui.widgets.tree import ModelTree
+
+    manifest = write_family(tmp_path / "family", domains=("math", "code"), hidden_size=128, num_layers=2,
+                            num_heads=8, num_kv_heads=4, intermediate_size=256, vocab_size=64)
+    session = ExplorerSession.open([manifest.base, *manifest.domains.values()], device="cpu",
+                                   cache_dir=tmp_path / "cache")
+
+    async def run() -> None:
+        app = make_app(session)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("a")
+            await settle(pilot, app)
+            badges = app.query_one(ModelTree).badges
+            for plant in manifest.heads:
+                badge = badges[NodeRef(plant.layer, "q", plant.head)]
+                assert badge.delta_rel == pytest.approx(plant.magnitude, rel=1e-3), plant
+            # the largest planted update is the largest badge
+            biggest = max(manifest.heads, key=lambda p: p.magnitude)
+            q_badges = {ref: b.delta_rel for ref, b in badges.items() if ref.module == "q" and ref.is_head}
+            assert max(q_badges, key=q_badges.get) == NodeRef(biggest.layer, "q", biggest.head)
+
+    try:
+        asyncio.run(run())
+    finally:
+        session.close()

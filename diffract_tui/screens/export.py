@@ -23,7 +23,7 @@ class ExportScreen(ModalScreen["tuple[int, str] | None"]):
     ExportScreen { align: center middle; }
     ExportScreen > Vertical { width: 90%; max-width: 80; height: auto; border: round $accent;
                               background: $surface; padding: 0 1; }
-    ExportScreen Label { margin-top: 1; }
+    ExportScreen Label { margin-top: 0; }
     ExportScreen Horizontal { height: auto; margin-top: 1; }
     ExportScreen Button { margin-right: 1; }
     """

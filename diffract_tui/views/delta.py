@@ -54,7 +54,7 @@ class DeltaView(NodeView):
     BINDINGS = [Binding("c", "cycle_chart", "Next chart (narrow screens)")]
     DEFAULT_CSS = """
     DeltaView { layout: vertical; }
-    DeltaView > #delta-title { height: 1; width: 1fr; text-style: bold; }
+    DeltaView > #delta-title { height: 1; width: 1fr; text-style: bold; text-wrap: nowrap; text-overflow: ellipsis; }
     DeltaView > #delta-legend { height: 1; width: 1fr; }
     DeltaView > #delta-charts { height: 1fr; min-height: 8; }
     DeltaView PlotextPlot { width: 1fr; height: 1fr; }

@@ -57,7 +57,7 @@ class SpectrumView(NodeView):
     ]
     DEFAULT_CSS = """
     SpectrumView { layout: vertical; }
-    SpectrumView > #spectrum-title { height: 1; width: 1fr; text-style: bold; }
+    SpectrumView > #spectrum-title { height: 1; width: 1fr; text-style: bold; text-wrap: nowrap; text-overflow: ellipsis; }
     SpectrumView > #spectrum-legend { height: auto; max-height: 3; width: 1fr; }
     SpectrumView > #spectrum-plot { height: 1fr; min-height: 10; }
     SpectrumView > #spectrum-metrics { height: auto; max-height: 40%; }
