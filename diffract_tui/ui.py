@@ -138,6 +138,7 @@ class DiffractApp(App):
     def main_mounted(self, screen: Screen) -> None:
         """Focus the tree and fill the status lines once the main screen is mounted (it may not be
         `self.screen` yet, so everything is looked up inside `screen`)."""
+        self._warm_up()
         tree = screen.query_one(ModelTree)
         tree.focus()
         self._update_viewbar(screen)
@@ -146,6 +147,15 @@ class DiffractApp(App):
             self.notify(f"Heads are not offered: {self.session.layout.heads_reason}", severity="warning",
                         timeout=8)
         tree.move_cursor(tree.root)
+
+    @work(thread=True, group="warm-up")
+    def _warm_up(self) -> None:
+        """Import the engine's compute modules (scipy, fits: ~1 s) off the UI thread, so that the first
+        cache hit shown on the UI thread does not pay for them."""
+        import analysis.delta  # noqa: F401
+        import analysis.scan  # noqa: F401
+        import analysis.spectra  # noqa: F401
+        import analysis.truncation  # noqa: F401
 
     @property
     def tree(self) -> ModelTree:

@@ -17,6 +17,7 @@ from textual.widget import Widget
 from textual.widgets import Static
 from textual.worker import get_current_worker
 
+from analysis.session import Cancelled  # the engine facade's: raised inside a computation that was cancelled
 from diffract_tui.node import NodeRef
 
 COMPUTE_DEBOUNCE_S = 0.12  # wait this long after the last cursor move before starting a computation
@@ -54,10 +55,6 @@ def view_class(spec: ViewSpec) -> type[Widget] | None:
              if cls.__module__ == module.__name__ and issubclass(cls, Widget) and hasattr(cls, "show_node")]
     views.sort(key=lambda cls: getattr(cls, "VIEW_ID", None) != spec.id)  # the one with the view's id first
     return views[0] if views else None
-
-
-class Cancelled(Exception):
-    """Raised inside a worker's computation when the worker was cancelled (cursor moved on, Esc)."""
 
 
 class UnavailableView(Static):
