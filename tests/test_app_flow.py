@@ -196,6 +196,22 @@ def test_cached_results_show_at_once_and_delta_view(session: ExplorerSession) ->
             assert d.noise_floor[-1] == pytest.approx((2 * torch.log(torch.tensor(16.0)).item() / HEAD_DIM) ** 0.5)
             assert app.tree.badges[NodeRef(1, "q", 1)].delta_rel == pytest.approx(d.metrics["delta_rel"])
 
+            # at 80 columns one chart shows at a time and c cycles them; t hides the tree for room
+            def shown() -> list[str]:
+                return [p.id for p in delta.query("PlotextPlot") if p.display and p.size.width > 0]
+
+            assert shown() == ["delta-sigma"]
+            await pilot.press("c")
+            await pilot.pause()
+            assert shown() == ["delta-truncation"]
+            width = delta.size.width
+            await pilot.press("t")
+            await pilot.pause()
+            assert not app.query_one("#sidebar").display and delta.size.width > width
+            await pilot.press("t")
+            await pilot.pause()
+            assert app.query_one("#sidebar").display and app.focused is app.tree
+
     asyncio.run(run())
 
 
