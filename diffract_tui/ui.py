@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -174,8 +175,16 @@ class DiffractApp(App):
             text = f"{spec.key} {spec.title}"
             parts.append(f"[reverse] {text} [/]" if spec.id == self.active_view_id else f" {text} ")
         labels = self.session.labels
-        title = f"[b]{labels[0]}[/] → {', '.join(labels[1:])}"
-        (root or self.screen).query_one("#viewbar", Label).update(" ".join(parts) + "  " + title)
+        tabs = " ".join(parts)
+        room = self.size.width - len(Text.from_markup(tabs)) - 4
+        title = f"{labels[0]} → {', '.join(labels[1:])}"
+        if len(title) > room:  # e.g. at 80 columns with long names: say how many, not which
+            title = f"{labels[0]} → {len(labels) - 1} CPT"
+        (root or self.screen).query_one("#viewbar", Label).update(Text.from_markup(tabs + "  ") + Text(title))
+
+    def on_resize(self) -> None:
+        if self.screen.query("#viewbar"):
+            self._update_viewbar()
 
     def _update_status(self, root: Widget | Screen | None = None) -> None:
         marks = len(self.session.marks)
