@@ -187,7 +187,7 @@ class DeltaView(NodeView):
         for i, d in enumerate(deltas):
             legend.append_text(legend_key(d.label, series_color(i + 1), series_marker(i)))
         legend.append_text(legend_key("A1 noise floor", muted_color(), "x" if no_color() else "dot"))
-        legend.append_text(legend_key(f"tolerance {TRUNCATION_TOLERANCE}", series_color(5), "dot"))
+        legend.append_text(legend_key(f"tolerance {TRUNCATION_TOLERANCE}", series_color(5), "line"))
         self.query_one("#delta-legend", Label).update(legend)
         for plot in plots.values():
             plot.refresh()

@@ -18,8 +18,8 @@ from textual_plotext import PlotextPlot
 from diffract_tui.messages import MetricsReady
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
-from diffract_tui.widgets.charts import (bounds, fit_color, fmt, legend_key, log_histogram, log_ticks, log_xy,
-                                         no_color, series_color, series_marker)
+from diffract_tui.widgets.charts import (bounds, fit_color, fit_marker, fmt, legend_key, log_histogram, log_ticks,
+                                         log_xy, no_color, series_color, series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
 # (row label, metric name, greyed when the power-law fit is unreliable)
@@ -157,10 +157,10 @@ class SpectrumView(NodeView):
         for name, key, label in (("pl", "pl_alpha", "PL α"), ("tpl", "tpl_alpha", "TPL α"), ("mp", None, "MP")):
             x, y = log_xy(focus.lines.get(f"{name}_x"), focus.lines.get(f"{name}_pdf"), floor=hist_lo - 1.0)
             if x.size:
-                plt.plot(x.tolist(), y.tolist(), color=fit_color(name), marker="dot")
+                plt.plot(x.tolist(), y.tolist(), color=fit_color(name), marker=fit_marker(name))
                 ys_all.append(y)
                 text = label if key is None else f"{label} {fmt(m.get(key))}"
-                legend.append_text(legend_key(text, fit_color(name), "dot"))
+                legend.append_text(legend_key(text, fit_color(name), fit_marker(name)))
         ylo, yhi = bounds(ys_all)
         edges = []
         for name, key in (("xmin", "pl_esd_xmin"), ("λ+", "mp_esd_max"), ("TW", "tw_esd_bound")):

@@ -30,7 +30,13 @@ def series_color(i: int) -> str:
 FIT_COLORS = {"pl": "green", "tpl": "red", "mp": "blue", "xmin": "yellow", "λ+": "blue", "TW": "gray"}
 # plotext colour names that Rich spells differently
 _RICH_NAMES = {"orange": "dark_orange", "gray": "grey50", "default": "default"}
-_MARKER_GLYPHS = {"braille": "⣿", "dot": "•", "sd": "▘", "hd": "▞", "fhd": "▟", "x": "x", "+": "+"}
+_MARKER_GLYPHS = {"braille": "⣿", "dot": "•", "sd": "▘", "hd": "▞", "fhd": "▟", "line": "─"}
+FIT_MARKERS = {"pl": "+", "tpl": "o", "mp": "~"}  # under NO_COLOR, fits are told apart by marker
+
+
+def fit_marker(name: str) -> str:
+    """Marker of a fitted line: small dots in colour, a distinct character under NO_COLOR."""
+    return FIT_MARKERS.get(name, "dot") if no_color() else "dot"
 
 
 def fit_color(name: str) -> str:
@@ -41,7 +47,7 @@ def fit_color(name: str) -> str:
 def legend_key(label: str, color: str, marker: str) -> Text:
     """` ━ label` in the series colour (the marker glyph under NO_COLOR), for a one-line legend above a chart
     (plotext's own legend would cover the data in a small terminal)."""
-    glyph = _MARKER_GLYPHS.get(marker, "━") if no_color() else "━"
+    glyph = _MARKER_GLYPHS.get(marker, marker) if no_color() else "━"
     style = "" if no_color() else _RICH_NAMES.get(color, color)
     return Text.assemble(" ", (glyph, style), f" {label}")
 
