@@ -290,16 +290,16 @@ class DiffractApp(App):
         self.refresh_bindings()
 
     def action_help(self) -> None:
-        """Show every key that works now, grouped."""
-        groups = [("Tree", binding_rows(ModelTree.BINDINGS) + [("/", "filter the tree"), ("enter", "expand")]),
-                  ("App", binding_rows(self.BINDINGS) + [("ctrl+p", "command palette")])]
+        """Show every key that works now, grouped: the active view's first (they differ per view)."""
+        groups = []
         view = self.active_view
         if view is not None:
             spec = next(s for s in self.view_specs if s.id == self.active_view_id)
-            rows = binding_rows(view._bindings.bindings.values() if hasattr(view._bindings, "bindings")
-                                else getattr(type(view), "BINDINGS", []))
+            rows = binding_rows(b for bindings in view._bindings.key_to_bindings.values() for b in bindings)
             if rows:
                 groups.append((f"{spec.title} view", rows))
+        groups += [("Tree", binding_rows(ModelTree.BINDINGS) + [("/", "filter the tree"), ("enter", "expand")]),
+                   ("App", binding_rows(self.BINDINGS) + [("ctrl+p", "command palette")])]
         self.push_screen(HelpScreen(groups))
 
     def action_cancel(self) -> None:

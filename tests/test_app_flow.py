@@ -317,7 +317,7 @@ def test_filter_keys_help_and_kv_marks(session: ExplorerSession) -> None:
             await pilot.pause()
             assert isinstance(app.screen, HelpScreen)
             titles = [t for t, _ in app.screen.groups]
-            assert titles == ["Tree", "App", "Spectrum view"]
+            assert titles == ["Spectrum view", "Tree", "App"]
             keys = {k for _, rows in app.screen.groups for k, _ in rows}
             assert {"j", "k", "h", "l", "g", "G", "/", "[", "]", "space", "e", "x", "q", "?", "ctrl+p", "c"} <= keys
             await pilot.press("escape")
