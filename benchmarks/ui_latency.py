@@ -148,7 +148,7 @@ def main() -> int:
         cache = root / "cache"
         exe = Path(sys.executable).with_name("diffract-tui")
         cmd = " ".join(shlex.quote(str(x)) for x in [exe, *paths, "--cache-dir", cache, "--device", "cpu"])
-        env = f"OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TERM=xterm-256color"
+        env = "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TERM=xterm-256color"
         subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
         tmux("new-session", "-d", "-s", SESSION, "-x", "80", "-y", "24", f"env {env} {cmd}")
         try:
