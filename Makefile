@@ -26,6 +26,9 @@ test: install
 
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/open_7b.py
+	$(BIN)/python benchmarks/scan_vs_weightwatcher.py
+	$(BIN)/python benchmarks/stream_write.py
+	$(BIN)/python benchmarks/ui_latency.py
 
 .PHONY: install demo test bench

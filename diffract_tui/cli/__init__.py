@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except DiffractError as err:
         typer.echo(f"diffract-tui: error: {err}", err=True)
         return 1
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         typer.echo("diffract-tui: aborted", err=True)
         return 130
     except click.ClickException as err:
