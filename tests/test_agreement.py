@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from memory_models import DictCheckpoint, llama_gqa
 
 from analysis import agreement as A
 
@@ -109,47 +110,12 @@ def test_spearman_of_head_scores():
     assert A.spearman(a, b) == pytest.approx(1 - 12 / 210)
 
 
-class _DictCheckpoint:
-    """The two reader methods `projection_heads` needs, over a dict of tensors (no files)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], label: str = "mem"):
-        self.tensors = tensors
-        self.label = label
-        self.path = None
-
-    def tensor(self, name, dtype=torch.float32):
-        return self.tensors[name].to(dtype)
-
-    def rows(self, name, start, stop, dtype=torch.float32):
-        return self.tensors[name][start:stop].to(dtype)
-
-
-def _llama_gqa(L=2, H=4, G=2, dh=3, seed=20):
-    from analysis.architecture import detect_layout
-
-    D = H * dh
-    g = _gen(seed)
-    t = {}
-    for l in range(L):
-        p = f"layers.{l}.self_attn."
-        t[p + "q_proj.weight"] = torch.randn(H * dh, D, generator=g)
-        t[p + "k_proj.weight"] = torch.randn(G * dh, D, generator=g)
-        t[p + "v_proj.weight"] = torch.randn(G * dh, D, generator=g)
-        t[p + "o_proj.weight"] = torch.randn(D, H * dh, generator=g)
-        t[f"layers.{l}.mlp.down_proj.weight"] = torch.randn(D, 8, generator=g)
-        t[f"layers.{l}.mlp.up_proj.weight"] = torch.randn(8, D, generator=g)
-        t[f"layers.{l}.mlp.gate_proj.weight"] = torch.randn(8, D, generator=g)
-    t["embed_tokens.weight"] = torch.randn(16, D, generator=g)
-    cfg = dict(model_type="llama", hidden_size=D, num_attention_heads=H, num_key_value_heads=G, num_hidden_layers=L)
-    return t, detect_layout(cfg, {k: tuple(v.shape) for k, v in t.items()})
-
-
 def test_domain_agreement_recovers_planted_shared_and_specific_heads():
     # Two domains of one in-memory GQA llama. Head (0,0): both domains add the SAME q/o update → A2 = A3 = 1,
     # class agnostic. Head (1,3): each domain adds its OWN random q/o update → A2 ≈ 0, class specific.
     # Every other head gets 1e-4-scale independent noise → inert under a magnitude threshold of 0.05.
     L, H, G, dh = 2, 4, 2, 8
-    base, layout = _llama_gqa(L, H, G, dh, seed=30)
+    base, layout = llama_gqa(L, H, G, dh, seed=30)
     g = _gen(31)
 
     def domain():
@@ -163,7 +129,7 @@ def test_domain_agreement_recovers_planted_shared_and_specific_heads():
         d["layers.0.self_attn.o_proj.weight"][:, 0:dh] += shared_o
         d["layers.1.self_attn.q_proj.weight"][3 * dh:4 * dh] += 0.5 * torch.randn(dh, H * dh, generator=g)
         d["layers.1.self_attn.o_proj.weight"][:, 3 * dh:4 * dh] += 0.5 * torch.randn(H * dh, dh, generator=g)
-    res = A.domain_agreement(_DictCheckpoint(base, "base"), [_DictCheckpoint(d1, "d1"), _DictCheckpoint(d2, "d2")],
+    res = A.domain_agreement(DictCheckpoint(base, "base"), [DictCheckpoint(d1, "d1"), DictCheckpoint(d2, "d2")],
                              layout, k=4, magnitude_threshold=0.05)
     assert res.labels == ("d1", "d2")
     assert float(res.mean_a2[0, 0]) > 0.999
@@ -180,4 +146,4 @@ def test_domain_agreement_recovers_planted_shared_and_specific_heads():
     assert summary["classes"]["inert"] == 6 and summary["a3_k"] == 4
     assert summary["a3_random"] == pytest.approx(4 / (4 * dh))
     with pytest.raises(A.DiffractError):
-        A.domain_agreement(_DictCheckpoint(base), [_DictCheckpoint(d1)], layout)
+        A.domain_agreement(DictCheckpoint(base), [DictCheckpoint(d1)], layout)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from memory_models import DictCheckpoint, llama_gqa
 
 from analysis import delta as D
 
@@ -206,51 +207,16 @@ def test_scores_from_energies():
 # --------------------------------------------------------------------------------------------------
 
 
-class _DictCheckpoint:
-    """The two reader methods `projection_heads` needs, over a dict of tensors (no files)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], label: str = "mem"):
-        self.tensors = tensors
-        self.label = label
-        self.path = None
-
-    def tensor(self, name, dtype=torch.float32):
-        return self.tensors[name].to(dtype)
-
-    def rows(self, name, start, stop, dtype=torch.float32):
-        return self.tensors[name][start:stop].to(dtype)
-
-
-def _llama_gqa(L=2, H=4, G=2, dh=3, seed=20):
-    from analysis.architecture import detect_layout
-
-    D = H * dh
-    g = _gen(seed)
-    t = {}
-    for l in range(L):
-        p = f"layers.{l}.self_attn."
-        t[p + "q_proj.weight"] = torch.randn(H * dh, D, generator=g)
-        t[p + "k_proj.weight"] = torch.randn(G * dh, D, generator=g)
-        t[p + "v_proj.weight"] = torch.randn(G * dh, D, generator=g)
-        t[p + "o_proj.weight"] = torch.randn(D, H * dh, generator=g)
-        t[f"layers.{l}.mlp.down_proj.weight"] = torch.randn(D, 8, generator=g)
-        t[f"layers.{l}.mlp.up_proj.weight"] = torch.randn(8, D, generator=g)
-        t[f"layers.{l}.mlp.gate_proj.weight"] = torch.randn(8, D, generator=g)
-    t["embed_tokens.weight"] = torch.randn(16, D, generator=g)
-    cfg = dict(model_type="llama", hidden_size=D, num_attention_heads=H, num_key_value_heads=G, num_hidden_layers=L)
-    return t, detect_layout(cfg, {k: tuple(v.shape) for k, v in t.items()})
-
-
 def test_head_scores_follow_the_spec_slices_and_split_kv_energy():
     # Plant: layer 0 head 1 q rows scaled by 1.5 (Δ = 0.5·q₁), layer 1 kv group 1 (query heads 2, 3) k rows + E.
     # Expected r from slicing the raw tensors per SPEC §2 (q rows h·d_h…, k/v rows g·d_h…, o columns h·d_h…).
     L, H, G, dh = 2, 4, 2, 3
-    base, layout = _llama_gqa(L, H, G, dh)
+    base, layout = llama_gqa(L, H, G, dh)
     target = {k: v.clone() for k, v in base.items()}
     target["layers.0.self_attn.q_proj.weight"][dh:2 * dh] *= 1.5
     E = torch.randn(dh, H * dh, generator=_gen(21))
     target["layers.1.self_attn.k_proj.weight"][dh:2 * dh] += E
-    hs = D.head_scores(_DictCheckpoint(base), _DictCheckpoint(target), layout)
+    hs = D.head_scores(DictCheckpoint(base), DictCheckpoint(target), layout)
 
     def base_energy(l, h):
         p = f"layers.{l}.self_attn."
@@ -275,7 +241,7 @@ def test_head_scores_follow_the_spec_slices_and_split_kv_energy():
     assert hs.ranking()[0][:2] == (top // H, top % H)
     assert {(l, h) for l, h, s in hs.ranking() if s > 0} == {(0, 1), (1, 2), (1, 3)}
     # exclude k/v: only the q plant remains, against a base energy without k/v
-    hx = D.head_scores(_DictCheckpoint(base), _DictCheckpoint(target), layout, exclude_kv=True)
+    hx = D.head_scores(DictCheckpoint(base), DictCheckpoint(target), layout, exclude_kv=True)
     assert float(hx.scores[1].abs().max()) == 0.0
     assert hx.projections == ("q", "o")
     c = D.head_concentration(hs)
