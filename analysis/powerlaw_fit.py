@@ -257,11 +257,6 @@ def _tpl_newton(mean_log: float, mean_excess: float, a0: float, s0: float,
     hi = np.array([TPL_ALPHA_BOUNDS[1], math.log(TPL_C_BOUNDS[1])])
     stencil = np.array([0.0, -1.0, -2.0, h, -h, h - 1.0, -h - 1.0])
 
-    def value(x: np.ndarray) -> float:
-        c = math.exp(x[1])
-        lj = float(_ln_J_alphas(np.array([x[0]]), c)[0])
-        return x[0] * mean_log + c * mean_excess + lj if math.isfinite(lj) else math.inf
-
     def derivatives(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         a, c = float(x[0]), math.exp(x[1])
         lj = _ln_J_alphas(a + stencil, c)
@@ -280,27 +275,44 @@ def _tpl_newton(mean_log: float, mean_excess: float, a0: float, s0: float,
         if not (math.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(H))):
             return float(x[0]), math.exp(x[1]), f, False
         free = ~(((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)))
-        if not free.any():
+        d = _newton_direction(g, H, free)
+        if d is None or -float(g @ d) < 1e-13 * max(1.0, abs(f)):    # Newton decrement: nothing left to gain
             return float(x[0]), math.exp(x[1]), f, True
-        w, V = np.linalg.eigh(H[np.ix_(free, free)])
-        w = np.maximum(np.abs(w), 1e-10 * max(1.0, float(np.abs(w).max())))
-        d = np.zeros(2)
-        d[free] = -(V @ ((V.T @ g[free]) / w))
         step = 1.0
-        while True:
+        while True:                      # Armijo backtracking; the trial's derivatives are reused when accepted
             x2 = np.clip(x + step * d, lo, hi)
-            f2 = value(x2)
+            f2, g2, H2 = derivatives(x2)
             if f2 <= f + 1e-4 * float(g @ (x2 - x)):
                 break
             step *= 0.5
             if step < 1e-12:             # no descent left: converged to round-off, or stuck
                 return float(x[0]), math.exp(x[1]), f, bool(np.max(np.abs(g[free])) < 1e-6)
         moved = np.abs(x2 - x)
-        x = x2
-        f, g, H = derivatives(x)
+        x, f, g, H = x2, f2, g2, H2
         if moved[0] < 1e-12 and moved[1] < 1e-10:
             return float(x[0]), math.exp(x[1]), f, True
     return float(x[0]), math.exp(x[1]), f, False
+
+
+def _newton_direction(g: np.ndarray, H: np.ndarray, free: np.ndarray) -> np.ndarray | None:
+    """−H⁻¹g over the free variables (2 × 2, written out), with |eigenvalues| where H is not positive
+    definite; None when no variable is free."""
+    d = np.zeros(2)
+    if free.all():
+        a, b, c = float(H[0, 0]), float(H[0, 1]), float(H[1, 1])
+        det = a * c - b * b
+        if a > 0 and det > 1e-14 * max(1.0, a * c):
+            d[0] = -(c * g[0] - b * g[1]) / det
+            d[1] = -(a * g[1] - b * g[0]) / det
+            return d
+        w, V = np.linalg.eigh(H)
+        w = np.maximum(np.abs(w), 1e-10 * max(1.0, float(np.abs(w).max())))
+        return -(V @ ((V.T @ g) / w))
+    if not free.any():
+        return None
+    i = int(np.flatnonzero(free)[0])
+    d[i] = -g[i] / max(abs(float(H[i, i])), 1e-10)
+    return d
 
 
 def _tpl_nelder_mead(t: np.ndarray, a0: float, nll) -> tuple[float, float, float]:

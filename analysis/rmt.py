@@ -4,6 +4,8 @@ the permuted null model and the Wasserstein distance to it."""
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -11,16 +13,68 @@ import torch
 TW1_QUANTILE_995 = 2.4224     # TW₁ quantile at 1 − 0.005 (Tracy & Widom 1996; Johnstone 2001 table)
 
 
+PERMUTATION_MEMO_BYTES = 2 << 30   # int32 permutation indices kept for reuse (LRU), ~2 GiB of host memory
+
+
+class _PermutationMemo:
+    """Seeded permutation indices by (number of entries, seed), int32, least recently used first out.
+
+    `torch.randperm` of a 2048×5632 matrix's 11.5 M entries takes ≈0.35 s on one core: as long as the
+    null's eigensolve. Every layer of a model repeats the same few shapes, so each index is drawn once and
+    reused (numbers unchanged: the index IS the seeded draw; int32 `randperm` yields the same permutation as
+    int64). Memoising a pure function of (n, seed) — the only process-wide state in the engine; thread-safe.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, n: int, seed: int) -> torch.Tensor:
+        key = (n, seed)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        dtype = torch.int32 if n < 2**31 else torch.int64
+        perm = torch.randperm(n, generator=gen, dtype=dtype)
+        size = perm.numel() * perm.element_size()
+        if size <= self.max_bytes:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = perm
+                    self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= old.numel() * old.element_size()
+        return perm
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+_PERMUTATIONS = _PermutationMemo(PERMUTATION_MEMO_BYTES)
+
+
+def permutation_index(n: int, seed: int) -> torch.Tensor:
+    """The seeded uniform permutation of range(n) the null model uses (CPU, int32 below 2³¹ entries)."""
+    return _PERMUTATIONS.get(int(n), int(seed))
+
+
 def permuted(W: torch.Tensor, seed: int) -> torch.Tensor:
     """W (…, m, n) with each matrix's entries uniformly permuted: the null model (SPEC §3).
 
-    The permutation comes from a fresh CPU `torch.Generator` seeded with `seed` (never global RNG state),
-    the same one for every matrix of a batch, so a matrix gets the same null alone or in a batch and on
-    any device.
+    The permutation is `torch.randperm(m·n)` from a fresh CPU `torch.Generator` seeded with `seed` (never
+    global RNG state), the same one for every matrix of a batch, so a matrix gets the same null alone or in
+    a batch and on any device.
     """
     m, n = W.shape[-2:]
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    perm = torch.randperm(m * n, generator=gen).to(W.device)
+    perm = permutation_index(m * n, seed).to(W.device)
     flat = W.reshape(*W.shape[:-2], m * n)
     return flat.index_select(-1, perm).reshape(W.shape)
 

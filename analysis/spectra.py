@@ -43,7 +43,9 @@ def _check_matrix(W: torch.Tensor) -> None:
     if W.is_complex() or not W.is_floating_point():
         raise DiffractError(f"spectra need real floating-point weights, got {W.dtype}",
                             hint="upcast the weights to float32 or float64")
-    if not bool(torch.isfinite(W).all()):
+    # one vectorised sum instead of a bool tensor of W's size (measured 2.7 ms vs 64 ms on 2048×5632): any
+    # NaN/inf entry makes the sum non-finite; a non-finite sum of finite entries (overflow) is looked at entry-wise
+    if not bool(torch.isfinite(W.sum())) and not bool(torch.isfinite(W).all()):
         bad = int((~torch.isfinite(W)).sum())
         raise DiffractError(f"the matrix of shape {tuple(W.shape)} has {bad} NaN/inf entries, so it has no spectrum",
                             hint="check the checkpoint (or the delta's dtype) for overflowed weights")
@@ -67,6 +69,11 @@ def eigenvalues(W: torch.Tensor, settings: SpectralSettings | None = None) -> to
     in memory-bounded chunks. W is first cast to the compute dtype (SPEC §1), then the route's Gram."""
     settings = settings or SpectralSettings()
     _check_matrix(W)
+    return _eigenvalues(W, settings)
+
+
+def _eigenvalues(W: torch.Tensor, settings: SpectralSettings) -> torch.Tensor:
+    """`eigenvalues` without the input check, for matrices derived from checked ones (the permuted null)."""
     device = resolve_device(settings.device)
     if device.type == "cpu":
         clamp_threads()          # PERF-NOTES: more threads than physical cores is 3–10× slower in LAPACK
@@ -165,11 +172,9 @@ def _metrics_batch(Ws: torch.Tensor, lam: torch.Tensor, settings: SpectralSettin
     N, M = max(m, n), min(m, n)
     device = resolve_device(settings.device)
     fit = fit_power_law(lam, xmin_rule=settings.xmin_rule)
-    null = eigenvalues(permuted(Ws.to(device), settings.seed), null_settings(settings)).cpu().numpy()
-    # population var(W) of the compute-dtype weights, accumulated in float64 one matrix at a time
-    var = [float(Ws[b].to(device=device, dtype=settings.torch_dtype).double().var(correction=0))
-           for b in range(Ws.shape[0])]
+    null = _eigenvalues(permuted(Ws.to(device), settings.seed), null_settings(settings)).cpu().numpy()
     lam_np = fit.evals.cpu().numpy()
+    var = _entry_variances(Ws, lam_np, N, settings)
     rows = []
     for b in range(lam_np.shape[0]):
         row = _norms_and_ranks(lam_np[b], N, settings.rtol)
@@ -180,6 +185,25 @@ def _metrics_batch(Ws: torch.Tensor, lam: torch.Tensor, settings: SpectralSettin
         row["w1_rand_distance"] = w1_rand_distance(lam_np[b], null[b])
         rows.append(row)
     return rows
+
+
+def _entry_variances(Ws: torch.Tensor, lam: np.ndarray, N: int, settings: SpectralSettings) -> list[float]:
+    """Population var(W) of each compute-dtype matrix: ‖W‖²_F/(mn) − mean², with ‖W‖²_F = N·Σλ read off the
+    ESD (the trace of the Gram matrix, already formed in float64) and the mean from row sums in the compute
+    dtype added in float64 — one cheap pass over W instead of a float64 copy (2048×5632: 8 ms vs 78 ms).
+    Agrees with the direct float64 variance to ≈1e-13 relative (tests/test_rmt.py); where the mean dominates
+    the spread (|mean|² > 1e-6·mean of squares, never seen in weights) it falls back to the direct route."""
+    m, n = Ws.shape[-2:]
+    out = []
+    for b in range(Ws.shape[0]):
+        X = Ws[b].to(dtype=settings.torch_dtype)
+        mean = float(X.sum(dim=-1).double().sum()) / (m * n)
+        mean_sq = float(np.sum(lam[b])) * N / (m * n)
+        if mean * mean > 1e-6 * mean_sq or not (mean_sq > 0):
+            out.append(float(X.double().var(correction=0)))
+        else:
+            out.append(mean_sq - mean * mean)
+    return out
 
 
 def null_settings(settings: SpectralSettings) -> SpectralSettings:

@@ -143,3 +143,39 @@ def test_w1_rand_distance_equals_scipy():
     lam = eigenvalues(W, CPU).numpy()
     null = eigenvalues(permuted(W, 42), null_settings(CPU)).numpy()
     assert m["w1_rand_distance"] == pytest.approx(stats.wasserstein_distance(lam, null) / lam.mean(), rel=1e-9)
+
+
+def test_permutation_memo_returns_the_seeded_draw_and_stays_bounded():
+    """The memoised index is exactly torch.randperm(n) of a fresh generator seeded with `seed` (so the null
+    is unchanged by memoising), a second request is the same object (no redraw), and the memo evicts the
+    least recently used index once its byte budget is spent."""
+    from analysis.rmt import _PermutationMemo, permutation_index
+
+    ref = torch.randperm(600 * 7, generator=torch.Generator().manual_seed(42))
+    got = permutation_index(600 * 7, 42)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), ref)
+    assert permutation_index(600 * 7, 42) is got
+    memo = _PermutationMemo(max_bytes=4 * 1000)        # room for 1000 int32 entries
+    a = memo.get(600, 1)
+    b = memo.get(300, 1)                              # 900 entries held
+    assert memo.get(600, 1) is a                     # a is now the most recent
+    memo.get(400, 1)                                  # 1300 > 1000: evicts b (least recent), then a
+    assert memo._bytes <= 4 * 1000 and (300, 1) not in memo._items
+    big = memo.get(5000, 1)                           # larger than the whole budget: drawn, not kept
+    assert (5000, 1) not in memo._items and torch.equal(big.long(), torch.randperm(
+        5000, generator=torch.Generator().manual_seed(1)))
+
+
+def test_entry_variance_from_the_esd_matches_the_direct_float64_variance():
+    """var(W) is read as ‖W‖²_F/(mn) − mean² with ‖W‖²_F from the ESD: on a matrix with a clear non-zero mean
+    (0.3 ± 1, direct route) and on a heavy-tailed one with mean 1e-4 (ESD route) it equals the direct float64 variance of the float32 copy
+    to 1e-12 relative."""
+    from analysis.spectra import _entry_variances
+
+    g = torch.Generator().manual_seed(11)
+    t = torch.from_numpy(np.random.default_rng(3).standard_t(3.0, size=(150, 260)))
+    t = t - t.mean() + 1e-4                      # mean² ≈ 3e-9·E[w²]: the ESD route (threshold 1e-6)
+    for W in (0.3 + torch.randn(120, 400, generator=g, dtype=torch.float64), t):   # direct route, ESD route
+        lam = eigenvalues(W, CPU).numpy()
+        (var,) = _entry_variances(W[None], lam[None], max(W.shape), CPU)
+        assert var == pytest.approx(float(W.float().double().var(correction=0)), rel=1e-12)
