@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from analysis.atomic import TMP_PREFIX, atomic_writer
 from analysis.errors import DiffractError
 
 CACHE_ENV_VAR = "DIFFRACT_TUI_CACHE_DIR"
@@ -36,7 +36,7 @@ _TAG_TEXT = (
 )
 _ENTRY_RE = re.compile(r"^[0-9a-f]{64}\.(json|npy)$")
 _FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TMP_PREFIX
 _STALE_TMP_SECONDS = 3600.0
 _NONFINITE_TAG = "$float"
 
@@ -139,28 +139,6 @@ def decode_json_value(value: Any) -> Any:
     if isinstance(value, list):
         return [decode_json_value(v) for v in value]
     return value
-
-
-@contextlib.contextmanager
-def atomic_writer(path: Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a unique temp file next to `path`; on success fsync it and `os.replace` it onto `path`.
-
-    On any exception the temp file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix="-" + path.name)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from analysis.atomic import atomic_writer
 from analysis.errors import RewindListError
 
 FORMAT = "diffract-rewind/1"
@@ -329,15 +328,8 @@ def write_rewind_list(rl: RewindList, path: str | Path) -> Path:
     text = json.dumps(rl.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     if not p.parent.is_dir():
         raise RewindListError("the folder for the rewind list does not exist", path=p, hint="create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(p, "w") as fh:
+        fh.write(text)
     return p
 
 

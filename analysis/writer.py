@@ -17,6 +17,7 @@ from typing import Union
 
 import torch
 
+from analysis.atomic import process_umask
 from analysis.errors import DiffractError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size ("5GB")
@@ -241,17 +242,6 @@ def _check_matches(spec: TensorSpec, name: str, t: Payload) -> None:
             hint="this is a bug; please report it")
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (else the common 022)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
 def _write_shards(tmp: Path, specs: Sequence[TensorSpec], stream: Iterator[tuple[str, Payload]],
                   max_shard_bytes: int, progress: Callable[[int, int], None] | None,
                   shard_metadata: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
@@ -400,7 +390,7 @@ def write_checkpoint_streaming(
         raise DiffractError(f"max shard size must be positive, got {max_shard_bytes}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.diffract-tmp-", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700; the result should look like any new folder
         stream = iter(tensors)
         if specs is not None:
             names, weight_map = _write_shards(tmp, specs, stream, max_shard_bytes, progress, shard_metadata)

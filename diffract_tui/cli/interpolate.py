@@ -17,8 +17,7 @@ import typer
 
 def _write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (temp file in the same folder + os.replace); NaN becomes null."""
-    import os
-    import tempfile
+    from analysis.atomic import atomic_writer
 
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not math.isfinite(x):
@@ -30,15 +29,8 @@ def _write_json(path: Path, data: Any) -> None:
         return x
 
     text = json.dumps(clean(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(path, "w") as fh:
+        fh.write(text)
 
 
 def register(app: typer.Typer) -> None:
