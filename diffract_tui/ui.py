@@ -267,7 +267,10 @@ class DiffractApp(App):
         self.tree.set_badge(message.node, badge_from_metrics(message.metrics))
 
     def on_marks_changed(self, message: MarksChanged) -> None:
-        self.tree.set_marks(frozenset(self.session.marks))
+        marks = frozenset(self.session.marks)
+        self.tree.set_marks(marks)
+        for view in self.query(NodeView):
+            view.marks_changed(marks)
         self._update_status()
 
     def on_toggle_mark(self, message: ToggleMark) -> None:

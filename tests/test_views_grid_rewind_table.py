@@ -557,3 +557,34 @@ async def test_manual_pattern_without_marks_says_how_to_mark(session) -> None:
         await pilot.press("e")          # nothing to export: a warning, no prompt
         await pilot.pause()
         assert not view.has_class("-prompt")
+
+
+@sync
+async def test_marks_made_in_the_tree_reach_grid_and_manual_plan_at_once(session) -> None:
+    """space on a head in the tree: the grid shows the mark and the visible manual rewind plan names the head
+    right after the key is handled (one pilot pause, no polling interval), and unmarking empties the plan."""
+    from diffract_tui.widgets.heatmap import Heatmap
+
+    app = make_app(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("3")
+        await settle(pilot)
+        app.go_to_node(NodeRef(1, "q", 2))
+        await pilot.pause()
+        await pilot.press("space")
+        await pilot.pause()
+        assert session.marks == {(1, 2)}
+        assert app.query_one(Heatmap).marks == frozenset({(1, 2)})
+        await pilot.press("4", "p")                    # Rewind view, pattern greedy → manual
+        await settle(pilot)
+        view = app.query_one("#rewind")
+        assert view.pattern == "manual"
+        assert [(e.layer, e.head) for e in view.plan.heads] == [(1, 2)]
+        app.go_to_node(NodeRef(0, "q", 1))
+        await pilot.pause()
+        await pilot.press("space")
+        await settle(pilot)
+        assert [(e.layer, e.head) for e in view.plan.heads] == [(0, 1), (1, 2)]
+        await pilot.press("space")                     # unmark (0, 1) again
+        await settle(pilot)
+        assert [(e.layer, e.head) for e in view.plan.heads] == [(1, 2)]

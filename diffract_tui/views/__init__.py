@@ -131,6 +131,9 @@ class NodeView(Widget):
         if node is not None:
             self.show_node(node)
 
+    def marks_changed(self, marks: frozenset[tuple[int, int]]) -> None:
+        """The marked heads changed (the app calls this on every view, shown or not); most views ignore it."""
+
     def deactivate(self) -> None:
         """The view was switched away from: stop its pending work (it recomputes when shown again)."""
         self.cancel_work()

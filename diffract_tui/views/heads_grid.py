@@ -36,7 +36,6 @@ ProgressFn = Callable[[float | None, str], None]
 CancelledFn = Callable[[], bool]
 
 KEY_HINT = "keys: m metric · d pair · p proj · z log · tab grid⇄tree · enter open · space mark"
-MARKS_POLL_S = 0.3           # how often the grid picks up marks made in the tree
 UI_GRID_VERSION = 1          # bump when what these cache entries hold changes
 PROJECTIONS = ("q", "k", "v", "o")
 WHOLE = "all"
@@ -540,14 +539,9 @@ class HeadsGridView(EngineWork, NodeView):
         self.pending = None
         super().cancel_work()
 
-    def _sync_marks(self) -> None:
-        """Keep marks made elsewhere (space in the tree) visible on the grid."""
-        marks = frozenset(self.session.marks)
-        if self.display and marks != self.heatmap.marks:
-            self.heatmap.set_marks(marks)
-
-    def on_mount(self) -> None:
-        self.set_interval(MARKS_POLL_S, self._sync_marks)
+    def marks_changed(self, marks: frozenset[tuple[int, int]]) -> None:
+        """Marks made anywhere (space in the tree or on the grid) show on the grid at once."""
+        self.heatmap.set_marks(marks)
 
     # ---- grid events -----------------------------------------------------------------------
     def on_heatmap_opened(self, event: Heatmap.Opened) -> None:
@@ -566,6 +560,3 @@ class HeadsGridView(EngineWork, NodeView):
         self.heatmap.set_marks(self.session.marks)
         self.post_message(MarksChanged(frozenset(self.session.marks)))
 
-    def on_marks_changed(self, message: MarksChanged) -> None:
-        # marks changed elsewhere (tree space): keep the grid in step; the app handles the rest
-        self.heatmap.set_marks(message.marks)

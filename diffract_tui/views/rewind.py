@@ -37,7 +37,6 @@ VARIANTS: tuple[str, ...] = ("lowest", "most_agreeing")
 DEFAULT_FRACTION = 0.15      # SPEC §6's example fraction
 BIG_STEP, SMALL_STEP = 0.05, 0.01
 APPLY_GROUP = "rewind-apply"
-MARKS_POLL_S = 0.3
 
 
 def safe_name(text: str) -> str:
@@ -122,7 +121,6 @@ class RewindView(EngineWork, NodeView):
         table.add_column("score r", key="score")
         if getattr(self.app, "no_color", False):
             self.query_one(PlotextPlot).theme = "clear"
-        self.set_interval(MARKS_POLL_S, self._marks_poll)
 
     @property
     def session(self) -> "ExplorerSession":
@@ -132,7 +130,8 @@ class RewindView(EngineWork, NodeView):
     def show_node(self, node: NodeRef) -> None:
         """The preview does not depend on the node: plan once when first shown, and when marks changed."""
         self.node = node
-        if self.plan is None and not self._busy():
+        stale = self.pattern == "manual" and frozenset(self.session.marks) != self._planned_marks
+        if (self.plan is None or stale) and not self._busy():
             self.replan()
 
     def refresh_node(self) -> None:
@@ -144,8 +143,9 @@ class RewindView(EngineWork, NodeView):
     def _busy(self) -> bool:
         return any(w.group == self.VIEW_ID and w.is_running for w in self.workers)
 
-    def _marks_poll(self) -> None:
-        if self.display and self.pattern == "manual" and frozenset(self.session.marks) != self._planned_marks:
+    def marks_changed(self, marks: frozenset[tuple[int, int]]) -> None:
+        """A manual plan follows the marks: replanned now when shown, else when next shown (show_node)."""
+        if self.display and self.pattern == "manual" and marks != self._planned_marks:
             self.replan()
         self._update_marks_line()
 
