@@ -15,10 +15,9 @@ from typing import Any, Callable
 
 from textual.widget import Widget
 from textual.widgets import Static
-from textual.worker import get_current_worker
 
-from analysis.session import Cancelled  # the engine facade's: raised inside a computation that was cancelled
 from diffract_tui.node import NodeRef
+from diffract_tui.views.worker import first_line, run_engine_call
 
 COMPUTE_DEBOUNCE_S = 0.12  # wait this long after the last cursor move before starting a computation
 
@@ -156,32 +155,9 @@ class NodeView(Widget):
                         name=f"{self.VIEW_ID}:{node.label()}", exit_on_error=False)
 
     def _work(self, node: NodeRef) -> None:
-        worker = get_current_worker()
-        app = self.app
-        title = node.label()
-
-        def cancelled() -> bool:
-            return worker.is_cancelled
-
-        def progress(fraction: float | None, text: str) -> None:
-            if worker.is_cancelled:
-                raise Cancelled()
-            app.call_from_thread(app.report_progress, self.VIEW_ID, fraction, f"{title}: {text}")
-
-        try:
-            progress(0.0, "reading")
-            result = self.compute(node, progress, cancelled)
-        except Cancelled:
-            return
-        except Exception as err:  # shown in the view: a failed read must not take the app down
-            if not worker.is_cancelled:
-                app.call_from_thread(self._fail, node, err)
-            return
-        finally:
-            if not worker.is_cancelled:
-                app.call_from_thread(app.work_done, self.VIEW_ID)
-        if not worker.is_cancelled:
-            app.call_from_thread(self._deliver, node, result)
+        run_engine_call(self, node.label(), lambda progress, cancelled: self.compute(node, progress, cancelled),
+                        start="reading", on_result=lambda result: self._deliver(node, result),
+                        on_error=lambda err: self._fail(node, err))
 
     def _deliver(self, node: NodeRef, result: Any) -> None:
         if node != self.node:
@@ -192,6 +168,6 @@ class NodeView(Widget):
     def _fail(self, node: NodeRef, err: Exception) -> None:
         if node != self.node:
             return
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        message = first_line(err)
         self.show_message(f"Could not compute {node.label()}: {message}")
         self.app.notify(message, title=f"{node.label()} failed", severity="error")

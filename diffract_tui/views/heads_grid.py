@@ -21,19 +21,18 @@ import numpy as np
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Label
-from textual.worker import get_current_worker
 
 from diffract_tui.messages import MarksChanged, OpenNode
 from diffract_tui.node import NodeRef
-from diffract_tui.views import Cancelled, NodeView
+from analysis.session import Cancelled
+from diffract_tui.views import NodeView
+from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 from diffract_tui.widgets.heatmap import Heatmap
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.rewind import RewindInputs
     from analysis.session import ExplorerSession
 
-ProgressFn = Callable[[float | None, str], None]
-CancelledFn = Callable[[], bool]
 
 KEY_HINT = "keys: m metric · d pair · p proj · z log · tab grid⇄tree · enter open · space mark"
 UI_GRID_VERSION = 1          # bump when what these cache entries hold changes
@@ -223,55 +222,6 @@ def alpha_grid(session: "ExplorerSession", ckpt_index: int, proj: str, progress:
             out[layer, h] = math.nan if v is None else float(v)
             reliable = reliable and bool(row.get("pl_alpha_reliable", True))
     return _per_query_head(out, proj, session), reliable
-
-
-# ------------------------------------------------------------------------------------------------
-# Running engine work off the UI thread (shared by the Heads grid, Rewind and Table views)
-# ------------------------------------------------------------------------------------------------
-
-
-class EngineWork:
-    """Mixin for a `NodeView` whose work is not per node: `start_work(fn, deliver)` runs fn(progress, cancelled)
-    in the view's exclusive worker group (Esc and a newer request cancel it) and hands the result to `deliver`.
-    (A plain mixin, not a Widget, so the app's view lookup finds only the view class in each module.)"""
-
-    VIEW_ID: str
-
-    def start_work(self, title: str, fn: Callable[[ProgressFn, CancelledFn], Any],
-                   deliver: Callable[[Any], None], *, fail: Callable[[str], None] | None = None) -> None:
-        self.run_worker(lambda: self._engine_work(title, fn, deliver, fail), thread=True, exclusive=True,
-                        group=self.VIEW_ID, name=f"{self.VIEW_ID}:{title}", exit_on_error=False)
-
-    def _engine_work(self, title: str, fn: Callable[[ProgressFn, CancelledFn], Any],
-                     deliver: Callable[[Any], None], fail: Callable[[str], None] | None) -> None:
-        from analysis.session import Cancelled as SessionCancelled
-
-        worker = get_current_worker()
-        app = self.app
-
-        def cancelled() -> bool:
-            return worker.is_cancelled
-
-        def progress(fraction: float | None, text: str) -> None:
-            if worker.is_cancelled:
-                raise Cancelled()
-            app.call_from_thread(app.report_progress, self.VIEW_ID, fraction, f"{title}: {text}")
-
-        try:
-            progress(0.0, "starting")
-            result = fn(progress, cancelled)
-        except (Cancelled, SessionCancelled):
-            return
-        except Exception as err:  # shown in the view: a failed read must not take the app down
-            if not worker.is_cancelled:
-                message = str(err).splitlines()[0] if str(err) else type(err).__name__
-                app.call_from_thread(fail or self.show_message, f"{title} failed: {message}")
-            return
-        finally:
-            if not worker.is_cancelled:
-                app.call_from_thread(app.work_done, self.VIEW_ID)
-        if not worker.is_cancelled:
-            app.call_from_thread(deliver, result)
 
 
 # ------------------------------------------------------------------------------------------------

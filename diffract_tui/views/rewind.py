@@ -23,8 +23,10 @@ from textual_plotext import PlotextPlot
 
 from diffract_tui.messages import MarksChanged
 from diffract_tui.node import NodeRef
-from diffract_tui.views import Cancelled, NodeView
-from diffract_tui.views.heads_grid import CancelledFn, EngineWork, ProgressFn, head_energy_inputs
+from analysis.session import Cancelled
+from diffract_tui.views import NodeView
+from diffract_tui.views.heads_grid import head_energy_inputs
+from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.rewind import RewindInputs, RewindPreview

@@ -26,7 +26,7 @@ from textual.widgets import DataTable, Input, Label
 from diffract_tui.messages import OpenNode
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
-from diffract_tui.views.heads_grid import CancelledFn, EngineWork, ProgressFn
+from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 from diffract_tui.widgets.charts import fmt
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -1,0 +1,73 @@
+"""Running engine work off the UI thread: one worker body shared by every view.
+
+`run_engine_call` is what a view's thread worker executes: it calls the engine with progress and
+cancellation hooks, reports progress to the app, and hands the result (or the error) back on the UI
+thread — nothing after a cancellation. `EngineWork` is the mixin for views whose work is not per node.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from textual.worker import get_current_worker
+
+from analysis.session import Cancelled  # the engine facade's: raised inside a computation that was cancelled
+
+ProgressFn = Callable[[float | None, str], None]
+CancelledFn = Callable[[], bool]
+
+
+def first_line(err: Exception) -> str:
+    """An error's first line (our errors are one line already), or its type name when it has no text."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def run_engine_call(view: Any, title: str, fn: Callable[[ProgressFn, CancelledFn], Any], *, start: str,
+                    on_result: Callable[[Any], None], on_error: Callable[[Exception], None]) -> None:
+    """Body of a thread worker of `view` (its VIEW_ID names the progress slot): fn(progress, cancelled),
+    then on_result(result) or on_error(err) on the UI thread, unless the worker was cancelled meanwhile."""
+    worker = get_current_worker()
+    app = view.app
+
+    def cancelled() -> bool:
+        return worker.is_cancelled
+
+    def progress(fraction: float | None, text: str) -> None:
+        if worker.is_cancelled:
+            raise Cancelled()
+        app.call_from_thread(app.report_progress, view.VIEW_ID, fraction, f"{title}: {text}")
+
+    try:
+        progress(0.0, start)
+        result = fn(progress, cancelled)
+    except Cancelled:
+        return
+    except Exception as err:  # shown in the view: a failed read must not take the app down
+        if not worker.is_cancelled:
+            app.call_from_thread(on_error, err)
+        return
+    finally:
+        if not worker.is_cancelled:
+            app.call_from_thread(app.work_done, view.VIEW_ID)
+    if not worker.is_cancelled:
+        app.call_from_thread(on_result, result)
+
+
+class EngineWork:
+    """Mixin for a `NodeView` whose work is not per node: `start_work(fn, deliver)` runs fn(progress, cancelled)
+    in the view's exclusive worker group (Esc and a newer request cancel it) and hands the result to `deliver`.
+    (A plain mixin, not a Widget, so the app's view lookup finds only the view class in each module.)"""
+
+    VIEW_ID: str
+
+    def start_work(self, title: str, fn: Callable[[ProgressFn, CancelledFn], Any],
+                   deliver: Callable[[Any], None], *, fail: Callable[[str], None] | None = None) -> None:
+        report = fail or self.show_message
+
+        def on_error(err: Exception) -> None:
+            report(f"{title} failed: {first_line(err)}")
+
+        self.run_worker(lambda: run_engine_call(self, title, fn, start="starting", on_result=deliver,
+                                                on_error=on_error),
+                        thread=True, exclusive=True, group=self.VIEW_ID, name=f"{self.VIEW_ID}:{title}",
+                        exit_on_error=False)
