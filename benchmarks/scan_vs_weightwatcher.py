@@ -72,6 +72,7 @@ class LinalgCall:
     shape: tuple[int, ...]
     dtype: torch.dtype
     seconds: float
+    device: str = "cpu"
 
 
 @dataclass
@@ -91,9 +92,12 @@ def counting_linalg(calls: list[LinalgCall], current_item: list[int]):
 
     def wrap(name, fn):
         def wrapper(A, *args, **kwargs):
+            _sync(A.device)
             t0 = time.perf_counter()
             out = fn(A, *args, **kwargs)
-            calls.append(LinalgCall(current_item[0], name, tuple(A.shape), A.dtype, time.perf_counter() - t0))
+            _sync(A.device)
+            calls.append(LinalgCall(current_item[0], name, tuple(A.shape), A.dtype, time.perf_counter() - t0,
+                                    str(A.device)))
             return out
         return wrapper
 
@@ -155,6 +159,12 @@ def timed_scan(path: Path, cache: Cache, settings: SpectralSettings, instrument:
 # ------------------------------------------------------------------------------------------------
 
 
+def _sync(device: torch.device | str) -> None:
+    """Wait for queued CUDA work, so wall-clock times cover it (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def gram(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     W = W.to(dtype)
     return W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
@@ -162,23 +172,28 @@ def gram(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def replay_floor(ckpt, row: dict, calls: list[LinalgCall]) -> tuple[float, int]:
     """Replay one item's recorded eigen calls as Gram + eigvalsh of that item's matrix; (seconds, calls)."""
-    W = ckpt.tensor(row["tensor"], torch.float32)
-    M = min(W.shape)
+    host = ckpt.tensor(row["tensor"], torch.float32)
+    M = min(host.shape)
     total = 0.0
     for c in calls:
+        W = host.to(c.device)             # the copy to the device is not part of the floor
+        _sync(c.device)
         if c.name in ("eigvalsh", "eigh") and c.shape[-1] == M:
             t0 = time.perf_counter()
             G = gram(W, c.dtype)
             if len(c.shape) == 3:  # a batched call: as many Grams as the batch
                 G = G.expand(c.shape[0], M, M).contiguous()
             _EIGVALSH(G)
+            _sync(c.device)
             total += time.perf_counter() - t0
         else:  # an eigen/SVD call on something else (e.g. a small matrix): replay it as recorded
-            A = torch.randn(c.shape, dtype=c.dtype)
+            A = torch.randn(c.shape, dtype=c.dtype, device=c.device)
             if c.name in ("eigvalsh", "eigh"):
                 A = A @ A.transpose(-2, -1)
+            _sync(c.device)
             t0 = time.perf_counter()
             (_EIGVALSH if c.name in ("eigvalsh", "eigh") else _SVDVALS)(A)
+            _sync(c.device)
             total += time.perf_counter() - t0
     return total, len(calls)
 
@@ -285,8 +300,8 @@ def generate_llama(folder: Path, layers: int, hidden: int, intermediate: int, he
 
 
 def bench_model(name: str, path: Path, work: Path, ww_layers: int | None, skip_ww: bool,
-                floor_all: bool = False) -> dict:
-    settings = SpectralSettings(device="cpu", dtype="float32")
+                floor_all: bool = False, device: str = "cpu") -> dict:
+    settings = SpectralSettings(device=device, dtype="float32")
     cache = Cache(work / f"cache-{name}")
     cache.clear()
     from analysis.spectra import spectral_metrics
@@ -387,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compare with WeightWatcher on the first K layers of the generated model (0 = all)")
     p.add_argument("--floor-all", action="store_true",
                    help="measure the floor on every matrix (default: on the matrices compared with WeightWatcher)")
+    p.add_argument("--device", default="cpu",
+                   help="where our scan and the floor run: cpu (default; one thread), cuda or cuda:N on a GPU box "
+                        "(WeightWatcher then uses the GPU too, as it does whenever torch sees CUDA)")
     p.add_argument("--workdir", type=Path, default=None, help="where to write the generated model and caches")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "out" / "scan_vs_weightwatcher.json")
     args = p.parse_args(argv)
@@ -394,12 +412,22 @@ def main(argv: list[str] | None = None) -> int:
         args.layers, args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads = 2, 256, 704, 1000, 4, 4
         args.skip_bert, args.ww_layers = True, 0
 
+    from analysis.backend import resolve_device
+    from analysis.errors import DiffractError
+
+    try:
+        device = resolve_device(args.device)
+    except DiffractError as err:
+        print(f"scan_vs_weightwatcher: error: {err}", file=sys.stderr)
+        return 1
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     work = Path(tempfile.mkdtemp(prefix="diffract-bench-", dir=args.workdir))
     results = []
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, workdir {work}", flush=True)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device} (GPU {gpu}), "
+          f"workdir {work}", flush=True)
     try:
         if not args.skip_bert:
-            results.append(bench_model("bert_ft", bert_ft_path(), work, None, args.skip_ww))
+            results.append(bench_model("bert_ft", bert_ft_path(), work, None, args.skip_ww, device=args.device))
         if not args.skip_llama:
             t0 = time.perf_counter()
             path = generate_llama(work / "llama", args.layers, args.hidden, args.intermediate, args.heads,
@@ -407,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[llama] generated {args.layers}×{args.hidden} (ff {args.intermediate}) in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
             name = f"llama-{args.layers}L"
-            results.append(bench_model(name, path, work, args.ww_layers or None, args.skip_ww, args.floor_all))
+            results.append(bench_model(name, path, work, args.ww_layers or None, args.skip_ww, args.floor_all,
+                                       device=args.device))
             shutil.rmtree(work / "llama", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -415,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                     "device": str(device), "gpu": gpu,
                                      "results": results}, indent=1, default=str) + "\n")
     print(f"\nwrote {args.json}")
     return 0
