@@ -1,15 +1,15 @@
 """Atomic file writes: a temp file in the target's folder, fsynced, then `os.replace`d onto the target.
 
 Readers see the old file or the whole new one, never a torn one; on any error the target is untouched.
-The temp file gets the permissions a plain `open()` would give (0666 minus the umask), not mkstemp's 0600,
-so exports and rewind lists are as readable by a team as any other file they write.
+The temp file is created with mode 0666 so the kernel applies the umask, as for a plain `open()` (mkstemp
+would force 0600): exports and rewind lists are as readable by a team as any other file they write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -28,6 +28,18 @@ def process_umask() -> int:
     return 0o022
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, uniquely named file next to `path`, opened for writing with mode 0666 so the kernel applies
+    the umask (what `open()` does; `mkstemp` would force 0600)."""
+    for _ in range(100):
+        tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
 @contextlib.contextmanager
 def atomic_writer(path: Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a unique temp file next to `path`; on success fsync it and `os.replace` it onto `path`.
@@ -36,10 +48,8 @@ def atomic_writer(path: Path, mode: str = "wb", encoding: str | None = None) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix="-" + path.name)
-    tmp = Path(tmp_name)
+    fd, tmp = _create_temp(path)
     try:
-        os.fchmod(fd, 0o666 & ~process_umask())
         if "b" not in mode and encoding is None:
             encoding = "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as handle:
