@@ -227,3 +227,21 @@ def test_null_route(monkeypatch):
         monkeypatch.undo()
         for k in ("mp_bulk_var", "mp_esd_max", "mp_esd_min", "tw_esd_bound", "w1_rand_distance"):
             assert fast[k] == pytest.approx(exact[k], rel=1e-5), (shape, k)
+
+
+def test_large_cpu_stacks_are_looped_with_the_same_numbers():
+    """From min(m, n) = CPU_LOOP_FROM (512) up, CPU chunks are eigen-solved one 2-D matrix at a time (faster
+    than a batched call there): a (3, 512, 530) stack gives exactly the eigenvalues of the three matrices taken
+    alone (bit for bit: the same calls), and its metrics equal the one-by-one metrics."""
+    from analysis.spectra import CPU_LOOP_FROM
+
+    g = torch.Generator().manual_seed(9)
+    Ws = torch.randn(3, CPU_LOOP_FROM, CPU_LOOP_FROM + 18, generator=g)
+    settings = SpectralSettings(device="cpu")
+    stacked = eigenvalues(Ws, settings)
+    for b in range(3):
+        assert torch.equal(stacked[b], eigenvalues(Ws[b], settings))
+    rows = batched_spectral_metrics(Ws, settings)
+    alone = spectral_metrics(Ws[1], settings)
+    for k in ("pl_alpha", "pl_esd_xmin", "mp_esd_max", "w1_rand_distance", "effective_rank", "tpl_alpha"):
+        assert rows[1][k] == alone[k], k
