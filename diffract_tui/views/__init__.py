@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from textual.widget import Widget
-from textual.widgets import Static
+from textual.widgets import Label, Static
 
+from diffract_tui.messages import MetricsReady
 from diffract_tui.node import NodeRef
 from diffract_tui.views.worker import first_line, run_engine_call
+from diffract_tui.widgets.metric_panel import MetricPanel
 
 COMPUTE_DEBOUNCE_S = 0.12  # wait this long after the last cursor move before starting a computation
 
@@ -171,3 +173,57 @@ class NodeView(Widget):
         message = first_line(err)
         self.show_message(f"Could not compute {node.label()}: {message}")
         self.app.notify(message, title=f"{node.label()} failed", severity="error")
+
+
+class ChartView(NodeView):
+    """A NodeView that charts one node's result (per checkpoint) under a title line, with a legend line, a
+    `MetricPanel` and an optional note line — the Spectrum and Delta views. Widget ids are
+    `#{VIEW_ID}-title`, `-legend`, `-note`; subclasses draw (`_draw`, `_fill_metrics`, `clear_charts`) and say
+    what the title and the tree badge read (`TITLE`, `WAITING`, `badge_metrics`)."""
+
+    TITLE = ""                    # before the node's label in the title line
+    WAITING = "computing…"        # after it while a computation runs
+
+    def _line(self, part: str) -> Label:
+        return self.query_one(f"#{self.VIEW_ID}-{part}", Label)
+
+    def accepts(self, node: NodeRef) -> str | None:
+        return self.app.session.unavailable(node)
+
+    def show_message(self, text: str) -> None:
+        self.remove_class("-stale")
+        self.add_class("-empty")
+        self._line("title").update(text)
+        self._line("legend").update("")
+        for note in self.query(f"#{self.VIEW_ID}-note"):
+            note.update("")
+        self.query_one(MetricPanel).clear(columns=True)
+        self.clear_charts()
+
+    def show_waiting(self, node: NodeRef) -> None:
+        """Keep the previous chart, dimmed, under the new title: no layout change while the cursor moves."""
+        self.add_class("-stale")
+        self._line("title").update(f"{self.TITLE}{node.label()} — {self.WAITING}")
+
+    def show_result(self, node: NodeRef, result: Any) -> None:
+        self.remove_class("-empty", "-stale")
+        rows, cols = result.shape
+        self._line("title").update(f"{self.TITLE}{node.label()}  {result.title}  {rows}×{cols}")
+        self._draw(result)
+        self._fill_metrics(result)
+        badge = self.badge_metrics(result)
+        if badge is not None:
+            self.post_message(MetricsReady(node, badge))
+
+    def badge_metrics(self, result: Any) -> dict[str, Any] | None:
+        """What the tree's badge for this node shows, or None to leave it."""
+        return None
+
+    def clear_charts(self) -> None:
+        """Empty every chart of the view."""
+
+    def _draw(self, result: Any) -> None:
+        raise NotImplementedError
+
+    def _fill_metrics(self, result: Any) -> None:
+        raise NotImplementedError

@@ -19,10 +19,9 @@ from textual.containers import Horizontal
 from textual.widgets import Label
 from textual_plotext import PlotextPlot
 
-from diffract_tui.messages import MetricsReady
 from diffract_tui.node import NodeRef
-from diffract_tui.views import NodeView
-from diffract_tui.widgets.charts import (legend_key, log_ticks, muted_color, no_color, positive, series_color,
+from diffract_tui.views import ChartView
+from diffract_tui.widgets.charts import (clear_plot, legend_key, log_ticks, muted_color, no_color, positive, series_color,
                                          series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
@@ -47,10 +46,12 @@ DELTA_ROWS: tuple[tuple[str, str], ...] = (
 )
 
 
-class DeltaView(NodeView):
+class DeltaView(ChartView):
     """Charts and metrics of ΔW for the node under the cursor."""
 
     VIEW_ID = "delta"
+    TITLE = "Δ "
+    WAITING = "computing ΔW…"
     BINDINGS = [Binding("c", "cycle_chart", "Next chart (narrow screens)")]
     DEFAULT_CSS = """
     DeltaView { layout: vertical; }
@@ -83,10 +84,7 @@ class DeltaView(NodeView):
     def on_resize(self, event: events.Resize) -> None:
         self.set_class(self.app.size.width < WIDE_AT, "-narrow")
 
-    # ---- NodeView --------------------------------------------------------------------------
-    def accepts(self, node: NodeRef) -> str | None:
-        return self.app.session.unavailable(node)
-
+    # ---- ChartView -------------------------------------------------------------------------
     def cached(self, node: NodeRef) -> Any | None:
         return self.app.session.cached_delta(node)
 
@@ -94,27 +92,8 @@ class DeltaView(NodeView):
                 cancelled: Callable[[], bool]) -> Any:
         return self.app.session.delta(node, progress=progress, cancelled=cancelled)
 
-    def show_message(self, text: str) -> None:
-        self.remove_class("-stale")
-        self.add_class("-empty")
-        self.query_one("#delta-title", Label).update(text)
-        self.query_one("#delta-legend", Label).update("")
-        self.query_one(MetricPanel).clear(columns=True)
-        self._clear()
-
-    def show_waiting(self, node: NodeRef) -> None:
-        """Keep the previous charts, dimmed, under the new title: no layout change while the cursor moves."""
-        self.add_class("-stale")
-        self.query_one("#delta-title", Label).update(f"Δ {node.label()} — computing ΔW…")
-
-    def show_result(self, node: NodeRef, result: Any) -> None:
-        self.remove_class("-empty", "-stale")
-        rows, cols = result.shape
-        self.query_one("#delta-title", Label).update(f"Δ {node.label()}  {result.title}  {rows}×{cols}")
-        self._draw(result)
-        self._fill_metrics(result)
-        if result.deltas:
-            self.post_message(MetricsReady(node, {"delta_rel": result.deltas[0].metrics.get("delta_rel")}))
+    def badge_metrics(self, result: Any) -> dict[str, Any] | None:
+        return {"delta_rel": result.deltas[0].metrics.get("delta_rel")} if result.deltas else None
 
     # ---- actions ---------------------------------------------------------------------------
     def action_cycle_chart(self) -> None:
@@ -127,16 +106,12 @@ class DeltaView(NodeView):
     def _plots(self) -> dict[str, PlotextPlot]:
         return {name: self.query_one(f"#delta-{name}", PlotextPlot) for name in CHARTS}
 
-    def _clear(self) -> None:
+    def clear_charts(self) -> None:
         for plot in self._plots().values():
-            plot.plt.clear_data()
-            plot.plt.clear_figure()
-            if no_color():
-                plot.theme = "clear"
-            plot.refresh()
+            clear_plot(plot)
 
     def _draw(self, result: Any) -> None:
-        self._clear()
+        self.clear_charts()
         plots = self._plots()
         deltas = result.deltas
         # σ(ΔW), descending, on a log axis

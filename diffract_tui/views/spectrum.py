@@ -15,10 +15,9 @@ from textual.binding import Binding
 from textual.widgets import Label
 from textual_plotext import PlotextPlot
 
-from diffract_tui.messages import MetricsReady
 from diffract_tui.node import NodeRef
-from diffract_tui.views import NodeView
-from diffract_tui.widgets.charts import (bounds, fit_color, fit_marker, fmt, legend_key, log_histogram, log_ticks,
+from diffract_tui.views import ChartView
+from diffract_tui.widgets.charts import (bounds, clear_plot, fit_color, fit_marker, fmt, legend_key, log_histogram, log_ticks,
                                          log_xy, no_color, series_color, series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
@@ -48,10 +47,11 @@ def esd_bins(n: int) -> int:
     return int(min(40, max(8, round(2 * math.sqrt(max(n, 1))))))
 
 
-class SpectrumView(NodeView):
+class SpectrumView(ChartView):
     """ESD chart and metric panel of the node under the cursor, for each checkpoint."""
 
     VIEW_ID = "spectrum"
+    TITLE = "ESD "
     BINDINGS = [
         Binding("c", "cycle_focus", "Fits of next checkpoint"),
     ]
@@ -77,10 +77,7 @@ class SpectrumView(NodeView):
         yield MetricPanel(id="spectrum-metrics")
         yield Label("", id="spectrum-note")
 
-    # ---- NodeView --------------------------------------------------------------------------
-    def accepts(self, node: NodeRef) -> str | None:
-        return self.app.session.unavailable(node)
-
+    # ---- ChartView -------------------------------------------------------------------------
     def cached(self, node: NodeRef) -> Any | None:
         return self.app.session.cached_spectrum(node)
 
@@ -88,29 +85,9 @@ class SpectrumView(NodeView):
                 cancelled: Callable[[], bool]) -> Any:
         return self.app.session.spectrum(node, progress=progress, cancelled=cancelled)
 
-    def show_message(self, text: str) -> None:
-        self.remove_class("-stale")
-        self.add_class("-empty")
-        self.query_one("#spectrum-title", Label).update(text)
-        self.query_one("#spectrum-legend", Label).update("")
-        self.query_one("#spectrum-note", Label).update("")
-        self.query_one(MetricPanel).clear(columns=True)
-        self._clear_plot()
-
-    def show_waiting(self, node: NodeRef) -> None:
-        """Keep the previous chart, dimmed, under the new title: no layout change while the cursor moves."""
-        self.add_class("-stale")
-        self.query_one("#spectrum-title", Label).update(f"{node.label()} — computing…")
-
-    def show_result(self, node: NodeRef, result: Any) -> None:
-        self.remove_class("-empty", "-stale")
-        rows, cols = result.shape
-        self.query_one("#spectrum-title", Label).update(f"ESD {node.label()}  {result.title}  {rows}×{cols}")
-        self._draw(result)
-        self._fill_metrics(result)
+    def badge_metrics(self, result: Any) -> dict[str, Any]:
         base = result.spectra[0].metrics
-        self.post_message(MetricsReady(node, {"pl_alpha": base.get("pl_alpha"),
-                                              "pl_alpha_reliable": base.get("pl_alpha_reliable", True)}))
+        return {"pl_alpha": base.get("pl_alpha"), "pl_alpha_reliable": base.get("pl_alpha_reliable", True)}
 
     # ---- actions ---------------------------------------------------------------------------
     def action_cycle_focus(self) -> None:
@@ -120,13 +97,8 @@ class SpectrumView(NodeView):
             self._draw(self.result)
 
     # ---- drawing ---------------------------------------------------------------------------
-    def _clear_plot(self) -> None:
-        plot = self.query_one("#spectrum-plot", PlotextPlot)
-        plot.plt.clear_data()
-        plot.plt.clear_figure()
-        if no_color():
-            plot.theme = "clear"
-        plot.refresh()
+    def clear_charts(self) -> None:
+        clear_plot(self.query_one("#spectrum-plot", PlotextPlot))
 
     def _draw(self, result: Any) -> None:
         plot = self.query_one("#spectrum-plot", PlotextPlot)
@@ -140,7 +112,7 @@ class SpectrumView(NodeView):
         lo = min((float(s.evals[s.evals > 0].min()) for s in spectra if (s.evals > 0).any()), default=math.nan)
         hi = max((float(s.evals.max()) for s in spectra if s.evals.size), default=math.nan)
         if not (np.isfinite(lo) and np.isfinite(hi)):
-            self._clear_plot()
+            self.clear_charts()
             return
         bins = esd_bins(min(s.evals.size for s in spectra))
         xs_all, ys_all = [], []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from rich.text import Text
@@ -20,6 +20,15 @@ SERIES_MARKERS: tuple[str, ...] = ("braille", "dot", "sd", "hd", "fhd", "x", "+"
 def no_color() -> bool:
     """True when the user asked for no colour (https://no-color.org: NO_COLOR set and non-empty)."""
     return bool(os.environ.get("NO_COLOR"))
+
+
+def clear_plot(plot: Any) -> None:
+    """Empty a PlotextPlot (data and figure settings) and redraw it, in the no-colour theme when asked."""
+    plot.plt.clear_data()
+    plot.plt.clear_figure()
+    if no_color():
+        plot.theme = "clear"
+    plot.refresh()
 
 
 def series_color(i: int) -> str:
