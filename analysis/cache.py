@@ -36,7 +36,6 @@ _TAG_TEXT = (
 )
 _ENTRY_RE = re.compile(r"^[0-9a-f]{64}\.(json|npy)$")
 _FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
-_TMP_PREFIX = TMP_PREFIX
 _STALE_TMP_SECONDS = 3600.0
 _NONFINITE_TAG = "$float"
 
@@ -325,7 +324,7 @@ class Cache:
                 if not (sub.is_dir() and _FANOUT_RE.match(sub.name)) or sub.is_symlink():
                     continue
                 for path in sub.iterdir():
-                    if path.name.startswith(_TMP_PREFIX):
+                    if path.name.startswith(TMP_PREFIX):
                         with contextlib.suppress(OSError):
                             if now - path.stat().st_mtime > _STALE_TMP_SECONDS:
                                 path.unlink()

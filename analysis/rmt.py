@@ -52,11 +52,6 @@ class _PermutationMemo:
                     self._bytes -= old.numel() * old.element_size()
         return perm
 
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-
 
 _PERMUTATIONS = _PermutationMemo(PERMUTATION_MEMO_BYTES)
 

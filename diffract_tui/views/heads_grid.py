@@ -22,9 +22,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Label
 
+from analysis.session import Cancelled
 from diffract_tui.messages import MarksChanged, OpenNode
 from diffract_tui.node import NodeRef
-from analysis.session import Cancelled
 from diffract_tui.views import NodeView
 from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 from diffract_tui.widgets.heatmap import Heatmap
@@ -32,7 +32,6 @@ from diffract_tui.widgets.heatmap import Heatmap
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.rewind import RewindInputs
     from analysis.session import ExplorerSession
-
 
 KEY_HINT = "keys: m metric · d pair · p proj · z log · tab grid⇄tree · enter open · space mark"
 UI_GRID_VERSION = 1          # bump when what these cache entries hold changes
@@ -507,6 +506,5 @@ class HeadsGridView(EngineWork, NodeView):
         except DiffractError as err:
             self.app.notify(str(err), severity="warning")
             return
-        self.heatmap.set_marks(self.session.marks)
-        self.post_message(MarksChanged(frozenset(self.session.marks)))
+        self.post_message(MarksChanged(frozenset(self.session.marks)))   # the app calls marks_changed
 

@@ -21,9 +21,9 @@ from textual.widgets import DataTable, Input, Label
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
+from analysis.session import Cancelled
 from diffract_tui.messages import MarksChanged
 from diffract_tui.node import NodeRef
-from analysis.session import Cancelled
 from diffract_tui.views import NodeView
 from diffract_tui.views.heads_grid import head_energy_inputs
 from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn

@@ -17,8 +17,8 @@ from textual_plotext import PlotextPlot
 
 from diffract_tui.node import NodeRef
 from diffract_tui.views import ChartView
-from diffract_tui.widgets.charts import (bounds, clear_plot, fit_color, fit_marker, fmt, legend_key, log_histogram, log_ticks,
-                                         log_xy, no_color, series_color, series_marker)
+from diffract_tui.widgets.charts import (bounds, clear_plot, fit_color, fit_marker, fmt, legend_key, log_histogram,
+                                         log_ticks, log_xy, series_color, series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
 # (row label, metric name, greyed when the power-law fit is unreliable)
@@ -102,11 +102,8 @@ class SpectrumView(ChartView):
 
     def _draw(self, result: Any) -> None:
         plot = self.query_one("#spectrum-plot", PlotextPlot)
+        clear_plot(plot)
         plt = plot.plt
-        plt.clear_data()
-        plt.clear_figure()
-        if no_color():
-            plot.theme = "clear"
         spectra = result.spectra
         focus = spectra[self.focus_index % len(spectra)]
         lo = min((float(s.evals[s.evals > 0].min()) for s in spectra if (s.evals > 0).any()), default=math.nan)
