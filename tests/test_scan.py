@@ -444,6 +444,8 @@ def test_cli_cache_dir_and_env_var_and_second_run_computes_nothing(tiny, tmp_pat
     assert main(["scan", str(tiny), "--out", str(tmp_path / "c.csv"), "--device", "cpu"]) == 0
     second, _ = read_table(tmp_path / "c.csv")
     assert _rows_equal(first, second)
+    # a re-run from the cache writes the same file, columns in the same order (cached metrics keep their order)
+    assert (tmp_path / "c.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     assert f"wrote {TINY_MATRICES} rows" in capsys.readouterr().err
 
 
