@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from analysis.families import FAMILIES, check_family, family_config, weight_shapes
+from analysis.model.families import FAMILIES, check_family, family_config, weight_shapes
 
 __all__ = ["FAMILIES", "FamilyManifest", "HeadPlant", "LowRankPlant", "random_state_dict", "write_checkpoint",
            "write_family"]
@@ -276,9 +276,9 @@ def write_family(root: str | Path, *, family: str = "llama", domains: Sequence[s
     check_family(family)
     if not domains or len(set(domains)) != len(domains) or "base" in domains:
         raise ValueError(f"domains must be distinct names other than 'base', not {tuple(domains)!r}")
-    from analysis.architecture import detect_layout
-    from analysis.checkpoint import normalise_key
-    from analysis.heads import head_slice, head_slots, module_matrix
+    from analysis.model.architecture import detect_layout
+    from analysis.io.checkpoint import normalise_key
+    from analysis.model.heads import head_slice, head_slots, module_matrix
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

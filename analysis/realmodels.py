@@ -36,7 +36,7 @@ def installed_rxnfp_dir() -> Path | None:
 
 def default_rxnfp_cache() -> Path:
     """Where `ensure_rxnfp` installs a private copy by default: <diffract cache root>/rxnfp-<version>."""
-    from analysis.cache import default_cache_root
+    from analysis.run.cache import default_cache_root
 
     return default_cache_root() / f"rxnfp-{RXNFP_VERSION}"
 

@@ -98,10 +98,10 @@ def measure(folder: Path) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from analysis.checkpoint import open_checkpoint
+    from analysis.io.checkpoint import open_checkpoint
 
     try:
-        from analysis.architecture import layout_of
+        from analysis.model.architecture import layout_of
     except ImportError:  # the layout module is optional for this benchmark
         layout_of = None
     import_s = time.perf_counter() - t_import

@@ -4,7 +4,7 @@
 One run, one compute thread, on (a) the real rxnfp BERT `bert_ft` and (b) a generated Llama-shaped
 checkpoint (~1B parameters by default). For each model it measures:
 
-- our cold scan (`analysis.scan.scan`, whole matrices, fresh cache) — time per item from the progress
+- our cold scan (`analysis.run.scan.scan`, whole matrices, fresh cache) — time per item from the progress
   callback, and every torch.linalg eigen/SVD call it makes (counted by wrapping torch.linalg);
 - the floor: the same number of `torch.linalg.eigvalsh` calls (same sizes, same dtype) on the Gram
   matrices of the same weights, Gram matmul included, nothing else;
@@ -50,10 +50,10 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analysis.backend import SpectralSettings  # noqa: E402
-from analysis.cache import Cache  # noqa: E402
-from analysis.checkpoint import open_checkpoint  # noqa: E402
-from analysis.scan import scan  # noqa: E402
+from analysis.spectral.backend import SpectralSettings  # noqa: E402
+from analysis.run.cache import Cache  # noqa: E402
+from analysis.io.checkpoint import open_checkpoint  # noqa: E402
+from analysis.run.scan import scan  # noqa: E402
 
 LINALG = ("eigvalsh", "eigh", "svdvals", "svd")
 _EIGVALSH = torch.linalg.eigvalsh  # the real routines, for the floor (the scan's are wrapped while it runs)
@@ -273,7 +273,7 @@ def bert_ft_path() -> Path:
 def generate_llama(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
                    vocab: int, seed: int = 0) -> Path:
     """A Llama-shaped bf16 checkpoint with heavy-tailed (Student-t, ν=3) matrices, like trained weights."""
-    from analysis.families import family_config, weight_shapes
+    from analysis.model.families import family_config, weight_shapes
     from analysis.generate import write_checkpoint
 
     config = family_config("llama", hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
@@ -304,11 +304,11 @@ def bench_model(name: str, path: Path, work: Path, ww_layers: int | None, skip_w
     settings = SpectralSettings(device=device, dtype="float32")
     cache = Cache(work / f"cache-{name}")
     cache.clear()
-    from analysis.spectra import spectral_metrics
+    from analysis.spectral.spectra import spectral_metrics
 
     spectral_metrics(torch.randn(64, 200), settings)  # warm-up: lazy imports and first-call costs, untimed
     layouts = open_checkpoint(path)
-    from analysis.architecture import layout_of
+    from analysis.model.architecture import layout_of
 
     layout = layout_of(layouts)
     layouts.close()
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         args.layers, args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads = 2, 256, 704, 1000, 4, 4
         args.skip_bert, args.ww_layers = True, 0
 
-    from analysis.backend import resolve_device
+    from analysis.spectral.backend import resolve_device
     from analysis.errors import DiffractError
 
     try:

@@ -73,10 +73,10 @@ def child(op: str, args: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from analysis.checkpoint import open_checkpoint
-    from analysis.interpolate import endpoints, run_interpolation
-    from analysis.rewind import apply_rewind
-    from analysis.rewind_list import read_rewind_list
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.edit.interpolate import endpoints, run_interpolation
+    from analysis.edit.rewind import apply_rewind
+    from analysis.edit.rewind_list import read_rewind_list
 
     before = proc_status()
     with PeakSampler() as sampler:
@@ -115,8 +115,8 @@ def run_child(op: str, *args: str) -> dict:
 
 def baseline_rss() -> int:
     """Peak RSS of a fresh process that imports the engine and does nothing (the 'constant')."""
-    code = ("import torch; torch.set_num_threads(1); import analysis.rewind, analysis.interpolate, "
-            "analysis.checkpoint; print(open('/proc/self/status').read())")
+    code = ("import torch; torch.set_num_threads(1); import analysis.edit.rewind, analysis.edit.interpolate, "
+            "analysis.io.checkpoint; print(open('/proc/self/status').read())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     for line in out.splitlines():
         if line.startswith("VmHWM:"):
@@ -148,7 +148,7 @@ def generate(folder: Path, shapes: dict[str, tuple], dtype, noise: float, config
     """Seeded N(0, 0.02²) weights (+ noise·N(0,1) for a CPT), one tensor at a time through the writer."""
     import torch
 
-    from analysis.writer import TensorSpec, write_checkpoint_streaming
+    from analysis.io.writer import TensorSpec, write_checkpoint_streaming
 
     def tensors():
         for i, (name, shape) in enumerate(shapes.items()):

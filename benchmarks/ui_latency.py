@@ -60,7 +60,7 @@ def make_family(root: Path, hidden: int, layers: int) -> list[Path]:
     import torch
 
     from analysis.generate import random_state_dict, write_checkpoint
-    from analysis.families import family_config
+    from analysis.model.families import family_config
 
     overrides = dict(hidden_size=hidden, num_layers=layers, num_heads=max(4, hidden // 64),
                      num_kv_heads=max(2, hidden // 128), intermediate_size=hidden * 2, vocab_size=512)

@@ -12,7 +12,7 @@ from diffract_tui.node import NodeRef
 from diffract_tui.widgets.tree import head_count, module_names
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.architecture import ModelLayout
+    from analysis.model.architecture import ModelLayout
 
 _LAYER_RE = re.compile(r"^(?:l|layer)?(\d+)$", re.IGNORECASE)
 _HEAD_RE = re.compile(r"^(?:h|head)(\d+)$", re.IGNORECASE)

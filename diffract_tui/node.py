@@ -10,7 +10,7 @@ class NodeRef:
     """Where the cursor is: layer None = the model; module None = a layer; head None = a matrix.
 
     `module` is a layout module name ("q", "k", "v", "o", "gate", "up", "down", "embed", ...);
-    `head` is a query head for q/o and a kv head for k/v, as in `analysis.heads.head_slots`.
+    `head` is a query head for q/o and a kv head for k/v, as in `analysis.model.heads.head_slots`.
     """
 
     layer: int | None = None

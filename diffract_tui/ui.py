@@ -1,6 +1,6 @@
 """The explorer app: the model tree on the left, views on the right (number keys switch them), a status line.
 
-The app holds an opened `analysis.session.ExplorerSession` as `app.session`. It never computes on the UI
+The app holds an opened `analysis.run.session.ExplorerSession` as `app.session`. It never computes on the UI
 thread: views compute in their own workers (see `diffract_tui.views.NodeView`), "compute all" runs in
 an app worker, and badges from the cache are read in a short worker when a tree node expands.
 """
@@ -40,7 +40,7 @@ from diffract_tui.widgets.status import StatusBar
 from diffract_tui.widgets.tree import ModelTree, badge_from_metrics
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.session import ExplorerSession
+    from analysis.run.session import ExplorerSession
 
 SCAN_SOURCE = "scan"
 BADGE_FLUSH_S = 0.25  # compute-all pushes badges to the tree at most this often
@@ -153,10 +153,10 @@ class DiffractApp(App):
     def _warm_up(self) -> None:
         """Import the engine's compute modules (scipy, fits: ~1 s) off the UI thread, so that the first
         cache hit shown on the UI thread does not pay for them."""
-        import analysis.delta  # noqa: F401
-        import analysis.scan  # noqa: F401
-        import analysis.spectra  # noqa: F401
-        import analysis.truncation  # noqa: F401
+        import analysis.deltas.delta  # noqa: F401
+        import analysis.run.scan  # noqa: F401
+        import analysis.spectral.spectra  # noqa: F401
+        import analysis.deltas.truncation  # noqa: F401
 
     @property
     def tree(self) -> ModelTree:
@@ -393,7 +393,7 @@ class DiffractApp(App):
                 items, self._pending_badges = self._pending_badges, []
                 self.call_from_thread(self._apply_badges, items)
 
-        from analysis.session import Cancelled
+        from analysis.run.session import Cancelled
 
         try:
             count = self.session.compute_all(progress=progress, cancelled=lambda: worker.is_cancelled,
@@ -450,7 +450,7 @@ class DiffractApp(App):
         if not tables:
             self.notify("Nothing to export in this view yet.", severity="warning")
             return
-        from analysis.tables import write_table
+        from analysis.run.tables import write_table
 
         header, rows = table_rows(tables[0])
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

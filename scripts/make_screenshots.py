@@ -67,7 +67,7 @@ async def settle(pilot, rounds: int = 3) -> None:
 async def take(shot: Shot, paths: list[Path], labels: list[str], cache: Path | None, size: tuple[int, int],
                out: Path) -> Path:
     """Open a fresh app, walk to the shot's node, press its keys and save the SVG."""
-    from analysis.session import ExplorerSession
+    from analysis.run.session import ExplorerSession
     from diffract_tui.node import NodeRef
     from diffract_tui.ui import DiffractApp
 

@@ -25,7 +25,7 @@ class DictCheckpoint:
 
 
 def llama_gqa(L=2, H=4, G=2, dh=3, seed=20):
-    from analysis.architecture import detect_layout
+    from analysis.model.architecture import detect_layout
 
     D = H * dh
     g = _gen(seed)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from memory_models import DictCheckpoint, llama_gqa
 
-from analysis import agreement as A
+from analysis.deltas import agreement as A
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import write_safetensors
 
-from analysis.alignment import align
-from analysis.checkpoint import open_checkpoint
+from analysis.io.alignment import align
+from analysis.io.checkpoint import open_checkpoint
 from analysis.errors import AlignmentError
 
 

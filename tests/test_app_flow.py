@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.session import ExplorerSession
+from analysis.run.session import ExplorerSession
 from diffract_tui.node import NodeRef
 from tests.conftest import llama_checkpoint, write_safetensors
 
@@ -69,8 +69,8 @@ def make_app(session: ExplorerSession):
 
 
 def test_navigate_compute_mark_export(session: ExplorerSession, family: list[Path], tmp_path: Path) -> None:
-    from analysis.rewind_list import read_rewind_list
-    from analysis.scan import node_metrics
+    from analysis.edit.rewind_list import read_rewind_list
+    from analysis.run.scan import node_metrics
     from diffract_tui.screens.confirm import QuitScreen
     from diffract_tui.screens.export import ExportScreen
     from diffract_tui.views.spectrum import SpectrumView
@@ -230,7 +230,7 @@ def test_escape_cancels_and_moving_on_cancels_stale_work(session: ExplorerSessio
             if gate.wait(0.01):
                 break
         stopped.append(NodeRef(node.layer, node.module, node.head))
-        from analysis.session import Cancelled
+        from analysis.run.session import Cancelled
 
         raise Cancelled()
 
@@ -328,7 +328,7 @@ def test_filter_keys_help_and_kv_marks(session: ExplorerSession) -> None:
 
 
 def test_palette_addresses() -> None:
-    from analysis.architecture import detect_layout
+    from analysis.model.architecture import detect_layout
     from diffract_tui.commands import parse_address
 
     config, tensors = llama_checkpoint(layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS)
@@ -343,7 +343,7 @@ def test_palette_addresses() -> None:
 
 
 def test_export_table_writes_what_the_panel_shows(session: ExplorerSession, tmp_path: Path, monkeypatch) -> None:
-    from analysis.tables import read_table
+    from analysis.run.tables import read_table
 
     monkeypatch.chdir(tmp_path)
 

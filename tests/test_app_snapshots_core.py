@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.session import ExplorerSession
+from analysis.run.session import ExplorerSession
 from diffract_tui.node import NodeRef
 from tests.conftest import llama_checkpoint, write_safetensors
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from analysis.generate import write_family
-from analysis.session import ExplorerSession
+from analysis.run.session import ExplorerSession
 
 SIZES = [(80, 24), (160, 48)]
 CONFIG = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2)

@@ -1,4 +1,4 @@
-"""Atomic writes (analysis/atomic.py): what users export gets ordinary file permissions, and a failed write
+"""Atomic writes (analysis/io/atomic.py): what users export gets ordinary file permissions, and a failed write
 leaves the target as it was with no temp file behind."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
-from analysis.atomic import atomic_writer, process_umask
-from analysis.rewind_list import write_rewind_list
-from analysis.tables import write_table
+from analysis.io.atomic import atomic_writer, process_umask
+from analysis.edit.rewind_list import write_rewind_list
+from analysis.run.tables import write_table
 from tests.test_rewind_list import _list
 
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from analysis import backend
-from analysis.backend import (SpectralSettings, apply_thread_policy, chunks, compute_threads, physical_cores,
+from analysis.spectral import backend
+from analysis.spectral.backend import (SpectralSettings, apply_thread_policy, chunks, compute_threads, physical_cores,
                               resolve_device)
 from analysis.errors import DiffractError
 
@@ -99,7 +99,7 @@ def test_hypervisor_without_visible_smt_is_halved(monkeypatch, tmp_path):
 def test_apply_thread_policy_and_engine_clamp(monkeypatch):
     """An explicit count is set and becomes the override; the engine lowers torch's threads to the policy
     before an eigen call (never raises them)."""
-    from analysis.spectra import eigenvalues
+    from analysis.spectral.spectra import eigenvalues
 
     before = torch.get_num_threads()
     monkeypatch.setenv("DIFFRACT_TUI_THREADS", "1")   # records the original state, so teardown restores it
@@ -135,7 +135,7 @@ def test_chunks_cover_the_batch_within_budget():
 
 def test_eigenvalues_respects_the_chunker(monkeypatch):
     """With a tiny memory budget a 9-matrix batch is computed in several chunks with identical results."""
-    from analysis import spectra
+    from analysis.spectral import spectra
 
     Ws = torch.randn(9, 8, 20, generator=torch.Generator().manual_seed(0))
     whole = spectra.eigenvalues(Ws, SpectralSettings(device="cpu"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from analysis import ENGINE_VERSION
-from analysis.cache import CACHE_ENV_VAR, Cache, cache_key
+from analysis.run.cache import CACHE_ENV_VAR, Cache, cache_key
 from analysis.errors import DiffractError
 from diffract_tui.cli import main
 

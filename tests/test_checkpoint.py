@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import llama_checkpoint, write_safetensors, write_sharded_safetensors
 
-from analysis.checkpoint import normalise_key, open_checkpoint
+from analysis.io.checkpoint import normalise_key, open_checkpoint
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

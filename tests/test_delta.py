@@ -8,7 +8,7 @@ import pytest
 import torch
 from memory_models import DictCheckpoint, llama_gqa
 
-from analysis import delta as D
+from analysis.deltas import delta as D
 
 
 def _gen(seed: int) -> torch.Generator:

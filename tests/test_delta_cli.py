@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from analysis.generate import random_state_dict, write_checkpoint
-from analysis.families import family_config
-from analysis.tables import read_table
+from analysis.model.families import family_config
+from analysis.run.tables import read_table
 from diffract_tui.cli import main
 
 CFG = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48, vocab_size=64)

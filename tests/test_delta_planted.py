@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.agreement import domain_agreement, spearman
-from analysis.architecture import layout_of
-from analysis.checkpoint import open_checkpoint
-from analysis.delta import head_concentration, head_scores
+from analysis.deltas.agreement import domain_agreement, spearman
+from analysis.model.architecture import layout_of
+from analysis.io.checkpoint import open_checkpoint
+from analysis.deltas.delta import head_concentration, head_scores
 from analysis.generate import write_family
-from analysis.heads import module_matrix
-from analysis.tables import read_table
-from analysis.truncation import delta_truncation_curve, energy_ranks, singular_values
+from analysis.model.heads import module_matrix
+from analysis.run.tables import read_table
+from analysis.deltas.truncation import delta_truncation_curve, energy_ranks, singular_values
 from diffract_tui.cli import main
 
 
@@ -124,7 +124,7 @@ def test_truncation_aggregates_by_kind_and_layer(fam):
     # The MLP deltas are exactly rank 4 (gate), 8 (up), 16 (down) in 256-wide matrices: keeping 16 values
     # keeps ≥ 99.9 % of every MLP matrix and so of their energy-weighted aggregate; keeping 3 loses part of
     # gate's rank-4 delta. Aggregates weigh matrices by ‖ΔW‖² (checked against a hand-weighted sum).
-    from analysis.truncation import delta_truncation
+    from analysis.deltas.truncation import delta_truncation
 
     manifest, base, doms, layout = fam
     M = 256

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from analysis.tables import read_table
+from analysis.run.tables import read_table
 from diffract_tui.cli import main
 
 rxnfp = pytest.importorskip("analysis.realmodels")

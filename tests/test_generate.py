@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from analysis.checkpoint import open_checkpoint
-from analysis.families import FAMILIES, family_config, weight_shapes
+from analysis.io.checkpoint import open_checkpoint
+from analysis.model.families import FAMILIES, family_config, weight_shapes
 from analysis.generate import FamilyManifest, write_checkpoint, write_family
 
 torch.set_num_threads(1)

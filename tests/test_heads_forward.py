@@ -17,10 +17,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from analysis.architecture import layout_of  # noqa: E402
-from analysis.checkpoint import open_checkpoint  # noqa: E402
-from analysis.families import family_config  # noqa: E402
-from analysis.heads import head_slice, head_slots, projection_heads  # noqa: E402
+from analysis.model.architecture import layout_of  # noqa: E402
+from analysis.io.checkpoint import open_checkpoint  # noqa: E402
+from analysis.model.families import family_config  # noqa: E402
+from analysis.model.heads import head_slice, head_slots, projection_heads  # noqa: E402
 
 # (family, config overrides, note)
 CASES = [
@@ -161,9 +161,9 @@ def test_zeroing_kv_changes_exactly_its_group(probe, proj):
 
 def test_gqa_groups_are_contiguous():
     """HF repeat_kv: query head h reads kv head h // (H/H_kv)."""
-    from analysis.architecture import detect_layout
-    from analysis.families import weight_shapes
-    from analysis.checkpoint import normalise_key
+    from analysis.model.architecture import detect_layout
+    from analysis.model.families import weight_shapes
+    from analysis.io.checkpoint import normalise_key
 
     cfg = family_config("llama", hidden_size=128, num_heads=8, num_kv_heads=2)
     L = detect_layout(cfg, {normalise_key(k): s for k, s in weight_shapes("llama", cfg).items()})

@@ -8,7 +8,7 @@ import json
 import torch
 from conftest import write_safetensors
 
-from analysis.checkpoint import open_checkpoint
+from analysis.io.checkpoint import open_checkpoint
 from diffract_tui.cli import main
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis import writer
-from analysis.checkpoint import open_checkpoint
+from analysis.io import writer
+from analysis.io.checkpoint import open_checkpoint
 from analysis.errors import DiffractError
-from analysis.interpolate import (barrier, barriers_from_csv, base_to_cpt, combine, endpoints, is_loss_metric,
+from analysis.edit.interpolate import (barrier, barriers_from_csv, base_to_cpt, combine, endpoints, is_loss_metric,
                                   run_interpolation, task_arithmetic)
 from diffract_tui.cli import main
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.architecture import detect_layout, layout_of
-from analysis.checkpoint import normalise_key, open_checkpoint
+from analysis.model.architecture import detect_layout, layout_of
+from analysis.io.checkpoint import normalise_key, open_checkpoint
 from analysis.errors import DiffractError, LayoutError
-from analysis.families import FAMILIES, family_config, weight_shapes
+from analysis.model.families import FAMILIES, family_config, weight_shapes
 from analysis.generate import write_checkpoint
-from analysis.heads import head_slots, module_matrix
+from analysis.model.heads import head_slots, module_matrix
 
 
 def shapes_of(family: str, cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -326,7 +326,7 @@ def test_projection_heads_reads_the_projection_once(family, proj, expected_reads
     L, cfg = layout_for(family)
     g = torch.Generator().manual_seed(0)
     r = CountingReader({k: torch.randn(s, generator=g) for k, s in shapes_of(family, cfg).items()})
-    from analysis.heads import head_slice, projection_heads
+    from analysis.model.heads import head_slice, projection_heads
     stacked = projection_heads(r, L, 1, proj)
     assert r.reads == expected_reads
     r.reads.clear()

@@ -16,7 +16,7 @@ import torch
 
 powerlaw = pytest.importorskip("powerlaw")
 
-from analysis.powerlaw_fit import (_local_min_index, fit_power_law, fit_tails, pl_loglikelihoods,  # noqa: E402
+from analysis.spectral.powerlaw_fit import (_local_min_index, fit_power_law, fit_tails, pl_loglikelihoods,  # noqa: E402
                                    tpl_loglikelihoods)
 
 PROJECTIONS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -239,7 +239,7 @@ def test_tpl_newton_matches_nelder_mead(spectra):
     fallback): on the 28 spectra and a planted TPL sample, its log-likelihood is never lower by more than
     1e-9 (the problem is convex, so both find the one optimum; Newton's is the sharper) and α agrees to 1e-4
     wherever the optimum is interior (Λ > 0)."""
-    from analysis.powerlaw_fit import _tpl_J, _tpl_nelder_mead, fit_tpl
+    from analysis.spectral.powerlaw_fit import _tpl_J, _tpl_nelder_mead, fit_tpl
 
     rng = np.random.default_rng(2)
     xs = []
@@ -274,7 +274,7 @@ def test_tpl_newton_matches_nelder_mead(spectra):
 def test_tpl_pure_power_law_takes_the_closed_form_boundary():
     """A Pareto sample with α = 3.5 (mean excess 1/(α−2) = 0.667 finite) has no cut-off: the closed-form KKT
     check returns Λ = 0 and α = the PL MLE exactly, and no Λ > 0 does better."""
-    from analysis.powerlaw_fit import fit_tpl
+    from analysis.spectral.powerlaw_fit import fit_tpl
 
     rng = np.random.default_rng(5)
     lam = np.sort((1.0 - rng.random(4000)) ** (-1.0 / 2.5))

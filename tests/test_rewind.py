@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis import writer
-from analysis.architecture import layout_of
-from analysis.checkpoint import open_checkpoint
+from analysis.io import writer
+from analysis.model.architecture import layout_of
+from analysis.io.checkpoint import open_checkpoint
 from analysis.errors import DiffractError
-from analysis.rewind import (apply_rewind, plan_from_inputs, plan_rewind, preview, rank_heads, rewind_inputs,
+from analysis.edit.rewind import (apply_rewind, plan_from_inputs, plan_rewind, preview, rank_heads, rewind_inputs,
                              checkpoint_ref)
-from analysis.rewind_list import read_rewind_list, write_rewind_list
+from analysis.edit.rewind_list import read_rewind_list, write_rewind_list
 from diffract_tui.cli import main
 
 L, H, HKV, DH, D, FF, V = 2, 4, 2, 8, 32, 48, 64
@@ -190,7 +190,7 @@ def test_greedy_picks_planted_low_delta_heads_and_preview_share(tmp_path):
     full = plan_from_inputs(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t), pattern="greedy", fraction=1.0)
     assert preview(full, inputs).share_removed == pytest.approx(1.0, abs=1e-12)
     # scores agree with delta.head_scores (the grid the app shows)
-    from analysis.delta import head_scores
+    from analysis.deltas.delta import head_scores
     hs = head_scores(b, t, layout_of(t))
     assert torch.allclose(inputs.target.scores, hs.scores, rtol=1e-6)
 
@@ -364,7 +364,7 @@ def test_greedy_and_reference_select_planted_low_heads(tmp_path):
     rest) in every domain: greedy at its `greedy_fraction` must pick exactly those, and so must the
     reference pattern ranked by the other domain. After apply, those heads' scores against the base are
     exactly 0 and every other head's score is the target's."""
-    from analysis.delta import head_scores
+    from analysis.deltas.delta import head_scores
     from analysis.generate import write_family
 
     m = write_family(tmp_path / "fam")
@@ -393,9 +393,9 @@ def test_apply_across_storage_layouts(tmp_path, family):
     neox, bert): greedy picks the planted heads; after apply those heads read back (through the engine's
     own head slices) exactly as the base, every other head exactly as the target, and only the attention
     tensors changed."""
-    from analysis.delta import head_scores
+    from analysis.deltas.delta import head_scores
     from analysis.generate import write_family
-    from analysis.rewind import rewind_edits
+    from analysis.edit.rewind import rewind_edits
 
     kv = 2 if family in ("qwen2", "phi3") else 4
     m = write_family(tmp_path / "fam", family=family, domains=("math",), hidden_size=128, num_layers=2,

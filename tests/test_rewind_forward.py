@@ -13,8 +13,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from analysis.checkpoint import open_checkpoint  # noqa: E402
-from analysis.rewind import apply_rewind, plan_rewind  # noqa: E402
+from analysis.io.checkpoint import open_checkpoint  # noqa: E402
+from analysis.edit.rewind import apply_rewind, plan_rewind  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

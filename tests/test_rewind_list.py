@@ -9,7 +9,7 @@ import json
 import pytest
 
 from analysis.errors import RewindListError
-from analysis.rewind_list import (FORMAT, Architecture, CheckpointRef, HeadEntry, Pattern, RewindList, check_fresh,
+from analysis.edit.rewind_list import (FORMAT, Architecture, CheckpointRef, HeadEntry, Pattern, RewindList, check_fresh,
                                   read_rewind_list, rewind_list_from_dict, write_rewind_list)
 
 

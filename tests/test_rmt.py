@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from analysis.backend import SpectralSettings
-from analysis.rmt import (TW1_QUANTILE_995, marchenko_pastur, mp_cdf, mp_density, mp_edges, permuted,
+from analysis.spectral.backend import SpectralSettings
+from analysis.spectral.rmt import (TW1_QUANTILE_995, marchenko_pastur, mp_cdf, mp_density, mp_edges, permuted,
                           tracy_widom, w1_rand_distance)
-from analysis.spectra import eigenvalues, null_settings, spectral_metrics
+from analysis.spectral.spectra import eigenvalues, null_settings, spectral_metrics
 
 CPU = SpectralSettings(device="cpu")
 
@@ -149,7 +149,7 @@ def test_permutation_memo_returns_the_seeded_draw_and_stays_bounded():
     """The memoised index is exactly torch.randperm(n) of a fresh generator seeded with `seed` (so the null
     is unchanged by memoising), a second request is the same object (no redraw), and the memo evicts the
     least recently used index once its byte budget is spent."""
-    from analysis.rmt import _PermutationMemo, permutation_index
+    from analysis.spectral.rmt import _PermutationMemo, permutation_index
 
     ref = torch.randperm(600 * 7, generator=torch.Generator().manual_seed(42))
     got = permutation_index(600 * 7, 42)
@@ -170,7 +170,7 @@ def test_entry_variance_from_the_esd_matches_the_direct_float64_variance():
     """var(W) is read as ‖W‖²_F/(mn) − mean² with ‖W‖²_F from the ESD: on a matrix with a clear non-zero mean
     (0.3 ± 1, direct route) and on a heavy-tailed one with mean 1e-4 (ESD route) it equals the direct float64 variance of the float32 copy
     to 1e-12 relative."""
-    from analysis.spectra import _entry_variances
+    from analysis.spectral.spectra import _entry_variances
 
     g = torch.Generator().manual_seed(11)
     t = torch.from_numpy(np.random.default_rng(3).standard_t(3.0, size=(150, 260)))

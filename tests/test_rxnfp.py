@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from analysis import realmodels
-from analysis.alignment import align
-from analysis.checkpoint import open_checkpoint
+from analysis.io.alignment import align
+from analysis.io.checkpoint import open_checkpoint
 from analysis.errors import DiffractError
 
 HEAD_PREFIXES = ("cls.", "classifier.")
@@ -65,7 +65,7 @@ def test_alignment_despite_prefix_and_extra_heads(rxnfp):
 
 
 def test_layout_is_12_layers_of_4_heads_of_64(rxnfp):
-    from analysis.architecture import layout_of
+    from analysis.model.architecture import layout_of
 
     for ckpt in rxnfp.values():
         layout = layout_of(ckpt)

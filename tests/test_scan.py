@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 
 import analysis
-from analysis.backend import SpectralSettings
-from analysis.cache import CACHE_ENV_VAR, Cache
-from analysis.checkpoint import Checkpoint, open_checkpoint
+from analysis.spectral.backend import SpectralSettings
+from analysis.run.cache import CACHE_ENV_VAR, Cache
+from analysis.io.checkpoint import Checkpoint, open_checkpoint
 from analysis.generate import write_checkpoint
-from analysis.scan import ID_COLUMNS, node_metrics, plan_size, scan
-from analysis.tables import read_table
+from analysis.run.scan import ID_COLUMNS, node_metrics, plan_size, scan
+from analysis.run.tables import read_table
 from diffract_tui.cli import main
 
 L, D, H, HKV, FF, VOCAB = 2, 64, 4, 2, 96, 80
@@ -205,7 +205,7 @@ def test_each_tensor_read_once_and_one_batched_call_per_projection(tiny, tmp_pat
         reads[(self.label, name)] = reads.get((self.label, name), 0) + 1
         return real_rows(self, name, start, stop, dtype)
 
-    import analysis.spectra as spectra
+    import analysis.spectral.spectra as spectra
 
     calls = []
     real_batched = spectra.batched_spectral_metrics
@@ -213,7 +213,7 @@ def test_each_tensor_read_once_and_one_batched_call_per_projection(tiny, tmp_pat
     def batched(Ws, settings=None, evals=None):
         import inspect
 
-        if inspect.stack()[1].filename.endswith(os.path.join("analysis", "scan.py")):  # the scan's own calls
+        if inspect.stack()[1].filename.endswith(os.path.join("analysis", "run", "scan.py")):  # the scan's own calls
             calls.append(tuple(Ws.shape))
         return real_batched(Ws, settings, evals=evals)
 
@@ -223,7 +223,7 @@ def test_each_tensor_read_once_and_one_batched_call_per_projection(tiny, tmp_pat
     _rows([tiny, other], None, heads=True, delta=True)
     assert len(reads) == 2 * TINY_MATRICES and set(reads.values()) == {1}  # the base read once despite the deltas
     # the scan's batched calls: one per (checkpoint, projection) with every head of it — q (H=2, d_h, D),
-    # k and v (H_kv=1, d_h, D), o (H, D, d_h); deltas go through analysis.delta's own batched call
+    # k and v (H_kv=1, d_h, D), o (H, D, d_h); deltas go through analysis.deltas.delta's own batched call
     assert sorted(calls) == sorted([(2, 16, 32), (1, 16, 32), (1, 16, 32), (2, 32, 16)] * 2)
 
 
@@ -233,8 +233,8 @@ def test_each_tensor_read_once_and_one_batched_call_per_projection(tiny, tmp_pat
 
 
 def _forbid_compute(monkeypatch):
-    import analysis.delta as delta
-    import analysis.spectra as spectra
+    import analysis.deltas.delta as delta
+    import analysis.spectral.spectra as spectra
 
     def boom(*a, **k):
         raise AssertionError("computed although every entry should be cached")
@@ -254,7 +254,7 @@ def test_second_scan_reads_only_the_cache(family, scanned, monkeypatch):
 
 
 def _count_eigen(monkeypatch) -> list[int]:
-    import analysis.spectra as spectra
+    import analysis.spectral.spectra as spectra
 
     calls: list[int] = []
     real = spectra._eigenvalues          # what both `eigenvalues` (W) and the permuted null go through
@@ -359,7 +359,7 @@ def test_progress_reaches_total_and_cancel_stops_early(family, scanned):
 
 
 def test_node_metrics_matches_the_scan_and_returns_eigenvalues(family, scanned, tmp_path, monkeypatch):
-    from analysis.architecture import layout_of
+    from analysis.model.architecture import layout_of
 
     base, cpt = family
     cache_dir, rows = scanned

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.backend import SpectralSettings
+from analysis.spectral.backend import SpectralSettings
 from analysis.errors import DiffractError
-from analysis.spectra import (SpectrumResult, batched_spectral_metrics, eigenvalues, null_settings,
+from analysis.spectral.spectra import (SpectrumResult, batched_spectral_metrics, eigenvalues, null_settings,
                               spectral_metrics, spectrum_result)
 
 CPU = SpectralSettings(device="cpu")
@@ -214,7 +214,7 @@ def test_null_route(monkeypatch):
     """The permuted null's ESD uses float32 Gram for float32 work (null_settings): MP bulk variance, edges and
     W₁ distance agree with an all-float64 null within 1e-5 relative (measured ≲1e-7) on a square 256² matrix
     (Q = 1, λ₋ = 0: the worst case for a float32 floor) and a 128 × 512 one."""
-    from analysis import spectra
+    from analysis.spectral import spectra
 
     assert null_settings(CPU).eig_route == "gram32"
     assert null_settings(SpectralSettings(device="cpu", dtype="float64")).eig_route == "gram64"
@@ -233,7 +233,7 @@ def test_large_cpu_stacks_are_looped_with_the_same_numbers():
     """From min(m, n) = CPU_LOOP_FROM (512) up, CPU chunks are eigen-solved one 2-D matrix at a time (faster
     than a batched call there): a (3, 512, 530) stack gives exactly the eigenvalues of the three matrices taken
     alone (bit for bit: the same calls), and its metrics equal the one-by-one metrics."""
-    from analysis.spectra import CPU_LOOP_FROM
+    from analysis.spectral.spectra import CPU_LOOP_FROM
 
     g = torch.Generator().manual_seed(9)
     Ws = torch.randn(3, CPU_LOOP_FROM, CPU_LOOP_FROM + 18, generator=g)

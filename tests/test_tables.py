@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from analysis.errors import DiffractError
-from analysis.tables import read_table, write_table
+from analysis.run.tables import read_table, write_table
 
 ROWS = [
     {"checkpoint": "base", "tensor": "layers.0.q", "layer": 0, "head": None, "rows": 64, "pl_alpha": 3.5,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from analysis import truncation as T
+from analysis.deltas import truncation as T
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from analysis.generate import write_family
-from analysis.session import ExplorerSession
+from analysis.run.session import ExplorerSession
 from diffract_tui.node import NodeRef
 
 CONFIG = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2)
@@ -104,7 +104,7 @@ async def test_grid_shows_planted_head_scores_with_metric_and_scale(session, fam
 async def test_grid_x_exports_the_shown_grid(session, family, tmp_path, monkeypatch) -> None:
     """x in the Heads view writes the grid on screen: one row per layer, the metric and what it compares,
     and every head's value at full precision."""
-    from analysis.tables import read_table
+    from analysis.run.tables import read_table
 
     monkeypatch.chdir(tmp_path)
     app = make_app(session)
@@ -191,7 +191,7 @@ async def _export(pilot, path: Path) -> None:
 async def test_three_marked_heads_export_a_spec_list_naming_exactly_them(session, tmp_path) -> None:
     """Mark three heads on the grid, pattern manual, export: the file is a valid diffract-rewind/1 list
     (read back by the engine's validator) with the SPEC §6 keys, naming exactly those heads."""
-    from analysis.rewind_list import read_rewind_list
+    from analysis.edit.rewind_list import read_rewind_list
 
     app = make_app(session)
     out = tmp_path / "marked.json"
@@ -254,8 +254,8 @@ async def test_greedy_export_is_the_cli_plan_byte_for_byte(session, family, tmp_
 async def test_apply_writes_the_rewound_checkpoint(session, family, tmp_path, monkeypatch) -> None:
     """A in the Rewind view writes a new folder where the listed heads' q rows equal the base and the
     others stay at the target; switching to another view meanwhile does not stop the writing."""
-    from analysis.checkpoint import open_checkpoint
-    from analysis.heads import head_slice
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.model.heads import head_slice
     from diffract_tui.views.rewind import PromptInput
 
     monkeypatch.chdir(tmp_path)
@@ -308,7 +308,7 @@ async def test_rewind_escape_closes_the_prompt_without_writing(session, tmp_path
 async def test_table_rows_sort_filter_and_open(session, family, tmp_path, monkeypatch) -> None:
     """Every matrix and head is a row; Δrel of a q head is the planted magnitude; S/s sort by the cursor
     column; the filter keeps matching rows; `x` exports exactly the rows shown; Enter opens the row's node."""
-    from analysis.tables import read_table
+    from analysis.run.tables import read_table
     from diffract_tui.views.table import MetricsTable
 
     monkeypatch.chdir(tmp_path)
@@ -371,7 +371,7 @@ async def test_table_rows_sort_filter_and_open(session, family, tmp_path, monkey
 async def test_grid_projections_and_a1_against_direct_computation(session, family) -> None:
     """p → q: r of the q slices is the planted ‖ΔW^q_h‖/‖W₀^q_h‖; p p → v: the planted kv magnitude of
     g(h). m → A1 of the q slices equals the mean row maximum of |U₀ᵀU_d| from a full float64 SVD."""
-    from analysis.heads import head_slice
+    from analysis.model.heads import head_slice
 
     app = make_app(session)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -402,7 +402,7 @@ async def test_grid_projections_and_a1_against_direct_computation(session, famil
 async def test_grid_alpha_shows_each_heads_fit_in_its_cell(session) -> None:
     """m×4 → α of the base's q slices, then p → k slices: cell (ℓ, h) holds `pl_alpha` of head h (q) or of
     kv head g(h) (k) from the engine's per-node fit, and the note says these fits are unreliable (16 values)."""
-    from analysis.scan import node_metrics
+    from analysis.run.scan import node_metrics
 
     app = make_app(session)
     async with app.run_test(size=(80, 24)) as pilot:

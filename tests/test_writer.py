@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from analysis import writer
+from analysis.io import writer
 from analysis.errors import DiffractError
-from analysis.writer import TensorSpec, write_checkpoint_streaming
+from analysis.io.writer import TensorSpec, write_checkpoint_streaming
 
 
 def _tensors() -> list[tuple[str, torch.Tensor]]:

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
     ) -> None:
         """Print the cache folder, its number of entries and their total size."""
-        from analysis.cache import Cache
+        from analysis.run.cache import Cache
 
         cache = Cache(cache_dir)
         stats = cache.info()
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     ) -> None:
         """Delete every cached spectrum (only files the cache wrote are touched)."""
-        from analysis.cache import Cache
+        from analysis.run.cache import Cache
 
         cache = Cache(cache_dir)
         stats = cache.info()

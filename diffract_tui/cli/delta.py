@@ -95,14 +95,14 @@ def register(app: typer.Typer) -> None:
         """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
         agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes."""
 
-        from analysis.delta_table import DeltaOptions, open_and_build
+        from analysis.deltas.delta_table import DeltaOptions, open_and_build
         from analysis.errors import DiffractError
-        from analysis.tables import table_format, write_table
+        from analysis.run.tables import table_format, write_table
 
         table_format(out)  # bad suffix → one-line error before any work
         if agreement_metric not in ("a2", "a3"):
             raise DiffractError(f"unknown agreement metric {agreement_metric!r}", hint="use --agreement a2 or a3")
-        from analysis.backend import apply_thread_policy
+        from analysis.spectral.backend import apply_thread_policy
 
         apply_thread_policy(threads)
         options = DeltaOptions(heads=heads, dtype=dtype, device=device, top_k=top_k, a3_k=a3_k, spectral=spectral,
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
         options.torch_dtype()
         cache = None
         if not no_cache:
-            from analysis.cache import Cache
+            from analysis.run.cache import Cache
 
             cache = Cache(cache_dir)
 

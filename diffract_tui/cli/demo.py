@@ -54,8 +54,8 @@ def register(app: typer.Typer) -> None:
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Spectra cache (and demo files) folder."),
     ) -> None:
         """Open the explorer on demo checkpoints (no files of your own needed)."""
-        from analysis.cache import default_cache_root
-        from analysis.session import ExplorerSession
+        from analysis.run.cache import default_cache_root
+        from analysis.run.session import ExplorerSession
         from diffract_tui.cli.launch import run_explorer
 
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()

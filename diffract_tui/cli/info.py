@@ -106,9 +106,9 @@ def register(app: typer.Typer) -> None:
                                      help="List shape mismatches on shared tensors instead of failing."),
     ) -> None:
         """Show architecture, heads, tensors, dtypes, size and fingerprint of each checkpoint, and their alignment."""
-        from analysis.alignment import align
-        from analysis.architecture import layout_of
-        from analysis.checkpoint import open_checkpoint
+        from analysis.io.alignment import align
+        from analysis.model.architecture import layout_of
+        from analysis.io.checkpoint import open_checkpoint
 
         opened = [open_checkpoint(p) for p in checkpoints]
         try:

@@ -17,7 +17,7 @@ import typer
 
 def _write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (temp file in the same folder + os.replace); NaN becomes null."""
-    from analysis.atomic import atomic_writer
+    from analysis.io.atomic import atomic_writer
 
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not math.isfinite(x):
@@ -61,9 +61,9 @@ def register(app: typer.Typer) -> None:
         """
         import torch
 
-        from analysis.checkpoint import open_checkpoint
+        from analysis.io.checkpoint import open_checkpoint
         from analysis.errors import DiffractError
-        from analysis.interpolate import (MODES, barriers_from_csv, base_to_cpt, endpoints, run_interpolation,
+        from analysis.edit.interpolate import (MODES, barriers_from_csv, base_to_cpt, endpoints, run_interpolation,
                                           task_arithmetic)
         from diffract_tui.cli.rewind import stderr_progress
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.session import ExplorerSession
+    from analysis.run.session import ExplorerSession
 
 
 def run_explorer(session: "ExplorerSession") -> None:
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
                                                       "else the user cache folder)."),
     ) -> None:
         """Open the explorer: walk layers and heads, see spectra and deltas, mark heads, export a rewind list."""
-        from analysis.session import ExplorerSession, parse_labels
+        from analysis.run.session import ExplorerSession, parse_labels
 
         session = ExplorerSession.open(checkpoints, labels=parse_labels(label, checkpoints), device=device,
                                        cache_dir=cache_dir)

@@ -73,10 +73,10 @@ def register(app: typer.Typer) -> None:
         exclude_kv: bool = typer.Option(False, "--exclude-kv", help="Rank by q/o energy only."),
     ) -> None:
         """Choose heads to rewind and write the list; prints the preview."""
-        from analysis.checkpoint import open_checkpoint
+        from analysis.io.checkpoint import open_checkpoint
         from analysis.errors import DiffractError
-        from analysis.rewind import checkpoint_ref, parse_heads, plan_from_inputs, preview, rewind_inputs
-        from analysis.rewind_list import write_rewind_list
+        from analysis.edit.rewind import checkpoint_ref, parse_heads, plan_from_inputs, preview, rewind_inputs
+        from analysis.edit.rewind_list import write_rewind_list
 
         if pattern == "reference" and reference is None:
             raise DiffractError("the reference pattern needs a reference checkpoint", hint="pass --reference REF")
@@ -102,8 +102,8 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Apply a stale list and replace an existing --out."),
     ) -> None:
         """Write the target with the listed heads set back to the base (safetensors shards + index)."""
-        from analysis.rewind import apply_rewind
-        from analysis.rewind_list import read_rewind_list
+        from analysis.edit.rewind import apply_rewind
+        from analysis.edit.rewind_list import read_rewind_list
 
         rl = read_rewind_list(rewind_list)
         with stderr_progress("writing", unit_bytes=True) as progress:

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Scan checkpoints: one row per matrix (and head slice, and delta) with every SPEC §3 metric."""
         from analysis.errors import DiffractError
-        from analysis.tables import table_format
+        from analysis.run.tables import table_format
 
         table_format(out)  # a bad suffix fails before any work
         if dtype not in ("float32", "float64"):
@@ -49,11 +49,11 @@ def register(app: typer.Typer) -> None:
                                 hint="pass the base and one or more continually-pretrained checkpoints")
 
         from analysis import ENGINE_VERSION
-        from analysis.backend import SpectralSettings, apply_thread_policy, resolve_device
-        from analysis.cache import Cache
-        from analysis.checkpoint import open_checkpoint
-        from analysis.scan import scan
-        from analysis.tables import write_table
+        from analysis.spectral.backend import SpectralSettings, apply_thread_policy, resolve_device
+        from analysis.run.cache import Cache
+        from analysis.io.checkpoint import open_checkpoint
+        from analysis.run.scan import scan
+        from analysis.run.tables import write_table
 
         apply_thread_policy(threads)
         settings = SpectralSettings(device=device, dtype=dtype)

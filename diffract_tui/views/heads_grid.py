@@ -6,9 +6,9 @@ of each head slice. `d` cycles what is compared (base→target, a domain pair, o
 the projection (whole head or q/k/v/o), `z` a log colour scale. Arrows/hjkl move over cells once the grid
 has focus (tab), Enter opens the head in the tree, space marks it.
 
-The whole-model passes run in a thread worker through the engine (`analysis.rewind.rewind_inputs` for
-head energies, `analysis.agreement.domain_agreement`, `analysis.delta.batched_delta_metrics`,
-`analysis.scan.node_metrics`) and their grids are kept in the session's persistent cache.
+The whole-model passes run in a thread worker through the engine (`analysis.edit.rewind.rewind_inputs` for
+head energies, `analysis.deltas.agreement.domain_agreement`, `analysis.deltas.delta.batched_delta_metrics`,
+`analysis.run.scan.node_metrics`) and their grids are kept in the session's persistent cache.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Label
 
-from analysis.session import Cancelled
+from analysis.run.session import Cancelled
 from diffract_tui.messages import MarksChanged, OpenNode
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
@@ -30,8 +30,8 @@ from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 from diffract_tui.widgets.heatmap import Heatmap
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.rewind import RewindInputs
-    from analysis.session import ExplorerSession
+    from analysis.edit.rewind import RewindInputs
+    from analysis.run.session import ExplorerSession
 
 KEY_HINT = "keys: m metric · d pair · p proj · z log · tab grid⇄tree · enter open · space mark"
 UI_GRID_VERSION = 1          # bump when what these cache entries hold changes
@@ -67,13 +67,13 @@ def _layer_progress(progress: ProgressFn, text: str) -> Callable[[int, int], Non
 
 
 def head_energy_inputs(session: "ExplorerSession", target_index: int, progress: ProgressFn) -> "RewindInputs":
-    """Per-projection head energies of target − base (`analysis.rewind.rewind_inputs`, no reference), cached
+    """Per-projection head energies of target − base (`analysis.edit.rewind.rewind_inputs`, no reference), cached
     on disk as a (8, L, H) float64 array; the reconstruction is exact, so plans match `rewind plan`."""
     import torch
 
-    from analysis.delta import HeadScores, scores_from_energies
-    from analysis.rewind import RewindInputs, rewind_inputs
-    from analysis.rewind_list import Architecture
+    from analysis.deltas.delta import HeadScores, scores_from_energies
+    from analysis.edit.rewind import RewindInputs, rewind_inputs
+    from analysis.edit.rewind_list import Architecture
 
     base, target = session.base, session.targets[target_index]
     key = _key(session, [base.fingerprint, target.fingerprint], "head-energies")
@@ -98,9 +98,9 @@ def head_energy_inputs(session: "ExplorerSession", target_index: int, progress: 
 
 def update_magnitude_grids(session: "ExplorerSession", target_index: int, progress: ProgressFn
                            ) -> dict[str, np.ndarray]:
-    """r per head: whole head (`analysis.rewind.score_grid`, SPEC §4) and per projection √(‖ΔW^P‖²/‖W₀^P‖²)."""
-    from analysis.delta import scores_from_energies
-    from analysis.rewind import score_grid
+    """r per head: whole head (`analysis.edit.rewind.score_grid`, SPEC §4) and per projection √(‖ΔW^P‖²/‖W₀^P‖²)."""
+    from analysis.deltas.delta import scores_from_energies
+    from analysis.edit.rewind import score_grid
 
     hs = head_energy_inputs(session, target_index, progress).target
     out = {WHOLE: score_grid(hs, "rel_frob").numpy()}
@@ -120,8 +120,8 @@ def _per_query_head(values: np.ndarray, proj: str, session: "ExplorerSession") -
 def a1_grid(session: "ExplorerSession", target_index: int, proj: str, progress: ProgressFn,
             cancelled: CancelledFn) -> np.ndarray:
     """A1 `avg_max_l_agreement` (SPEC §4, all components) of each head slice of W₀ and W_d (L × H)."""
-    from analysis.delta import batched_delta_metrics
-    from analysis.heads import projection_heads
+    from analysis.deltas.delta import batched_delta_metrics
+    from analysis.model.heads import projection_heads
 
     base, target = session.base, session.targets[target_index]
     key = _key(session, [base.fingerprint, target.fingerprint], "a1-grid", proj=proj)
@@ -160,7 +160,7 @@ MEAN = ("mean",)
 
 
 def agreement_grids(session: "ExplorerSession", progress: ProgressFn) -> AgreementGrids:
-    """`analysis.agreement.domain_agreement` over all targets, cached as arrays (pairs+mean × 2 × 5 × L × H)."""
+    """`analysis.deltas.agreement.domain_agreement` over all targets, cached as arrays (pairs+mean × 2 × 5 × L × H)."""
     targets = session.targets
     n = len(targets)
     pairs = tuple((i, j) for i in range(n) for j in range(i + 1, n))
@@ -173,7 +173,7 @@ def agreement_grids(session: "ExplorerSession", progress: ProgressFn) -> Agreeme
     names = (WHOLE,) + PROJECTIONS
     hit, meta = session.cache.get_array(key), session.cache.get_json(meta_key)
     if hit is None or meta is None or hit.shape != (len(pairs) + 2, 2, 5, L, H):
-        from analysis.agreement import domain_agreement
+        from analysis.deltas.agreement import domain_agreement
 
         da = domain_agreement(session.base, targets, session.layout,
                               progress=_layer_progress(progress, "A2/A3 of the domains"))
@@ -201,9 +201,9 @@ def agreement_grids(session: "ExplorerSession", progress: ProgressFn) -> Agreeme
 
 def alpha_grid(session: "ExplorerSession", ckpt_index: int, proj: str, progress: ProgressFn,
                cancelled: CancelledFn) -> tuple[np.ndarray, bool]:
-    """`pl_alpha` of every head slice of one projection in one checkpoint (`analysis.scan.node_metrics`,
+    """`pl_alpha` of every head slice of one projection in one checkpoint (`analysis.run.scan.node_metrics`,
     sharing the scan's cache entries); returns the (L × H) grid and whether every fit was reliable."""
-    from analysis.scan import node_metrics
+    from analysis.run.scan import node_metrics
 
     ckpt = session.checkpoints[ckpt_index]
     layout = session.layout
@@ -395,7 +395,7 @@ class HeadsGridView(EngineWork, NodeView):
             note = "k/v: value of the head's kv group" if c.projection in ("k", "v") else ""
             out[c] = (grid, note)
         elif c.metric in ("a2", "a3"):
-            from analysis.agreement import classify
+            from analysis.deltas.agreement import classify
             import torch
 
             ag = agreement_grids(s, progress)

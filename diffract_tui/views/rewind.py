@@ -3,9 +3,9 @@
 Settings: pattern (`p`: manual = the marked heads, greedy = the ⌊f·L·H⌋ lowest head scores of the target,
 reference = ranked by a reference domain), fraction f (`+`/`-` by 0.05, `>`/`<` by 0.01), target (`d`),
 reference (`r`) and its variant (`v`), GQA policy for k/v (`c`). Every change re-plans in a worker
-(`analysis.rewind.plan_from_inputs` + `preview` on the cached head energies): heads per layer as a bar chart,
+(`analysis.edit.rewind.plan_from_inputs` + `preview` on the cached head energies): heads per layer as a bar chart,
 the share of the attention ‖Δ‖² removed, and the list with scores. `e` writes the list (atomically, through
-`analysis.rewind_list`), `A` applies it into a new folder (`analysis.rewind.apply_rewind`, with progress).
+`analysis.edit.rewind_list`), `A` applies it into a new folder (`analysis.edit.rewind.apply_rewind`, with progress).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Input, Label
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
-from analysis.session import Cancelled
+from analysis.run.session import Cancelled
 from diffract_tui.messages import MarksChanged
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
@@ -29,9 +29,9 @@ from diffract_tui.views.heads_grid import head_energy_inputs
 from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.rewind import RewindInputs, RewindPreview
-    from analysis.rewind_list import RewindList
-    from analysis.session import ExplorerSession
+    from analysis.edit.rewind import RewindInputs, RewindPreview
+    from analysis.edit.rewind_list import RewindList
+    from analysis.run.session import ExplorerSession
 
 PATTERNS: tuple[str, ...] = ("greedy", "manual", "reference")
 GQA_POLICIES: tuple[str, ...] = ("group", "never", "any")
@@ -172,8 +172,8 @@ class RewindView(EngineWork, NodeView):
         arch_heads = self.session.layout.num_layers * self.session.layout.num_heads
         parts = [f"pattern {self.pattern}"]
         if self.pattern != "manual":
-            from analysis.rewind import head_count
-            from analysis.rewind_list import Architecture
+            from analysis.edit.rewind import head_count
+            from analysis.edit.rewind_list import Architecture
 
             n = head_count(self.fraction, Architecture.from_layout(self.session.layout))
             parts.append(f"f {self.fraction:.2f} ({n}/{arch_heads} heads)")
@@ -234,7 +234,7 @@ class RewindView(EngineWork, NodeView):
             return head_energy_inputs(self.session, target_index, progress)
         key = (target_index, reference_index)
         if key not in self._ref_inputs:
-            from analysis.rewind import rewind_inputs
+            from analysis.edit.rewind import rewind_inputs
 
             s = self.session
             target, reference = s.targets[target_index], s.targets[reference_index]
@@ -248,7 +248,7 @@ class RewindView(EngineWork, NodeView):
     def make_plan(self, progress: ProgressFn, cancelled: CancelledFn) -> tuple["RewindList", "RewindPreview"]:
         """The list and its preview for the current settings (runs in the worker)."""
         from analysis.errors import DiffractError
-        from analysis.rewind import checkpoint_ref, plan_from_inputs, preview
+        from analysis.edit.rewind import checkpoint_ref, plan_from_inputs, preview
 
         s = self.session
         pattern, fraction, gqa, variant = self.pattern, self.fraction, self.gqa_policy, self.variant
@@ -397,7 +397,7 @@ class RewindView(EngineWork, NodeView):
     def export_to(self, path: Path) -> Path | None:
         """Write the current list atomically (SPEC §6 JSON); marks count as saved for the manual pattern."""
         from analysis.errors import DiffractError
-        from analysis.rewind_list import write_rewind_list
+        from analysis.edit.rewind_list import write_rewind_list
 
         rl = self.plan
         if rl is None:
@@ -423,7 +423,7 @@ class RewindView(EngineWork, NodeView):
                         name="rewind apply", exit_on_error=False)
 
     def _apply_work(self, rl: "RewindList", out_dir: Path) -> None:
-        from analysis.rewind import apply_rewind
+        from analysis.edit.rewind import apply_rewind
 
         worker = get_current_worker()
         app = self.app

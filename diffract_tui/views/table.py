@@ -1,6 +1,6 @@
 """View 5 — Table: every matrix and head slice of the model with its key metrics, one row per node.
 
-Rows come from `analysis.scan.scan` over all checkpoints (weights and deltas, heads included), computed in a
+Rows come from `analysis.run.scan.scan` over all checkpoints (weights and deltas, heads included), computed in a
 worker and filled in progressively; the scan reads and writes the persistent cache, so a second look is
 quick. Columns: per CPT checkpoint the relative update ‖ΔW‖/‖W₀‖ and ρ, α of each checkpoint (greyed `?`
 when the fit is unreliable, SPEC §3), and the stable rank of ΔW. The node's kind (attention, mlp, head…)
@@ -30,7 +30,7 @@ from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 from diffract_tui.widgets.charts import fmt
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.session import ExplorerSession
+    from analysis.run.session import ExplorerSession
 
 FIXED_COLUMNS = ("node", "shape")
 FLUSH_S = 0.3   # the worker hands rows to the table at most this often
@@ -217,7 +217,7 @@ class TableView(EngineWork, NodeView):
         self.start_work("table scan", self._scan, self._scan_done, fail=self.show_message)
 
     def _scan(self, progress: ProgressFn, cancelled: CancelledFn) -> int:
-        from analysis.scan import scan
+        from analysis.run.scan import scan
 
         s = self.session
         wanted = {(c.operation, c.checkpoint, c.metric): c.key for c in self.columns}
@@ -241,7 +241,7 @@ class TableView(EngineWork, NodeView):
                 last = now
                 self.app.call_from_thread(self._merge, batch, metrics_of)
         if cancelled():
-            from analysis.session import Cancelled
+            from analysis.run.session import Cancelled
 
             raise Cancelled()
         if pending:

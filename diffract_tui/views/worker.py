@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from textual.worker import get_current_worker
 
-from analysis.session import Cancelled  # the engine facade's: raised inside a computation that was cancelled
+from analysis.run.session import Cancelled  # the engine facade's: raised inside a computation that was cancelled
 
 ProgressFn = Callable[[float | None, str], None]
 CancelledFn = Callable[[], bool]

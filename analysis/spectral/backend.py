@@ -1,6 +1,6 @@
 """Where and how spectra are computed: settings, device, compute threads and memory chunks.
 
-Everything here is pure policy (no numbers about weights): the spectral engine (`analysis.spectra`)
+Everything here is pure policy (no numbers about weights): the spectral engine (`analysis.spectral.spectra`)
 asks it which device, which dtype, how many threads and how many matrices fit in one batched call.
 """
 

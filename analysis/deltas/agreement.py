@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from analysis.delta import (KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies,
+from analysis.deltas.delta import (KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies,
                             top_svd)
 from analysis.errors import AlignmentError, DiffractError, LayoutError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from analysis.architecture import ModelLayout
-    from analysis.checkpoint import Checkpoint
+    from analysis.model.architecture import ModelLayout
+    from analysis.io.checkpoint import Checkpoint
 
 DEFAULT_A3_K = 8          # top-k left singular vectors for A3 (clamped to the matrix's smaller side)
 CLASSES: tuple[str, ...] = ("agnostic", "specific", "inert")
@@ -232,7 +232,7 @@ def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout
                      device: torch.device | str | None = None,
                      progress: Callable[[int, int], None] | None = None) -> DomainAgreement:
     """Walk every layer once (one batched read per projection and checkpoint) and compare all domain pairs."""
-    from analysis.heads import projection_heads
+    from analysis.model.heads import projection_heads
 
     if len(targets) < 2:
         raise DiffractError("cross-domain agreement needs at least two CPT checkpoints of the same base",

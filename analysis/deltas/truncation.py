@@ -13,7 +13,7 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 
-from analysis.delta import rank_for_energy, singular_values, top_svd
+from analysis.deltas.delta import rank_for_energy, singular_values, top_svd
 
 DEFAULT_TS: tuple[float, ...] = tuple(i / 100 for i in range(100))     # t ∈ [0, 1)
 ENERGY_TARGETS: tuple[float, ...] = (0.90, 0.95, 0.99)
@@ -175,7 +175,7 @@ class DeltaTruncation:
 def delta_truncation(base: Any, target: Any, layout: Any, *, ts: Sequence[float] | torch.Tensor = DEFAULT_TS,
                      dtype: torch.dtype = torch.float32, shared: set[str] | None = None) -> DeltaTruncation:
     """Walk the layout's ≥ 2-D modules (those in `shared`, default all), one σ(ΔW) per matrix (float64 Gram)."""
-    from analysis.heads import module_matrix
+    from analysis.model.heads import module_matrix
 
     mods = [(layer.index, m) for layer in layout.layers for m in layer.modules]
     mods += [(None, m) for m in layout.globals]

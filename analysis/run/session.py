@@ -19,11 +19,11 @@ from analysis.errors import DiffractError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from analysis.architecture import Module, ModelLayout
-    from analysis.backend import SpectralSettings
-    from analysis.cache import Cache
-    from analysis.checkpoint import Checkpoint
-    from analysis.rewind_list import RewindList
+    from analysis.model.architecture import Module, ModelLayout
+    from analysis.spectral.backend import SpectralSettings
+    from analysis.run.cache import Cache
+    from analysis.io.checkpoint import Checkpoint
+    from analysis.edit.rewind_list import RewindList
 
 ProgressFn = Callable[[float | None, str], None]
 CancelledFn = Callable[[], bool]
@@ -195,11 +195,11 @@ class ExplorerSession:
         Raises `DiffractError` (one line) for a missing path, an unreadable file, fewer than two
         checkpoints, or checkpoints that cannot be compared — before any screen opens.
         """
-        from analysis.alignment import align
-        from analysis.architecture import layout_of
-        from analysis.backend import SpectralSettings, resolve_device
-        from analysis.cache import Cache
-        from analysis.checkpoint import open_checkpoint
+        from analysis.io.alignment import align
+        from analysis.model.architecture import layout_of
+        from analysis.spectral.backend import SpectralSettings, resolve_device
+        from analysis.run.cache import Cache
+        from analysis.io.checkpoint import open_checkpoint
 
         if len(paths) < 2:
             raise DiffractError("need a base checkpoint and at least one continually pre-trained checkpoint",
@@ -279,7 +279,7 @@ class ExplorerSession:
 
     def slice_of(self, node: Node) -> dict[str, Any] | None:
         """The cache-key slice of a node, as the scan writes it (None for a whole stored matrix)."""
-        from analysis.scan import head_slice_key, module_slice
+        from analysis.run.scan import head_slice_key, module_slice
 
         if node.head is not None:
             return head_slice_key(node.module, node.head)
@@ -307,7 +307,7 @@ class ExplorerSession:
         """The logical (out × in) matrix of a node in `ckpt` (a head slice or a module), compute dtype."""
         import torch
 
-        from analysis.heads import head_slice, module_matrix
+        from analysis.model.heads import head_slice, module_matrix
 
         dtype = getattr(torch, self.settings.dtype)
         if node.head is not None:
@@ -317,19 +317,19 @@ class ExplorerSession:
             raise DiffractError(self.unavailable(node) or f"no matrix for {node.module}")
         return module_matrix(ckpt, module, dtype=dtype)
 
-    # ---- engine calls (all per-node numbers come from analysis.scan.node_metrics) ------------
+    # ---- engine calls (all per-node numbers come from analysis.run.scan.node_metrics) ------------
     def _node_metrics(self, ckpt: "Checkpoint", node: Node, *, delta: bool, probe: bool,
                       metrics_only: bool = False) -> dict[str, Any]:
         """`scan.node_metrics` of a node (its row + `eigenvalues`); with `probe`, cache hits only
         (raises `CacheMiss` instead of computing); `metrics_only` accepts a hit without eigenvalues."""
-        from analysis.scan import node_metrics
+        from analysis.run.scan import node_metrics
 
         cache = ProbeCache(self.cache, metrics_only) if probe else self.cache
         return node_metrics(ckpt, self.layout, node.layer, node.module, node.head,
                             delta_against=self.base if delta else None, settings=self.settings, cache=cache)
 
     def _checkpoint_spectrum(self, ckpt: "Checkpoint", node: Node, probe: bool) -> CheckpointSpectrum:
-        from analysis.spectra import fit_lines
+        from analysis.spectral.spectra import fit_lines
 
         row = self._node_metrics(ckpt, node, delta=False, probe=probe)
         evals = _np(row.pop("eigenvalues"))
@@ -379,7 +379,7 @@ class ExplorerSession:
             return hit
         if probe:
             raise CacheMiss(key)
-        from analysis.delta import avg_max_agreement, noise_floor, top_svd
+        from analysis.deltas.delta import avg_max_agreement, noise_floor, top_svd
 
         W0 = self.matrix(self.base, node).to(self.device)
         Wd = self.matrix(target, node).to(self.device)
@@ -394,7 +394,7 @@ class ExplorerSession:
     def _target_delta(self, target: "Checkpoint", node: Node, probe: bool) -> TargetDelta:
         import torch
 
-        from analysis.truncation import truncation_curve
+        from analysis.deltas.truncation import truncation_curve
 
         row = self._node_metrics(target, node, delta=True, probe=probe)
         evals = _np(row.pop("eigenvalues"))
@@ -457,14 +457,14 @@ class ExplorerSession:
     # ---- whole model -----------------------------------------------------------------------
     def compute_all(self, progress: ProgressFn = _no_progress, cancelled: CancelledFn = _never,
                     on_node: Callable[[Node, dict[str, Any]], None] | None = None) -> int:
-        """Fill the cache with the scan of every matrix, head and delta (`analysis.scan.scan`).
+        """Fill the cache with the scan of every matrix, head and delta (`analysis.run.scan.scan`).
 
         `on_node(node, badge)` receives base α and the first target's relative update as rows arrive.
         Returns the number of rows. Raises `Cancelled` when `cancelled()` turned True.
         """
         from types import SimpleNamespace as NS
 
-        from analysis.scan import scan
+        from analysis.run.scan import scan
 
         base, first = self.base.label, self.targets[0].label
 
@@ -507,8 +507,8 @@ class ExplorerSession:
 
         Scores are left null: a manual choice is not ranked, and scoring would read every projection.
         """
-        from analysis.rewind import checkpoint_ref, entries_for_heads
-        from analysis.rewind_list import Architecture, Pattern, RewindList, tool_version, validate_rewind_list
+        from analysis.edit.rewind import checkpoint_ref, entries_for_heads
+        from analysis.edit.rewind_list import Architecture, Pattern, RewindList, tool_version, validate_rewind_list
 
         if not self.marks:
             raise DiffractError("no heads are marked", hint="press space on a q or o head to mark it")
@@ -524,7 +524,7 @@ class ExplorerSession:
 
     def export_marks(self, path: str | Path, target_index: int = 0) -> Path:
         """Write the marked heads' rewind list atomically to `path`; the marks count as saved."""
-        from analysis.rewind_list import write_rewind_list
+        from analysis.edit.rewind_list import write_rewind_list
 
         out = write_rewind_list(self.rewind_list(target_index), Path(path).expanduser())
         self.marks_saved = frozenset(self.marks)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from analysis.architecture import Module, ModelLayout, Projection
+from analysis.model.architecture import Module, ModelLayout, Projection
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.atomic import atomic_writer
+from analysis.io.atomic import atomic_writer
 from analysis.errors import DiffractError
 
 TABLE_FORMATS = (".csv", ".json", ".parquet")

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from analysis import ENGINE_VERSION
-from analysis.agreement import (DEFAULT_A3_K, DomainAgreement, a2_cosine, a3_subspace, domain_agreement)
-from analysis.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_metrics, head_concentration, head_scores,
+from analysis.deltas.agreement import (DEFAULT_A3_K, DomainAgreement, a2_cosine, a3_subspace, domain_agreement)
+from analysis.deltas.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_metrics, head_concentration, head_scores,
                             top_svd)
 from analysis.errors import DiffractError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from analysis.architecture import ModelLayout, Module
-    from analysis.cache import Cache
-    from analysis.checkpoint import Checkpoint
+    from analysis.model.architecture import ModelLayout, Module
+    from analysis.run.cache import Cache
+    from analysis.io.checkpoint import Checkpoint
 
 ProgressFn = Callable[[int, int, str], None]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -77,7 +77,7 @@ class DeltaTable:
 
 def _settings(options: DeltaOptions) -> Any:
     """The SpectralSettings the spectral metrics of ΔW use."""
-    from analysis.backend import SpectralSettings
+    from analysis.spectral.backend import SpectralSettings
 
     return SpectralSettings(device=options.device, dtype=options.dtype, xmin_rule=options.xmin_rule,
                             seed=options.seed)
@@ -85,7 +85,7 @@ def _settings(options: DeltaOptions) -> Any:
 
 def _device(options: DeltaOptions) -> torch.device:
     try:
-        from analysis.backend import resolve_device
+        from analysis.spectral.backend import resolve_device
     except ImportError:  # pragma: no cover - backend always ships with the engine
         return torch.device("cpu" if options.device == "auto" else options.device)
     return resolve_device(options.device)
@@ -102,7 +102,7 @@ def _cached(cache: "Cache | None", key_parts: dict[str, Any] | None, compute: Ca
     """`compute()` through the cache when one is given (JSON entries; a corrupt one is a miss)."""
     if cache is None or key_parts is None:
         return compute()
-    from analysis.cache import cache_key
+    from analysis.run.cache import cache_key
 
     key = cache_key(**key_parts)
     hit = cache.get_json(key)
@@ -155,9 +155,9 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                       options: DeltaOptions = DeltaOptions(), cache: "Cache | None" = None,
                       progress: ProgressFn | None = None) -> DeltaTable:
     """Every shared matrix and (optionally) every head slice of each target against `base` (SPEC §4)."""
-    from analysis.alignment import align
-    from analysis.architecture import layout_of
-    from analysis.heads import module_matrix, projection_heads
+    from analysis.io.alignment import align
+    from analysis.model.architecture import layout_of
+    from analysis.model.heads import module_matrix, projection_heads
 
     if not targets:
         raise DiffractError("delta needs a base checkpoint and at least one CPT checkpoint",
@@ -340,7 +340,7 @@ def json_safe(value: Any) -> Any:
 def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *, options: DeltaOptions = DeltaOptions(),
                    cache: "Cache | None" = None, progress: ProgressFn | None = None) -> DeltaTable:
     """Open the checkpoints (headers only) and build the table; checkpoints are closed afterwards."""
-    from analysis.checkpoint import open_checkpoint
+    from analysis.io.checkpoint import open_checkpoint
 
     base = open_checkpoint(base_path)
     targets = [open_checkpoint(p) for p in target_paths]

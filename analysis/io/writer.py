@@ -17,7 +17,7 @@ from typing import Union
 
 import torch
 
-from analysis.atomic import process_umask
+from analysis.io.atomic import process_umask
 from analysis.errors import DiffractError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size ("5GB")

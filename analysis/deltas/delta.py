@@ -17,9 +17,9 @@ import torch
 from analysis.errors import AlignmentError, LayoutError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from analysis.architecture import ModelLayout
-    from analysis.backend import SpectralSettings
-    from analysis.checkpoint import Checkpoint
+    from analysis.model.architecture import ModelLayout
+    from analysis.spectral.backend import SpectralSettings
+    from analysis.io.checkpoint import Checkpoint
 
 PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 KV_PROJECTIONS: frozenset[str] = frozenset({"k", "v"})
@@ -225,13 +225,13 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
     for r in rows:
         r.update(extra)
     if truncation:
-        from analysis.truncation import DEFAULT_TOLERANCE, truncatable_fraction
+        from analysis.deltas.truncation import DEFAULT_TOLERANCE, truncatable_fraction
 
         for r, sd in zip(rows, sigma_d):
             r["truncatable_fraction"] = truncatable_fraction(sd, DEFAULT_TOLERANCE)
     if spectral:
-        from analysis.backend import SpectralSettings
-        from analysis.spectra import batched_spectral_metrics
+        from analysis.spectral.backend import SpectralSettings
+        from analysis.spectral.spectra import batched_spectral_metrics
 
         settings = settings or SpectralSettings()
         # one batched fit over the stack, on the float64-Gram ESD of ΔW computed above (λ = σ²/N); a zero
@@ -320,7 +320,7 @@ def head_scores(base: "Checkpoint", target: "Checkpoint", layout: "ModelLayout",
                 exclude_kv: bool = False, dtype: torch.dtype = torch.float32,
                 device: torch.device | str | None = None) -> HeadScores:
     """r_{ℓ,h} for every layer and query head of `target` against `base`: one batched read per projection."""
-    from analysis.heads import projection_heads
+    from analysis.model.heads import projection_heads
 
     if not layout.heads_available:
         raise LayoutError(f"heads are not available for this model: {layout.heads_reason}",

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from analysis.atomic import TMP_PREFIX, atomic_writer
+from analysis.io.atomic import TMP_PREFIX, atomic_writer
 from analysis.errors import DiffractError
 
 CACHE_ENV_VAR = "DIFFRACT_TUI_CACHE_DIR"

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from analysis.errors import CheckpointError
-from analysis.fingerprint import fingerprint as _fingerprint
-from analysis.readers import WeightFile
-from analysis.readers.index import read_index
-from analysis.readers.pickle_file import PickleFile
-from analysis.readers.safetensors_file import SafetensorsFile
+from analysis.io.fingerprint import fingerprint as _fingerprint
+from analysis.io.readers import WeightFile
+from analysis.io.readers.index import read_index
+from analysis.io.readers.pickle_file import PickleFile
+from analysis.io.readers.safetensors_file import SafetensorsFile
 
 WRAPPER_PREFIXES = ("model.", "bert.", "transformer.", "gpt_neox.", "roberta.")
 SAFETENSORS_SUFFIXES = (".safetensors",)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from analysis.checkpoint import Checkpoint, _natural_key
+from analysis.io.checkpoint import Checkpoint, _natural_key
 from analysis.errors import AlignmentError
 
 

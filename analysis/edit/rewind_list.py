@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.atomic import atomic_writer
+from analysis.io.atomic import atomic_writer
 from analysis.errors import RewindListError
 
 FORMAT = "diffract-rewind/1"

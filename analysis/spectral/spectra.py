@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.backend import SpectralSettings, chunks, clamp_threads, memory_budget, resolve_device
+from analysis.spectral.backend import SpectralSettings, chunks, clamp_threads, memory_budget, resolve_device
 from analysis.errors import DiffractError
-from analysis.powerlaw_fit import PowerLawFit, fit_power_law, fit_tails
-from analysis.rmt import marchenko_pastur, mp_density, permuted, tracy_widom, w1_rand_distance
+from analysis.spectral.powerlaw_fit import PowerLawFit, fit_power_law, fit_tails
+from analysis.spectral.rmt import marchenko_pastur, mp_density, permuted, tracy_widom, w1_rand_distance
 
 HARD_RANK_RTOL = 1e-5
 
@@ -288,7 +288,7 @@ class SpectrumResult:
 def fit_lines(evals: np.ndarray, metrics: dict[str, Any], N: int, M: int, points: int = 200) -> dict[str, np.ndarray]:
     """Density curves in ESD units, scaled to the share of eigenvalues they describe: PL and TPL from xmin
     to λ_max (× n_tail/M, so they overlay a histogram of the whole ESD), MP bulk between its edges."""
-    from analysis.powerlaw_fit import _tpl_J
+    from analysis.spectral.powerlaw_fit import _tpl_J
 
     out: dict[str, np.ndarray] = {}
     lam_max = float(evals[-1]) if evals.size else math.nan

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from analysis.delta import KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies
+from analysis.deltas.delta import KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies
 from analysis.errors import AlignmentError, DiffractError, LayoutError, RewindListError
-from analysis.rewind_list import (GQA_POLICIES, Architecture, CheckpointRef, HeadEntry, Pattern, RewindList,
+from analysis.edit.rewind_list import (GQA_POLICIES, Architecture, CheckpointRef, HeadEntry, Pattern, RewindList,
                                   check_fresh, tool_version, validate_rewind_list)
-from analysis.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, TensorSpec, WriteResult, safetensors_data_offsets,
+from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, TensorSpec, WriteResult, safetensors_data_offsets,
                              write_checkpoint_streaming)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.architecture import ModelLayout
-    from analysis.checkpoint import Checkpoint
-    from analysis.heads import Slot
+    from analysis.model.architecture import ModelLayout
+    from analysis.io.checkpoint import Checkpoint
+    from analysis.model.heads import Slot
 
 PLAN_SCORES = ("rel_frob", "frob")
 VARIANTS = ("lowest", "most_agreeing")
@@ -53,9 +53,9 @@ def rewind_inputs(base: "Checkpoint", target: "Checkpoint", reference: "Checkpoi
                   layout: "ModelLayout | None" = None, dtype: torch.dtype = torch.float32,
                   progress: Callable[[int, int], None] | None = None) -> RewindInputs:
     """Head energies of target−base (and reference−base, with their per-head A2) in one read per projection."""
-    from analysis.agreement import a2_cosine, head_stack
-    from analysis.architecture import layout_of
-    from analysis.heads import projection_heads
+    from analysis.deltas.agreement import a2_cosine, head_stack
+    from analysis.model.architecture import layout_of
+    from analysis.model.heads import projection_heads
 
     layout = layout if layout is not None else layout_of(target)
     if not layout.heads_available:
@@ -281,7 +281,7 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
 def rewind_edits(rl: RewindList, layout: "ModelLayout") -> dict[str, list["Slot"]]:
     """Normalised tensor name → the slots to take from the base: q/o weights of each listed head, k/v
     weights of each rewound kv group, and the q/k/v bias entries of those rows (the o bias stays)."""
-    from analysis.heads import head_slots
+    from analysis.model.heads import head_slots
 
     edits: dict[str, list["Slot"]] = {}
     def add(slots: list["Slot"]) -> None:
@@ -401,8 +401,8 @@ def apply_rewind(rl: RewindList, out_dir: str | Path, *, force: bool = False, so
                  progress: Callable[[int, int], None] | None = None) -> WriteResult:
     """Write the rewound target to `out_dir` (safetensors shards + index, config/tokenizer copied), never
     touching the inputs; a stale list is refused unless `force` (which also replaces an existing output)."""
-    from analysis.architecture import layout_of
-    from analysis.checkpoint import open_checkpoint
+    from analysis.model.architecture import layout_of
+    from analysis.io.checkpoint import open_checkpoint
 
     for role in ("base", "target"):
         p = Path(getattr(rl, role).path)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from analysis.errors import CheckpointError
-from analysis.readers import StoredTensor
+from analysis.io.readers import StoredTensor
 
 FINGERPRINT_BYTES = 64 * 1024
 HINT_UNSAFE = "only plain state dicts are read; re-save it with torch.save(model.state_dict()) or as safetensors"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from analysis.errors import CheckpointError
-from analysis.readers import StoredTensor
+from analysis.io.readers import StoredTensor
 
 # safetensors dtype codes -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from analysis.errors import AlignmentError, DiffractError
-from analysis.rewind import MappedReadBudget, RawSource, target_specs, torch_dtype
-from analysis.rewind_list import tool_version
-from analysis.writer import DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, write_checkpoint_streaming
+from analysis.edit.rewind import MappedReadBudget, RawSource, target_specs, torch_dtype
+from analysis.edit.rewind_list import tool_version
+from analysis.io.writer import DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, write_checkpoint_streaming
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.architecture import ModelLayout
-    from analysis.checkpoint import Checkpoint
+    from analysis.model.architecture import ModelLayout
+    from analysis.io.checkpoint import Checkpoint
 
 MODES = ("endpoints", "base-cpt", "task-arithmetic")
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -191,7 +191,7 @@ class TaskVectorStats:
         self._slots: dict[str, list[tuple[int, str, int, Any]]] = {}
         self._heads: dict[tuple[int, int], list[float]] = {}
         if layout is not None and layout.heads_available:
-            from analysis.heads import head_slots
+            from analysis.model.heads import head_slots
 
             for layer in range(layout.num_layers):
                 for proj in ("q", "k", "v", "o"):
@@ -314,7 +314,7 @@ def run_interpolation(comb: Combination, out_dir: str | Path | None, *, force: b
                       progress: Callable[[int, int], None] | None = None) -> InterpolationReport:
     """Write the combination to `out_dir` (if given) and/or gather diagnostics of (base, A, B) in the same
     pass. Inputs are never written to; the output is atomic (see `writer`)."""
-    from analysis.architecture import layout_of
+    from analysis.model.architecture import layout_of
 
     for _, c in comb.terms:
         if not math.isfinite(c):

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from analysis.cache import Cache, decode_json_value, encode_json_value
+from analysis.run.cache import Cache, decode_json_value, encode_json_value
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.architecture import Module, ModelLayout
-    from analysis.backend import SpectralSettings
-    from analysis.checkpoint import Checkpoint
+    from analysis.model.architecture import Module, ModelLayout
+    from analysis.spectral.backend import SpectralSettings
+    from analysis.io.checkpoint import Checkpoint
 
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
@@ -72,13 +72,13 @@ def _torch_dtype(settings: "SpectralSettings") -> torch.dtype:
 
 
 def _matrix(reader: Any, module: "Module", dtype: torch.dtype) -> torch.Tensor:
-    from analysis.heads import module_matrix
+    from analysis.model.heads import module_matrix
 
     return module_matrix(reader, module, dtype)
 
 
 def _heads(reader: Any, layout: "ModelLayout", layer: int, proj: str, dtype: torch.dtype) -> torch.Tensor:
-    from analysis.heads import projection_heads
+    from analysis.model.heads import projection_heads
 
     return projection_heads(reader, layout, layer, proj, dtype)
 
@@ -183,7 +183,7 @@ def _clean(metrics: dict) -> dict:
 
 
 def _weight_metrics(W: torch.Tensor, settings: "SpectralSettings") -> tuple[dict, np.ndarray]:
-    from analysis.spectra import eigenvalues, spectral_metrics
+    from analysis.spectral.spectra import eigenvalues, spectral_metrics
 
     evals = eigenvalues(W, settings)
     metrics = spectral_metrics(W, settings, evals=evals)
@@ -192,7 +192,7 @@ def _weight_metrics(W: torch.Tensor, settings: "SpectralSettings") -> tuple[dict
 
 def _weight_batch_metrics(Ws: torch.Tensor, settings: "SpectralSettings") -> tuple[list[dict], np.ndarray]:
     """All heads of one projection: ONE batched eigen call and ONE batched metrics call."""
-    from analysis.spectra import batched_spectral_metrics, eigenvalues
+    from analysis.spectral.spectra import batched_spectral_metrics, eigenvalues
 
     evals = eigenvalues(Ws, settings)
     rows = batched_spectral_metrics(Ws, settings, evals=evals)
@@ -202,7 +202,7 @@ def _weight_batch_metrics(Ws: torch.Tensor, settings: "SpectralSettings") -> tup
 def _delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, settings: "SpectralSettings",
                    dtype: torch.dtype) -> list[dict]:
     """SPEC §4 delta metrics (norms, ρ, energy ranks) and SPEC §3 metrics of ΔW, for a pair or a stack."""
-    from analysis.delta import batched_delta_metrics
+    from analysis.deltas.delta import batched_delta_metrics
 
     rows = batched_delta_metrics(W0, Wd, settings=settings, dtype=dtype, agreement=False, spectral=True)
     return [_clean(r) for r in rows]
@@ -308,8 +308,8 @@ def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo]) -> li
 
 def _context(checkpoints: Sequence["Checkpoint"], settings: "SpectralSettings", cache: Cache | None,
              layouts: Sequence["ModelLayout"] | None = None) -> _Context:
-    from analysis.architecture import layout_of
-    from analysis.backend import resolve_device
+    from analysis.model.architecture import layout_of
+    from analysis.spectral.backend import resolve_device
 
     device = resolve_device(settings.device)
     if layouts is None:
@@ -321,7 +321,7 @@ def _context(checkpoints: Sequence["Checkpoint"], settings: "SpectralSettings", 
 def plan_size(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: bool = False,
               layouts: Sequence["ModelLayout"] | None = None) -> int:
     """How many items (matrices + head batches) a scan of these checkpoints has: the progress total."""
-    from analysis.architecture import layout_of
+    from analysis.model.architecture import layout_of
 
     layouts = list(layouts) if layouts is not None else [layout_of(c) for c in checkpoints]
     ctx = _Context(list(checkpoints), layouts, None, None, torch.float32, "cpu")  # type: ignore[arg-type]
@@ -342,7 +342,7 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
     if not checkpoints:
         return
     if len(checkpoints) > 1:
-        from analysis.alignment import align
+        from analysis.io.alignment import align
 
         align(checkpoints)  # a shared key with different shapes is an error naming both
     ctx = _context(checkpoints, settings, cache)
@@ -386,7 +386,7 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
     `"eigenvalues"`: the ESD (ascending np.ndarray; for a delta, of ΔW in float64 per SPEC §4).
     Shares cache entries with `scan`, so a scanned node costs two small file reads.
     """
-    from analysis.heads import head_slice
+    from analysis.model.heads import head_slice
 
     operation = DELTA if delta_against is not None else WEIGHT
     checkpoints = [delta_against, ckpt] if delta_against is not None else [ckpt]
@@ -421,11 +421,11 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
                 if cache is not None:
                     cache.put_json(key, metrics)
             else:
-                from analysis.spectra import eigenvalues
+                from analysis.spectral.spectra import eigenvalues
 
                 evals = eigenvalues(Wd, settings).detach().cpu().numpy()
         else:
-            from analysis.delta import esd, upcast_pair
+            from analysis.deltas.delta import esd, upcast_pair
 
             W0 = read(delta_against)
             if metrics is None:

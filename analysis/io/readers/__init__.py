@@ -1,4 +1,4 @@
-"""Format readers behind `analysis.checkpoint`: one class per on-disk weight format.
+"""Format readers behind `analysis.io.checkpoint`: one class per on-disk weight format.
 
 Each reader parses metadata when constructed (cheap: headers only where the format allows) and
 reads tensor bytes on demand. They all expose the same small surface (see `WeightFile`).

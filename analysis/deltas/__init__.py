@@ -1,0 +1,1 @@
+"""Deltas between checkpoints: per-matrix and per-head statistics, agreement, SVD truncation, delta tables."""

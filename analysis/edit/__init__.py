@@ -1,0 +1,1 @@
+"""Changing checkpoints: head-wise rewind plans and lists, interpolation between checkpoints."""

@@ -1,0 +1,1 @@
+"""Files in and out: checkpoint readers, the aligned view of several checkpoints, fingerprints, atomic writers."""

@@ -1,0 +1,1 @@
+"""Running the engine: the explorer session (the app's one door), scans, the persistent cache, tables."""

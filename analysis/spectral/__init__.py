@@ -1,0 +1,1 @@
+"""Spectra of one matrix: the compute backend, eigenvalues, power-law fits, random-matrix edges."""
