@@ -19,6 +19,7 @@ import torch
 
 from analysis.io.atomic import process_umask
 from analysis.errors import DiffractError
+from analysis.io.guard import refuse_input_overlap
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size ("5GB")
 INDEX_NAME = "model.safetensors.index.json"
@@ -91,29 +92,11 @@ def dtype_tag(dtype: torch.dtype) -> str:
                             hint="convert the tensor to a float or integer dtype") from None
 
 
-def _resolved(p: str | Path) -> Path:
-    return Path(p).expanduser().resolve()
-
-
-def _is_within(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
 def check_output_location(out_dir: str | Path, inputs: Sequence[str | Path], force: bool) -> Path:
-    """Refuse an output that is an input file, lies inside (or equals) an input's folder, or contains an
-    input; and an existing output unless ``force``. Returns the resolved output path."""
-    out = _resolved(out_dir)
-    for inp in inputs:
-        ip = _resolved(inp)
-        folder = ip if ip.is_dir() else ip.parent
-        if out == ip and not ip.is_dir():
-            raise DiffractError("the output is an input file", path=out, hint="choose a new folder for --out")
-        if _is_within(out, folder):
-            raise DiffractError(f"the output lies inside the input folder {folder}", path=out,
-                                hint="choose a folder outside every input checkpoint")
-        if _is_within(ip, out):
-            raise DiffractError(f"the output folder contains the input {ip}", path=out,
-                                hint="choose a folder that holds no input checkpoint")
+    """Refuse an output that overlaps an input (`guard.refuse_input_overlap`), and an existing output unless
+    ``force``. Returns the resolved output path."""
+    folders = [Path(p).expanduser().resolve().parent for p in inputs if not Path(p).is_dir()]
+    out = refuse_input_overlap(out_dir, [*inputs, *folders])  # a checkpoint never lands beside a file input
     if out.exists() or out.is_symlink():
         if not force:
             raise DiffractError("the output already exists", path=out,
