@@ -21,7 +21,7 @@ from textual_plotext import PlotextPlot
 
 from diffract_tui.node import NodeRef
 from diffract_tui.views import ChartView
-from diffract_tui.widgets.charts import (clear_plot, legend_key, log_ticks, muted_color, no_color, positive,
+from diffract_tui.widgets.charts import (chart_values, clear_plot, legend_key, log_ticks, muted_color, no_color, positive,
                                          series_color, series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
@@ -120,7 +120,7 @@ class DeltaView(ChartView):
         for i, d in enumerate(deltas):
             s = positive(d.sigma)
             if s.size:
-                plt.plot(list(range(1, s.size + 1)), np.log10(s).tolist(),
+                plt.plot(list(range(1, s.size + 1)), chart_values(np.log10(s)),
                          color=series_color(i + 1), marker=series_marker(i))
                 tops.append((float(np.log10(s.min())), float(np.log10(s.max()))))
         if tops:
@@ -132,7 +132,7 @@ class DeltaView(ChartView):
         # truncation error vs t
         plt = plots["truncation"].plt
         for i, d in enumerate(deltas):
-            plt.plot(d.ts.tolist(), d.error.tolist(), color=series_color(i + 1),
+            plt.plot(chart_values(d.ts), chart_values(d.error), color=series_color(i + 1),
                      marker=series_marker(i))
         plt.hline(TRUNCATION_TOLERANCE, color=series_color(5))
         plt.ylim(0, 1)
@@ -142,11 +142,11 @@ class DeltaView(ChartView):
         plt = plots["agreement"].plt
         for i, d in enumerate(deltas):
             if d.agreement_k.size:
-                plt.plot(np.log10(d.agreement_k).tolist(), d.agreement.tolist(),
+                plt.plot(chart_values(np.log10(d.agreement_k)), chart_values(d.agreement),
                          color=series_color(i + 1), marker=series_marker(i))
         if deltas and deltas[0].agreement_k.size:
             d = deltas[0]
-            plt.plot(np.log10(d.agreement_k).tolist(), d.noise_floor.tolist(),
+            plt.plot(chart_values(np.log10(d.agreement_k)), chart_values(d.noise_floor),
                      color=muted_color(), marker="x" if no_color() else "dot")
             ks = d.agreement_k
             ticks = sorted({float(k) for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -17,8 +17,8 @@ from textual_plotext import PlotextPlot
 
 from diffract_tui.node import NodeRef
 from diffract_tui.views import ChartView
-from diffract_tui.widgets.charts import (bounds, clear_plot, fit_color, fit_marker, fmt, legend_key, log_histogram,
-                                         log_ticks, log_xy, series_color, series_marker)
+from diffract_tui.widgets.charts import (bounds, chart_values, clear_plot, fit_color, fit_marker, fmt, legend_key,
+                                         log_histogram, log_ticks, log_xy, series_color, series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
 # (row label, metric name, greyed when the power-law fit is unreliable)
@@ -118,7 +118,7 @@ class SpectrumView(ChartView):
             x, y = log_histogram(spec.evals, bins=bins, lo=lo, hi=hi)
             xs_all.append(x)
             ys_all.append(y)
-            plt.plot(x.tolist(), y.tolist(), color=series_color(i), marker=series_marker(i))
+            plt.plot(chart_values(x), chart_values(y), color=series_color(i), marker=series_marker(i))
             legend.append_text(legend_key(spec.label, series_color(i), series_marker(i)))
         m = focus.metrics
         legend.append(f"\nfits of {focus.label} (c next):", style="dim")
@@ -126,7 +126,7 @@ class SpectrumView(ChartView):
         for name, key, label in (("pl", "pl_alpha", "PL α"), ("tpl", "tpl_alpha", "TPL α"), ("mp", None, "MP")):
             x, y = log_xy(focus.lines.get(f"{name}_x"), focus.lines.get(f"{name}_pdf"), floor=hist_lo - 1.0)
             if x.size:
-                plt.plot(x.tolist(), y.tolist(), color=fit_color(name), marker=fit_marker(name))
+                plt.plot(chart_values(x), chart_values(y), color=fit_color(name), marker=fit_marker(name))
                 ys_all.append(y)
                 text = label if key is None else f"{label} {fmt(m.get(key))}"
                 legend.append_text(legend_key(text, fit_color(name), fit_marker(name)))
@@ -135,9 +135,9 @@ class SpectrumView(ChartView):
         for name, key in (("xmin", "pl_esd_xmin"), ("λ+", "mp_esd_max"), ("TW", "tw_esd_bound")):
             value = _num(m.get(key))
             if np.isfinite(value) and value > 0:
-                plt.vline(math.log10(value), color=fit_color(name))
+                plt.vline(chart_values(math.log10(value))[0], color=fit_color(name))
                 if np.isfinite(yhi):
-                    plt.text(name, math.log10(value), yhi, color=fit_color(name))
+                    plt.text(name, *chart_values([math.log10(value), yhi]), color=fit_color(name))
                 edges.append(f"{name} {fmt(value)}")
         if edges:
             legend.append("  │ " + " ".join(edges), style="dim")

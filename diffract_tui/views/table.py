@@ -306,11 +306,14 @@ class TableView(EngineWork, NodeView):
             recs.sort(key=lambda r: (getattr(r, attr), r.order), reverse=self.sort_reverse)
         else:
             def value(r: Record) -> float:
+                """The sort value to 5 significant digits (float32 compute carries a few 1e-7 of round-off):
+                values equal but for round-off tie and keep tree order, not an order set by the CPU's rounding."""
                 v = r.values.get(self.sort_key)
-                return math.nan if v is None else v
+                return math.nan if v is None else float(f"{v:.5g}")
             finite = [r for r in recs if not math.isnan(value(r))]
             missing = [r for r in recs if math.isnan(value(r))]
-            finite.sort(key=lambda r: (value(r), r.order), reverse=self.sort_reverse)
+            sign = -1.0 if self.sort_reverse else 1.0
+            finite.sort(key=lambda r: (sign * value(r), r.order))  # ties in tree order either way
             recs = finite + sorted(missing, key=lambda r: r.order)   # missing values always last
         return recs
 

@@ -71,6 +71,15 @@ def series_marker(i: int) -> str:
     return SERIES_MARKERS[i % len(SERIES_MARKERS)] if no_color() else "braille"
 
 
+CHART_DECIMALS = 6  # far below one character cell, far above float round-off
+
+
+def chart_values(values: "np.ndarray | Sequence[float] | float") -> list[float]:
+    """Coordinates for plotext, rounded to CHART_DECIMALS: a point's cell must not hinge on the last bits of
+    an eigenvalue (torch's and numpy's SIMD kernels round differently on different CPUs)."""
+    return np.round(np.atleast_1d(np.asarray(values, dtype=np.float64)), CHART_DECIMALS).tolist()
+
+
 def positive(values: np.ndarray, floor_ratio: float = 1e-12) -> np.ndarray:
     """Finite values above `floor_ratio`·max (zeros and round-off eigenvalues cannot go on a log axis)."""
     v = np.asarray(values, dtype=np.float64)
@@ -95,6 +104,7 @@ def log_histogram(values: np.ndarray, bins: int = 40, lo: float | None = None,
     if hi <= lo:
         hi = lo * 1.0001 + 1e-300
     edges = np.logspace(math.log10(lo), math.log10(hi), bins + 1)
+    edges[0], edges[-1] = lo, hi  # 10**log10(x) may round past x: keep the extremes inside, whatever the libm
     counts, _ = np.histogram(v, bins=edges)
     width = np.diff(edges)
     density = counts / (v.size * width)
