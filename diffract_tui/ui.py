@@ -450,6 +450,7 @@ class DiffractApp(App):
         if not tables:
             self.notify("Nothing to export in this view yet.", severity="warning")
             return
+        from analysis.io.guard import checkpoint_files
         from analysis.run.tables import write_table
 
         header, rows = table_rows(tables[0])
@@ -462,7 +463,8 @@ class DiffractApp(App):
                                 for c in self.session.checkpoints],
                 "settings": self.session.settings.key()}
         try:
-            write_table([dict(zip(keys, r)) for r in rows], path, metadata=meta)
+            write_table([dict(zip(keys, r)) for r in rows], path, metadata=meta,
+                        inputs=[f for c in self.session.checkpoints for f in checkpoint_files(c)])
         except Exception as err:
             self.notify(str(err).splitlines()[0], title="export failed", severity="error")
             return

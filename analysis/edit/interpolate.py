@@ -10,6 +10,7 @@ cast back to the output's dtype. Terms whose coefficient is exactly 0 are left o
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -20,9 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from analysis.errors import AlignmentError, DiffractError
+from analysis.io.atomic import write_text_atomic
+from analysis.io.guard import refuse_input_overlap
 from analysis.edit.rewind import MappedReadBudget, RawSource, target_specs, torch_dtype
 from analysis.edit.rewind_list import tool_version
-from analysis.io.writer import DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, write_checkpoint_streaming
+from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, inferred_config,
+                                write_checkpoint_streaming)
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.model.architecture import ModelLayout
@@ -346,10 +350,14 @@ def run_interpolation(comb: Combination, out_dir: str | Path | None, *, force: b
                       "compute_dtype": str(compute_dtype).removeprefix("torch."), **comb.parameters,
                       "inputs": [{"path": str(Path(ck.path).resolve()), "fingerprint": ck.fingerprint,
                                   "coefficient": c} for ck, c in comb.terms]}
+        try:
+            defaults = inferred_config(layout_of(comb.target))
+        except DiffractError:
+            defaults = {}
         written = write_checkpoint_streaming(out_dir, stream, aux_files=comb.target.aux_files, inputs=inputs,
                                              force=force, max_shard_bytes=max_shard_bytes,
                                              specs=target_specs(comb.target), index_metadata={"diffract": provenance},
-                                             progress=progress)
+                                             progress=progress, config_defaults=defaults)
     else:
         total = len(comb.target.keys())
         for i, _ in enumerate(stream, 1):
@@ -364,6 +372,26 @@ def run_interpolation(comb: Combination, out_dir: str | Path | None, *, force: b
                 "b": None if b is None else {"path": str(Path(b.path).resolve()), "fingerprint": b.fingerprint},
                 **stats.result()}
     return InterpolationReport(written=written, copied_from_target=copied, diagnostics=diag)
+
+
+def _json_ready(x: Any) -> Any:
+    """`x` with every non-finite float as None (JSON has no NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    return x
+
+
+def write_report(path: str | Path, data: Any, *, inputs: Sequence[str | Path],
+                 option: str = "--diagnostics-json") -> Path:
+    """Write a JSON report (diagnostics, barriers) atomically; refused (one line) when it is, holds or lies in
+    an input (`guard.refuse_input_overlap`), an OSError is one line naming the file. NaN becomes null."""
+    refuse_input_overlap(path, inputs, option=option)
+    text = json.dumps(_json_ready(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return write_text_atomic(path, text, "the report")
 
 
 def interpolate(a: "Checkpoint", b: "Checkpoint", alpha: float, out_dir: str | Path, **kwargs: Any

@@ -21,8 +21,8 @@ from analysis.deltas.delta import KV_PROJECTIONS, PROJECTIONS, HeadScores, head_
 from analysis.errors import AlignmentError, DiffractError, LayoutError, RewindListError
 from analysis.edit.rewind_list import (GQA_POLICIES, Architecture, CheckpointRef, HeadEntry, Pattern, RewindList,
                                   check_fresh, tool_version, validate_rewind_list)
-from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, TensorSpec, WriteResult, safetensors_data_offsets,
-                             write_checkpoint_streaming)
+from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, TensorSpec, WriteResult, inferred_config,
+                             safetensors_data_offsets, write_checkpoint_streaming)
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.model.architecture import ModelLayout
@@ -430,7 +430,8 @@ def apply_rewind(rl: RewindList, out_dir: str | Path, *, force: bool = False, so
         return write_checkpoint_streaming(out_dir, rewound_tensors(base, target, edits), aux_files=target.aux_files,
                                           inputs=inputs, force=force, max_shard_bytes=max_shard_bytes,
                                           specs=target_specs(target), index_metadata={"diffract": provenance},
-                                          progress=progress)
+                                          progress=progress, other_inputs=[source] if source is not None else [],
+                                          config_defaults=inferred_config(layout))
     finally:
         for ck in (base, target):
             close = getattr(ck, "close", None)

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.io.atomic import atomic_writer
+from analysis.io.atomic import write_text_atomic
 from analysis.errors import RewindListError
+from analysis.io.guard import checkpoint_inputs, refuse_input_overlap
 
 FORMAT = "diffract-rewind/1"
 PATTERNS = ("manual", "greedy", "reference")
@@ -321,16 +322,24 @@ def read_rewind_list(path: str | Path) -> RewindList:
                       settings=rl.settings)
 
 
-def write_rewind_list(rl: RewindList, path: str | Path) -> Path:
-    """Validate and write the list as UTF-8 JSON atomically (temp file in the same folder + os.replace)."""
+def list_inputs(rl: RewindList) -> list[Path]:
+    """The files of every checkpoint the list names (base, target, reference): what writing it must spare."""
+    return checkpoint_inputs(Path(r.path) for r in (rl.base, rl.target, rl.reference) if r is not None)
+
+
+def write_rewind_list(rl: RewindList, path: str | Path, *, inputs: Iterable[str | Path] | None = None,
+                      option: str = "--out") -> Path:
+    """Validate and write the list as UTF-8 JSON atomically (temp file in the same folder + os.replace).
+
+    Refused (one line) when `path` is, holds or lies in an input — ``inputs``, by default the checkpoints the
+    list names (`list_inputs`) — so the app's exports and `rewind plan --out` follow the same rule."""
     p = Path(path)
     validate_rewind_list(rl, p)
+    refuse_input_overlap(p, list_inputs(rl) if inputs is None else inputs, option=option)
     text = json.dumps(rl.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     if not p.parent.is_dir():
         raise RewindListError("the folder for the rewind list does not exist", path=p, hint="create it first")
-    with atomic_writer(p, "w") as fh:
-        fh.write(text)
-    return p
+    return write_text_atomic(p, text, "the rewind list")
 
 
 def check_fresh(rl: RewindList, fingerprints: Mapping[str, str], *, force: bool = False,

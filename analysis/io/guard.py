@@ -66,3 +66,31 @@ def refuse_input_overlap(out: str | Path, inputs: Iterable[str | Path], *, optio
             raise DiffractError(f"the output contains the input {path}", path=out,
                                 hint=f"choose a path for {option} that holds no input checkpoint")
     return target
+
+
+def checkpoint_files(ckpt: object) -> list[Path]:
+    """Every path an opened checkpoint is read from: the path given, its weight files, indexes and the files
+    beside them (config, tokenizer), so a table next to a single weight file cannot replace its config."""
+    files = [Path(getattr(ckpt, "path"))]
+    for attr in ("weight_files", "index_files", "aux_files"):
+        files.extend(Path(f) for f in getattr(ckpt, attr, ()) or ())
+    return files
+
+
+def checkpoint_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """`checkpoint_files` of each path, opened headers-only; a path that does not open is protected as given
+    (the command that reads it reports why)."""
+    from analysis.io.checkpoint import open_checkpoint
+
+    out: list[Path] = []
+    for p in paths:
+        try:
+            ckpt = open_checkpoint(p)
+        except Exception:  # noqa: BLE001 - protection only; the reader names the real problem later
+            out.append(Path(p))
+            continue
+        try:
+            out.extend(checkpoint_files(ckpt))
+        finally:
+            ckpt.close()
+    return out

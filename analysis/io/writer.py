@@ -1,28 +1,39 @@
 """Streaming safetensors writer: shards + HF index in a temp folder next to the output, renamed in
-atomically, one tensor in memory at a time; never writes into (or over) an input."""
+atomically, one tensor in memory at a time; never writes into (or over) an input.
+
+Temp folders are named `.OUT.diffract-tmp-<host>-<pid>-<rand>`; a `--force` swap first renames the old
+output aside to `.OUT.diffract-old-<host>-<pid>-<rand>`, renames the new one in, then discards the old. The
+next write to OUT removes what dead processes of this host left and, when OUT is missing but a dead
+process's aside copy exists (killed between the two renames), renames that copy back first: OUT is never
+lost. Every OSError is one line naming the file and what to do; SIGTERM cleans up like Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import torch
 
-from analysis.io.atomic import process_umask
+from analysis.io.atomic import (left_by_dead_process, owner_tag, process_umask, remove_path, sigterm_as_interrupt,
+                                write_error)
 from analysis.errors import DiffractError
 from analysis.io.guard import refuse_input_overlap
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size ("5GB")
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+TMP_MARK = ".diffract-tmp-"  # `.OUT` + mark + `<host>-<pid>-<rand>`: a folder being written
+OLD_MARK = ".diffract-old-"  # `.OUT` + mark + `<host>-<pid>-<rand>`: the previous OUT during a --force swap
 
 # torch dtype -> safetensors dtype tag (the format's own names)
 _SAFETENSORS_DTYPE: dict[torch.dtype, str] = {
@@ -81,6 +92,15 @@ class WriteResult:
     num_tensors: int
     total_size: int
     seconds: float
+    config_added: tuple[tuple[str, object], ...] = ()  # keys written into config.json that the input lacked
+
+    def config_note(self) -> str | None:
+        """One line saying which keys were added to the output's config.json (None when none were)."""
+        if not self.config_added:
+            return None
+        keys = ", ".join(f"{k} {v!r}" for k, v in self.config_added)
+        return (f"added {keys} to {self.out_dir / CONFIG_NAME} (the input's config.json lacks it; the tool "
+                f"inferred it, and transformers needs it to load the output)")
 
 
 def dtype_tag(dtype: torch.dtype) -> str:
@@ -92,11 +112,14 @@ def dtype_tag(dtype: torch.dtype) -> str:
                             hint="convert the tensor to a float or integer dtype") from None
 
 
-def check_output_location(out_dir: str | Path, inputs: Sequence[str | Path], force: bool) -> Path:
-    """Refuse an output that overlaps an input (`guard.refuse_input_overlap`), and an existing output unless
-    ``force``. Returns the resolved output path."""
+def check_output_location(out_dir: str | Path, inputs: Sequence[str | Path], force: bool,
+                          other_inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse an output that overlaps an input (`guard.refuse_input_overlap`; a file input's folder counts,
+    `other_inputs` such as a rewind list count as files only), recover what a killed earlier write left,
+    and refuse an existing output unless ``force``. Returns the resolved output path."""
     folders = [Path(p).expanduser().resolve().parent for p in inputs if not Path(p).is_dir()]
-    out = refuse_input_overlap(out_dir, [*inputs, *folders])  # a checkpoint never lands beside a file input
+    out = refuse_input_overlap(out_dir, [*inputs, *folders, *other_inputs])  # never beside a file input
+    recover_interrupted(out)
     if out.exists() or out.is_symlink():
         if not force:
             raise DiffractError("the output already exists", path=out,
@@ -105,6 +128,29 @@ def check_output_location(out_dir: str | Path, inputs: Sequence[str | Path], for
         raise DiffractError("the output's parent folder does not exist", path=out,
                             hint="create the parent folder first")
     return out
+
+
+def _dead_leftovers(out: Path, mark: str) -> list[Path]:
+    """Entries `.OUT<mark><host>-<pid>-<rand>` next to `out` that a dead process of this host left."""
+    prefix = f".{out.name}{mark}"
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    return [e for e in entries if e.name.startswith(prefix) and left_by_dead_process(e.name[len(prefix):])]
+
+
+def recover_interrupted(out: Path) -> None:
+    """Undo what a killed write to `out` left (this host's dead processes only): when `out` is missing, rename
+    the newest aside copy of the old output back; then remove stale temp folders and the other asides."""
+    asides = sorted(_dead_leftovers(out, OLD_MARK), key=lambda p: p.lstat().st_ctime_ns)
+    if asides and not (out.exists() or out.is_symlink()):
+        try:
+            os.rename(asides.pop(), out)
+        except OSError as err:
+            raise write_error(err, out, "the output (restoring the copy an interrupted --force left)") from None
+    for leftover in [*asides, *_dead_leftovers(out, TMP_MARK)]:
+        remove_path(leftover)
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -312,25 +358,63 @@ def _write_unplanned(tmp: Path, stream: Iterator[tuple[str, torch.Tensor]], max_
     return names, weight_map, done
 
 
-def _copy_aux(tmp: Path, aux_files: Iterable[str | Path], shard_names: Sequence[str]) -> None:
+def _copy_aux(tmp: Path, aux_files: Iterable[str | Path], shard_names: Sequence[str],
+              config_defaults: Mapping[str, object]) -> tuple[tuple[str, object], ...]:
+    """Copy config/tokenizer files into `tmp`; keys of `config_defaults` missing from config.json are added
+    (returned), so the output loads where the input needed the tool's inference."""
     taken = set(shard_names) | {INDEX_NAME}
+    added: tuple[tuple[str, object], ...] = ()
     for aux in aux_files:
         src = Path(aux)
         if not src.is_file():
             raise DiffractError("auxiliary file is missing", path=src, hint="check the input checkpoint folder")
         if src.name in taken or src.name.endswith(".safetensors") or src.name.endswith(".index.json"):
             continue  # never let an input's weights/index shadow what we wrote
-        shutil.copyfile(src, tmp / src.name)
+        if src.name == CONFIG_NAME and config_defaults:
+            added = _copy_config(src, tmp / CONFIG_NAME, config_defaults)
+        else:
+            shutil.copyfile(src, tmp / src.name)
         taken.add(src.name)
+    return added
+
+
+def _copy_config(src: Path, dst: Path, defaults: Mapping[str, object]) -> tuple[tuple[str, object], ...]:
+    """Copy config.json, adding the keys of `defaults` it lacks (byte copy when it lacks none)."""
+    try:
+        config = json.loads(src.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        shutil.copyfile(src, dst)
+        return ()
+    added = tuple((k, v) for k, v in defaults.items() if k not in config)
+    if not added:
+        shutil.copyfile(src, dst)
+        return ()
+    dst.write_text(json.dumps({**dict(added), **config}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return added
+
+
+def inferred_config(layout: object) -> dict[str, object]:
+    """Config keys the tool inferred and transformers needs to load the output: `model_type` when the
+    input's config.json had none (rxnfp's BERT configs)."""
+    if getattr(layout, "model_type_inferred", False) and getattr(layout, "model_type", "unknown") != "unknown":
+        return {"model_type": str(getattr(layout, "model_type"))}
+    return {}
+
+
+def _aside_name(out: Path, mark: str) -> Path:
+    """A fresh `.OUT<mark><host>-<pid>-<rand>` path next to `out` (not created)."""
+    return out.with_name(f".{out.name}{mark}{owner_tag()}-{secrets.token_hex(6)}")
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished temp folder to ``out``; an existing ``out`` is renamed away first and deleted
-    after, so at every instant ``out`` is either the old or the new complete folder."""
+    """Rename the finished temp folder to ``out``. An existing ``out`` is renamed aside first (whole), the new
+    one renamed in, then the aside renamed to a temp name and deleted: at every instant ``out`` or its aside
+    copy is a complete folder, and `recover_interrupted` puts the aside back if the process dies between."""
     old: Path | None = None
     if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.diffract-old-", dir=out.parent))
-        old.rmdir()
+        old = _aside_name(out, OLD_MARK)
         os.rename(out, old)
     try:
         os.rename(tmp, out)
@@ -339,10 +423,9 @@ def _swap_in(tmp: Path, out: Path) -> None:
             os.rename(old, out)
         raise
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+        trash = _aside_name(out, TMP_MARK)
+        os.rename(old, trash)  # from here on it is a temp folder: never restored, removed by any cleanup
+        remove_path(trash)
 
 
 def write_checkpoint_streaming(
@@ -358,6 +441,8 @@ def write_checkpoint_streaming(
     shard_metadata: dict[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     fsync: bool = False,
+    other_inputs: Sequence[str | Path] = (),
+    config_defaults: Mapping[str, object] | None = None,
 ) -> WriteResult:
     """Write ``(raw_name, tensor or RawBytes)`` pairs as safetensors shards + ``model.safetensors.index.json`` into a
     temp folder next to ``out_dir``, copy ``aux_files`` (config, tokenizer), then rename it into place.
@@ -366,34 +451,45 @@ def write_checkpoint_streaming(
     first and tensor bytes go straight to the file; without, each shard is assembled from a data file.
     Tensors are written exactly as given (dtype and bits). On any failure the temp folder is removed and
     ``out_dir`` is left as it was. ``index_metadata`` is merged into the index's ``metadata`` (provenance).
+    ``other_inputs`` (e.g. the rewind list) are protected like inputs, without their folders;
+    ``config_defaults`` are added to the copied config.json where it lacks them (see `inferred_config`).
+    An OSError (disk full, file too large, permission) is one DiffractError naming the file.
     """
     started = time.perf_counter()
-    out = check_output_location(out_dir, inputs, force)
-    if max_shard_bytes <= 0:
-        raise DiffractError(f"max shard size must be positive, got {max_shard_bytes}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.diffract-tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700; the result should look like any new folder
-        stream = iter(tensors)
-        if specs is not None:
-            names, weight_map = _write_shards(tmp, specs, stream, max_shard_bytes, progress, shard_metadata)
-            total_size = sum(s.nbytes for s in specs)
-        else:
-            names, weight_map, total_size = _write_unplanned(tmp, stream, max_shard_bytes, progress, shard_metadata)
-        index = {"metadata": {"total_size": total_size, **(index_metadata or {})}, "weight_map": weight_map}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _copy_aux(tmp, aux_files, names)
-        if fsync:
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        # re-check just before the swap: another process may have created the output meanwhile
-        if (out.exists() or out.is_symlink()) and not force:
-            raise DiffractError("the output appeared while writing", path=out,
-                                hint="choose a new folder or pass --force to replace it")
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with sigterm_as_interrupt():
+        out = check_output_location(out_dir, inputs, force, other_inputs)
+        if max_shard_bytes <= 0:
+            raise DiffractError(f"max shard size must be positive, got {max_shard_bytes}")
+        tmp: Path | None = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{owner_tag()}-", dir=out.parent))
+            os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700; the result should look like any folder
+            stream = iter(tensors)
+            if specs is not None:
+                names, weight_map = _write_shards(tmp, specs, stream, max_shard_bytes, progress, shard_metadata)
+                total_size = sum(s.nbytes for s in specs)
+            else:
+                names, weight_map, total_size = _write_unplanned(tmp, stream, max_shard_bytes, progress,
+                                                                 shard_metadata)
+            index = {"metadata": {"total_size": total_size, **(index_metadata or {})}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            added = _copy_aux(tmp, aux_files, names, config_defaults or {})
+            if fsync:
+                for f in tmp.iterdir():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            # re-check just before the swap: another process may have created the output meanwhile
+            if (out.exists() or out.is_symlink()) and not force:
+                raise DiffractError("the output appeared while writing", path=out,
+                                    hint="choose a new folder or pass --force to replace it")
+            _swap_in(tmp, out)
+        except OSError as err:
+            if tmp is not None:
+                remove_path(tmp)
+            raise write_error(err, out, "the checkpoint", temp=tmp) from None
+        except BaseException:
+            if tmp is not None:
+                remove_path(tmp)
+            raise
     return WriteResult(out_dir=out, shards=tuple(names), num_tensors=len(weight_map), total_size=total_size,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, config_added=added)

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.io.atomic import atomic_writer
+from analysis.io.atomic import atomic_writer, write_error, write_text_atomic
 from analysis.errors import DiffractError
+from analysis.io.guard import refuse_input_overlap
 
 TABLE_FORMATS = (".csv", ".json", ".parquet")
 JSON_TABLE_FORMAT = "diffract-table/1"
@@ -37,6 +38,23 @@ def table_format(path: Path) -> str:
             hint="name the output .csv, .json or .parquet",
         )
     return suffix
+
+
+def sidecar_path(path: Path) -> Path:
+    """The `<file>.meta.json` that carries a CSV table's metadata."""
+    return path.with_name(path.name + ".meta.json")
+
+
+def check_table_output(path: str | Path, inputs: Iterable[str | Path], *, option: str = "--out") -> Path:
+    """Refuse a bad suffix and a table (or its CSV sidecar) that would land on, in or around an input
+    (`guard.refuse_input_overlap`); called before any work and again by `write_table`."""
+    p = Path(path)
+    fmt = table_format(p)
+    inputs = list(inputs)
+    refuse_input_overlap(p, inputs, option=option)
+    if fmt == ".csv":
+        refuse_input_overlap(sidecar_path(p), inputs, option=option)
+    return p
 
 
 def _plain(value: Any) -> Any:
@@ -104,53 +122,50 @@ def _float_to_json(v: float | None) -> Any:
     return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
 
 
-def write_table(rows: list[dict], path: Path, *, metadata: dict | None = None) -> None:
-    """Write `rows` to `path` atomically in the format its suffix names (.csv/.json/.parquet)."""
+def write_table(rows: list[dict], path: Path, *, metadata: dict | None = None,
+                inputs: Iterable[str | Path] = (), option: str = "--out") -> None:
+    """Write `rows` to `path` atomically in the format its suffix names (.csv/.json/.parquet); refused
+    (one line) when it overlaps an input (`check_table_output`), an OSError is one line naming the file."""
     path = Path(path)
     fmt = table_format(path)
+    check_table_output(path, inputs, option=option)
     columns, types, norm = normalise_rows(rows)
     if metadata is not None:
         meta_json = json.dumps(metadata, sort_keys=True, default=str)
-    try:
-        if fmt == ".csv":
-            buffer = io.StringIO()
-            writer = csv.writer(buffer, lineterminator="\n")
-            writer.writerow(columns)
-            for row in norm:
-                writer.writerow(["" if row[c] is None else (repr(row[c]) if types[c] == "float" else row[c])
-                                 for c in columns])
-            with atomic_writer(path, "w") as handle:
-                handle.write(buffer.getvalue())
-            if metadata is not None:
-                with atomic_writer(path.with_name(path.name + ".meta.json"), "w") as handle:
-                    handle.write(meta_json + "\n")
-        elif fmt == ".json":
-            doc = {
-                "format": JSON_TABLE_FORMAT,
-                "metadata": json.loads(meta_json) if metadata is not None else {},
-                "columns": [{"name": c, "type": types[c]} for c in columns],
-                "rows": [
-                    {c: (_float_to_json(r[c]) if types[c] == "float" else r[c]) for c in columns} for r in norm
-                ],
-            }
-            with atomic_writer(path, "w") as handle:
-                json.dump(doc, handle, allow_nan=False, indent=1)
-                handle.write("\n")
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+    if fmt == ".csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in norm:
+            writer.writerow(["" if row[c] is None else (repr(row[c]) if types[c] == "float" else row[c])
+                             for c in columns])
+        write_text_atomic(path, buffer.getvalue(), "the table")
+        if metadata is not None:
+            write_text_atomic(sidecar_path(path), meta_json + "\n", "the table's metadata")
+    elif fmt == ".json":
+        doc = {
+            "format": JSON_TABLE_FORMAT,
+            "metadata": json.loads(meta_json) if metadata is not None else {},
+            "columns": [{"name": c, "type": types[c]} for c in columns],
+            "rows": [
+                {c: (_float_to_json(r[c]) if types[c] == "float" else r[c]) for c in columns} for r in norm
+            ],
+        }
+        write_text_atomic(path, json.dumps(doc, allow_nan=False, indent=1) + "\n", "the table")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-            arrow_types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
-            schema = pa.schema([pa.field(c, arrow_types[types[c]]) for c in columns])
-            if metadata is not None:
-                schema = schema.with_metadata({_PARQUET_META_KEY: meta_json.encode("utf-8")})
-            table = pa.Table.from_pylist(norm, schema=schema)
+        arrow_types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+        schema = pa.schema([pa.field(c, arrow_types[types[c]]) for c in columns])
+        if metadata is not None:
+            schema = schema.with_metadata({_PARQUET_META_KEY: meta_json.encode("utf-8")})
+        table = pa.Table.from_pylist(norm, schema=schema)
+        try:
             with atomic_writer(path, "wb") as handle:
                 pq.write_table(table, handle)
-    except OSError as err:
-        raise DiffractError(
-            f"cannot write the table ({err.strerror or err})", path=path, hint="check the folder exists and is writable"
-        ) from err
+        except OSError as err:
+            raise write_error(err, path, "the table") from None
 
 
 def _parse_csv_column(cells: list[str]) -> list[Any]:
@@ -179,7 +194,7 @@ def read_table(path: Path) -> tuple[list[dict], dict]:
             body = list(reader)
         cols = [_parse_csv_column([r[i] for r in body]) for i in range(len(header))]
         rows = [{h: cols[i][j] for i, h in enumerate(header)} for j in range(len(body))]
-        sidecar = path.with_name(path.name + ".meta.json")
+        sidecar = sidecar_path(path)
         metadata = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else {}
         return rows, metadata
     if fmt == ".json":

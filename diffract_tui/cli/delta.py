@@ -97,9 +97,11 @@ def register(app: typer.Typer) -> None:
 
         from analysis.deltas.delta_table import DeltaOptions, open_and_build
         from analysis.errors import DiffractError
-        from analysis.run.tables import table_format, write_table
+        from analysis.io.guard import checkpoint_inputs
+        from analysis.run.tables import check_table_output, write_table
 
-        table_format(out)  # bad suffix → one-line error before any work
+        inputs = checkpoint_inputs([base, *cpts])
+        check_table_output(out, inputs)  # bad suffix or an output on/in/around an input → one line, before any work
         if agreement_metric not in ("a2", "a3"):
             raise DiffractError(f"unknown agreement metric {agreement_metric!r}", hint="use --agreement a2 or a3")
         from analysis.spectral.backend import apply_thread_policy
@@ -117,9 +119,12 @@ def register(app: typer.Typer) -> None:
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        # not a terminal (a log, a test): no bar, so stderr holds only real messages (an error is one line)
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), transient=True,
-                      console=__import__("rich.console").console.Console(stderr=True)) as bar:
+                      TimeElapsedColumn(), transient=True, console=console, disable=not console.is_terminal) as bar:
             task = bar.add_task("delta", total=None)
 
             def progress(done: int, total: int, what: str) -> None:
@@ -129,7 +134,7 @@ def register(app: typer.Typer) -> None:
         from diffract_tui import __version__
 
         metadata = {**result.metadata, "created_by": f"diffract-tui {__version__}", "summary": result.summary}
-        write_table(result.rows, out, metadata=metadata)
+        write_table(result.rows, out, metadata=metadata, inputs=inputs)
         print_summary(result.summary, out, len(result.rows))
         if summary_json:
             typer.echo(json.dumps(result.summary, indent=1, default=_json_default))

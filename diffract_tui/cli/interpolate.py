@@ -7,30 +7,10 @@ loss (lower is better, the sign flips) when `--loss` is given or its name contai
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Atomic JSON write (temp file in the same folder + os.replace); NaN becomes null."""
-    from analysis.io.atomic import atomic_writer
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    text = json.dumps(clean(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    with atomic_writer(path, "w") as fh:
-        fh.write(text)
 
 
 def register(app: typer.Typer) -> None:
@@ -64,7 +44,8 @@ def register(app: typer.Typer) -> None:
         from analysis.io.checkpoint import open_checkpoint
         from analysis.errors import DiffractError
         from analysis.edit.interpolate import (MODES, barriers_from_csv, base_to_cpt, endpoints, run_interpolation,
-                                          task_arithmetic)
+                                               task_arithmetic, write_report)
+        from analysis.io.guard import checkpoint_files, refuse_input_overlap
         from diffract_tui.cli.rewind import stderr_progress
 
         chosen = mode or ("endpoints" if b is not None else "base-cpt")
@@ -87,6 +68,10 @@ def register(app: typer.Typer) -> None:
             ck_a = open_checkpoint(a)
             ck_b = open_checkpoint(b) if b is not None else None
             ck_0 = open_checkpoint(base) if base is not None else None
+            inputs = [f for ck in (ck_a, ck_b, ck_0) if ck is not None for f in checkpoint_files(ck)]
+            inputs += [barrier_csv] if barrier_csv is not None else []
+            if diagnostics_json is not None:  # before the pass: a report never lands on, in or around an input
+                refuse_input_overlap(diagnostics_json, inputs, option="--diagnostics-json")
             if chosen == "endpoints":
                 comb = endpoints(ck_a, ck_b, alpha)
             elif chosen == "base-cpt":
@@ -102,6 +87,9 @@ def register(app: typer.Typer) -> None:
                 w = report.written
                 typer.echo(f"wrote {w.out_dir}: {w.num_tensors} tensors, {w.total_size / 1e9:.3f} GB in "
                            f"{w.seconds:.1f} s ({chosen}, {', '.join(f'{k} {v:g}' for k, v in comb.parameters.items())})")
+                note = w.config_note()
+                if note:
+                    typer.echo(note)
             if report.copied_from_target:
                 typer.echo(f"{len(report.copied_from_target)} tensor(s) copied unchanged from {comb.target.label} "
                            f"(missing in another input or not floating point): "
@@ -118,7 +106,7 @@ def register(app: typer.Typer) -> None:
                 diag["parameters"] = comb.parameters
                 if barriers is not None:
                     diag["barriers"] = [vars(x) for x in barriers]
-                _write_json(diagnostics_json, diag)
+                write_report(diagnostics_json, diag, inputs=inputs)
                 typer.echo(f"wrote {diagnostics_json}")
         if barriers is not None:
             for x in barriers:

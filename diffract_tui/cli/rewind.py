@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         from analysis.errors import DiffractError
         from analysis.edit.rewind import checkpoint_ref, parse_heads, plan_from_inputs, preview, rewind_inputs
         from analysis.edit.rewind_list import write_rewind_list
+        from analysis.io.guard import checkpoint_files, refuse_input_overlap
 
         if pattern == "reference" and reference is None:
             raise DiffractError("the reference pattern needs a reference checkpoint", hint="pass --reference REF")
@@ -85,13 +86,15 @@ def register(app: typer.Typer) -> None:
         head_list = parse_heads(heads) if heads is not None else None
         b, t = open_checkpoint(base), open_checkpoint(target)
         r = open_checkpoint(reference) if reference is not None else None
+        protected = [f for ck in (b, t, r) if ck is not None for f in checkpoint_files(ck)]
+        refuse_input_overlap(out, protected)  # before any work: the list never lands on, in or around an input
         with stderr_progress("reading head energies") as progress:
             inputs = rewind_inputs(b, t, r if pattern == "reference" else None, progress=progress)
         rl = plan_from_inputs(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
                               reference=checkpoint_ref(r) if r is not None else None, pattern=pattern,
                               fraction=fraction, heads=head_list, score=score, gqa_policy=gqa_policy,
                               exclude_kv=exclude_kv, variant=variant)
-        write_rewind_list(rl, out)
+        write_rewind_list(rl, out, inputs=protected)
         print_preview(rl, preview(rl, inputs))
         typer.echo(f"wrote {out}")
 
@@ -111,5 +114,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {result.out_dir}: {result.num_tensors} tensors in {len(result.shards)} shard(s), "
                    f"{result.total_size / 1e9:.3f} GB in {result.seconds:.1f} s "
                    f"({len(rl.heads)} heads rewound)")
+        note = result.config_note()
+        if note:
+            typer.echo(note)
 
     app.add_typer(rewind_app, name="rewind")

@@ -53,13 +53,16 @@ def register(app: typer.Typer) -> None:
         from analysis.run.cache import Cache
         from analysis.io.checkpoint import open_checkpoint
         from analysis.run.scan import scan
-        from analysis.run.tables import write_table
+        from analysis.io.guard import checkpoint_files
+        from analysis.run.tables import check_table_output, write_table
 
         apply_thread_policy(threads)
         settings = SpectralSettings(device=device, dtype=dtype)
         device_kind = resolve_device(device).type
         cache = None if no_cache else Cache(cache_dir)
         opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
+        inputs = [f for c in opened for f in checkpoint_files(c)]
+        check_table_output(out, inputs)  # refuse an output on, in or around an input before any work
         try:
             rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan)
         finally:
@@ -77,7 +80,7 @@ def register(app: typer.Typer) -> None:
             "device_kind": device_kind,
             "settings": settings.key(),
         }
-        write_table(rows, out, metadata=metadata)
+        write_table(rows, out, metadata=metadata, inputs=inputs)
         typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
 
 
