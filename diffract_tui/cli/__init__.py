@@ -88,20 +88,32 @@ _ABORTS = _exception_classes("Abort")  # a declined confirmation, EOF at a promp
 _USAGE_ERRORS = _exception_classes("UsageError")
 
 
-def _context_for(args: list[str]) -> object:
-    """A context of the (sub)command that `args` name, for usage errors the option parser raises without one
-    (`--out` given no value, `--version=yes`): they then show the usage line and help hint like the others."""
+def _command_chain(args: list[str]) -> tuple[object, int]:
+    """The context of the deepest (sub)command that `args` name, and how many words of `args` named one."""
     command = typer.main.get_command(app)
     ctx = command.make_context("diffract-tui", [], resilient_parsing=True)
+    named = 0
     for word in args:
         if word.startswith("-"):
             continue
         sub = command.get_command(ctx, word) if hasattr(command, "get_command") else None
         if sub is None:
             break
-        command = sub
+        command, named = sub, named + 1
         ctx = command.make_context(word, [], parent=ctx, resilient_parsing=True)
-    return ctx
+    return ctx, named
+
+
+def _context_for(args: list[str]) -> object:
+    """A context for usage errors the option parser raises without one (`--out` given no value,
+    `--version=yes`): they then show the usage line and help hint like the others."""
+    return _command_chain(args)[0]
+
+
+def _names_only_a_group(args: list[str]) -> bool:
+    """True for `diffract-tui` or `diffract-tui rewind` alone: a command group given nothing to run."""
+    ctx, named = _command_chain(args)
+    return named == len(args) and hasattr(ctx.command, "get_command")
 
 
 def _os_error_line(err: OSError) -> str:
@@ -145,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; engine errors become one line on stderr and exit 1, usage errors exit 2."""
     args = _route(list(sys.argv[1:] if argv is None else argv))
     code = _invoke(args)
-    # No arguments is a usage error whichever click prints the help: click ≥ 8.2 exits 2, older ones 0.
-    return 2 if not args else code
+    # A group given no command is a usage error whichever click prints its help: click ≥ 8.2 exits 2, older 0.
+    return 2 if code == 0 and _names_only_a_group(args) else code
 
 
 if __name__ == "__main__":  # pragma: no cover
