@@ -49,6 +49,21 @@ def assert_usage_error(out: str, err: str, try_path: str, error_text: str) -> No
     assert len(error_lines) == 1, err
 
 
+def _failing_app(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Replace the CLI's app by one whose `scan` raises `error` (a second command keeps `scan` a subcommand)."""
+    failing = typer.Typer()
+
+    @failing.command()
+    def scan() -> None:
+        raise error
+
+    @failing.command()
+    def other() -> None:
+        """Unused."""
+
+    monkeypatch.setattr(cli, "app", failing)
+
+
 @pytest.mark.parametrize(("argv", "try_path", "error_text"), USAGE_MISTAKES,
                          ids=[" ".join(argv) for argv, _, _ in USAGE_MISTAKES])
 def test_a_usage_mistake_is_the_short_usage_message_and_exit_2(argv: list[str], try_path: str, error_text: str,
@@ -98,17 +113,7 @@ def test_two_paths_still_open_the_explorer(make_llama_folder, monkeypatch: pytes
 def test_an_unanticipated_os_error_is_one_line_and_exit_1(monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture) -> None:
     """An OSError that no command turned into a DiffractError: `<strerror>: <filename>`, exit 1."""
-    failing = typer.Typer()
-
-    @failing.command()
-    def scan() -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out.csv")
-
-    @failing.command()
-    def other() -> None:  # a second command keeps `scan` a subcommand
-        """Unused."""
-
-    monkeypatch.setattr(cli, "app", failing)
+    _failing_app(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out.csv"))
     assert main(["scan"]) == 1
     captured = capsys.readouterr()
     assert captured.err == f"diffract-tui: error: {os.strerror(errno.ENOSPC)}: /data/out.csv\n"
@@ -125,3 +130,21 @@ def test_a_usage_mistake_through_a_real_process_exits_2() -> None:
     version = subprocess.run([sys.executable, "-m", "diffract_tui", "--version"], capture_output=True, text=True,
                              env=env, cwd=ROOT, timeout=120)
     assert (version.returncode, version.stdout, version.stderr) == (0, f"diffract-tui {__version__}\n", "")
+
+
+def test_a_closed_pipe_ends_quietly_with_exit_1(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """`diffract-tui scan … | head`: the reader went away; no message, no traceback, exit 1."""
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() swaps stdout for devnull; put it back afterwards
+    _failing_app(monkeypatch, BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE)))
+    assert main(["scan"]) == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_a_click_error_that_is_not_usage_is_the_project_line(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    click_errors = cli._exception_classes("FileError")
+    assert click_errors, "typer's click has no FileError"
+    _failing_app(monkeypatch, click_errors[0]("/data/in.csv", hint="Permission denied"))
+    assert main(["scan"]) == 1
+    assert capsys.readouterr().err == "diffract-tui: error: Could not open file '/data/in.csv': Permission denied\n"

@@ -82,7 +82,7 @@ def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-_CLICK_ERRORS = _exception_classes("ClickException")  # usage errors (exit 2) and click's own errors (exit 1)
+_CLICK_ERRORS = _exception_classes("ClickException")  # usage errors (exit 2) and click's other errors (exit 1)
 _EXITS = _exception_classes("Exit")  # --help, --version, typer.Exit(n)
 _ABORTS = _exception_classes("Abort")  # a declined confirmation, EOF at a prompt
 _USAGE_ERRORS = _exception_classes("UsageError")
@@ -134,16 +134,23 @@ def _invoke(args: list[str]) -> int:
     except _ABORTS:
         typer.echo("diffract-tui: aborted", err=True)
         return 130
-    except _CLICK_ERRORS as err:
-        if isinstance(err, _USAGE_ERRORS) and err.ctx is None:
+    except _USAGE_ERRORS as err:
+        if err.ctx is None:
             err.ctx = _context_for(args)
-        err.show()  # usage errors: usage line, "Try 'diffract-tui … --help' for help.", "Error: …"
+        err.show()  # the usage line, "Try 'diffract-tui … --help' for help.", "Error: …"
+        return int(getattr(err, "exit_code", 2))
+    except _CLICK_ERRORS as err:  # not a usage error (a click.File that cannot be opened): the project's line
+        typer.echo(f"diffract-tui: error: {err.format_message()}", err=True)
         return int(getattr(err, "exit_code", 1))
     except _EXITS as err:
         return int(getattr(err, "exit_code", 0))
     except KeyboardInterrupt:
         typer.echo("diffract-tui: interrupted", err=True)
         return 130
+    except SystemExit as err:  # typer calls sys.exit(1) itself on a closed pipe, even when not standalone
+        if isinstance(err.code, str):
+            typer.echo(err.code, err=True)
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
     except OSError as err:
         if err.errno == errno.EPIPE:  # the reader went away (`… | head`): nothing left to tell anyone
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — keeps the interpreter's final flush quiet
