@@ -7,12 +7,14 @@ Each subcommand lives in its own module with a ``register(app)`` function. Heavy
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+from types import ModuleType
 
-import click
 import typer
 
+from diffract_tui import __version__
 from diffract_tui.cli import cache, delta, demo, info, interpolate, launch, rewind, scan
 
 app = typer.Typer(
@@ -23,6 +25,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+def _show_version(value: bool) -> None:
+    """`--version`: print `diffract-tui X.Y.Z` and stop before any command runs."""
+    if value:
+        typer.echo(f"diffract-tui {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                 help="Print the version and exit."),
+) -> None:
+    """Root options (`--version`); the help text is the Typer's, the commands are registered below."""
+
+
 for _module in (launch, demo, info, scan, delta, rewind, interpolate, cache):
     _module.register(app)
 
@@ -38,28 +57,115 @@ def _route(argv: list[str]) -> list[str]:
     return argv
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI; engine errors become one line on stderr and exit code 1."""
+def _click_modules() -> list[ModuleType]:
+    """The click typer really uses (its vendored `typer._click` in recent typer, e.g. 0.29; the click package
+    in older ones), then the click package itself if installed: their exception classes are distinct."""
+    import typer.main as typer_main
+
+    modules = [m for m in (getattr(typer_main, "_click", None), getattr(typer_main, "click", None)) if m]
+    try:
+        import click
+    except ImportError:  # a typer that vendors click does not install it
+        pass
+    else:
+        modules.append(click)
+    return modules
+
+
+def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
+    """Every class called `name` in typer and in the click modules it may raise from, without duplicates."""
+    found: list[type[BaseException]] = []
+    for holder in (typer, *(getattr(m, "exceptions", None) for m in _click_modules())):
+        cls = getattr(holder, name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_CLICK_ERRORS = _exception_classes("ClickException")  # usage errors (exit 2) and click's other errors (exit 1)
+_EXITS = _exception_classes("Exit")  # --help, --version, typer.Exit(n)
+_ABORTS = _exception_classes("Abort")  # a declined confirmation, EOF at a prompt
+_USAGE_ERRORS = _exception_classes("UsageError")
+
+
+def _command_chain(args: list[str]) -> tuple[object, int]:
+    """The context of the deepest (sub)command that `args` name, and how many words of `args` named one."""
+    command = typer.main.get_command(app)
+    ctx = command.make_context("diffract-tui", [], resilient_parsing=True)
+    named = 0
+    for word in args:
+        if word.startswith("-"):
+            continue
+        sub = command.get_command(ctx, word) if hasattr(command, "get_command") else None
+        if sub is None:
+            break
+        command, named = sub, named + 1
+        ctx = command.make_context(word, [], parent=ctx, resilient_parsing=True)
+    return ctx, named
+
+
+def _context_for(args: list[str]) -> object:
+    """A context for usage errors the option parser raises without one (`--out` given no value,
+    `--version=yes`): they then show the usage line and help hint like the others."""
+    return _command_chain(args)[0]
+
+
+def _names_only_a_group(args: list[str]) -> bool:
+    """True for `diffract-tui` or `diffract-tui rewind` alone: a command group given nothing to run."""
+    ctx, named = _command_chain(args)
+    return named == len(args) and hasattr(ctx.command, "get_command")
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an OS error no command turned into a DiffractError: `<strerror>: <filename>`."""
+    what = err.strerror or str(err) or type(err).__name__
+    return f"diffract-tui: error: {what}: {err.filename}" if err.filename else f"diffract-tui: error: {what}"
+
+
+def _invoke(args: list[str]) -> int:
+    """Run the typer app on `args`; every failure becomes a short message and an exit code, never a traceback."""
     from analysis.errors import DiffractError
 
-    args = _route(list(sys.argv[1:] if argv is None else argv))
     try:
         result = app(args=args, prog_name="diffract-tui", standalone_mode=False)
     except DiffractError as err:
         typer.echo(f"diffract-tui: error: {err}", err=True)
         return 1
-    except (click.exceptions.Abort, typer.Abort):
+    except _ABORTS:
         typer.echo("diffract-tui: aborted", err=True)
         return 130
-    except click.ClickException as err:
-        err.show()
-        return err.exit_code
-    except click.exceptions.Exit as err:
-        return err.exit_code
+    except _USAGE_ERRORS as err:
+        if err.ctx is None:
+            err.ctx = _context_for(args)
+        err.show()  # the usage line, "Try 'diffract-tui … --help' for help.", "Error: …"
+        return int(getattr(err, "exit_code", 2))
+    except _CLICK_ERRORS as err:  # not a usage error (a click.File that cannot be opened): the project's line
+        typer.echo(f"diffract-tui: error: {err.format_message()}", err=True)
+        return int(getattr(err, "exit_code", 1))
+    except _EXITS as err:
+        return int(getattr(err, "exit_code", 0))
     except KeyboardInterrupt:
         typer.echo("diffract-tui: interrupted", err=True)
         return 130
+    except SystemExit as err:  # typer calls sys.exit(1) itself on a closed pipe, even when not standalone
+        if isinstance(err.code, str):
+            typer.echo(err.code, err=True)
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    except OSError as err:
+        if err.errno == errno.EPIPE:  # the reader went away (`… | head`): nothing left to tell anyone
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — keeps the interpreter's final flush quiet
+            return 1
+        typer.echo(_os_error_line(err), err=True)
+        return 1
     return result if isinstance(result, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI; engine errors become one line on stderr and exit 1, usage errors exit 2."""
+    args = _route(list(sys.argv[1:] if argv is None else argv))
+    code = _invoke(args)
+    # A group given no command is a usage error whichever click prints its help: click ≥ 8.2 exits 2, older 0.
+    return 2 if code == 0 and _names_only_a_group(args) else code
 
 
 if __name__ == "__main__":  # pragma: no cover
