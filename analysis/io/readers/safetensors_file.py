@@ -3,8 +3,8 @@ JSON), tensors are read through `safetensors.safe_open(framework="pt")` (memory-
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import struct
 import threading
 from pathlib import Path
@@ -14,6 +14,7 @@ import torch
 
 from analysis.errors import CheckpointError
 from analysis.io.readers import StoredTensor
+from analysis.io.safe_read import check_regular, open_regular, parse_json
 
 # safetensors dtype codes -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -23,14 +24,14 @@ DTYPES: dict[str, tuple[str, int]] = {
     "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
     "BOOL": ("bool", 1),
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE: a length above it is refused)
 HINT = "the file is damaged or incomplete; download or export it again"
 
 
 def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor]]:
     """Parse and validate a safetensors header; returns (the 8+N header bytes, tensors by raw name)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"truncated safetensors file: {size} bytes, too short for the 8-byte header length",
@@ -43,11 +44,7 @@ def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor]]:
             raise CheckpointError(f"truncated safetensors file: header claims {n} bytes but the file has only {size}",
                                   path=path, hint=HINT)
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"safetensors header is not valid JSON ({type(e).__name__}: {_first_line(e)})",
-                              path=path, hint=HINT) from None
+    header = parse_json(raw, path, CheckpointError, "safetensors header", HINT)
     if not isinstance(header, dict):
         raise CheckpointError("safetensors header is not a JSON object", path=path, hint=HINT)
     data_size = size - 8 - n
@@ -109,6 +106,7 @@ class SafetensorsFile:
         if self._handle is None:
             from safetensors import safe_open
 
+            check_regular(self.path, CheckpointError)  # the library opens by name: never a FIFO swapped in
             try:
                 self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             except Exception as e:  # the library's own validation disagrees with ours
