@@ -399,3 +399,40 @@ def test_header_length_just_over_the_library_limit_is_refused_as_too_large(capsy
     _one_line(capsys, ["info", path], f"{path}: not a safetensors file: header length field says 100000001 bytes")
     path.write_bytes(struct.pack("<Q", 100_000_000) + b"{}")  # exactly the limit: allowed, so read as truncated
     _one_line(capsys, ["info", path], "truncated safetensors file: header claims 100000000 bytes")
+
+
+# ---- item 8 (writer side, kept small): interpolate never writes inf from finite inputs -----------------------
+
+
+def _sha256_tree(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _two_fp16(tmp_path: Path, value_b: float) -> tuple[Path, Path]:
+    a = write_safetensors(tmp_path / "a" / "model.safetensors", {"w": torch.zeros(4, 4, dtype=torch.float16)})
+    b = write_safetensors(tmp_path / "b" / "model.safetensors",
+                          {"w": torch.full((4, 4), value_b, dtype=torch.float16)})
+    return a.parent, b.parent
+
+
+def test_interpolate_alpha_1e38_is_refused_and_nothing_is_written(capsys, tmp_path):
+    a, b = _two_fp16(tmp_path, 1.0)
+    before = {**_sha256_tree(a), **{f"b/{k}": v for k, v in _sha256_tree(b).items()}}
+    _one_line(capsys, ["interpolate", a, b, "--alpha", "1e38", "--out", tmp_path / "o"],
+              "coefficient -1e+38 is outside ±1000")
+    assert not (tmp_path / "o").exists()
+    assert {**_sha256_tree(a), **{f"b/{k}": v for k, v in _sha256_tree(b).items()}} == before
+
+
+def test_interpolate_that_overflows_the_stored_dtype_is_refused_and_nothing_is_written(capsys, tmp_path):
+    a, b = _two_fp16(tmp_path, 60000.0)  # α = 2 gives 120000, past float16's 65504: inf
+    before = {**_sha256_tree(a), **{f"b/{k}": v for k, v in _sha256_tree(b).items()}}
+    _one_line(capsys, ["interpolate", a, b, "--alpha", "2", "--out", tmp_path / "o"],
+              "tensor w would be written with inf/NaN: the combination of finite inputs overflows float16")
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]
+    assert {**_sha256_tree(a), **{f"b/{k}": v for k, v in _sha256_tree(b).items()}} == before
+    assert main(["interpolate", str(a), str(b), "--alpha", "0.5", "--out", str(tmp_path / "ok")]) == 0  # control
+    capsys.readouterr()
