@@ -53,7 +53,23 @@ def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor]]:
         if name == "__metadata__":
             continue
         entries[name] = _entry(path, name, meta, data_size)
+    _check_tiling(path, {name: tuple(header[name]["data_offsets"]) for name in entries}, data_size)
     return prefix + raw, entries
+
+
+def _check_tiling(path: Path, spans: dict[str, tuple[int, int]], data_size: int) -> None:
+    """The library's own rule, so `info` never accepts what a read refuses: the tensors, sorted by offsets,
+    tile the data section from byte 0 to its end without gaps, overlaps or trailing bytes."""
+    start = 0
+    for (begin, end), name in sorted((span, name) for name, span in spans.items()):
+        if begin != start:
+            raise CheckpointError(f"tensor '{name}' starts at byte {begin} of the data section where {start} was "
+                                  "expected (tensors must follow each other without gaps or overlaps)",
+                                  path=path, hint=HINT)
+        start = end
+    if start != data_size:
+        raise CheckpointError(f"the tensors cover {start} of the {data_size} bytes of the data section",
+                              path=path, hint=HINT)
 
 
 def _entry(path: Path, name: str, meta: Any, data_size: int) -> StoredTensor:
@@ -65,9 +81,9 @@ def _entry(path: Path, name: str, meta: Any, data_size: int) -> StoredTensor:
     if code not in DTYPES:
         raise CheckpointError(f"tensor '{name}' has unsupported dtype {code!r}", path=path,
                               hint="convert the checkpoint to float32/float16/bfloat16")
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+    if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)  # not bool: true ≠ 1
             or not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
         raise CheckpointError(bad + f" (shape {shape!r}, data_offsets {offsets!r})", path=path, hint=HINT)
     dtype, itemsize = DTYPES[code]
     begin, end = offsets
