@@ -23,6 +23,7 @@ from analysis.errors import AlignmentError, DiffractError
 from analysis.edit.rewind import MappedReadBudget, RawSource, target_specs, torch_dtype
 from analysis.edit.rewind_list import tool_version
 from analysis.io.writer import DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, write_checkpoint_streaming
+from analysis.io.safe_read import REGULAR_HINT, NotRegularFileError, read_regular_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.model.architecture import ModelLayout
@@ -425,8 +426,10 @@ def read_scores_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
     """metric → [(alpha, score)] from a CSV with header `alpha,metric,score`."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
+        text = read_regular_bytes(p).decode("utf-8")
+    except NotRegularFileError as err:
+        raise DiffractError(f"is {err.kind}, not a regular file", path=p, hint=REGULAR_HINT) from None
+    except (OSError, UnicodeDecodeError) as err:
         raise DiffractError(f"cannot read the scores ({type(err).__name__})", path=p, hint="check the path") from None
     rows = list(csv.reader(text.splitlines()))
     if not rows or [c.strip().lower() for c in rows[0]] != ["alpha", "metric", "score"]:

@@ -12,7 +12,8 @@ from typing import Any
 
 from analysis.io.atomic import atomic_writer
 from analysis.errors import RewindListError
-from analysis.io.safe_read import REGULAR_HINT, NotRegularFileError, parse_json, read_regular_bytes
+from analysis.io.safe_read import (MAX_JSON_BYTES, REGULAR_HINT, FileTooLargeError, NotRegularFileError, parse_json,
+                                   read_regular_bytes)
 
 FORMAT = "diffract-rewind/1"
 PATTERNS = ("manual", "greedy", "reference")
@@ -299,11 +300,14 @@ def read_rewind_list(path: str | Path) -> RewindList:
     """Read and validate a rewind list; relative checkpoint paths are taken relative to the list's folder."""
     p = Path(path)
     try:
-        raw = read_regular_bytes(p)
+        raw = read_regular_bytes(p, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise RewindListError("rewind list not found", path=p, hint="check the path") from None
     except NotRegularFileError as err:
         raise RewindListError(f"is {err.kind}, not a regular file", path=p, hint=REGULAR_HINT) from None
+    except FileTooLargeError as err:
+        raise RewindListError(f"is {err.size} bytes, far more than a rewind list", path=p,
+                              hint="point at the JSON list that `rewind plan` wrote") from None
     except OSError as err:
         raise RewindListError(f"cannot read the rewind list ({type(err).__name__})", path=p,
                               hint="check the file is a UTF-8 JSON file you can read") from None

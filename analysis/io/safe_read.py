@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from analysis.errors import DiffractError
 
 MAX_JSON_DEPTH = 100  # real configs, headers and lists nest < 10 levels; deeper is hostile or broken
+MAX_JSON_BYTES = 100_000_000  # a config, index, rewind list or cache entry is KBs; never read GBs into memory
 _TOO_DEEP = object()  # parse_json: the parser itself ran out of recursion
 REGULAR_HINT = "only regular files are read (a FIFO, socket or device could block forever); point at the real file"
 
@@ -32,6 +33,16 @@ class NotRegularFileError(OSError):
         super().__init__(f"{path} is {kind}, not a regular file")
         self.filename = str(path)
         self.kind = kind
+
+
+class FileTooLargeError(OSError):
+    """Raised instead of reading a file larger than its kind can sensibly be (a JSON file of gigabytes)."""
+
+    def __init__(self, path: str | Path, size: int, limit: int):
+        super().__init__(f"{path} is {size} bytes, more than the {limit} allowed")
+        self.filename = str(path)
+        self.size = size
+        self.limit = limit
 
 
 def _kind(mode: int) -> str:
@@ -64,9 +75,13 @@ def open_regular(path: str | Path) -> BinaryIO:
         raise
 
 
-def read_regular_bytes(path: str | Path) -> bytes:
-    """The whole content of a regular file (NotRegularFileError for a FIFO, socket, device or folder)."""
+def read_regular_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
+    """The whole content of a regular file (NotRegularFileError for a FIFO, socket, device or folder;
+    FileTooLargeError beyond `max_bytes`)."""
     with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise FileTooLargeError(path, size, max_bytes)
         return handle.read()
 
 
@@ -117,11 +132,15 @@ def parse_json(data: bytes | str, path: str | Path, error: type[DiffractError] =
 
 def load_json(path: str | Path, error: type[DiffractError] = DiffractError, what: str | None = None,
               hint: str = "fix or regenerate the file") -> Any:
-    """Read a regular file and parse it with `parse_json`; a non-regular file or OS error raises `error`."""
+    """Read a regular file (at most MAX_JSON_BYTES) and parse it with `parse_json`; a non-regular file, a
+    larger one or an OS error raises `error`."""
     try:
-        data = read_regular_bytes(path)
+        data = read_regular_bytes(path, MAX_JSON_BYTES)
     except NotRegularFileError as err:
         raise error(f"is {err.kind}, not a regular file", path=path, hint=REGULAR_HINT) from None
+    except FileTooLargeError as err:
+        raise error(f"{what or 'the file'} is {err.size} bytes, more than the {err.limit} a JSON file may have",
+                    path=path, hint=hint) from None
     except OSError as err:
         raise error(f"cannot read {what or 'the file'} ({err.strerror or type(err).__name__})", path=path,
                     hint="check the path and its permissions") from None

@@ -24,7 +24,7 @@ from typing import IO, Any
 import numpy as np
 
 from analysis.io.atomic import TMP_PREFIX, atomic_writer
-from analysis.io.safe_read import open_regular, parse_json, read_regular_bytes
+from analysis.io.safe_read import MAX_JSON_BYTES, open_regular, parse_json, read_regular_bytes
 from analysis.errors import DiffractError
 
 CACHE_ENV_VAR = "DIFFRACT_TUI_CACHE_DIR"
@@ -220,7 +220,7 @@ class Cache:
         """The stored JSON value (NaN/±inf restored), or None when absent or unreadable."""
         path = self._path(key, ".json")
         try:
-            data = read_regular_bytes(path)  # a FIFO entry is corrupt, never read (it would block)
+            data = read_regular_bytes(path, MAX_JSON_BYTES)  # a FIFO or huge entry is corrupt, never read
         except FileNotFoundError:
             return None
         except OSError:
