@@ -436,3 +436,47 @@ def test_interpolate_that_overflows_the_stored_dtype_is_refused_and_nothing_is_w
     assert {**_sha256_tree(a), **{f"b/{k}": v for k, v in _sha256_tree(b).items()}} == before
     assert main(["interpolate", str(a), str(b), "--alpha", "0.5", "--out", str(tmp_path / "ok")]) == 0  # control
     capsys.readouterr()
+
+
+# ---- further cases: info must refuse what the safetensors library refuses; oversize JSON; scores FIFO -------
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def _f32(begin: int, end: int) -> dict:
+    return {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize(("header", "data", "expected"), [
+    ({"a": _f32(0, 4), "b": _f32(8, 12)}, 12, "tensor 'b' starts at byte 8 of the data section where 4 was expected"),
+    ({"a": _f32(0, 8), "b": _f32(4, 12)}, 12, "tensor 'b' starts at byte 4 of the data section where 8 was expected"),
+    ({"a": _f32(0, 4), "b": _f32(0, 4)}, 4, "tensor 'b' starts at byte 0 of the data section where 4 was expected"),
+    ({"a": _f32(4, 8)}, 8, "tensor 'a' starts at byte 4 of the data section where 0 was expected"),
+    ({"a": _f32(0, 4)}, 8, "the tensors cover 4 of the 8 bytes of the data section"),
+    ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4, "shape [True]"),
+], ids=["gap", "overlap", "shared", "offset-start", "trailing-bytes", "bool-shape"])
+def test_safetensors_layouts_the_library_refuses_are_refused_by_info(capsys, tmp_path, header, data, expected):
+    from safetensors import safe_open
+
+    path = _raw_safetensors(tmp_path / "x.safetensors", header, b"\0" * data)
+    with pytest.raises(Exception), safe_open(str(path), framework="pt"):  # noqa: B017 - the library refuses it
+        pass
+    _one_line(capsys, ["info", path], f"{path}: ", expected)
+
+
+def test_config_json_larger_than_the_json_limit_is_refused_without_reading_it(capsys, tmp_path):
+    folder = _llama(tmp_path / "m")
+    with open(folder / "config.json", "r+b") as f:
+        f.truncate(100_000_001)  # sparse: 100 MB that are never read
+    _one_line(capsys, ["info", folder], "config.json is 100000001 bytes, more than the 100000000 a JSON file may have")
+
+
+def test_fifo_scores_csv_is_refused(capsys, tmp_path):
+    a, b = _two_fp16(tmp_path, 1.0)
+    fifo = _fifo(tmp_path / "scores.csv")
+    _one_line(capsys, ["interpolate", a, b, "--out", tmp_path / "o", "--barrier", fifo],
+              f"{fifo}: is a FIFO (named pipe), not a regular file", fifos=[fifo])
