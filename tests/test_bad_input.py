@@ -173,7 +173,7 @@ def test_no_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr.strip() == (f"diffract-tui: error: {path}: safetensors header is not valid JSON "
-                                   f"(JSONDecodeError: Expecting value: line 1 column 1 (char 0)) — the file is "
+                                   f"(line 1, column 1: Expecting value) — the file is "
                                    f"damaged or incomplete; download or export it again")
 
 

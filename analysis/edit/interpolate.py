@@ -28,12 +28,15 @@ from analysis.edit.rewind_list import tool_version
 from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, inferred_config,
                                 write_checkpoint_streaming)
 
+from analysis.io.safe_read import REGULAR_HINT, NotRegularFileError, read_regular_bytes
+
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.model.architecture import ModelLayout
     from analysis.io.checkpoint import Checkpoint
 
 MODES = ("endpoints", "base-cpt", "task-arithmetic")
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+MAX_COEFFICIENT = 1000.0  # |cᵢ| of a combination; beyond this it is no interpolation, and float32 overflows
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,11 @@ def _stream_items(comb: Combination, terms: list, ws: Workspace, maps: MappedRea
             yield info.raw_name, None
             continue
         out = combine_streamed(name, terms, tuple(info.shape), out_dtype, compute_dtype, ws, maps.note)
+        if not bool(torch.isfinite(out).all()) and all(
+                bool(torch.isfinite(ck.tensor(name, dtype=None)).all()) for ck, c in comb.terms if c != 0.0):
+            raise DiffractError(f"tensor {info.raw_name} would be written with inf/NaN: the combination of finite "
+                                f"inputs overflows {str(out_dtype).removeprefix('torch.')}",
+                                hint="use coefficients closer to [0, 1]; nothing was written")
         yield info.raw_name, out  # a view into the workspace: the writer has written it before we resume
         del out
 
@@ -323,6 +331,9 @@ def run_interpolation(comb: Combination, out_dir: str | Path | None, *, force: b
     for _, c in comb.terms:
         if not math.isfinite(c):
             raise DiffractError(f"coefficient {c} is not finite", hint="pass finite --alpha / --lambda values")
+        if abs(c) > MAX_COEFFICIENT:
+            raise DiffractError(f"coefficient {c:g} is outside ±{MAX_COEFFICIENT:g}",
+                                hint="pass --alpha / --lambda values within a few units of [0, 1]")
     if compute_dtype not in (torch.float32, torch.float64):
         raise DiffractError(f"compute dtype must be float32 or float64, not {compute_dtype}")
     stats = None
@@ -444,8 +455,10 @@ def read_scores_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
     """metric → [(alpha, score)] from a CSV with header `alpha,metric,score`."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
+        text = read_regular_bytes(p).decode("utf-8")
+    except NotRegularFileError as err:
+        raise DiffractError(f"is {err.kind}, not a regular file", path=p, hint=REGULAR_HINT) from None
+    except (OSError, UnicodeDecodeError) as err:
         raise DiffractError(f"cannot read the scores ({type(err).__name__})", path=p, hint="check the path") from None
     rows = list(csv.reader(text.splitlines()))
     if not rows or [c.strip().lower() for c in rows[0]] != ["alpha", "metric", "score"]:

@@ -13,6 +13,8 @@ from typing import Any
 from analysis.io.atomic import write_text_atomic
 from analysis.errors import RewindListError
 from analysis.io.guard import checkpoint_inputs, refuse_input_overlap
+from analysis.io.safe_read import (MAX_JSON_BYTES, REGULAR_HINT, FileTooLargeError, NotRegularFileError, parse_json,
+                                   read_regular_bytes)
 
 FORMAT = "diffract-rewind/1"
 PATTERNS = ("manual", "greedy", "reference")
@@ -299,17 +301,18 @@ def read_rewind_list(path: str | Path) -> RewindList:
     """Read and validate a rewind list; relative checkpoint paths are taken relative to the list's folder."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = read_regular_bytes(p, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise RewindListError("rewind list not found", path=p, hint="check the path") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except NotRegularFileError as err:
+        raise RewindListError(f"is {err.kind}, not a regular file", path=p, hint=REGULAR_HINT) from None
+    except FileTooLargeError as err:
+        raise RewindListError(f"is {err.size} bytes, far more than a rewind list", path=p,
+                              hint="point at the JSON list that `rewind plan` wrote") from None
+    except OSError as err:
         raise RewindListError(f"cannot read the rewind list ({type(err).__name__})", path=p,
                               hint="check the file is a UTF-8 JSON file you can read") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RewindListError(f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})", path=p,
-                              hint="fix the JSON syntax") from None
+    data = parse_json(raw, p, RewindListError, hint="fix the JSON syntax")
     rl = rewind_list_from_dict(data, p)
 
     def anchored(ref: CheckpointRef | None) -> CheckpointRef | None:

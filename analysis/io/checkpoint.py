@@ -3,7 +3,6 @@ reading headers only, and hand out tensors (whole, or a range of rows) on demand
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +10,15 @@ from typing import Any
 
 import torch
 
-from analysis.errors import CheckpointError
+from analysis.errors import CheckpointError, LayoutError
 from analysis.io.fingerprint import fingerprint as _fingerprint
 from analysis.io.readers import WeightFile
 from analysis.io.readers.index import read_index
 from analysis.io.readers.pickle_file import PickleFile
 from analysis.io.readers.safetensors_file import SafetensorsFile
+from analysis.io.safe_read import (REGULAR_HINT, NotRegularFileError, check_regular, load_json, open_regular,
+                                   read_regular_bytes)
+from analysis.model.architecture import check_config_values
 
 WRAPPER_PREFIXES = ("model.", "bert.", "transformer.", "gpt_neox.", "roberta.")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -91,7 +93,8 @@ class Checkpoint:
         if not self._infos:
             raise CheckpointError("holds no tensors", path=path, hint="point at a checkpoint with weights")
         self._order = sorted(self._infos, key=_natural_key)
-        parts = [(f, f.read_bytes()) for f in index_files] + [(f, readers[f].fingerprint_bytes()) for f in weight_files]
+        parts = ([(f, read_regular_bytes(f)) for f in index_files]
+                 + [(f, readers[f].fingerprint_bytes()) for f in weight_files])
         self.fingerprint = _fingerprint(parts)
 
     def __repr__(self) -> str:
@@ -147,8 +150,10 @@ class Checkpoint:
 
 
 def _locate(path: Path) -> tuple[list[Path], Path | None]:
-    """(weight files, index file or None) for a folder or a single file; CheckpointError if none."""
-    if path.is_file():
+    """(weight files, index file or None) for a folder or a single file; CheckpointError if none
+    (or if the file named is not a regular file: a FIFO would block the read forever)."""
+    if not path.is_dir():
+        check_regular(path, CheckpointError)
         name = path.name
         if name.endswith(".index.json"):
             return sorted(set(read_index(path).values())), path
@@ -156,13 +161,11 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
             return [path], None
         raise CheckpointError("unsupported file type (expected .safetensors, .bin, .pt, .pth or a folder)",
                               path=path, hint="point at a Hugging Face model folder or a weight file")
-    if not path.is_dir():
-        raise CheckpointError("not a file or folder", path=path, hint="point at a model folder or a weight file")
     for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
                                     ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (path / index_name).is_file():
+        if (path / index_name).exists():  # not is_file(): a FIFO of that name is refused, not skipped
             return sorted(set(read_index(path / index_name).values()), key=lambda p: p.name), path / index_name
-        if (path / single_name).is_file():
+        if (path / single_name).exists():
             return [path / single_name], None
     other_indexes = sorted(path.glob("*.safetensors.index.json"))
     if len(other_indexes) == 1:
@@ -178,11 +181,12 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
 
 def _reader(file: Path) -> WeightFile:
     """The reader for one weight file: by suffix, else by content (hub-cache blobs have no suffix)."""
+    check_regular(file, CheckpointError)
     if file.name.endswith(SAFETENSORS_SUFFIXES):
         return SafetensorsFile(file)
     if file.name.endswith(PICKLE_SUFFIXES):
         return PickleFile(file)
-    with open(file, "rb") as f:
+    with open_regular(file) as f:
         head = f.read(9)
     return SafetensorsFile(file) if head[8:9] == b"{" else PickleFile(file)
 
@@ -195,16 +199,19 @@ def _aux_files(folder: Path) -> list[Path]:
 
 
 def _config(folder: Path) -> dict:
+    """config.json as a dict ({} when absent); one-line CheckpointError when it is not a regular file,
+    not JSON, not an object, or holds a size the layout would misread (heads 0, -4, 4.7, "four"...)."""
     cfg = folder / "config.json"
-    if not cfg.is_file():
+    if not cfg.exists():
         return {}
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"config.json is not valid JSON ({e})", path=cfg,
-                              hint="fix the file or remove it to open the weights without a config") from None
+    data = load_json(cfg, CheckpointError, "config.json",
+                     "fix the file or remove it to open the weights without a config")
     if not isinstance(data, dict):
         raise CheckpointError("config.json is not a JSON object", path=cfg, hint="fix or remove the file")
+    try:
+        check_config_values(data)
+    except LayoutError as e:
+        raise CheckpointError(e.message, path=cfg, hint=e.hint) from None
     return data
 
 
@@ -234,3 +241,9 @@ def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
     except IsADirectoryError as e:
         raise CheckpointError(f"expected a file but found a folder: {e.filename}", path=resolved,
                               hint="point at a model folder or a weight file") from None
+    except NotRegularFileError as e:
+        raise CheckpointError(f"{e.filename} is {e.kind}, not a regular file", path=resolved,
+                              hint=REGULAR_HINT) from None
+    except OSError as e:  # e.g. a link whose target vanished, an I/O error
+        raise CheckpointError(f"cannot read {e.filename or 'a file'} ({e.strerror or type(e).__name__})",
+                              path=resolved, hint="check the file exists and can be read") from None

@@ -9,6 +9,7 @@ and bert (roberta, xlm-roberta). Anything else opens as "unknown": every matrix 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -164,11 +165,47 @@ def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return config
 
 
+# config.json keys read as sizes (here and in the checkpoint generator); each must be a positive integer
+SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head", "num_heads",
+             "num_hidden_layers", "n_layer", "num_layers", "num_key_value_heads", "head_dim")
+CONFIG_HINT = "fix config.json (sizes are whole numbers such as 32) or remove it to open the weights without a config"
+
+
+def _shown(value: Any) -> str:
+    """A config value as JSON text (strings quoted, NaN/Infinity spelled out), cut to 40 characters."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def check_config_values(config: Mapping[str, Any]) -> None:
+    """LayoutError naming the first config value the layout would misread: a size (SIZE_KEYS, also in
+    text_config) that is not a positive integer — 0, -4, 4.7, 4.0, "four", [4], NaN, 1e999, true —,
+    a model_type that is not a string, or architectures that are not a list of strings. Integer-valued
+    floats (4.0) are refused like 4.7: transformers writes sizes as integers and would misuse a float."""
+    text = config.get("text_config")
+    scopes = [("", config)] + ([("text_config.", text)] if isinstance(text, Mapping) else [])
+    for prefix, cfg in scopes:
+        for key in SIZE_KEYS:
+            value = cfg.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise LayoutError(f"config.json {prefix}{key} is {_shown(value)}; expected a positive integer",
+                                  hint=CONFIG_HINT)
+    model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise LayoutError(f"config.json model_type is {_shown(model_type)}; expected a string such as \"llama\"",
+                          hint=CONFIG_HINT)
+    arch = config.get("architectures")
+    if arch is not None and (not isinstance(arch, list) or not all(isinstance(a, str) for a in arch)):
+        raise LayoutError(f"config.json architectures is {_shown(arch)}; expected a list of class names "
+                          "such as [\"LlamaForCausalLM\"]", hint=CONFIG_HINT)
+
+
 def _field(cfg: Mapping[str, Any], *names: str) -> tuple[str | None, int | None]:
+    """(key, value) of the first size key present (values checked by check_config_values)."""
     for n in names:
         v = cfg.get(n)
         if v is not None:
-            return n, int(v)
+            return n, v
     return None, None
 
 
@@ -292,6 +329,7 @@ def detect_layout(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
     """Layout of a checkpoint from its config and {normalised name: shape}; LayoutError on contradictions."""
     shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
     config = dict(config or {})
+    check_config_values(config)
     model_type = config.get("model_type")
     inferred = False
     if not model_type:

@@ -24,6 +24,7 @@ from typing import IO, Any
 import numpy as np
 
 from analysis.io.atomic import TMP_PREFIX, atomic_writer
+from analysis.io.safe_read import MAX_JSON_BYTES, open_regular, parse_json, read_regular_bytes
 from analysis.errors import DiffractError
 
 CACHE_ENV_VAR = "DIFFRACT_TUI_CACHE_DIR"
@@ -193,7 +194,7 @@ class Cache:
         """The stored array, or None when absent or unreadable (an unreadable entry is removed)."""
         path = self._path(key, ".npy")
         try:
-            with open(path, "rb") as handle:
+            with open_regular(path) as handle:  # a FIFO entry is corrupt, never read (it would block)
                 array = np.load(handle, allow_pickle=False)
                 if handle.read(1):  # trailing bytes: not a file we wrote
                     raise ValueError("trailing data")
@@ -219,14 +220,14 @@ class Cache:
         """The stored JSON value (NaN/±inf restored), or None when absent or unreadable."""
         path = self._path(key, ".json")
         try:
-            text = path.read_text(encoding="utf-8")
+            data = read_regular_bytes(path, MAX_JSON_BYTES)  # a FIFO or huge entry is corrupt, never read
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError):
+        except OSError:
             self._discard(path)
             return None
         try:
-            envelope = json.loads(text)
+            envelope = parse_json(data, path)  # bad UTF-8, bad syntax or hostile nesting: one DiffractError
             if (
                 not isinstance(envelope, dict)
                 or envelope.get("format") != ENTRY_FORMAT
@@ -234,7 +235,7 @@ class Cache:
                 or "value" not in envelope
             ):
                 raise ValueError("not a diffract cache entry")
-        except ValueError:
+        except (ValueError, DiffractError):
             self._discard(path)
             return None
         return decode_json_value(envelope["value"])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from analysis.errors import CheckpointError
+from analysis.io.safe_read import REGULAR_HINT, NotRegularFileError, load_json, regular_stat
 
 HINT = "an index may name only shard files inside its own folder; fix or regenerate the index"
 
@@ -13,11 +13,7 @@ HINT = "an index may name only shard files inside its own folder; fix or regener
 def read_index(index: Path) -> dict[str, Path]:
     """Parse `weight_map` and resolve every shard inside the index's folder (SPEC §1: no `..`,
     no absolute paths, no links leaving the folder, every shard must exist)."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"index is not valid JSON ({e})", path=index,
-                              hint="fix or regenerate the index file") from None
+    data = load_json(index, CheckpointError, "index", "fix or regenerate the index file")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError("index has no 'weight_map' object mapping tensor names to shard files", path=index,
@@ -55,7 +51,12 @@ def _shard_path(index: Path, folder: Path, shard: object, allowed: list[Path]) -
     if not any(resolved.is_relative_to(root) for root in allowed):
         raise CheckpointError(f"index names a shard {shard!r} that links outside its folder (to {resolved})",
                               path=index, hint=HINT)
-    if not resolved.is_file():
+    try:
+        regular_stat(resolved)
+    except NotRegularFileError as err:
+        raise CheckpointError(f"index names a shard {shard!r} that is {err.kind}, not a regular file", path=index,
+                              hint=REGULAR_HINT) from None
+    except OSError:
         raise CheckpointError(f"index names a missing shard {shard!r}", path=index,
-                              hint="download the missing shard or regenerate the index")
+                              hint="download the missing shard or regenerate the index") from None
     return resolved

@@ -3,8 +3,8 @@ JSON), tensors are read through `safetensors.safe_open(framework="pt")` (memory-
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import struct
 import threading
 from pathlib import Path
@@ -14,6 +14,7 @@ import torch
 
 from analysis.errors import CheckpointError
 from analysis.io.readers import StoredTensor
+from analysis.io.safe_read import check_regular, open_regular, parse_json
 
 # safetensors dtype codes -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -23,14 +24,14 @@ DTYPES: dict[str, tuple[str, int]] = {
     "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
     "BOOL": ("bool", 1),
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE: a length above it is refused)
 HINT = "the file is damaged or incomplete; download or export it again"
 
 
 def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor]]:
     """Parse and validate a safetensors header; returns (the 8+N header bytes, tensors by raw name)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"truncated safetensors file: {size} bytes, too short for the 8-byte header length",
@@ -43,11 +44,7 @@ def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor]]:
             raise CheckpointError(f"truncated safetensors file: header claims {n} bytes but the file has only {size}",
                                   path=path, hint=HINT)
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"safetensors header is not valid JSON ({type(e).__name__}: {_first_line(e)})",
-                              path=path, hint=HINT) from None
+    header = parse_json(raw, path, CheckpointError, "safetensors header", HINT)
     if not isinstance(header, dict):
         raise CheckpointError("safetensors header is not a JSON object", path=path, hint=HINT)
     data_size = size - 8 - n
@@ -56,7 +53,23 @@ def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor]]:
         if name == "__metadata__":
             continue
         entries[name] = _entry(path, name, meta, data_size)
+    _check_tiling(path, {name: tuple(header[name]["data_offsets"]) for name in entries}, data_size)
     return prefix + raw, entries
+
+
+def _check_tiling(path: Path, spans: dict[str, tuple[int, int]], data_size: int) -> None:
+    """The library's own rule, so `info` never accepts what a read refuses: the tensors, sorted by offsets,
+    tile the data section from byte 0 to its end without gaps, overlaps or trailing bytes."""
+    start = 0
+    for (begin, end), name in sorted((span, name) for name, span in spans.items()):
+        if begin != start:
+            raise CheckpointError(f"tensor '{name}' starts at byte {begin} of the data section where {start} was "
+                                  "expected (tensors must follow each other without gaps or overlaps)",
+                                  path=path, hint=HINT)
+        start = end
+    if start != data_size:
+        raise CheckpointError(f"the tensors cover {start} of the {data_size} bytes of the data section",
+                              path=path, hint=HINT)
 
 
 def _entry(path: Path, name: str, meta: Any, data_size: int) -> StoredTensor:
@@ -68,9 +81,9 @@ def _entry(path: Path, name: str, meta: Any, data_size: int) -> StoredTensor:
     if code not in DTYPES:
         raise CheckpointError(f"tensor '{name}' has unsupported dtype {code!r}", path=path,
                               hint="convert the checkpoint to float32/float16/bfloat16")
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+    if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)  # not bool: true ≠ 1
             or not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
         raise CheckpointError(bad + f" (shape {shape!r}, data_offsets {offsets!r})", path=path, hint=HINT)
     dtype, itemsize = DTYPES[code]
     begin, end = offsets
@@ -109,6 +122,7 @@ class SafetensorsFile:
         if self._handle is None:
             from safetensors import safe_open
 
+            check_regular(self.path, CheckpointError)  # the library opens by name: never a FIFO swapped in
             try:
                 self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             except Exception as e:  # the library's own validation disagrees with ours
