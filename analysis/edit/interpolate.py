@@ -27,7 +27,6 @@ from analysis.edit.rewind import MappedReadBudget, RawSource, target_specs, torc
 from analysis.edit.rewind_list import tool_version
 from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, inferred_config,
                                 write_checkpoint_streaming)
-
 from analysis.io.safe_read import REGULAR_HINT, NotRegularFileError, read_regular_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
