@@ -61,6 +61,10 @@ def register(app: typer.Typer) -> None:
         cache = None if no_cache else Cache(cache_dir)
         opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
         try:
+            if delta:
+                from analysis.io.alignment import require_same_model
+
+                require_same_model(opened)  # different models: one line before the progress bar
             rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan)
         finally:
             for c in opened:
