@@ -124,7 +124,7 @@ class DiffractApp(App):
         yield Label("", id="viewbar")
         with Horizontal(id="main"):
             with Vertical(id="sidebar"):
-                yield ModelTree(self.session.layout, self._model_name(), id="tree")
+                yield ModelTree(self.session.layout, self._model_name(), only_in=self.session.only_in, id="tree")
                 yield Input(placeholder="filter: L3 q h5 (enter keeps, esc clears)", id="filter")
             with ContentSwitcher(initial=self.active_view_id, id="views"):
                 for spec in self.view_specs:

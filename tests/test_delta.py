@@ -99,13 +99,16 @@ def test_singular_values_match_torch_svdvals():
 
 
 def test_a1_of_identical_matrices_is_one():
+    # A1 itself is 1 for identical matrices; a delta row of an identical pair is `unchanged` and leaves A1 empty
+    # (issue 9 item 13: no decomposition for ΔW = 0).
     W = torch.randn(16, 40, generator=_gen(12))
-    m = D.delta_metrics(W, W.clone(), spectral=False)
-    assert m["avg_max_l_agreement"] == pytest.approx(1.0, abs=1e-9)
-    assert m["avg_max_r_agreement"] == pytest.approx(1.0, abs=1e-9)
-    top = D.delta_metrics(W, W.clone(), spectral=False, top_k=4)
-    assert top["a1_k"] == 4
-    assert top["avg_max_l_agreement"] == pytest.approx(1.0, abs=1e-9)
+    m = D.a1_agreement(D.top_svd(W.double()), D.top_svd(W.clone().double()))
+    assert float(m["avg_max_l_agreement"]) == pytest.approx(1.0, abs=1e-9)
+    assert float(m["avg_max_r_agreement"]) == pytest.approx(1.0, abs=1e-9)
+    top = D.a1_agreement(D.top_svd(W.double(), 4), D.top_svd(W.clone().double(), 4))
+    assert float(top["avg_max_l_agreement"]) == pytest.approx(1.0, abs=1e-9)
+    row = D.delta_metrics(W, W.clone(), spectral=False, top_k=4)
+    assert row["unchanged"] is True and row["a1_k"] is None and row["avg_max_l_agreement"] is None
 
 
 def test_a1_of_a_sign_flip_is_still_one():
@@ -279,11 +282,11 @@ def test_spectral_metrics_of_the_delta_itself():
 
 
 def test_zero_delta_rows_have_no_spectral_columns():
-    # An unchanged matrix has ΔW = 0: norms are 0, ρ is 0/0 (NaN) and there is no spectrum to fit, while a
-    # changed matrix in the same batch still gets its SPEC §3 metrics.
+    # An unchanged matrix has ΔW = 0: norms are 0, ρ (0/0) is empty (None, issue 9 item 13) and there is no
+    # spectrum to fit, while a changed matrix in the same batch still gets its SPEC §3 metrics.
     W = torch.randn(3, 20, 30, generator=_gen(60))
     Wd = W.clone()
     Wd[1] += 0.1 * torch.randn(20, 30, generator=_gen(61))
     rows = D.batched_delta_metrics(W, Wd, spectral=True)
-    assert rows[0]["delta_frob"] == 0.0 and math.isnan(rows[0]["delta_rho"]) and "pl_alpha" not in rows[0]
+    assert rows[0]["delta_frob"] == 0.0 and rows[0]["delta_rho"] is None and "pl_alpha" not in rows[0]
     assert rows[1]["frob_norm"] == pytest.approx(rows[1]["delta_frob"], rel=1e-9) and "pl_alpha" in rows[1]

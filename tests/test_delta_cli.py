@@ -163,7 +163,7 @@ def test_help_is_fast_and_lists_the_options():
 
 def test_unchanged_checkpoints_give_zero_deltas_and_strict_json(family, tmp_path, capsys):
     # The base against two copies of itself: every ΔW = 0 → delta_frob = delta_rel = 0, ρ and A2 undefined
-    # (NaN in the table), every head inert, and the summary still valid JSON (undefined numbers are null).
+    # (empty in the table), every head inert, and the summary still valid JSON (undefined numbers are null).
     import json
     import shutil
 
@@ -181,4 +181,5 @@ def test_unchanged_checkpoints_give_zero_deltas_and_strict_json(family, tmp_path
     assert all(c["top10_share"] == 0.0 and c["gini"] == 0.0 for c in summary["checkpoints"])
     rows, _ = read_table(out)
     assert all(r["delta_frob"] == 0.0 and r["delta_rel"] == 0.0 for r in rows)
-    assert all(r["delta_rho"] != r["delta_rho"] for r in rows)   # NaN: ρ is 0/0 for a zero delta
+    # unchanged (issue 9 item 13): ρ is 0/0 for a zero delta, so its cell is empty
+    assert all(r["unchanged"] is True and r["delta_rho"] is None for r in rows)

@@ -177,6 +177,40 @@ ENERGY_LEVELS: tuple[tuple[str, float], ...] = (("delta_rank_90", 0.90), ("delta
                                                  ("delta_rank_99", 0.99))
 
 
+def unchanged_mask(W0: torch.Tensor, Wd: torch.Tensor) -> torch.Tensor:
+    """(…,) True where a matrix (or head slice) of the target is bit-identical to the base: ΔW = 0 exactly.
+
+    Exact equality of the upcast values is exact equality of the stored ones (upcasting is exact), and for
+    finite floats W_d − W₀ = 0 holds only when W_d = W₀; a NaN is never equal, so it never counts as unchanged.
+    """
+    return (W0 == Wd).flatten(-2).all(-1)
+
+
+def unchanged_row(*, agreement: bool = True, truncation: bool = False) -> dict[str, Any]:
+    """The row of a tensor the CPT left bit-identical: `unchanged`, ‖ΔW‖ = ‖ΔW‖/‖W₀‖ = 0, and every ratio,
+    rank, agreement and truncation column empty (None): ΔW = 0 has no direction, spectrum or rank, and
+    reading 1 for cos or 99.8 % for "truncatable" would be misleading. Spectral columns of ΔW are absent."""
+    row: dict[str, Any] = {"unchanged": True, "delta_frob": 0.0, "delta_rel": 0.0, "delta_cos": None,
+                           "delta_rho": None}
+    row.update({name: None for name, _ in ENERGY_LEVELS})
+    if agreement:
+        row.update({k: None for k in ("avg_max_l_agreement", "avg_max_r_agreement", "a1_k", "a1_noise_floor_l",
+                                      "a1_noise_floor_r")})
+    if truncation:
+        row["truncatable_fraction"] = None
+    return row
+
+
+def _svd_rows(s: SVD | None, idx: torch.Tensor) -> SVD | None:
+    """The decompositions of the stack entries `idx` of a batched SVD (None stays None)."""
+    if s is None:
+        return None
+    if s.S.dim() == 1:
+        s = SVD(s.U.unsqueeze(0), s.S.unsqueeze(0), s.V.unsqueeze(0))
+    idx = idx.to(s.S.device)
+    return SVD(s.U.index_select(0, idx), s.S.index_select(0, idx), s.V.index_select(0, idx))
+
+
 def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
                           settings: "SpectralSettings | None" = None,
                           dtype: torch.dtype = torch.float32,
@@ -187,15 +221,36 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
                           base_svd: SVD | None = None) -> list[dict[str, Any]]:
     """SPEC §4 metrics for each pair of a stack (B, m, n) (or one (m, n) pair → one-element list).
 
-    Keys: delta_frob, delta_rel, delta_cos, delta_rho, delta_rank_{90,95,99}, avg_max_{l,r}_agreement,
+    Keys: unchanged, delta_frob, delta_rel, delta_cos, delta_rho, delta_rank_{90,95,99}, avg_max_{l,r}_agreement,
     a1_k, a1_noise_floor_{l,r}, with `truncation` the SPEC §5 `truncatable_fraction` (error ≤ 0.1) and, with
-    `spectral`, every SPEC §3 metric of ΔW itself.
+    `spectral`, every SPEC §3 metric of ΔW itself. Entries the target left bit-identical get `unchanged_row`
+    and no decomposition at all; the others are computed together.
     `base_svd` lets a caller reuse W₀'s decomposition across several targets.
     """
     single = W0.dim() == 2
-    W0, Wd, dW = upcast_pair(W0, Wd, dtype)
+    W0, Wd, _ = upcast_pair(W0, Wd, dtype)
     if single:
-        W0, Wd, dW = W0.unsqueeze(0), Wd.unsqueeze(0), dW.unsqueeze(0)
+        W0, Wd = W0.unsqueeze(0), Wd.unsqueeze(0)
+    same = unchanged_mask(W0, Wd).tolist()
+    rows: list[dict[str, Any]] = [unchanged_row(agreement=agreement, truncation=truncation) if s else {}
+                                  for s in same]
+    changed = [i for i, s in enumerate(same) if not s]
+    if not changed:
+        return rows
+    if len(changed) < len(same):
+        idx = torch.tensor(changed, device=W0.device)
+        W0, Wd, base_svd = W0.index_select(0, idx), Wd.index_select(0, idx), _svd_rows(base_svd, idx)
+    computed = _changed_delta_metrics(W0, Wd, Wd - W0, settings=settings, top_k=top_k, spectral=spectral,
+                                      agreement=agreement, truncation=truncation, base_svd=base_svd)
+    for i, row in zip(changed, computed):
+        rows[i] = {"unchanged": False, **row}
+    return rows
+
+
+def _changed_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor, *,
+                           settings: "SpectralSettings | None", top_k: int | None, spectral: bool, agreement: bool,
+                           truncation: bool, base_svd: SVD | None) -> list[dict[str, Any]]:
+    """`batched_delta_metrics` of a (B, m, n) stack in the compute dtype whose every ΔW is non-zero."""
     m, n = W0.shape[-2], W0.shape[-1]
     M = min(m, n)
     cols: dict[str, torch.Tensor] = dict(delta_norms(W0, Wd, dW))
@@ -234,14 +289,14 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
         from analysis.spectral.spectra import batched_spectral_metrics
 
         settings = settings or SpectralSettings()
-        # one batched fit over the stack, on the float64-Gram ESD of ΔW computed above (λ = σ²/N); a zero
-        # delta (an unchanged tensor) has no spectrum to describe, so its spectral columns stay empty
-        nonzero = [i for i, r in enumerate(rows) if r["delta_frob"] > 0]
-        if nonzero:
-            idx = torch.tensor(nonzero, device=dW.device)
+        # one batched fit over the stack, on the float64-Gram ESD of ΔW computed above (λ = σ²/N); a ΔW whose
+        # norm is not a positive number (a non-finite weight) has no spectrum to describe
+        ok = [i for i, r in enumerate(rows) if r["delta_frob"] > 0]
+        if ok:
+            idx = torch.tensor(ok, device=dW.device)
             spectra = batched_spectral_metrics(dW.index_select(0, idx), settings,
                                                evals=evals_d.index_select(0, idx) / max(m, n))
-            for i, metrics in zip(nonzero, spectra):
+            for i, metrics in zip(ok, spectra):
                 for key, value in metrics.items():
                     rows[i].setdefault(key, value)
     return rows
@@ -302,6 +357,12 @@ class HeadScores:
     @property
     def num_heads(self) -> int:
         return int(self.scores.shape[1])
+
+    @property
+    def unchanged(self) -> torch.Tensor:
+        """(L × H) True for a head whose slices of every scored projection the target left bit-identical:
+        Σ‖ΔW_h‖² = 0 exactly (a sum of squared float32 differences is 0 only when every one is)."""
+        return self.delta_energy == 0
 
     def ranking(self, descending: bool = True) -> list[tuple[int, int, float]]:
         """(layer, head, score) sorted by score (largest first unless `descending=False`); ties by position."""
@@ -367,11 +428,13 @@ def gini(values: torch.Tensor | Sequence[float]) -> float:
 
 
 class Concentration(NamedTuple):
-    """`curve` (x % of heads → share of Σ‖Δ‖², both as float64 arrays of length n+1), the 10 % point, Gini."""
+    """`curve` (x % of heads → share of Σ‖Δ‖², both as float64 arrays of length n+1), the 10 % point, Gini,
+    and how many heads are unchanged (energy exactly 0: they hold none of the update)."""
 
     curve: tuple[torch.Tensor, torch.Tensor]
     top10_share: float
     gini: float
+    unchanged: int = 0
 
 
 def share_of_top(energies: torch.Tensor | Sequence[float], percent: float) -> float:
@@ -412,7 +475,9 @@ def concentration(energies: torch.Tensor | Sequence[float],
     coefficient of the head scores (of `energies` when no scores are given)."""
     x, y = concentration_curve(energies)
     top10 = float(_interp(torch.tensor([10.0], dtype=torch.float64), x, y)[0])
-    return Concentration(curve=(x, y), top10_share=top10, gini=gini(energies if scores is None else scores))
+    unchanged = int((torch.as_tensor(energies, dtype=torch.float64) == 0).sum())
+    return Concentration(curve=(x, y), top10_share=top10, gini=gini(energies if scores is None else scores),
+                         unchanged=unchanged)
 
 
 def head_concentration(hs: HeadScores) -> Concentration:

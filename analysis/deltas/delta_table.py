@@ -1,7 +1,9 @@
 """The rows behind `diffract-tui delta`: every shared matrix (and every head slice) of N CPT checkpoints
 against their base, with the SPEC §4 metrics, cross-domain agreement and a concentration summary.
 
-Row keys: checkpoint, tensor, layer, module, head, kv_head, rows, cols, then delta_frob, delta_rel,
+Row keys: checkpoint, tensor, layer, module, head, kv_head, rows, cols, then unchanged (True when the target left
+the matrix or slice bit-identical to the base: delta_frob = delta_rel = 0 and every other column empty), delta_frob,
+delta_rel,
 delta_cos, delta_rho, delta_rank_{90,95,99}, avg_max_{l,r}_agreement (+ a1_k, a1_noise_floor_{l,r}),
 truncatable_fraction (SPEC §5, relative error ≤ 0.1), the SPEC §3 metrics of ΔW itself, and with ≥ 2 CPT checkpoints a2_agreement / a3_agreement (mean over the
 other domains; per matrix or per head slice) plus, on head rows, head_score, head_a2_agreement,
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 ProgressFn = Callable[[int, int, str], None]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ID_COLUMNS = ("checkpoint", "tensor", "layer", "module", "head", "kv_head", "rows", "cols")
+DELTA_TABLE_VERSION = 2  # bump when what the table caches per matrix changes (2: `unchanged` rows)
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                       options: DeltaOptions = DeltaOptions(), cache: "Cache | None" = None,
                       progress: ProgressFn | None = None) -> DeltaTable:
     """Every shared matrix and (optionally) every head slice of each target against `base` (SPEC §4)."""
-    from analysis.io.alignment import align
+    from analysis.io.alignment import require_same_model
     from analysis.model.architecture import layout_of
     from analysis.model.heads import module_matrix, projection_heads
 
@@ -163,7 +166,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
         raise DiffractError("delta needs a base checkpoint and at least one CPT checkpoint",
                             hint="run: diffract-tui delta BASE CPT [CPT …] --out FILE")
     dtype = options.torch_dtype()
-    report = align([base, *targets])      # shape mismatch → one-line AlignmentError before any work
+    report = require_same_model([base, *targets])  # different models → one-line AlignmentError before any work
     shared = set(report.shared)
     labels = list(report.labels[1:])      # unique display labels of the targets (#i suffix on clashes)
     layout = layout_of(base)
@@ -197,14 +200,15 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
             def compute(W0=W0, Wd=Wd) -> list[dict[str, Any]]:
                 nonlocal bsvd
-                if bsvd is None:
+                if bsvd is None and not torch.equal(W0, Wd):  # an unchanged matrix needs no decomposition
                     bsvd = top_svd(W0.unsqueeze(0), options.top_k)  # shared by every target of this matrix
                 return batched_delta_metrics(W0.unsqueeze(0), Wd.unsqueeze(0), base_svd=bsvd, **metric_kwargs)
 
             key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=module.tensor,
                        slice={"module": module.name, "segments": [list(s) for s in module.segments],
                               "transpose": module.transpose},
-                       operation="delta/metrics", settings=skey, dtype=options.dtype, device_kind=device.type)
+                       operation=f"delta/metrics/v{DELTA_TABLE_VERSION}", settings=skey, dtype=options.dtype,
+                       device_kind=device.type)
             metrics = _cached(cache, key, compute)[0]
             row = {"checkpoint": labels[i], "tensor": module.tensor, "layer": layer, "module": module.name,
                    "head": None, "kv_head": None, "rows": int(W0.shape[0]), "cols": int(W0.shape[1]), **metrics}
@@ -212,12 +216,13 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
             if n >= 2:
                 deltas.append(Wd - W0)
         if n >= 2:
-            pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+            still = [bool(per_target[i][-1]["unchanged"]) for i in range(n)]
+            pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if not (still[a] or still[b])]
             a2 = {pr: float(a2_cosine(deltas[pr[0]], deltas[pr[1]])) for pr in pairs}
             a3 = {pr: float(a3_subspace(deltas[pr[0]], deltas[pr[1]], options.a3_k)) for pr in pairs}
             for i, (m2, m3) in enumerate(zip(_partner_means(a2, n), _partner_means(a3, n))):
-                per_target[i][-1]["a2_agreement"] = m2
-                per_target[i][-1]["a3_agreement"] = m3
+                per_target[i][-1]["a2_agreement"] = None if still[i] else m2  # ΔW = 0 agrees with nothing
+                per_target[i][-1]["a3_agreement"] = None if still[i] else m3
         tick(f"{module.tensor} ({module.name})")
 
     # ---- cross-domain agreement and head scores -------------------------------------------------
@@ -259,14 +264,14 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
                     def compute_heads(b=b, t=t) -> list[dict[str, Any]]:
                         nonlocal bsvd_h
-                        if bsvd_h is None:
+                        if bsvd_h is None and not torch.equal(b, t):  # all heads unchanged: no decomposition
                             bsvd_h = top_svd(b, options.top_k)
                         return batched_delta_metrics(b, t, base_svd=bsvd_h, **metric_kwargs)
 
                     key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=tensor,
                                slice={"proj": p, "layer": layer, "heads": "all", "head_dim": layout.head_dim},
-                               operation="delta/head-metrics", settings=skey, dtype=options.dtype,
-                               device_kind=device.type)
+                               operation=f"delta/head-metrics/v{DELTA_TABLE_VERSION}", settings=skey,
+                               dtype=options.dtype, device_kind=device.type)
                     head_rows = _cached(cache, key, compute_heads)
                     hs = scores[labels[i]]
                     for j, metrics in enumerate(head_rows):
@@ -280,8 +285,9 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                         if p not in ("k", "v") or per == 1:
                             row["head_score"] = float(hs.scores[layer, qh])
                         if agreement is not None and not (options.exclude_kv and p in ("k", "v")):
-                            row["a2_agreement"] = float(partner_mean(i, "a2", p)[layer, qh])
-                            row["a3_agreement"] = float(partner_mean(i, "a3", p)[layer, qh])
+                            same = row["unchanged"]  # a slice with ΔW = 0 has no direction to agree on
+                            row["a2_agreement"] = None if same else float(partner_mean(i, "a2", p)[layer, qh])
+                            row["a3_agreement"] = None if same else float(partner_mean(i, "a3", p)[layer, qh])
                             if head is not None:
                                 row["head_a2_agreement"] = float(partner_mean(i, "a2", None)[layer, qh])
                                 row["head_a3_agreement"] = float(partner_mean(i, "a3", None)[layer, qh])
@@ -290,7 +296,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                 tick(f"heads, layer {layer} {p}")
 
     rows = [r for rs in per_target for r in rs]
-    summary = _summary(report.labels[0], labels, scores, agreement, report, layout, heads_on, heads_reason)
+    summary = _summary(report.labels[0], labels, scores, agreement, report, layout, heads_on, heads_reason, rows)
     metadata = {
         "command": "delta",
         "engine_version": ENGINE_VERSION,
@@ -306,17 +312,23 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
 def _summary(base_label: str, labels: Sequence[str], scores: dict[str, HeadScores],
              agreement: DomainAgreement | None, report: Any, layout: "ModelLayout", heads_on: bool,
-             heads_reason: str | None) -> dict[str, Any]:
-    """Per-target concentration (top-10 % share, Gini) and the cross-domain agreement summary."""
+             heads_reason: str | None, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-target concentration (top-10 % share, Gini), how many matrices, head slices and heads the target
+    left unchanged (bit-identical to the base), and the cross-domain agreement summary."""
     out: dict[str, Any] = {"base": base_label, "heads": heads_on, "heads_reason": heads_reason,
                            "architecture": layout.describe(), "checkpoints": []}
     for label in labels:
         entry: dict[str, Any] = {"checkpoint": label}
+        mine = [r for r in rows if r["checkpoint"] == label]
+        matrices = [r for r in mine if r["head"] is None and r["kv_head"] is None]
+        slices = [r for r in mine if not (r["head"] is None and r["kv_head"] is None)]
+        entry.update(matrices=len(matrices), unchanged_matrices=sum(bool(r["unchanged"]) for r in matrices),
+                     head_slices=len(slices), unchanged_head_slices=sum(bool(r["unchanged"]) for r in slices))
         hs = scores.get(label)
         if hs is not None:
             c = head_concentration(hs)
             entry.update(top10_share=c.top10_share, gini=c.gini, total_delta_energy=float(hs.delta_energy.sum()),
-                         mean_head_score=float(hs.scores.nanmean()))
+                         mean_head_score=float(hs.scores.nanmean()), unchanged_heads=c.unchanged)
         out["checkpoints"].append(entry)
     if agreement is not None:
         out["agreement"] = agreement.summary()

@@ -325,8 +325,11 @@ def run_interpolation(comb: Combination, out_dir: str | Path | None, *, force: b
                       progress: Callable[[int, int], None] | None = None) -> InterpolationReport:
     """Write the combination to `out_dir` (if given) and/or gather diagnostics of (base, A, B) in the same
     pass. Inputs are never written to; the output is atomic (see `writer`)."""
+    from analysis.io.alignment import require_same_model
     from analysis.model.architecture import layout_of
 
+    sides = [ck for ck, _ in comb.terms] + [ck for ck in (diagnostics_of or ()) if ck is not None]
+    require_same_model(list({id(ck): ck for ck in sides}.values()))  # different models: one line, nothing written
     for _, c in comb.terms:
         if not math.isfinite(c):
             raise DiffractError(f"coefficient {c} is not finite", hint="pass finite --alpha / --lambda values")

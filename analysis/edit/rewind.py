@@ -54,9 +54,12 @@ def rewind_inputs(base: "Checkpoint", target: "Checkpoint", reference: "Checkpoi
                   progress: Callable[[int, int], None] | None = None) -> RewindInputs:
     """Head energies of target−base (and reference−base, with their per-head A2) in one read per projection."""
     from analysis.deltas.agreement import a2_cosine, head_stack
+    from analysis.io.alignment import require_same_model
     from analysis.model.architecture import layout_of
     from analysis.model.heads import projection_heads
 
+    # different models: one line before any read (strict=False: a resized vocabulary does not touch the heads)
+    require_same_model([c for c in (base, target, reference) if c is not None], strict=False)
     layout = layout if layout is not None else layout_of(target)
     if not layout.heads_available:
         raise LayoutError(f"heads are not available for this model: {layout.heads_reason}",
@@ -401,6 +404,7 @@ def apply_rewind(rl: RewindList, out_dir: str | Path, *, force: bool = False, so
                  progress: Callable[[int, int], None] | None = None) -> WriteResult:
     """Write the rewound target to `out_dir` (safetensors shards + index, config/tokenizer copied), never
     touching the inputs; a stale list is refused unless `force` (which also replaces an existing output)."""
+    from analysis.io.alignment import require_same_model
     from analysis.model.architecture import layout_of
     from analysis.io.checkpoint import open_checkpoint
 
@@ -412,6 +416,7 @@ def apply_rewind(rl: RewindList, out_dir: str | Path, *, force: bool = False, so
     base = open_checkpoint(rl.base.path)
     target = open_checkpoint(rl.target.path)
     try:
+        require_same_model([base, target], strict=False)  # a list naming another model: one line, nothing written
         fps = {"base": base.fingerprint, "target": target.fingerprint}
         check_fresh(rl, fps, force=force, source=source)
         layout = layout_of(target)

@@ -83,3 +83,50 @@ def align(checkpoints: Sequence[Checkpoint], strict: bool = True) -> AlignmentRe
     missing = {label: tuple(k for k in all_keys if label not in owners[k]) for label in labels}
     return AlignmentReport(labels=labels, shared=tuple(shared), missing=missing, mismatched=tuple(mismatched),
                            present_in={k: tuple(owners[k]) for k in all_keys})
+
+
+# (what a user reads, how to get it from a ModelLayout): the geometry two checkpoints of one model share
+_SAME_MODEL_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("model_type", lambda lay: lay.model_type),
+    ("layers", lambda lay: lay.num_layers),
+    ("hidden size", lambda lay: lay.hidden_size),
+    ("attention heads", lambda lay: lay.num_heads),
+    ("key/value heads", lambda lay: lay.num_kv_heads),
+    ("head_dim", lambda lay: lay.head_dim),
+)
+SAME_MODEL_HINT = "compare a base with checkpoints continually pre-trained from it (same architecture and size)"
+
+
+def _is_matrix_key(ckpt: Checkpoint, key: str) -> bool:
+    """True when `key` is a 2-D tensor with both sides > 0 in `ckpt` (something with a spectrum)."""
+    shape = tuple(ckpt.info(key).shape)
+    return len(shape) == 2 and min(shape) > 0
+
+
+def require_same_model(checkpoints: Sequence[Checkpoint], *, strict: bool = True,
+                       layouts: Sequence[Any] | None = None) -> AlignmentReport:
+    """`align`, refusing checkpoints of different models first: the one check every multi-checkpoint command
+    makes before any output. One line names the first difference (model_type, layers, hidden size, heads,
+    kv heads, head_dim: both checkpoints, both values) or says that no 2-D tensor is shared; tensors that only some
+    checkpoints have stay legal (SPEC §1) and are listed in `present_in`."""
+    if len(checkpoints) < 2:
+        return align(checkpoints, strict=strict)
+    if layouts is None:
+        from analysis.model.architecture import layout_of
+
+        layouts = [layout_of(c) for c in checkpoints]
+    base, base_layout = checkpoints[0], layouts[0]
+    for ckpt, layout in zip(checkpoints[1:], layouts[1:]):
+        for what, get in _SAME_MODEL_FIELDS:
+            a, b = get(base_layout), get(layout)
+            if a != b:
+                show = repr if isinstance(a, str) else str
+                raise AlignmentError(f"different models: {what} {show(a)} in {base.path} vs {show(b)} in "
+                                     f"{ckpt.path}", hint=SAME_MODEL_HINT)
+    report = align(checkpoints, strict=strict)
+    common = [*report.shared, *(m.key for m in report.mismatched)]  # lenient: a shape mismatch still shares a name
+    if not any(_is_matrix_key(base, k) for k in common):
+        names = " and ".join(str(c.path) for c in checkpoints)
+        raise AlignmentError(f"different models: {names} share no 2-D tensor ({len(common)} tensor name(s) "
+                             "in common)", hint=SAME_MODEL_HINT)
+    return report

@@ -30,7 +30,7 @@ HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 ID_COLUMNS: tuple[str, ...] = (
     "checkpoint", "operation", "tensor", "layer", "module", "kind", "head", "kv_head", "rows", "cols",
 )
-SCAN_OPERATION_VERSION = 1  # bump when what a scan stores under its keys changes
+SCAN_OPERATION_VERSION = 2  # bump when what a scan stores under its keys changes (2: `unchanged` delta rows)
 WEIGHT = "weight"
 DELTA = "delta"
 
@@ -165,6 +165,13 @@ def _plan_layer(ctx: _Context, layer: int | None, heads: bool, delta: bool) -> l
                 for proj in HEAD_PROJECTIONS:
                     items.append(_Item(op, i, layer, proj=proj, label=f"{ckpt.label} {op} layer {layer} {proj} heads"))
     return items
+
+
+def partial_tensors(report: Any) -> dict[str, str]:
+    """Tensor → `;`-joined labels of the checkpoints that have it, for tensors some checkpoints lack (SPEC §1):
+    the `present_in` column of a multi-checkpoint scan (empty for tensors every checkpoint has)."""
+    everyone = len(report.labels)
+    return {key: ";".join(owners) for key, owners in report.present_in.items() if len(owners) < everyone}
 
 
 def _same_heads(a: "ModelLayout", b: "ModelLayout", layer: int) -> bool:
@@ -334,17 +341,23 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
          cancel: CancelFn | None = None) -> Iterator[dict]:
     """Yield one row per matrix (and head slice, and delta) of the checkpoints; the first is the base.
 
-    Rows carry ID_COLUMNS plus every SPEC §3 metric (delta rows also SPEC §4's norms and ρ).
+    Rows carry ID_COLUMNS plus every SPEC §3 metric (delta rows also SPEC §4's norms and ρ, and `unchanged`:
+    True for a tensor the CPT left bit-identical, whose ratio, rank and spectral columns are then empty); with
+    several checkpoints of which some lack a tensor, every row has `present_in`: the labels of the checkpoints
+    holding a tensor some of them lack (empty for tensors every checkpoint has).
     `progress(done, total, label)` is called after each item; `cancel()` returning True stops the
     scan between items. `cache=None` computes everything and stores nothing.
     """
     checkpoints = list(checkpoints)
     if not checkpoints:
         return
+    partial: dict[str, str] | None = None     # tensor → the labels that have it, for tensors not in all
     if len(checkpoints) > 1:
-        from analysis.io.alignment import align
+        from analysis.io.alignment import align, require_same_model
 
-        align(checkpoints)  # a shared key with different shapes is an error naming both
+        # a shared key with different shapes is an error naming both; deltas need one model (one line if not)
+        report = (require_same_model if delta else align)(checkpoints)
+        partial = partial_tensors(report) or None  # the column only where some checkpoint lacks a tensor
     ctx = _context(checkpoints, settings, cache)
     groups: list[int | None] = list(range(max(l.num_layers for l in ctx.layouts))) + [None]
     plans = [_plan_layer(ctx, g, heads, delta) for g in groups]
@@ -362,7 +375,10 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
                 if item.ckpt != previous and previous != 0:
                     readers[previous].release()  # done with that checkpoint's layer; the base's stays
                 previous = item.ckpt
-                yield from _run_item(ctx, item, readers)
+                for row in _run_item(ctx, item, readers):
+                    if partial is not None:
+                        row["present_in"] = partial.get(row["tensor"])
+                    yield row
                 done += 1
                 if progress is not None:
                     progress(done, total, item.label)
@@ -383,8 +399,8 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
 
     `module` is a layout module name (or Module); `head` is a query head for q/o, a kv head for k/v.
     With `delta_against=θ₀` the node is ΔW = W(ckpt) − W(θ₀). The result is the scan's row plus
-    `"eigenvalues"`: the ESD (ascending np.ndarray; for a delta, of ΔW in float64 per SPEC §4).
-    Shares cache entries with `scan`, so a scanned node costs two small file reads.
+    `"eigenvalues"`: the ESD (ascending np.ndarray; for a delta, of ΔW in float64 per SPEC §4; empty for a
+    delta row marked `unchanged`). Shares cache entries with `scan`, so a scanned node costs two small file reads.
     """
     from analysis.model.heads import head_slice
 
@@ -413,6 +429,8 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
     key = ctx.key(fp, tensor, slc, operation)
     metrics = cache.get_json(key) if cache is not None else None
     evals = cache.get_array(key) if cache is not None else None
+    if evals is None and metrics is not None and metrics.get("unchanged"):
+        evals = np.empty(0)  # ΔW = 0 (a tensor the CPT left bit-identical): no spectrum, nothing to read
     if metrics is None or evals is None:
         Wd = read(ckpt)
         if operation == WEIGHT:
@@ -432,7 +450,8 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
                 metrics = _delta_metrics(W0, Wd, settings, ctx.dtype)[0]
                 if cache is not None:
                     cache.put_json(key, metrics)
-            evals = esd(upcast_pair(W0, Wd, ctx.dtype)[2]).detach().cpu().numpy()
+            evals = (np.empty(0) if metrics.get("unchanged")
+                     else esd(upcast_pair(W0, Wd, ctx.dtype)[2]).detach().cpu().numpy())
         if cache is not None:
             cache.put_array(key, evals)
     out = _with_metrics(row, metrics)

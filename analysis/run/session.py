@@ -195,7 +195,7 @@ class ExplorerSession:
         Raises `DiffractError` (one line) for a missing path, an unreadable file, fewer than two
         checkpoints, or checkpoints that cannot be compared — before any screen opens.
         """
-        from analysis.io.alignment import align
+        from analysis.io.alignment import require_same_model
         from analysis.model.architecture import layout_of
         from analysis.spectral.backend import SpectralSettings, resolve_device
         from analysis.run.cache import Cache
@@ -217,8 +217,9 @@ class ExplorerSession:
             for ckpt, name in zip(checkpoints, names):
                 if ckpt.label != name:
                     ckpt.label = name
-            alignment = align(checkpoints)
-            layout = layout_of(checkpoints[0])
+            layouts = [layout_of(c) for c in checkpoints]
+            alignment = require_same_model(checkpoints, layouts=layouts)
+            layout = layouts[0]
         except BaseException:
             for ckpt in checkpoints:
                 ckpt.close()
@@ -275,6 +276,33 @@ class ExplorerSession:
                 return f"No module {node.module!r} here."
             if len(module.shape) != 2:
                 return f"{module.tensor} is a {len(module.shape)}-D tensor {tuple(module.shape)}: it has no spectrum."
+        return None
+
+    def only_in(self, node: Node) -> tuple[str, ...] | None:
+        """The labels of the checkpoints that hold the node's tensor when some lack it (SPEC §1: listed, not
+        fatal; rxnfp's `cls.predictions.decoder.weight` is only in `bert_pretrained`), else None."""
+        if node.module is None:
+            return None
+        try:
+            tensor = self.tensor_of(node)
+        except (DiffractError, IndexError, KeyError):  # no stored tensor behind this node
+            return None
+        owners = tuple(self.alignment.present_in.get(tensor, ()))
+        return owners if len(owners) < len(self.checkpoints) else None
+
+    def _having(self, node: Node, checkpoints: Sequence["Checkpoint"]) -> list["Checkpoint"]:
+        """Those of `checkpoints` that hold the node's tensor (all of them for a shared tensor)."""
+        owners = self.only_in(node)
+        return list(checkpoints) if owners is None else [c for c in checkpoints if c.label in owners]
+
+    def delta_unavailable(self, node: Node) -> str | None:
+        """Why the node has no ΔW to show (a sentence), or None: the base or every target lacks its tensor."""
+        reason = self.unavailable(node)
+        if reason:
+            return reason
+        owners = self.only_in(node)
+        if owners is not None and (self.base.label not in owners or not self._having(node, self.targets)):
+            return f"{self.tensor_of(node)} is only in {', '.join(owners)}: there is no ΔW to compare."
         return None
 
     def slice_of(self, node: Node) -> dict[str, Any] | None:
@@ -343,7 +371,8 @@ class ExplorerSession:
         if self.unavailable(node):
             return None
         try:
-            spectra = tuple(self._checkpoint_spectrum(c, node, probe=True) for c in self.checkpoints)
+            spectra = tuple(self._checkpoint_spectrum(c, node, probe=True)
+                            for c in self._having(node, self.checkpoints))
         except CacheMiss:
             return None
         return SpectrumResult(self.describe(node), _shape(spectra[0].metrics), spectra)
@@ -355,8 +384,9 @@ class ExplorerSession:
         if reason:
             raise DiffractError(reason)
         spectra = []
-        n = len(self.checkpoints)
-        for i, ckpt in enumerate(self.checkpoints):
+        having = self._having(node, self.checkpoints)
+        n = len(having)
+        for i, ckpt in enumerate(having):
             if cancelled():
                 raise Cancelled()
             progress(i / n, f"spectrum of {ckpt.label}")
@@ -398,6 +428,10 @@ class ExplorerSession:
 
         row = self._node_metrics(target, node, delta=True, probe=probe)
         evals = _np(row.pop("eigenvalues"))
+        if row.get("unchanged"):  # bit-identical to the base: ΔW = 0 has no spectrum, curve or agreement
+            row["truncatable_fraction"] = None
+            empty = np.empty(0)
+            return TargetDelta(target.label, empty, row, empty, empty, empty, empty, empty, empty)
         n_big = max(int(row.get("rows") or 0), int(row.get("cols") or 0), 1)
         sigma = np.sqrt(np.clip(evals, 0.0, None) * n_big)[::-1].copy()       # λ = σ²/N (SPEC §3)
         curve = truncation_curve(torch.from_numpy(sigma))
@@ -411,23 +445,25 @@ class ExplorerSession:
 
     def cached_delta(self, node: Node) -> DeltaResult | None:
         """The node's deltas when every target's is in the cache, else None."""
-        if self.unavailable(node):
+        if self.delta_unavailable(node):
             return None
         try:
-            deltas = tuple(self._target_delta(t, node, probe=True) for t in self.targets)
+            deltas = tuple(self._target_delta(t, node, probe=True) for t in self._having(node, self.targets))
         except CacheMiss:
             return None
         return DeltaResult(self.describe(node), _shape(deltas[0].metrics), deltas)
 
     def delta(self, node: Node, progress: ProgressFn = _no_progress,
               cancelled: CancelledFn = _never) -> DeltaResult:
-        """ΔW of the node for every target: σ(ΔW), truncation curve, ρ and the A1 agreement-vs-k curve."""
-        reason = self.unavailable(node)
+        """ΔW of the node for every target that holds its tensor: σ(ΔW), truncation curve, ρ and the A1
+        agreement-vs-k curve (all empty for a target that left the node bit-identical: `unchanged`)."""
+        reason = self.delta_unavailable(node)
         if reason:
             raise DiffractError(reason)
         deltas = []
-        n = len(self.targets)
-        for i, target in enumerate(self.targets):
+        targets = self._having(node, self.targets)
+        n = len(targets)
+        for i, target in enumerate(targets):
             if cancelled():
                 raise Cancelled()
             progress(i / n, f"delta of {target.label}")
@@ -437,7 +473,8 @@ class ExplorerSession:
 
     # ---- badges ----------------------------------------------------------------------------
     def known_badge(self, node: Node) -> dict[str, Any] | None:
-        """`pl_alpha` (+ reliability) of the base and `delta_rel` of the first target, from the cache only."""
+        """`pl_alpha` (+ reliability) of the base and `delta_rel` (+ `unchanged`) of the first target, from the
+        cache only."""
         if self.unavailable(node):
             return None
         out: dict[str, Any] = {}
@@ -448,8 +485,10 @@ class ExplorerSession:
         except CacheMiss:
             pass
         try:
-            row = self._node_metrics(self.targets[0], node, delta=True, probe=True, metrics_only=True)
-            out["delta_rel"] = row.get("delta_rel")
+            if self.delta_unavailable(node) is None and self.targets[0] in self._having(node, self.targets):
+                row = self._node_metrics(self.targets[0], node, delta=True, probe=True, metrics_only=True)
+                out["delta_rel"] = row.get("delta_rel")
+                out["unchanged"] = bool(row.get("unchanged"))
         except CacheMiss:
             pass
         return out or None
@@ -483,7 +522,7 @@ class ExplorerSession:
                 on_node(node, {"pl_alpha": row.get("pl_alpha"),
                                "pl_alpha_reliable": row.get("pl_alpha_reliable", True)})
             elif row.get("operation") == "delta" and row.get("checkpoint") == first:
-                on_node(node, {"delta_rel": row.get("delta_rel")})
+                on_node(node, {"delta_rel": row.get("delta_rel"), "unchanged": bool(row.get("unchanged"))})
         if cancelled():
             raise Cancelled()
         return count

@@ -177,7 +177,6 @@ def _fit_metrics(lam: np.ndarray, fit: PowerLawFit, b: int, settings: SpectralSe
         "expon_esd_xmin": xmin,
         "expon_ks": tails.expon_ks,
         "pl_tpl_llr": tails.llr,
-        "pl_tpl_loglik_ratio": tails.llr,          # the name the app's metric panel reads
         "pl_tpl_p": tails.llr_p,
         "shape": tails.shape,
     }

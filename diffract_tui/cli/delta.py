@@ -33,12 +33,20 @@ def print_summary(summary: dict[str, Any], out: Path, rows: int) -> None:
         console.print(f"heads not analysed: {summary.get('heads_reason')}")
     else:
         table = Table(title="head concentration (energy Σ‖ΔW_h‖², Gini of head scores r)")
-        for col in ("checkpoint", "top-10 % share of Σ‖Δ‖²", "Gini of r", "mean r", "Σ‖Δ‖² (heads)"):
+        for col in ("checkpoint", "top-10 % share of Σ‖Δ‖²", "Gini of r", "mean r", "Σ‖Δ‖² (heads)",
+                    "unchanged heads"):
             table.add_column(col, justify="left" if col == "checkpoint" else "right")
         for c in summary["checkpoints"]:
             table.add_row(c["checkpoint"], _fmt(c.get("top10_share")), _fmt(c.get("gini")),
-                          _fmt(c.get("mean_head_score"), 4), _fmt(c.get("total_delta_energy"), 2))
+                          _fmt(c.get("mean_head_score"), 4), _fmt(c.get("total_delta_energy"), 2),
+                          _fmt(c.get("unchanged_heads")))
         console.print(table)
+    for c in summary["checkpoints"]:
+        if c.get("unchanged_matrices") or c.get("unchanged_head_slices"):
+            console.print(f"{c['checkpoint']}: {c['unchanged_matrices']} of {c['matrices']} matrices and "
+                          f"{c['unchanged_head_slices']} of {c['head_slices']} head slices unchanged (bit-identical "
+                          "to the base: column `unchanged`, their ratio and spectral columns are empty)",
+                          markup=False, highlight=False)
     agreement = summary.get("agreement")
     if agreement:
         table = Table(title="cross-domain agreement per head")
@@ -117,14 +125,14 @@ def register(app: typer.Typer) -> None:
 
             cache = Cache(cache_dir)
 
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from rich.console import Console
-
         console = Console(stderr=True)
-        # not a terminal (a log, a test): no bar, so stderr holds only real messages (an error is one line)
+
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), transient=True, console=console, disable=not console.is_terminal) as bar:
+                      TimeElapsedColumn(), transient=True, console=console,
+                      disable=not console.is_terminal) as bar:  # a log or a pipe gets no bar, only messages
             task = bar.add_task("delta", total=None)
 
             def progress(done: int, total: int, what: str) -> None:

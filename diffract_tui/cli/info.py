@@ -106,14 +106,15 @@ def register(app: typer.Typer) -> None:
                                      help="List shape mismatches on shared tensors instead of failing."),
     ) -> None:
         """Show architecture, heads, tensors, dtypes, size and fingerprint of each checkpoint, and their alignment."""
-        from analysis.io.alignment import align
+        from analysis.io.alignment import require_same_model
         from analysis.model.architecture import layout_of
         from analysis.io.checkpoint import open_checkpoint
 
         opened = [open_checkpoint(p) for p in checkpoints]
         try:
-            summaries = [checkpoint_summary(c, layout_of(c)) for c in opened]
-            alignment = align(opened, strict=not lenient).to_dict()
+            layouts = [layout_of(c) for c in opened]
+            alignment = require_same_model(opened, strict=not lenient, layouts=layouts).to_dict()
+            summaries = [checkpoint_summary(c, layout) for c, layout in zip(opened, layouts)]
         finally:
             for c in opened:
                 c.close()

@@ -64,6 +64,10 @@ def register(app: typer.Typer) -> None:
         inputs = [f for c in opened for f in checkpoint_files(c)]
         check_table_output(out, inputs)  # refuse an output on, in or around an input before any work
         try:
+            if delta:
+                from analysis.io.alignment import require_same_model
+
+                require_same_model(opened)  # different models: one line before the progress bar
             rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan)
         finally:
             for c in opened:

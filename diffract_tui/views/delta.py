@@ -29,6 +29,7 @@ CHARTS: tuple[str, ...] = ("sigma", "truncation", "agreement")
 CHART_TITLES = {"sigma": "σ(ΔW)", "truncation": "truncation error √(1−E(t))", "agreement": "A1 agreement top-k"}
 WIDE_AT = 120  # columns from which all three charts fit side by side
 TRUNCATION_TOLERANCE = 0.1  # the error level drawn on the truncation chart (SPEC §5's default tolerance)
+UNCHANGED_NOTE = "Δ= unchanged (bit-identical to the base: no ΔW to chart)"
 
 DELTA_ROWS: tuple[tuple[str, str], ...] = (
     ("‖ΔW‖_F", "delta_frob"),
@@ -85,6 +86,10 @@ class DeltaView(ChartView):
         self.set_class(self.app.size.width < WIDE_AT, "-narrow")
 
     # ---- ChartView -------------------------------------------------------------------------
+    def accepts(self, node: NodeRef) -> str | None:
+        """A sentence instead of charts for nodes without ΔW: no matrix, or a tensor only some checkpoints hold."""
+        return self.app.session.delta_unavailable(node)
+
     def cached(self, node: NodeRef) -> Any | None:
         return self.app.session.cached_delta(node)
 
@@ -93,7 +98,10 @@ class DeltaView(ChartView):
         return self.app.session.delta(node, progress=progress, cancelled=cancelled)
 
     def badge_metrics(self, result: Any) -> dict[str, Any] | None:
-        return {"delta_rel": result.deltas[0].metrics.get("delta_rel")} if result.deltas else None
+        if not result.deltas or result.deltas[0].label != self.app.session.targets[0].label:
+            return None  # the tree's Δ badge is the first target's
+        first = result.deltas[0].metrics
+        return {"delta_rel": first.get("delta_rel"), "unchanged": bool(first.get("unchanged"))}
 
     # ---- actions ---------------------------------------------------------------------------
     def action_cycle_chart(self) -> None:
@@ -132,8 +140,9 @@ class DeltaView(ChartView):
         # truncation error vs t
         plt = plots["truncation"].plt
         for i, d in enumerate(deltas):
-            plt.plot(chart_values(d.ts), chart_values(d.error), color=series_color(i + 1),
-                     marker=series_marker(i))
+            if d.ts.size:  # an unchanged node has no curve
+                plt.plot(chart_values(d.ts), chart_values(d.error), color=series_color(i + 1),
+                         marker=series_marker(i))
         plt.hline(TRUNCATION_TOLERANCE, color=series_color(5))
         plt.ylim(0, 1)
         plt.title(CHART_TITLES["truncation"])
@@ -160,7 +169,8 @@ class DeltaView(ChartView):
         plt.xlabel("k")
         legend = Text()
         for i, d in enumerate(deltas):
-            legend.append_text(legend_key(d.label, series_color(i + 1), series_marker(i)))
+            label = f"{d.label} {UNCHANGED_NOTE}" if d.metrics.get("unchanged") else d.label
+            legend.append_text(legend_key(label, series_color(i + 1), series_marker(i)))
         legend.append_text(legend_key("A1 noise floor", muted_color(), "x" if no_color() else "dot"))
         legend.append_text(legend_key(f"tolerance {TRUNCATION_TOLERANCE}", series_color(5), "line"))
         self.query_one("#delta-legend", Label).update(legend)

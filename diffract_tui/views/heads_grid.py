@@ -228,6 +228,14 @@ def alpha_grid(session: "ExplorerSession", ckpt_index: int, proj: str, progress:
 # ------------------------------------------------------------------------------------------------
 
 
+def unchanged_cells(c: "GridChoice", grid: np.ndarray) -> list[tuple[int, int]]:
+    """Heads the target left bit-identical to the base, from an update-magnitude grid: r = √(‖ΔW‖²/‖W₀‖²) is
+    exactly 0 only when every entry of the head's slices is equal (other metrics carry no such flag)."""
+    if c.metric != "r":
+        return []
+    return [(int(l), int(h)) for l, h in zip(*np.nonzero(np.asarray(grid) == 0))]
+
+
 @dataclass(frozen=True)
 class GridChoice:
     """What the grid shows: metric, source (target index, domain pair, "mean", or checkpoint index), projection."""
@@ -431,7 +439,10 @@ class HeadsGridView(EngineWork, NodeView):
     def _draw(self, c: GridChoice) -> None:
         grid, note = self.grids[c]
         self.result = grid
-        self.heatmap.set_data(grid, title=METRIC_TITLES[c.metric], log=self.log_scale)
+        same = unchanged_cells(c, grid)
+        if same:
+            note = (note + "  " if note else "") + f"= {len(same)} head(s) unchanged (bit-identical to the base)"
+        self.heatmap.set_data(grid, title=METRIC_TITLES[c.metric], log=self.log_scale, unchanged=same)
         self._fill_export_table(c, grid)
         self.heatmap.set_marks(self.session.marks)
         self.query_one("#grid-info", Label).update((note + "\n" if note else "") + KEY_HINT)

@@ -29,7 +29,7 @@ SPECTRUM_ROWS: tuple[tuple[str, str, bool], ...] = (
     ("n tail", "pl_n_tail", True),
     ("α TPL", "tpl_alpha", True),
     ("Λ TPL", "tpl_lambda", True),
-    ("PL/TPL R", "pl_tpl_loglik_ratio", True),
+    ("PL/TPL R", "pl_tpl_llr", True),
     ("PL/TPL p", "pl_tpl_p", True),
     ("MP λ+", "mp_esd_max", False),
     ("MP spikes", "mp_num_spikes", False),

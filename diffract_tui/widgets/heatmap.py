@@ -1,6 +1,6 @@
 """A focusable layers × heads heatmap drawn with Rich text: one cell per (layer, query head), coloured on a
 perceptually ordered ramp (or shaded with ░▒▓█ under NO_COLOR), a labelled min–max colour scale, a cursor
-that moves with arrows/hjkl, and marks on heads.
+that moves with arrows/hjkl, marks on heads, and `=` on heads flagged unchanged (bit-identical to the base).
 
 Display only: the values come from the engine; this widget maps them to colours and reports the keys.
 """
@@ -29,6 +29,7 @@ MAX_CELL_WIDTH = 8         # characters per cell when few heads leave room
 MAX_CELL_HEIGHT = 3        # lines per layer when few layers leave room
 MIN_VALUE_CELL = 6         # cells at least this wide print their value
 CHROME_LINES = 4           # title, head header, scale, cursor line
+UNCHANGED_GLYPH = "="      # a head the target left bit-identical to the base (its value is exactly 0)
 
 
 def ramp_rgb(t: float) -> tuple[int, int, int]:
@@ -126,6 +127,7 @@ class Heatmap(Widget, can_focus=True):
         self.note = ""
         self.log_scale = False
         self.marks: frozenset[tuple[int, int]] = frozenset()
+        self.unchanged: frozenset[tuple[int, int]] = frozenset()
         self.empty_text = "No data yet."
         self._top = 0     # first visible layer
         self._left = 0    # first visible head
@@ -136,10 +138,13 @@ class Heatmap(Widget, can_focus=True):
     def shape(self) -> tuple[int, int]:
         return (0, 0) if self.values is None else (int(self.values.shape[0]), int(self.values.shape[1]))
 
-    def set_data(self, values: np.ndarray, *, title: str, note: str = "", log: bool = False) -> None:
-        """Show an (L × H) grid of `values` named `title` (the metric and what it compares)."""
+    def set_data(self, values: np.ndarray, *, title: str, note: str = "", log: bool = False,
+                 unchanged: Iterable[tuple[int, int]] = ()) -> None:
+        """Show an (L × H) grid of `values` named `title` (the metric and what it compares); cells in
+        `unchanged` are heads the target left bit-identical to the base, drawn with `=`."""
         self.values = np.asarray(values, dtype=np.float64)
         self.grid_title, self.note, self.log_scale = title, note, log
+        self.unchanged = frozenset(unchanged)
         L, H = self.shape
         r, c = self._wanted if self._wanted is not None else self.cursor
         self._wanted = None
@@ -222,9 +227,9 @@ class Heatmap(Widget, can_focus=True):
         self._left = max(0, min(self._left, H - cols))
 
     def _cell(self, t: float, value: float, width: int, cursor: bool, marked: bool, no_color: bool,
-              middle: bool) -> Text:
-        """One line of a cell: colour (or shade) from position t; on the middle line the value when it fits,
-        a mark '•', and the cursor as [ ] in bold reverse."""
+              middle: bool, same: bool = False) -> Text:
+        """One line of a cell: colour (or shade) from position t; on the middle line the value when it fits
+        (`=` for an unchanged head), a mark '•', and the cursor as [ ] in bold reverse."""
         if not math.isfinite(t):
             chars, style = list("·" * width), Style(dim=True)
         elif no_color:
@@ -240,7 +245,10 @@ class Heatmap(Widget, can_focus=True):
                 chars[first if width >= 3 else width // 2] = "•" if not no_color else "*"
                 first += 1
             room = width - first - (1 if width >= 3 else 0)
-            text = compact(value, room) if width >= MIN_VALUE_CELL else ""
+            if same:  # an unchanged head shows `=` at any width instead of its 0
+                text = UNCHANGED_GLYPH if room >= 1 else ""
+            else:
+                text = compact(value, room) if width >= MIN_VALUE_CELL else ""
             if text:
                 pad = first + (room - len(text)) // 2
                 chars[pad:pad + len(text)] = list(text)
@@ -282,7 +290,7 @@ class Heatmap(Widget, can_focus=True):
                 for h in range(self._left, self._left + cols):
                     line.append_text(self._cell(float(t[layer, h]), float(self.values[layer, h]), cw,
                                                 (layer, h) == self.cursor, (layer, h) in self.marks, no_color,
-                                                k == mid))
+                                                k == mid, (layer, h) in self.unchanged))
                 lines.append(line)
         # colour scale
         line = Text("scale ", style="dim")
@@ -301,6 +309,8 @@ class Heatmap(Widget, can_focus=True):
         r, c = self.cursor
         line = Text(f"L{r} h{c} = ", style="bold")
         line.append(fmt_value(self.value_at(r, c)))
+        if (r, c) in self.unchanged:
+            line.append("  unchanged (bit-identical to the base)", style="bold")
         if (r, c) in self.marks:
             line.append("  marked", style="bold")
         hidden = []

@@ -7,7 +7,7 @@ appear on a node once its metrics are known. Moving the cursor posts `NodeSelect
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rich.text import Text
 from textual.binding import Binding
@@ -23,16 +23,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 FILTER_MATCH_LIMIT = 2000  # nodes shown at most for one filter (a 70B model has ~10k heads)
+ONLY_IN_MARK = "◌"         # a node whose tensor only some checkpoints hold (SPEC §1), before "only in: …"
+UNCHANGED_MARK = "Δ="      # a node the first CPT checkpoint left bit-identical to the base (ΔW = 0)
+OnlyInFn = Callable[[NodeRef], "tuple[str, ...] | None"]
 
 
 @dataclass(frozen=True)
 class Badge:
     """What a tree node shows next to its name once known: base α (greyed when unreliable) and the
-    relative update ‖ΔW‖_F/‖W₀‖_F against the first CPT checkpoint."""
+    relative update ‖ΔW‖_F/‖W₀‖_F against the first CPT checkpoint (`Δ=` when it left the node unchanged)."""
 
     alpha: float | None = None
     alpha_reliable: bool = True
     delta_rel: float | None = None
+    unchanged: bool = False
 
     def merged(self, other: "Badge") -> "Badge":
         """This badge with `other`'s known values laid over it."""
@@ -40,15 +44,17 @@ class Badge:
             alpha=other.alpha if other.alpha is not None else self.alpha,
             alpha_reliable=other.alpha_reliable if other.alpha is not None else self.alpha_reliable,
             delta_rel=other.delta_rel if other.delta_rel is not None else self.delta_rel,
+            unchanged=other.unchanged if other.delta_rel is not None else self.unchanged,
         )
 
 
 def badge_from_metrics(metrics: dict[str, Any]) -> Badge:
-    """A badge from a MetricsReady dict: `pl_alpha`/`pl_alpha_reliable` of the base, `delta_rel`."""
+    """A badge from a MetricsReady dict: `pl_alpha`/`pl_alpha_reliable` of the base, `delta_rel`, `unchanged`."""
     alpha = metrics.get("pl_alpha")
     return Badge(alpha=None if alpha is None else float(alpha),
                  alpha_reliable=bool(metrics.get("pl_alpha_reliable", True)),
-                 delta_rel=None if metrics.get("delta_rel") is None else float(metrics["delta_rel"]))
+                 delta_rel=None if metrics.get("delta_rel") is None else float(metrics["delta_rel"]),
+                 unchanged=bool(metrics.get("unchanged")))
 
 
 def module_names(layout: "ModelLayout", layer: int) -> list[str]:
@@ -99,9 +105,11 @@ class ModelTree(Tree[NodeRef]):
         Binding("left", "collapse_or_parent", "Collapse", show=False),
     ]
 
-    def __init__(self, layout: "ModelLayout", model_name: str, *, id: str | None = None) -> None:
+    def __init__(self, layout: "ModelLayout", model_name: str, *, only_in: OnlyInFn | None = None,
+                 id: str | None = None) -> None:
         super().__init__(Text(model_name, style="bold"), data=NodeRef(), id=id)
         self.model_layout = layout
+        self.only_in: OnlyInFn = only_in or (lambda ref: None)  # which checkpoints hold a node's tensor
         self.badges: dict[NodeRef, Badge] = {}
         self.marks: frozenset[tuple[int, int]] = frozenset()
         self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
@@ -164,8 +172,13 @@ class ModelTree(Tree[NodeRef]):
         if badge is not None:
             if badge.alpha is not None:
                 text.append(f" α{fmt(badge.alpha, 2)}", style="dim italic" if not badge.alpha_reliable else "")
-            if badge.delta_rel is not None:
+            if badge.unchanged:
+                text.append(f" {UNCHANGED_MARK}", style="dim")
+            elif badge.delta_rel is not None:
                 text.append(f" Δ{fmt(badge.delta_rel, 2)}", style="")
+        owners = self.only_in(ref) if ref.module is not None else None
+        if owners:
+            text.append(f" {ONLY_IN_MARK} only in: {', '.join(owners)}", style="dim italic")
         return text
 
     def _is_marked(self, ref: NodeRef) -> bool:
