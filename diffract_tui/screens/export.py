@@ -23,7 +23,7 @@ MODAL_CSS = """
 {name} > Vertical {{ width: 90%; max-width: 80; height: auto; border: round $accent;
                     background: $surface; padding: 0 1; }}
 {name} Label {{ margin-top: 0; }}
-{name} .problem {{ color: $error; height: auto; }}
+{name} .problem {{ color: $error; width: 100%; height: auto; }}
 {name} Horizontal {{ height: auto; margin-top: 1; }}
 {name} Button {{ margin-right: 1; }}
 """
