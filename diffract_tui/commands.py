@@ -1,4 +1,6 @@
-"""The ctrl+p palette: go to a layer or head by typing its address, compute all, export, switch views."""
+"""The ctrl+p palette: go to a layer or head by typing its address, compute all, export (and choose the export
+folder), switch views. Textual's own Screenshot command writes into the export folder too
+(`DiffractApp.deliver_screenshot`)."""
 
 from __future__ import annotations
 
@@ -52,8 +54,12 @@ class DiffractCommands(Provider):
         app = self.app
         cmds: list[tuple[str, str, object]] = [
             ("Compute all", "Fill the cache with spectra and deltas of every matrix and head", app.action_compute_all),
-            ("Export rewind list", "Write the marked heads as a SPEC §6 rewind list (e)", app.action_export_rewind),
-            ("Export current table", "Write the active view's table to CSV (x)", app.action_export_table),
+            ("Export rewind list", "Write the marked heads as a rewind list into the export folder (e)",
+             app.action_export_rewind),
+            ("Export current table", "Write the active view's table to CSV in the export folder (x)",
+             app.action_export_table),
+            ("Export folder…", "Choose the folder exports and screenshots go to (remembered across runs)",
+             app.action_choose_export_folder),
             ("Cancel work", "Stop running computations (esc)", app.action_cancel),
             ("Toggle tree", "Hide or show the model tree (t)", app.action_toggle_tree),
             ("Help", "Show the keys (?)", app.action_help),

@@ -13,7 +13,7 @@ import time
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from rich.text import Text
 from textual import work
@@ -28,11 +28,12 @@ from textual.widgets import ContentSwitcher, DataTable, Input, Label, Tree
 from textual.worker import get_current_worker
 
 from diffract_tui import __version__
+from diffract_tui import settings as app_settings
 from diffract_tui.commands import DiffractCommands
 from diffract_tui.messages import MarksChanged, MetricsReady, NodeSelected, OpenNode, ToggleMark
 from diffract_tui.node import NodeRef
 from diffract_tui.screens.confirm import QuitScreen
-from diffract_tui.screens.export import ExportScreen
+from diffract_tui.screens.export import ExportChoice, ExportScreen, FolderScreen
 from diffract_tui.screens.help import HelpScreen, binding_rows
 from diffract_tui.views import VIEW_SPECS, NodeView, UnavailableView, ViewSpec, view_class
 from diffract_tui.widgets.metric_panel import table_rows
@@ -418,32 +419,114 @@ class DiffractApp(App):
             if view.id == self.active_view_id:
                 view.refresh_node()
 
+    # ---- exports: into the export folder, never into an input ----------------------------------
+    def input_paths(self) -> list[Path]:
+        """Every input checkpoint (file or folder): no export may be written onto, around or inside one."""
+        return [Path(c.path) for c in self.session.checkpoints]
+
+    def export_problem(self, folder: Path, name: str) -> str | None:
+        """Why the file `name` may not be written into `folder` (one line), or None when it may."""
+        return app_settings.export_folder_problem(folder, self.input_paths(), name)
+
+    def export_file(self, name: str, write: Callable[[Path], object], what: str, *, folder: Path | None = None,
+                    remember: bool = False) -> None:
+        """Write `name` into the export folder through `write(path)`; when that folder lies inside an input
+        checkpoint, ask for another one instead of writing. The notice gives the full path."""
+        from analysis.errors import DiffractError
+
+        folder = app_settings.export_folder() if folder is None else folder
+        try:
+            path = app_settings.export_path(folder, name, self.input_paths())
+        except DiffractError as err:
+            self.push_screen(FolderScreen(folder, self.export_problem, name, problem=str(err).splitlines()[0],
+                                          question=f"Where should the {what} go? (remembered for later runs)"),
+                             partial(self._export_folder_chosen, name, write, what))
+            return
+        try:
+            write(path)
+        except Exception as err:  # a failed export is shown, never fatal
+            self.notify(str(err).splitlines()[0] if str(err) else repr(err), title="export failed",
+                        severity="error", timeout=8)
+            return
+        if remember:
+            self._remember_export_folder(folder)
+        self.notify(f"Wrote {what} to {path}", title="export", timeout=6, markup=False)
+
+    def _export_folder_chosen(self, name: str, write: Callable[[Path], object], what: str,
+                              folder: Path | None) -> None:
+        if folder is None:
+            self.notify(f"Nothing written: the {what} was not exported.", severity="warning")
+            return
+        self.export_file(name, write, what, folder=folder, remember=True)
+
+    def _remember_export_folder(self, folder: Path) -> None:
+        """Keep `folder` as the export folder of later runs (a warning when the settings cannot be written)."""
+        try:
+            app_settings.remember_export_folder(folder)
+        except OSError as err:
+            self.notify(f"Could not remember the export folder: {err}", severity="warning", markup=False)
+
+    def action_choose_export_folder(self) -> None:
+        """Palette: choose the folder every export goes to (remembered across runs)."""
+        folder = app_settings.export_folder()
+        self.push_screen(FolderScreen(folder, self.export_problem, app_settings.PROBE_NAME,
+                                      problem=self.export_problem(folder, app_settings.PROBE_NAME)),
+                         self._export_folder_picked)
+
+    def _export_folder_picked(self, folder: Path | None) -> None:
+        if folder is None:
+            return
+        self._remember_export_folder(folder)
+        self.notify(f"Exports go to {folder}", title="export folder", timeout=5, markup=False)
+
+    def deliver_screenshot(self, filename: str | None = None, path: str | None = None,
+                           time_format: str | None = None) -> str | None:
+        """The palette's Screenshot: an SVG of the screen into the export folder (textual's own default,
+        ~/Downloads, may not exist and is no place the user chose)."""
+        from analysis.io.atomic import atomic_writer
+
+        svg = self.export_screenshot()
+        name = filename or f"diffract-tui-{datetime.now().strftime('%Y%m%d-%H%M%S')}.svg"
+
+        def write(out: Path) -> None:
+            with atomic_writer(out, "w") as handle:
+                handle.write(svg)
+
+        self.export_file(name, write, "screenshot", folder=Path(path).expanduser() if path else None)
+        return None
+
+    def _export_screen(self) -> ExportScreen:
+        """The rewind-list dialog, offering the export folder."""
+        return ExportScreen(len(self.session.marks), [t.label for t in self.session.targets],
+                            app_settings.export_folder(), self.export_problem)
+
     def action_export_rewind(self) -> None:
-        """e: write the marked heads as a rewind list (asks for the target and the file)."""
+        """e: write the marked heads as a rewind list (asks for the target, the folder and the file)."""
         if not self.session.marks:
             self.notify("No marked heads: press space on a q or o head to mark it.", severity="warning")
             return
-        self.push_screen(ExportScreen(len(self.session.marks), [t.label for t in self.session.targets]),
-                         self._export_chosen)
+        self.push_screen(self._export_screen(), self._export_chosen)
 
-    def _export_chosen(self, choice: "tuple[int, str] | None", then_quit: bool = False) -> None:
+    def _export_chosen(self, choice: ExportChoice | None, then_quit: bool = False) -> None:
         if choice is None:
             return
-        target, path = choice
         from analysis.errors import DiffractError
 
         try:
-            out = self.session.export_marks(path, target)
+            out = self.session.export_marks(choice.path, choice.target)
         except (DiffractError, OSError) as err:
             self.notify(str(err).splitlines()[0], title="export failed", severity="error", timeout=8)
             return
-        self.notify(f"Wrote {len(self.session.marks)} head(s) to {out}", title="rewind list", timeout=5)
+        if choice.remember is not None:
+            self._remember_export_folder(choice.remember)
+        self.notify(f"Wrote {len(self.session.marks)} head(s) to {Path(out).absolute()}", title="rewind list",
+                    timeout=6, markup=False)
         self._update_status()
         if then_quit:
             self.exit()
 
     def action_export_table(self) -> None:
-        """x: write the active view's table (what it shows) to a CSV file in the working directory."""
+        """x: write the active view's table (what it shows) to a CSV file in the export folder."""
         view = self.active_view
         tables = list(view.query(DataTable)) if view is not None else []
         tables = [t for t in tables if t.row_count]
@@ -456,19 +539,16 @@ class DiffractApp(App):
         header, rows = table_rows(tables[0])
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         safe = self.current_node.label().replace(" ", "-")
-        path = Path.cwd() / f"diffract-{self.active_view_id}-{safe}-{stamp}.csv"
+        name = f"diffract-{self.active_view_id}-{safe}-{stamp}.csv"
         keys = [h or f"col{i}" for i, h in enumerate(header)]
         meta = {"view": self.active_view_id, "node": self.current_node.label(), "created_by": f"diffract-tui {__version__}",
                 "checkpoints": [{"label": c.label, "path": str(c.path), "fingerprint": c.fingerprint}
                                 for c in self.session.checkpoints],
                 "settings": self.session.settings.key()}
-        try:
-            write_table([dict(zip(keys, r)) for r in rows], path, metadata=meta,
-                        inputs=[f for c in self.session.checkpoints for f in checkpoint_files(c)])
-        except Exception as err:
-            self.notify(str(err).splitlines()[0], title="export failed", severity="error")
-            return
-        self.notify(f"Wrote {len(rows)} rows to {path.name}", title="table", timeout=5)
+        records = [dict(zip(keys, r)) for r in rows]
+        inputs = [f for c in self.session.checkpoints for f in checkpoint_files(c)]
+        self.export_file(name, lambda path: write_table(records, path, metadata=meta, inputs=inputs),
+                         f"table ({len(rows)} rows)")
 
     async def action_quit(self) -> None:
         """q: quit, asking first when marked heads were not exported."""
@@ -481,5 +561,4 @@ class DiffractApp(App):
         if choice == "quit":
             self.exit()
         elif choice == "export":
-            self.push_screen(ExportScreen(len(self.session.marks), [t.label for t in self.session.targets]),
-                             partial(self._export_chosen, then_quit=True))
+            self.push_screen(self._export_screen(), partial(self._export_chosen, then_quit=True))

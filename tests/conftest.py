@@ -10,6 +10,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def isolated_user_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test reads or writes the user's own settings (the explorer's remembered export folder)."""
+    folder = tmp_path_factory.mktemp("user-config")
+    monkeypatch.setenv("DIFFRACT_TUI_CONFIG_DIR", str(folder))
+    return folder
+
+
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> Path:
     """Write `tensors` (any dtype, made contiguous) to one safetensors file."""
     from safetensors.torch import save_file

@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
                                                  "(default: all)."),
         a3_k: int = typer.Option(8, "--a3-k", min=1, help="A3 subspace agreement: top-k left singular vectors."),
         spectral: bool = typer.Option(True, "--spectral/--no-spectral",
-                                      help="Also the SPEC §3 spectral metrics of ΔW (power-law fits etc.)."),
+                                      help="Also the spectral metrics of ΔW itself (power-law fits etc.)."),
         exclude_kv: bool = typer.Option(False, "--exclude-kv", help="Head scores and agreement without k/v."),
         agreement_metric: str = typer.Option("a2", "--agreement", help="Classify heads by a2 or a3."),
         agreement_threshold: Optional[float] = typer.Option(None, "--agreement-threshold",
@@ -101,7 +101,10 @@ def register(app: typer.Typer) -> None:
                                                    "physical cores)."),
     ) -> None:
         """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
-        agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes."""
+        agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
+
+        Columns (ρ, A1 floor, truncatable_fraction = trunc. t@0.1, …): see docs/reference.md; the spectral
+        columns describe ΔW itself, not W_d."""
 
         from analysis.deltas.delta_table import DeltaOptions, open_and_build
         from analysis.errors import DiffractError

@@ -72,7 +72,9 @@ def register(app: typer.Typer) -> None:
         score: str = typer.Option("rel_frob", "--score", help="Ranking score: rel_frob | frob."),
         exclude_kv: bool = typer.Option(False, "--exclude-kv", help="Rank by q/o energy only."),
     ) -> None:
-        """Choose heads to rewind and write the list; prints the preview."""
+        """Choose heads to rewind and write the list; prints the preview.
+
+        Scores (r), the share of ‖Δ‖² removed and the list format: see docs/reference.md."""
         from analysis.io.checkpoint import open_checkpoint
         from analysis.errors import DiffractError
         from analysis.edit.rewind import checkpoint_ref, parse_heads, plan_from_inputs, preview, rewind_inputs

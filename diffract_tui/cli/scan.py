@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
             None, "--threads", min=1, help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores)."
         ),
     ) -> None:
-        """Scan checkpoints: one row per matrix (and head slice, and delta) with every SPEC §3 metric."""
+        """Scan checkpoints: one row per matrix (and head slice, and delta) with every spectral metric.
+
+        Columns: see docs/reference.md; on delta rows the spectral columns describe ΔW itself, not W_d."""
         from analysis.errors import DiffractError
         from analysis.run.tables import table_format
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -340,7 +341,7 @@ class RewindView(EngineWork, NodeView):
     # ---- export and apply --------------------------------------------------------------------
     def _ask(self, action: str, question: str, default: str) -> None:
         self.prompt_action = action
-        self.query_one("#rewind-prompt-label", Label).update(question)
+        self.query_one("#rewind-prompt-label", Label).update(Text(question))  # a path may hold markup characters
         prompt = self.query_one(PromptInput)
         prompt.value = default
         self.add_class("-prompt")
@@ -363,7 +364,10 @@ class RewindView(EngineWork, NodeView):
         if self.plan is None:
             self.app.notify("No rewind list yet: wait for the preview, or mark heads.", severity="warning")
             return
-        self._ask("export", "Write the rewind list to (enter writes, esc cancels):", self.default_list_name())
+        from diffract_tui.settings import export_folder
+
+        self._ask("export", "Write the rewind list to (enter writes, esc cancels):",
+                  str(export_folder() / self.default_list_name()))
 
     def action_apply(self) -> None:
         """A: write the target with these heads rewound into a new folder."""
@@ -373,9 +377,11 @@ class RewindView(EngineWork, NodeView):
         if self._applying:
             self.app.notify("Already applying a list.", severity="warning")
             return
+        from diffract_tui.settings import export_folder
+
         target = self._targets()[self.target_index].label
         self._ask("apply", "Write the rewound checkpoint into the new folder (enter starts, esc cancels):",
-                  f"{safe_name(target)}-rewound")
+                  str(export_folder() / f"{safe_name(target)}-rewound"))
 
     def on_prompt_input_dismissed(self, message: PromptInput.Dismissed) -> None:
         message.stop()
@@ -402,6 +408,10 @@ class RewindView(EngineWork, NodeView):
         rl = self.plan
         if rl is None:
             return None
+        problem = self.app.export_problem(path.parent, path.name)
+        if problem:  # inside an input checkpoint: ask again instead of writing
+            self._ask("export", f"{problem}. Write the rewind list to another folder:", str(path))
+            return None
         try:
             out = write_rewind_list(rl, path)
         except (DiffractError, OSError) as err:
@@ -410,7 +420,8 @@ class RewindView(EngineWork, NodeView):
         if rl.pattern.name == "manual":
             self.session.marks_saved = frozenset((e.layer, e.head) for e in rl.heads)
             self.post_message(MarksChanged(frozenset(self.session.marks)))
-        self.app.notify(f"Wrote {len(rl.heads)} head(s) to {path}", title="rewind list", timeout=5)
+        self.app.notify(f"Wrote {len(rl.heads)} head(s) to {Path(out).absolute()}", title="rewind list", timeout=6,
+                        markup=False)
         return out
 
     def apply_into(self, out_dir: Path) -> None:
