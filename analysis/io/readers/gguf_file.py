@@ -176,8 +176,8 @@ def _header(buf: Any, path: Path, size: int) -> tuple[dict[str, Any], list[tuple
     n_tensors = cur.scalar("<Q", "tensor count")
     n_kv = cur.scalar("<Q", "metadata count")
     if n_tensors > size // 24 or n_kv > size // 12:   # each entry takes at least that many bytes
-        raise CheckpointError(f"malformed GGUF file: header claims {n_tensors} tensors and {n_kv} metadata entries "
-                              f"in {size} bytes", path=path, hint=HINT)
+        raise CheckpointError(f"truncated or malformed GGUF file: header claims {n_tensors} tensors and {n_kv} "
+                              f"metadata entries, more than fit in its {size} bytes", path=path, hint=HINT)
     meta: dict[str, Any] = {"GGUF.version": version}
     for _ in range(n_kv):
         key = cur.string("metadata key")
@@ -217,11 +217,16 @@ def gguf_config(meta: dict[str, Any], names: set[str], path: Path) -> dict[str, 
                               hint="open the model's Hugging Face checkpoint instead")
     config: dict[str, Any] = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
     for key, field in _LLAMA_CONFIG.items():
-        value = _arch_key(meta, arch, key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            config[field] = value
-    if "num_key_value_heads" not in config and "num_attention_heads" in config:
-        config["num_key_value_heads"] = config["num_attention_heads"]
+        found = _arch_key(meta, arch, key)
+        if isinstance(found, (int, float)) and not isinstance(found, bool):
+            config[field] = found
+    config.setdefault("num_key_value_heads", config.get("num_attention_heads"))
+    for field, key in (("num_attention_heads", "attention.head_count"), ("num_key_value_heads", "attention.head_count_kv")):
+        value = config.get(field)
+        if not isinstance(value, int) or value < 1:
+            # without it llama.cpp's q/k row order cannot be undone, and head slices would be wrong
+            raise CheckpointError(f"GGUF metadata {arch}.{key} is missing or not a positive integer", path=path,
+                                  hint="the file is damaged or was not written by llama.cpp; convert the model again")
     # head_dim: llama.cpp's n_embd_head_k (attention.key_length) when present; else the rotary
     # dimension, as transformers maps it for llama; else D/H (detect_layout's default).
     for key in ("attention.key_length", "rope.dimension_count"):
@@ -269,6 +274,11 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def read_dtype(qtype: str) -> str:
+    """The torch dtype name reads return: the float types as stored, every quantised type as float32."""
+    return FLOAT_TYPES[qtype][0] if qtype in FLOAT_TYPES else "float32"
+
+
 def _dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
     """Dequantise blocks (uint8, last axis = bytes of a row) to float32 through the gguf package."""
     try:
@@ -305,9 +315,11 @@ class GGUFFile:
         for name, ne, type_id, offset in table:
             t = self._tensor_entry(name, ne, type_id, offset, data_start)
             raw = hf_name(name)
+            if raw in self.tensors:
+                raise CheckpointError(f"malformed GGUF file: tensors '{self.tensors[raw].gguf_name}' and '{name}' are "
+                                      f"both {raw}", path=path, hint=HINT)
             self.tensors[raw] = t
-            dtype = FLOAT_TYPES[t.qtype][0] if t.qtype in FLOAT_TYPES else "float32"
-            self.entries[raw] = StoredTensor(raw, t.shape, dtype, t.nbytes, quant=t.qtype)
+            self.entries[raw] = StoredTensor(raw, t.shape, read_dtype(t.qtype), t.nbytes, quant=t.qtype)
 
     def _tensor_entry(self, name: str, ne: tuple[int, ...], type_id: int, offset: int, data_start: int) -> GGUFTensor:
         """Validate one tensor-table row: supported type, whole blocks, bytes inside the file."""
@@ -360,6 +372,8 @@ class GGUFFile:
         per = t.nbytes // t.shape[0]
         raw = np.frombuffer(self._open(), dtype=np.uint8, count=count * per, offset=t.start + first * per)
         shape = (count, *t.shape[1:])
+        if count == 0:   # gguf's dequantisers cannot reshape an empty block array
+            return torch.empty(shape, dtype=getattr(torch, read_dtype(t.qtype)))
         if t.qtype in FLOAT_TYPES:
             name, np_dtype = FLOAT_TYPES[t.qtype]
             out = torch.from_numpy(raw.view(np_dtype).reshape(shape))
@@ -382,7 +396,7 @@ class GGUFFile:
         t = self.tensors[raw_name]
         if len(t.shape) == 1 and BLOCKS[t.qtype][0] > 1:
             return self.tensor(raw_name)[start:stop]
-        if not t.rope_heads:
+        if not t.rope_heads or start == stop:
             return self._decode(t, start, stop - start)
         per_head = t.shape[0] // t.rope_heads
         h0, h1 = start // per_head, -(-stop // per_head)
