@@ -291,3 +291,13 @@ def test_k_quant_layout_matches_ggufs_own_reader(tmp_path):
         assert reader.entries[f"x{i}.weight"].quant == kind and ours.shape == (3 + i, 512)
         np.testing.assert_array_equal(ours.numpy(), theirs[f"x{i}.weight"])
         np.testing.assert_array_equal(reader.rows(f"x{i}.weight", 1, 3).numpy(), theirs[f"x{i}.weight"][1:3])
+
+
+def test_a_gguf_without_its_suffix_opens_by_its_magic(tmp_path):
+    """Hub-cache blobs have no suffix: a link `model.gguf` resolves to `blobs/<sha>`."""
+    config, tensors = llama_checkpoint(**SMALL)
+    blob = write_llama_gguf(tmp_path / "blob.tmp", config, tensors, "Q8_0").rename(tmp_path / "0123abcd")
+    (tmp_path / "model.gguf").symlink_to(blob)
+    for path in (blob, tmp_path / "model.gguf"):
+        ckpt = open_checkpoint(path)
+        assert ckpt.weight_files == [blob] and ckpt.info("norm.weight").quant == "F32"
