@@ -117,7 +117,8 @@ def main() -> None:
     print(f"gguf.GGUFReader on the same file: {reader['open_s'] * 1e3:.0f} ms, RSS +{reader['rss_growth_mb']:.1f} MB")
     print(f"{'tensor':40} {'type':5} {'shape':>12} {'ours ms':>8} {'floor ms':>9} {'ratio':>6} {'rows[64:128] ms':>16}")
     for name, r in deq.items():
-        print(f"{name:40} {r['qtype']:5} {'×'.join(map(str, r['shape'])):>12} {r['ours_ms']:8.1f} {r['floor_ms']:9.1f} "
+        shape = "×".join(map(str, r["shape"]))
+        print(f"{name:40} {r['qtype']:5} {shape:>12} {r['ours_ms']:8.1f} {r['floor_ms']:9.1f} "
               f"{r['ratio']:6.2f} {r['head_rows_ms']:16.2f}")
     out = ROOT / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)

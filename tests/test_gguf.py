@@ -136,7 +136,6 @@ def test_our_type_table_agrees_with_the_gguf_package():
 
 @pytest.mark.parametrize("qtype", WRITABLE)
 def test_written_file_reads_back_within_the_quantisation_error(tmp_path, qtype):
-    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     config, tensors = llama_checkpoint(**SMALL)
@@ -268,7 +267,8 @@ def test_k_quant_layout_matches_ggufs_own_reader(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "k.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    for k, v in dict(block_count=1, embedding_length=256, feed_forward_length=512, head_count=4, head_count_kv=4).items():
+    sizes = dict(block_count=1, embedding_length=256, feed_forward_length=512, head_count=4, head_count_kv=4)
+    for k, v in sizes.items():
         getattr(w, f"add_{k}")(v)
     # byte offset of each type's float16 super-block scale(s) d (and dmin), set to 0.01 so no block is inf/NaN
     kinds = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}

@@ -120,7 +120,8 @@ def _print_rich(summaries: list[dict[str, Any]], alignment: dict[str, Any]) -> N
         if s["quant"]:
             matrices.add_column("type")
         for m in s["matrices"]:
-            matrices.add_row(m["tensor"], " × ".join(map(str, m["shape"])), *([m["quant"] or ""] if s["quant"] else []))
+            quant_cell = [m["quant"] or ""] if s["quant"] else []
+            matrices.add_row(m["tensor"], " × ".join(map(str, m["shape"])), *quant_cell)
         console.print(matrices)
     console.print(f"Alignment: {alignment['shared']} tensors shared by all {len(summaries)} checkpoint(s)")
     for label, keys in alignment["missing"].items():

@@ -221,7 +221,8 @@ def gguf_config(meta: dict[str, Any], names: set[str], path: Path) -> dict[str, 
         if isinstance(found, (int, float)) and not isinstance(found, bool):
             config[field] = found
     config.setdefault("num_key_value_heads", config.get("num_attention_heads"))
-    for field, key in (("num_attention_heads", "attention.head_count"), ("num_key_value_heads", "attention.head_count_kv")):
+    for field, key in (("num_attention_heads", "attention.head_count"),
+                       ("num_key_value_heads", "attention.head_count_kv")):
         value = config.get(field)
         if not isinstance(value, int) or value < 1:
             # without it llama.cpp's q/k row order cannot be undone, and head slices would be wrong
@@ -248,8 +249,8 @@ def gguf_config(meta: dict[str, Any], names: set[str], path: Path) -> dict[str, 
 
 
 def hf_name(gguf_name: str) -> str:
-    """The Hugging Face name of a llama GGUF tensor (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`);
-    names without a counterpart are kept as they are."""
+    """The Hugging Face name of a llama GGUF tensor (`blk.3.attn_q.weight` →
+    `model.layers.3.self_attn.q_proj.weight`); names without a counterpart are kept as they are."""
     m = _BLOCK_RE.match(gguf_name)
     if m and m.group(2) in _LLAMA_BLOCK:
         return f"model.layers.{m.group(1)}.{_LLAMA_BLOCK[m.group(2)]}.{m.group(3)}"
