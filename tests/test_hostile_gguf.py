@@ -153,9 +153,12 @@ def test_one_part_of_a_split_file(capsys, tmp_path):
     _fails(capsys, path, "part 1 of a GGUF split into 2 files", "llama-gguf-split --merge")
 
 
-def test_folder_with_two_gguf_files(capsys, tmp_path, good):
+def test_folder_with_two_gguf_files_or_a_gguf_and_bin_files(capsys, tmp_path, good):
     (tmp_path / "other.gguf").write_bytes(good.read_bytes())
-    _fails(capsys, tmp_path, "folder holds 2 .gguf files", "point at one of them")
+    _fails(capsys, tmp_path, "folder holds 2 .gguf files", "point at the weight file you mean")
+    (tmp_path / "other.gguf").unlink()
+    (tmp_path / "training_args.bin").write_bytes(b"not weights")
+    _fails(capsys, tmp_path, "folder holds a .gguf file and .bin files", "point at the weight file you mean")
 
 
 def test_a_file_that_changes_after_opening(good):

@@ -177,11 +177,11 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
         raise CheckpointError(f"folder holds {len(singles)} .safetensors files and no index", path=path,
                               hint="add a model.safetensors.index.json or point at one file")
     ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1 and not any(path.glob("*.bin")):
+    if len(ggufs) > 1 or (ggufs and any(path.glob("*.bin"))):
+        found = f"{len(ggufs)} .gguf files" if len(ggufs) > 1 else "a .gguf file and .bin files"
+        raise CheckpointError(f"folder holds {found}", path=path, hint="point at the weight file you mean")
+    if ggufs:
         return ggufs, None
-    if len(ggufs) > 1:
-        raise CheckpointError(f"folder holds {len(ggufs)} .gguf files", path=path,
-                              hint="point at one of them")
     raise CheckpointError("no weights found in folder", path=path, hint=NO_WEIGHTS_HINT)
 
 
