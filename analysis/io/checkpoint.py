@@ -13,6 +13,7 @@ import torch
 from analysis.errors import CheckpointError, LayoutError
 from analysis.io.fingerprint import fingerprint as _fingerprint
 from analysis.io.readers import WeightFile
+from analysis.io.readers.gguf_file import MAGIC as GGUF_MAGIC, GGUFFile
 from analysis.io.readers.index import read_index
 from analysis.io.readers.pickle_file import PickleFile
 from analysis.io.readers.safetensors_file import SafetensorsFile
@@ -23,6 +24,7 @@ from analysis.model.architecture import check_config_values
 WRAPPER_PREFIXES = ("model.", "bert.", "transformer.", "gpt_neox.", "roberta.")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+GGUF_SUFFIXES = (".gguf",)
 # Files copied along with the weights (config, tokenizer, generation settings...).
 AUX_PATTERNS = (
     "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model", "tokenizer*.txt",
@@ -56,6 +58,7 @@ class TensorInfo:
     dtype: str
     file: Path
     nbytes: int
+    quant: str | None = None  # GGUF storage type ("Q4_1", "Q8_0", "F32", …); None for other formats
 
 
 def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -89,7 +92,7 @@ class Checkpoint:
                 name = normalise_key(raw)
                 if name in self._infos:  # e.g. both `model.x` and `x`: keep the stored name for this one
                     name = raw
-                self._infos[name] = TensorInfo(name, raw, entry.shape, entry.dtype, file, entry.nbytes)
+                self._infos[name] = TensorInfo(name, raw, entry.shape, entry.dtype, file, entry.nbytes, entry.quant)
         if not self._infos:
             raise CheckpointError("holds no tensors", path=path, hint="point at a checkpoint with weights")
         self._order = sorted(self._infos, key=_natural_key)
@@ -157,9 +160,9 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
         name = path.name
         if name.endswith(".index.json"):
             return sorted(set(read_index(path).values())), path
-        if name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+        if name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + GGUF_SUFFIXES) or _is_gguf(path):
             return [path], None
-        raise CheckpointError("unsupported file type (expected .safetensors, .bin, .pt, .pth or a folder)",
+        raise CheckpointError("unsupported file type (expected .safetensors, .bin, .pt, .pth, .gguf or a folder)",
                               path=path, hint="point at a Hugging Face model folder or a weight file")
     for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
                                     ("pytorch_model.bin.index.json", "pytorch_model.bin")):
@@ -176,7 +179,19 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
     if len(singles) > 1:
         raise CheckpointError(f"folder holds {len(singles)} .safetensors files and no index", path=path,
                               hint="add a model.safetensors.index.json or point at one file")
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1 or (ggufs and any(path.glob("*.bin"))):
+        found = f"{len(ggufs)} .gguf files" if len(ggufs) > 1 else "a .gguf file and .bin files"
+        raise CheckpointError(f"folder holds {found}", path=path, hint="point at the weight file you mean")
+    if ggufs:
+        return ggufs, None
     raise CheckpointError("no weights found in folder", path=path, hint=NO_WEIGHTS_HINT)
+
+
+def _is_gguf(file: Path) -> bool:
+    """True when the file starts with GGUF's magic (hub-cache blobs have no suffix)."""
+    with open_regular(file) as f:
+        return f.read(4) == GGUF_MAGIC
 
 
 def _reader(file: Path) -> WeightFile:
@@ -186,6 +201,8 @@ def _reader(file: Path) -> WeightFile:
         return SafetensorsFile(file)
     if file.name.endswith(PICKLE_SUFFIXES):
         return PickleFile(file)
+    if file.name.endswith(GGUF_SUFFIXES) or _is_gguf(file):
+        return GGUFFile(file)
     with open_regular(file) as f:
         head = f.read(9)
     return SafetensorsFile(file) if head[8:9] == b"{" else PickleFile(file)
@@ -232,8 +249,10 @@ def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
         weight_files, index_file = _locate(resolved)
         readers: dict[Path, WeightFile] = {f: _reader(f) for f in weight_files}
         folder = resolved if resolved.is_dir() else resolved.parent
+        gguf = [r for r in readers.values() if isinstance(r, GGUFFile)]  # self-describing: config from its metadata
         return Checkpoint(path=resolved, label=label or _default_label(resolved), weight_files=weight_files, readers=readers,
-                          index_files=[index_file] if index_file else [], config=_config(folder),
+                          index_files=[index_file] if index_file else [],
+                          config=gguf[0].config if gguf else _config(folder),
                           aux_files=_aux_files(folder))
     except PermissionError as e:
         raise CheckpointError(f"permission denied reading {e.filename or 'a file'}", path=resolved,

@@ -4,6 +4,7 @@ tensors, dtypes, bytes, fingerprint) and how the checkpoints align, without read
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, List
@@ -21,10 +22,31 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def quant_groups(quant: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(name pattern with `layers.*`, storage type, layer list) rows: every tensor's GGUF type, compactly."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for name, qtype in quant.items():
+        m = re.match(r"^(.*?layers\.)(\d+)(\..+)$", name)
+        key = (f"{m.group(1)}*{m.group(3)}", qtype) if m else (name, qtype)
+        groups.setdefault(key, []).append(int(m.group(2)) if m else -1)
+    rows = []
+    for (pattern, qtype), layers in groups.items():
+        layers = sorted(set(layers))
+        if layers == [-1]:
+            where = ""
+        elif layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+            where = f"{layers[0]}–{layers[-1]}"
+        else:
+            where = ",".join(map(str, layers))
+        rows.append((pattern, qtype, where))
+    return rows
+
+
 def checkpoint_summary(ckpt: Any, layout: Any) -> dict[str, Any]:
     """JSON-ready description of one opened checkpoint and its detected layout."""
     dtypes = Counter(ckpt.info(k).dtype for k in ckpt.keys())
-    matrices = [{"tensor": m.tensor, "shape": list(m.shape)}
+    quant = {k: ckpt.info(k).quant for k in ckpt.keys() if getattr(ckpt.info(k), "quant", None)}
+    matrices = [{"tensor": m.tensor, "shape": list(m.shape), "quant": quant.get(m.tensor)}
                 for modules in [layout.globals, *(layer.modules for layer in layout.layers)]
                 for m in modules if len(m.shape) >= 2]
     return {
@@ -43,6 +65,8 @@ def checkpoint_summary(ckpt: Any, layout: Any) -> dict[str, Any]:
         "heads_reason": layout.heads_reason,
         "tensors": len(ckpt.keys()),
         "dtypes": dict(sorted(dtypes.items())),
+        "quant_types": dict(sorted(Counter(quant.values()).items())),
+        "quant": quant,   # GGUF: storage type per tensor (dtypes are what reads return)
         "bytes": sum(ckpt.info(k).nbytes for k in ckpt.keys()),
         "matrices": matrices,
     }
@@ -67,6 +91,7 @@ def _print_rich(summaries: list[dict[str, Any]], alignment: dict[str, Any]) -> N
         ("hidden", lambda s: str(s["hidden_size"])),
         ("tensors", lambda s: str(s["tensors"])),
         ("dtypes", lambda s: ", ".join(f"{d} ×{n}" for d, n in s["dtypes"].items())),
+        ("quantisation", lambda s: ", ".join(f"{q} ×{n}" for q, n in s["quant_types"].items()) or "—"),
         ("size", lambda s: _human_bytes(s["bytes"])),
         ("weight files", lambda s: str(len(s["weight_files"]))),
         ("fingerprint", lambda s: s["fingerprint"]),
@@ -77,14 +102,26 @@ def _print_rich(summaries: list[dict[str, Any]], alignment: dict[str, Any]) -> N
     for s in summaries:
         console.print(f"{s['label']}: {s['path']}", soft_wrap=True, markup=False)
     for s in summaries:
+        if not s["quant"]:
+            continue
+        quant = Table(title=f"Quantisation of {s['label']}", title_justify="left")
+        for column in ("tensor", "type", "layers"):
+            quant.add_column(column, overflow="fold")
+        for row in quant_groups(s["quant"]):
+            quant.add_row(*row)
+        console.print(quant)
+    for s in summaries:
         if s["heads_available"]:
             continue
         console.print(f"{s['label']}: heads not offered: {s['heads_reason']}", soft_wrap=True, markup=False)
         matrices = Table(title=f"Matrices of {s['label']}", title_justify="left")
         matrices.add_column("tensor", overflow="fold")
         matrices.add_column("shape")
+        if s["quant"]:
+            matrices.add_column("type")
         for m in s["matrices"]:
-            matrices.add_row(m["tensor"], " × ".join(map(str, m["shape"])))
+            quant_cell = [m["quant"] or ""] if s["quant"] else []
+            matrices.add_row(m["tensor"], " × ".join(map(str, m["shape"])), *quant_cell)
         console.print(matrices)
     console.print(f"Alignment: {alignment['shared']} tensors shared by all {len(summaries)} checkpoint(s)")
     for label, keys in alignment["missing"].items():

@@ -18,8 +18,9 @@ class StoredTensor:
 
     raw_name: str
     shape: tuple[int, ...]
-    dtype: str  # torch dtype name, e.g. "bfloat16"
+    dtype: str  # torch dtype name, e.g. "bfloat16" (for a quantised GGUF tensor: float32, what reads return)
     nbytes: int
+    quant: str | None = None  # storage type when it is not a torch dtype's own: GGUF's "Q4_1", "F16", …
 
 
 class WeightFile(Protocol):
