@@ -204,3 +204,179 @@ def test_matrix_of_only_infinities_and_nan_base_are_named(tmp_path):
     # the delta of a clean CPT against a broken base names the base as the side with the NaN/inf
     assert lines[1].startswith("checkpoint cpt, tensor layers.0.mlp.down_proj.weight (layer 0 down, ΔW against "
                                "the base): 6144 NaN/inf entries in nanbase")
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 12: a cache cleared, forged or unwritable under a scan never fails the scan
+# ------------------------------------------------------------------------------------------------
+
+
+def _scan_rows(folder: Path, out: Path, capsys, *cache_args: str) -> tuple[list[dict], str]:
+    """Rows of `scan FOLDER --heads` (exit code 0 asserted) and its stderr."""
+    code = main(["scan", str(folder), "--out", str(out), "--heads", "--device", "cpu", "--quiet", *cache_args])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return read_table(out)[0], err
+
+
+@pytest.fixture(scope="module")
+def uncached(family, tmp_path_factory) -> list[dict]:
+    """The reference: rows of an uncached scan of the base."""
+    out = tmp_path_factory.mktemp("uncached") / "ref.csv"
+    assert main(["scan", str(family["base"]), "--out", str(out), "--heads", "--device", "cpu", "--quiet",
+                 "--no-cache"]) == 0
+    return read_table(out)[0]
+
+
+def test_cache_cleared_while_the_scan_writes_is_made_again(family, uncached, tmp_path, capsys, monkeypatch):
+    # `cache clear` removes the fan-out folder a writer has just made, before its temp file is created: that
+    # was "cannot write a cache entry (No such file or directory) — free some space", exit 1
+    import analysis.io.atomic as atomic
+    from analysis.run.cache import Cache
+
+    root = tmp_path / "cache"
+    create_temp, cleared, seen = atomic._create_temp, [], set()
+
+    def clear_first(path: Path):
+        if len(cleared) < 6 and path.parent.parent == root and path not in seen:
+            seen.add(path)                                 # each of the first 6 entries, on its first try
+            cleared.append(Cache(root).clear())            # the concurrent `diffract-tui cache clear`
+            assert not path.parent.exists()
+        return create_temp(path)
+
+    monkeypatch.setattr(atomic, "_create_temp", clear_first)
+    rows, err = _scan_rows(family["base"], tmp_path / "a.csv", capsys, "--cache-dir", str(root))
+    assert len(cleared) == 6 and err.strip() == f"wrote {len(uncached)} rows to {tmp_path / 'a.csv'}"
+    assert rows == uncached
+    # every entry was written in the end, except those an earlier clear removed after they were written
+    assert Cache(root).info().entries == 2 * len(uncached) - sum(cleared)
+
+
+def test_cache_folder_removed_between_every_write_skips_those_entries(family, uncached, tmp_path, capsys,
+                                                                       monkeypatch):
+    import shutil
+
+    import analysis.io.atomic as atomic
+
+    root = tmp_path / "cache"
+    create_temp = atomic._create_temp
+
+    def always_gone(path: Path):
+        if root in path.parents:
+            shutil.rmtree(root, ignore_errors=True)        # an `rm -rf` of the cache that never stops
+        return create_temp(path)
+
+    monkeypatch.setattr(atomic, "_create_temp", always_gone)
+    rows, err = _scan_rows(family["base"], tmp_path / "a.csv", capsys, "--cache-dir", str(root))
+    assert rows == uncached
+    warnings = [line for line in err.splitlines() if line.startswith("diffract-tui: warning: ")]
+    assert len(warnings) == 1 and "cannot write the cache (No such file or directory)" in warnings[0]
+
+
+def _forge_shapes(root: Path, shape: str) -> int:
+    """Rewrite every cached .npy header to claim `shape` (same header length); returns how many."""
+    count = 0
+    for path in root.glob("*/*.npy"):
+        raw = path.read_bytes()
+        length = int.from_bytes(raw[8:10], "little")
+        header = raw[10:10 + length].decode("latin1")
+        start = header.index("'shape': (") + len("'shape': ")
+        stop = header.index(")", start) + 1
+        forged = header[:start] + shape + header[stop:]
+        forged = forged.rstrip(" \n") + " " * (length - len(forged.rstrip(" \n")) - 1) + "\n"
+        assert len(forged) == length
+        path.write_bytes(raw[:10] + forged.encode("latin1") + raw[10 + length:])
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("shape", ["(1000000000000,)", "(3,)", "(1000000, 1000000)"])
+def test_npy_whose_header_claims_another_shape_is_recomputed(family, uncached, tmp_path, capsys, shape):
+    # before: np.load allocated what the header claimed: MemoryError for (10¹²,)
+    from analysis.model.architecture import layout_of
+    from analysis.run.cache import Cache
+    from analysis.run.scan import node_metrics
+
+    root = tmp_path / "cache"
+    _scan_rows(family["base"], tmp_path / "a.csv", capsys, "--cache-dir", str(root))
+    assert _forge_shapes(root, shape) == len(uncached)
+    rows, _ = _scan_rows(family["base"], tmp_path / "b.csv", capsys, "--cache-dir", str(root))
+    assert rows == uncached
+    ckpt = open_checkpoint(family["base"])
+    cache, layout = Cache(root), layout_of(ckpt)
+    got = node_metrics(ckpt, layout, 1, "up", settings=SETTINGS, cache=cache)["eigenvalues"]
+    W = ckpt.tensor(NAN_TENSOR[len("model."):], torch.float32)
+    np.testing.assert_array_equal(got, eigenvalues(W, SETTINGS).numpy())
+    assert _forge_shapes(root, shape) == len(uncached)   # node_metrics replaced its forged entry with a good one
+
+
+def test_npy_with_an_object_dtype_or_short_data_is_a_miss(tmp_path):
+    from analysis.run.cache import Cache
+
+    cache, key = Cache(tmp_path), "ab" * 32
+    for forge in (lambda raw: raw.replace(b"'<f8'", b"'|O' "), lambda raw: raw[:-8], lambda raw: raw + b"\0" * 8):
+        cache.put_array(key, np.arange(4.0))
+        path = cache._path(key, ".npy")
+        path.write_bytes(forge(path.read_bytes()))
+        assert cache.get_array(key) is None and not path.exists()
+
+
+def test_cache_under_a_regular_file_warns_once_and_the_scan_runs_uncached(family, uncached, tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("mine")
+    rows, err = _scan_rows(family["base"], tmp_path / "a.csv", capsys, "--cache-dir", str(blocker / "cache"))
+    assert rows == uncached and blocker.read_text() == "mine"
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("diffract-tui: warning: cannot write the cache (Not a directory), ")
+    assert str(blocker / "cache") in lines[0] and "going on without caching" in lines[0]
+
+
+DROP_PRIVILEGES = """
+import os, sys
+from diffract_tui.cli import main
+args = sys.argv[1:]
+# warm-up as root, uncached, so every module is imported while the interpreter's own folder is readable
+assert main([*args[:3], args[3] + ".warm.csv", *args[4:-2], "--no-cache"]) == 0
+os.setgroups([]); os.setgid(65534); os.setuid(65534)           # nobody: the root-owned cache is read-only
+sys.exit(main(args))
+"""
+
+
+def test_read_only_cache_warns_once_and_the_scan_runs_uncached(family, uncached, tmp_path):
+    # CI runs as root, for whom no folder is read-only: the scan runs as `nobody` in a subprocess
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="diffract-ro-"))
+    try:
+        os.chmod(shared, 0o755)
+        ckpt = shutil.copytree(family["base"], shared / "base")
+        for path in ckpt.iterdir():
+            os.chmod(path, 0o644)                           # readable by nobody (safetensors writes 0600)
+        cache = shared / "cache"
+        cache.mkdir(mode=0o755)
+        out_dir = shared / "out"
+        out_dir.mkdir()
+        os.chmod(out_dir, 0o777)
+        before = _sha256(ckpt)
+        if os.geteuid() == 0:
+            cmd = [sys.executable, "-c", DROP_PRIVILEGES]
+        else:  # pragma: no cover - a non-root developer: a plain read-only folder does it
+            os.chmod(cache, 0o555)
+            cmd = [sys.executable, "-c", "import sys; from diffract_tui.cli import main; sys.exit(main(sys.argv[1:]))"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([*cmd, "scan", str(ckpt), "--out", str(out_dir / "a.csv"), "--heads", "--device", "cpu",
+                               "--quiet", "--cache-dir", str(cache)], capture_output=True, text=True, env=env,
+                              cwd=shared, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+        assert len(warnings) == 1, proc.stderr
+        assert warnings[0].startswith("diffract-tui: warning: cannot write the cache (Permission denied), ")
+        assert proc.stderr.strip().endswith(f"wrote {len(uncached)} rows to {out_dir / 'a.csv'}")
+        assert read_table(out_dir / "a.csv")[0] == uncached
+        assert list(cache.iterdir()) == [] and _sha256(ckpt) == before
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
