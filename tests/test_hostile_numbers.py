@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.errors import DiffractError
+from analysis.errors import DiffractError, MatrixFailure
 from analysis.io.checkpoint import open_checkpoint
-from analysis.run.scan import ScanFailure, scan
+from analysis.run.scan import scan
 from analysis.run.tables import read_table
 from analysis.spectral.backend import SpectralSettings
 from analysis.spectral.spectra import NonFiniteError, eigenvalues, spectral_metrics
@@ -161,7 +161,7 @@ def test_scan_with_a_nan_tensor_writes_every_other_row_names_it_and_exits_3(fami
 
 def test_library_scan_reports_failures_or_raises_one_named_error(family):
     ckpts = [open_checkpoint(family["base"]), open_checkpoint(family["bad"])]
-    failures: list[ScanFailure] = []
+    failures: list[MatrixFailure] = []
     rows = list(scan(ckpts, settings=SETTINGS, cache=None, on_failure=failures.append))
     assert [(f.checkpoint, f.tensor, f.operation) for f in failures] == [
         ("bad", INF_HEADS[len("model."):], "weight"), ("bad", NAN_TENSOR[len("model."):], "weight")]
@@ -194,7 +194,7 @@ def test_matrix_of_only_infinities_and_nan_base_are_named(tmp_path):
 
     base = _folder(tmp_path, "nanbase", 0, all_inf)
     cpt = _folder(tmp_path, "cpt", 1)
-    failures: list[ScanFailure] = []
+    failures: list[MatrixFailure] = []
     ckpts = [open_checkpoint(base), open_checkpoint(cpt)]
     list(scan(ckpts, delta=True, settings=SETTINGS, cache=None, on_failure=failures.append))
     lines = [f.line() for f in failures]
@@ -204,6 +204,35 @@ def test_matrix_of_only_infinities_and_nan_base_are_named(tmp_path):
     # the delta of a clean CPT against a broken base names the base as the side with the NaN/inf
     assert lines[1].startswith("checkpoint cpt, tensor layers.0.mlp.down_proj.weight (layer 0 down, ΔW against "
                                "the base): 6144 NaN/inf entries in nanbase")
+
+
+def _delta_cli(family, tmp_path, capsys, *cpts: str) -> tuple[int, list[dict], list[str]]:
+    out = tmp_path / f"delta-{'-'.join(cpts)}.csv"
+    code = main(["delta", str(family["base"]), *[str(family[c]) for c in cpts], "--out", str(out), "--device", "cpu",
+                 "--no-cache"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffract-tui: ")]
+    return code, read_table(out)[0], err
+
+
+def test_delta_with_a_nan_tensor_writes_every_other_row_names_it_and_exits_3(family, tmp_path, capsys):
+    before = {c: _sha256(family[c]) for c in family}
+    code, clean_rows, err = _delta_cli(family, tmp_path, capsys, "clean")
+    assert code == 0 and err == []
+    code, rows, err = _delta_cli(family, tmp_path, capsys, "bad")
+    assert code == 3
+    up, q = NAN_TENSOR[len("model."):], INF_HEADS[len("model."):]
+    ids = lambda rs: [(r["tensor"], r["module"], r["head"], r["kv_head"]) for r in rs]  # noqa: E731
+    lost = [i for i in ids(clean_rows) if i[0] == up or (i[0] == q and i[1] == "q" and i[2] in (None, 1))]
+    assert len(lost) == 3 and ids(rows) == [i for i in ids(clean_rows) if i not in lost]
+    assert len(err) == 4 and err[-1].startswith("diffract-tui: partial result: 3 matrix(es) failed")
+    assert all(line.startswith("diffract-tui: error: checkpoint bad, tensor ") and str(family["bad"]) in line
+               and "NaN/inf entries in bad" in line for line in err[:3])
+    assert sum(up in line for line in err) == 1 and sum("(layer 0 q head 1, " in line for line in err) == 1
+    # two CPT checkpoints: the agreement pass cannot run over the broken head; it says so and the rows stay
+    code, rows2, err2 = _delta_cli(family, tmp_path, capsys, "bad", "clean")
+    assert code == 3 and len(rows2) == len(rows) + len(clean_rows)
+    assert sum("cross-domain agreement" in line and "A2/A3 agreement columns" in line for line in err2) == 1
+    assert {c: _sha256(family[c]) for c in family} == before
 
 
 # ------------------------------------------------------------------------------------------------

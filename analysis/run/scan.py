@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 import torch
 
+from analysis.errors import MatrixFailure
 from analysis.run.cache import Cache, decode_json_value, encode_json_value
+from analysis.spectral.spectra import NUMERIC_ERRORS
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.model.architecture import Module, ModelLayout
@@ -117,28 +119,7 @@ class _Item:
     label: str = ""
 
 
-@dataclass(frozen=True)
-class ScanFailure:
-    """One matrix (or head slice) a scan could not compute: which checkpoint and tensor, and why."""
-
-    checkpoint: str                # the checkpoint's label
-    path: str                      # its file or folder
-    operation: str                 # WEIGHT | DELTA
-    tensor: str
-    what: str                      # "layer 3 q head 2", "globals embeddings", …
-    reason: str
-
-    def describe(self) -> str:
-        """What failed and why, and which file: "checkpoint C, tensor T (layer 0 q head 2): …, PATH"."""
-        op = "" if self.operation == WEIGHT else ", ΔW against the base"
-        return f"checkpoint {self.checkpoint}, tensor {self.tensor} ({self.what}{op}): {self.reason}, {self.path}"
-
-    def line(self) -> str:
-        """The failure as one line of a partial result: what, which file — what to do."""
-        return f"{self.describe()} — its row is left out; check that checkpoint for overflowed weights"
-
-
-FailureFn = Callable[[ScanFailure], None]
+FailureFn = Callable[[MatrixFailure], None]
 
 
 @dataclass
@@ -279,13 +260,6 @@ def _head_rows(ctx: _Context, item: _Item, layout: "ModelLayout", n: int) -> lis
     return rows
 
 
-def _numeric_errors() -> tuple[type[BaseException], ...]:
-    """Errors that sink one matrix, not the scan: NaN/inf entries, an eigensolver that did not converge."""
-    from analysis.spectral.spectra import NonFiniteError
-
-    return (NonFiniteError, torch.linalg.LinAlgError)
-
-
 def _require_finite(ctx: _Context, item: _Item, W0: torch.Tensor | None, Wd: torch.Tensor) -> None:
     """NonFiniteError naming the side (for a delta) when W_d or W₀ has NaN/inf entries."""
     from analysis.spectral.spectra import NON_FINITE_HINT, NonFiniteError, non_finite_entries
@@ -297,12 +271,13 @@ def _require_finite(ctx: _Context, item: _Item, W0: torch.Tensor | None, Wd: tor
             raise NonFiniteError(f"{bad} NaN/inf entries{where}, so it has no spectrum", hint=NON_FINITE_HINT)
 
 
-def _failure(ctx: _Context, item: _Item, tensor: str, what: str, err: BaseException) -> ScanFailure:
-    """A ScanFailure of this item (its checkpoint's label and path) for `err`."""
+def _failure(ctx: _Context, item: _Item, tensor: str, what: str, err: BaseException) -> MatrixFailure:
+    """The MatrixFailure of this item (its checkpoint's label and path) for `err`."""
+    from analysis.spectral.spectra import failure_reason
+
     ckpt = ctx.checkpoints[item.ckpt]
-    reason = getattr(err, "message", None) or str(err).splitlines()[0]
-    return ScanFailure(checkpoint=ckpt.label, path=str(ckpt.path), operation=item.operation, tensor=tensor,
-                       what=what, reason=reason)
+    return MatrixFailure(checkpoint=ckpt.label, path=str(ckpt.path), operation=item.operation, tensor=tensor,
+                         what=what, reason=failure_reason(err))
 
 
 def _where(item: _Item) -> str:
@@ -333,7 +308,7 @@ def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], fail:
                     metrics, evals = _weight_metrics(Wd, ctx.settings)
                 else:
                     metrics, evals = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype)[0], None
-            except _numeric_errors() as err:
+            except NUMERIC_ERRORS as err:
                 fail(_failure(ctx, item, m.tensor, f"{_where(item)} {m.name}", err))
                 return []
             if cache is not None:
@@ -365,7 +340,7 @@ def _compute_heads(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], 
     for j in (~ok).nonzero().flatten().tolist():
         try:
             _require_finite(ctx, item, None if W0 is None else W0[j], Wd[j])
-        except _numeric_errors() as err:
+        except NUMERIC_ERRORS as err:
             fail(_failure(ctx, item, tensor, f"{_where(item)} {item.proj} head {j}", err))
     good = ok.nonzero().flatten()
     if good.numel() == 0:
@@ -377,7 +352,7 @@ def _compute_heads(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], 
             computed, evals = _weight_batch_metrics(Wd, ctx.settings)
         else:
             computed, evals = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype), None
-    except _numeric_errors() as err:
+    except NUMERIC_ERRORS as err:
         fail(_failure(ctx, item, tensor, f"{_where(item)} {item.proj} heads", err))
         return out
     for i, j in enumerate(good.tolist()):
@@ -425,7 +400,7 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
     Rows carry ID_COLUMNS plus every SPEC §3 metric (delta rows also SPEC §4's norms and ρ).
     `progress(done, total, label)` is called after each item; `cancel()` returning True stops the
     scan between items. `cache=None` computes everything and stores nothing. A matrix that cannot be
-    computed (NaN/inf entries) is passed to `on_failure` as a ScanFailure and the scan goes on; without
+    computed (NaN/inf entries) is passed to `on_failure` as a MatrixFailure and the scan goes on; without
     `on_failure` it raises a NonFiniteError naming the checkpoint and tensor.
     """
     fail = on_failure if on_failure is not None else _raise_failure
@@ -462,7 +437,7 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
                 r.release()
 
 
-def _raise_failure(failure: ScanFailure) -> NoReturn:
+def _raise_failure(failure: MatrixFailure) -> NoReturn:
     """The default `on_failure`: stop with the failure as a one-line error."""
     from analysis.spectral.spectra import NON_FINITE_HINT, NonFiniteError
 
@@ -517,7 +492,7 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
         try:
             _require_finite(ctx, item, W0, Wd)
             metrics, evals = _node_compute(ctx, key, metrics, W0, Wd)
-        except _numeric_errors() as err:
+        except NUMERIC_ERRORS as err:
             what = f"{_where(item)} {row['module']}" + ("" if head is None else f" head {head}")
             _raise_failure(_failure(ctx, item, tensor, what, err))
     out = _with_metrics(row, metrics)

@@ -55,6 +55,13 @@ class NonFiniteError(DiffractError):
 
 
 NON_FINITE_HINT = "check the checkpoint (or the delta's dtype) for overflowed weights"
+# errors that sink one matrix, not a whole scan or table: NaN/inf entries, an eigensolver that did not converge
+NUMERIC_ERRORS: tuple[type[BaseException], ...] = (NonFiniteError, torch.linalg.LinAlgError)
+
+
+def failure_reason(err: BaseException) -> str:
+    """The reason part of a NUMERIC_ERRORS error for a failure line: its message without the hint."""
+    return getattr(err, "message", None) or str(err).splitlines()[0]
 
 
 def non_finite_entries(W: torch.Tensor) -> int:
