@@ -83,6 +83,7 @@ def finite_matrices(Ws: torch.Tensor) -> torch.Tensor:
     return ok
 
 
+SAFE_EXPONENT = 16    # max|W| in [2^-17, 2^16): a float32 Gram neither overflows nor underflows, no rescaling
 CPU_LOOP_FROM = 512   # from this min(m, n) up, CPU eigen calls go one 2-D matrix at a time (see _eig_chunk)
 
 
@@ -146,11 +147,14 @@ def _unit_scaled(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The spectrum is scale-equivariant (λ(cW) = c²λ(W)), so eigenvalues are computed on max|X| ∈ [½, 1)
     and multiplied back by 4^e in float64: weights ×1e25 no longer overflow a float32 Gram (the null's
-    route) nor ×1e-25 underflow it. A power of two is exact in every floating-point step, so ordinary
-    matrices give the same bits as unscaled; done in X's own dtype, before the cast to the compute dtype.
+    route) nor ×1e-25 underflow it. A power of two is exact in every floating-point step, so the result has
+    the same bits as unscaled wherever unscaled neither overflows nor underflows — which is why a stack with
+    every |e| ≤ SAFE_EXPONENT is returned as it is (no copy). Done in X's own dtype, before the compute cast.
     """
-    amax = X.abs().amax(dim=(-2, -1)).to(torch.float64)
+    amax = torch.maximum(X.amax(dim=(-2, -1)), -X.amin(dim=(-2, -1))).to(torch.float64)  # no |X| copy
     exponent = torch.frexp(amax).exponent           # amax = mantissa·2^e, mantissa ∈ [½, 1); 0 → e = 0
+    if bool((exponent.abs() <= SAFE_EXPONENT).all()):
+        return X, torch.zeros_like(exponent)
     return torch.ldexp(X, (-exponent).to(X.dtype)[:, None, None]), exponent
 
 
