@@ -177,7 +177,8 @@ def test_explorer_node_with_nan_shows_a_named_error_and_other_nodes_work(family,
     from analysis.run.session import ExplorerSession
 
     s = ExplorerSession.open([family["base"], family["bad"]], device="cpu", cache_dir=tmp_path / "cache")
-    up, head1, head0 = NS(layer=1, module="up", head=None), NS(layer=0, module="q", head=1), NS(layer=0, module="q", head=0)
+    up, head1 = NS(layer=1, module="up", head=None), NS(layer=0, module="q", head=1)
+    head0 = NS(layer=0, module="q", head=0)
     with pytest.raises(DiffractError, match=r"checkpoint bad, tensor layers\.1\.mlp\.up_proj\.weight \(layer 1 up\)"):
         s.spectrum(up)
     with pytest.raises(DiffractError, match=r"layer 0 q head 1, ΔW against the base\): 1 NaN/inf entries in bad"):
