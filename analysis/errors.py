@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -35,3 +36,26 @@ class LayoutError(DiffractError):
 
 class RewindListError(DiffractError):
     """A rewind list that is malformed or no longer matches its checkpoints."""
+
+
+@dataclass(frozen=True)
+class MatrixFailure:
+    """One matrix (or head slice) a scan or a delta table could not compute: which checkpoint and tensor, and
+    why. The command still writes every other row, lists these on stderr and exits 3 (a partial result)."""
+
+    checkpoint: str                # the checkpoint's label
+    path: str                      # its file or folder
+    operation: str                 # "weight" or "delta"
+    tensor: str
+    what: str                      # "layer 3 q head 2", "globals embeddings", …
+    reason: str
+    left_out: str = "its row is left out"
+
+    def describe(self) -> str:
+        """What failed and why, and which file: "checkpoint C, tensor T (layer 0 q head 2): …, PATH"."""
+        op = "" if self.operation == "weight" else ", ΔW against the base"
+        return f"checkpoint {self.checkpoint}, tensor {self.tensor} ({self.what}{op}): {self.reason}, {self.path}"
+
+    def line(self) -> str:
+        """The failure as one line of a partial result: what, which file — what to do."""
+        return f"{self.describe()} — {self.left_out}; check that checkpoint for overflowed weights"

@@ -12,7 +12,6 @@ import pytest
 
 from analysis import ENGINE_VERSION
 from analysis.run.cache import CACHE_ENV_VAR, Cache, cache_key
-from analysis.errors import DiffractError
 from diffract_tui.cli import main
 
 BASE_PARTS = dict(
@@ -166,14 +165,18 @@ def test_info_and_clear_touch_only_cache_files(tmp_path):
     assert (tmp_path / "ab" / "keep.me").exists()
 
 
-def test_unwritable_root_is_a_one_line_error(tmp_path):
+def test_unwritable_root_warns_once_and_is_only_read(tmp_path, capsys):
+    # issue 9 item 12: an unwritable cache no longer fails the computation that wanted to store an entry
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cache = Cache(blocker / "cache")  # a folder cannot be created under a file
-    with pytest.raises(DiffractError) as err:
-        cache.put_json(cache_key(**BASE_PARTS), {"a": 1})
-    assert "\n" not in str(err.value) and "cache" in str(err.value)
+    cache.put_json(cache_key(**BASE_PARTS), {"a": 1})
+    cache.put_array(cache_key(**BASE_PARTS), np.arange(3.0))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("diffract-tui: warning: cannot write the cache (Not a directory)")
+    assert "going on without caching" in err and cache.write_error == "Not a directory"
     assert cache.get_json(cache_key(**BASE_PARTS)) is None  # reading is still just a miss
+    assert blocker.read_text() == "x"
 
 
 def _hammer(root: str, worker: int, rounds: int, queue) -> None:

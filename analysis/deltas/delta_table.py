@@ -23,7 +23,7 @@ from analysis import ENGINE_VERSION
 from analysis.deltas.agreement import (DEFAULT_A3_K, DomainAgreement, a2_cosine, a3_subspace, domain_agreement)
 from analysis.deltas.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_metrics, head_concentration, head_scores,
                             top_svd)
-from analysis.errors import DiffractError
+from analysis.errors import DiffractError, MatrixFailure
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from analysis.model.architecture import ModelLayout, Module
@@ -71,6 +71,7 @@ class DeltaTable:
     head_scores: dict[str, HeadScores] = field(default_factory=dict)
     agreement: DomainAgreement | None = None
     layout: "ModelLayout | None" = None
+    failures: list[MatrixFailure] = field(default_factory=list)   # matrices left out (NaN/inf): a partial table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +115,36 @@ def _cached(cache: "Cache | None", key_parts: dict[str, Any] | None, compute: Ca
     value = compute()
     cache.put_json(key, value)
     return value
+
+
+def _finite_rows(failures: list[MatrixFailure], failure: Callable[[str, str], MatrixFailure],
+                 sides: Sequence[tuple[str, torch.Tensor]],
+                 compute: Callable[[torch.Tensor | None], list[dict[str, Any]]]) -> list[dict[str, Any] | None]:
+    """Rows of a (B, m, n) batch: `compute(None)` when every matrix of every side is finite (the usual, cached
+    path), else `compute(index)` over the finite ones and a failure for each other (None in its place) —
+    one NaN/inf matrix never sinks the table. `failure(part, reason)` names it ("head 3", or "" for one)."""
+    from analysis.spectral.spectra import NUMERIC_ERRORS, failure_reason, finite_matrices, non_finite_entries
+
+    B = sides[0][1].shape[0]
+    ok = torch.ones(B, dtype=torch.bool, device=sides[0][1].device)
+    for label, W in sides:
+        good = finite_matrices(W)
+        for j in (ok & ~good).nonzero().flatten().tolist():
+            failures.append(failure(f" head {j}" if B > 1 else "",
+                                    f"{non_finite_entries(W[j])} NaN/inf entries in {label}, so it has no spectrum"))
+        ok &= good
+    index = None if bool(ok.all()) else ok.nonzero().flatten()
+    out: list[dict[str, Any] | None] = [None] * B
+    if index is not None and index.numel() == 0:
+        return out
+    try:
+        rows = compute(index)
+    except NUMERIC_ERRORS as err:
+        failures.append(failure(" heads" if B > 1 else "", failure_reason(err)))
+        return out
+    for j, row in zip(range(B) if index is None else index.tolist(), rows):
+        out[j] = row
+    return out
 
 
 def matrix_modules(layout: "ModelLayout", shared: set[str]) -> list[tuple[int | None, "Module"]]:
@@ -187,6 +218,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
             progress(done, total, what)
 
     per_target: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    failures: list[MatrixFailure] = []
     metric_kwargs = dict(settings=settings, dtype=dtype, top_k=options.top_k, spectral=options.spectral,
                          truncation=True)
 
@@ -209,13 +241,20 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                               "transpose": module.transpose},
                        operation=f"delta/metrics/v{DELTA_TABLE_VERSION}", settings=skey, dtype=options.dtype,
                        device_kind=device.type)
-            metrics = _cached(cache, key, compute)[0]
+            where = f"{'globals' if layer is None else f'layer {layer}'} {module.name}"
+            metrics = _finite_rows(
+                failures, lambda part, reason, i=i, where=where: MatrixFailure(
+                    labels[i], str(targets[i].path), "delta", module.tensor, where + part, reason),
+                [(report.labels[0], W0.unsqueeze(0)), (labels[i], Wd.unsqueeze(0))],
+                lambda _index, key=key, compute=compute: _cached(cache, key, compute))[0]
+            if metrics is None:
+                continue
             row = {"checkpoint": labels[i], "tensor": module.tensor, "layer": layer, "module": module.name,
                    "head": None, "kv_head": None, "rows": int(W0.shape[0]), "cols": int(W0.shape[1]), **metrics}
             per_target[i].append(row)
             if n >= 2:
                 deltas.append(Wd - W0)
-        if n >= 2:
+        if n >= 2 and len(deltas) == n:      # agreement needs every domain's ΔW of this matrix
             still = [bool(per_target[i][-1]["unchanged"]) for i in range(n)]
             pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if not (still[a] or still[b])]
             a2 = {pr: float(a2_cosine(deltas[pr[0]], deltas[pr[1]])) for pr in pairs}
@@ -230,18 +269,28 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
     agreement: DomainAgreement | None = None
     if heads_on:
         if n >= 2:
-            agreement = domain_agreement(
-                base, targets, layout, k=options.a3_k, dtype=dtype, exclude_kv=options.exclude_kv,
-                agreement_metric=options.agreement_metric, agreement_threshold=options.agreement_threshold,
-                magnitude_threshold=options.magnitude_threshold, device=device,
-                progress=lambda l, L: tick(f"agreement, layer {l - 1}"))
+            from analysis.spectral.spectra import NUMERIC_ERRORS, failure_reason
+
+            try:
+                agreement = domain_agreement(
+                    base, targets, layout, k=options.a3_k, dtype=dtype, exclude_kv=options.exclude_kv,
+                    agreement_metric=options.agreement_metric, agreement_threshold=options.agreement_threshold,
+                    magnitude_threshold=options.magnitude_threshold, device=device,
+                    progress=lambda l, L: tick(f"agreement, layer {l - 1}"))
+            except NUMERIC_ERRORS as err:     # a NaN/inf head somewhere: no agreement columns, the rest stays
+                failures.append(MatrixFailure(
+                    ", ".join(labels), str(base.path), "delta", "q/k/v/o of every layer", "cross-domain agreement",
+                    f"not computed ({failure_reason(err).rstrip('.')})",
+                    left_out="the A2/A3 agreement columns and head classes are left out"))
+        if agreement is not None:
             for i in range(n):
                 scores[labels[i]] = agreement.head_scores[i]
         else:
-            for layer_i in range(layout.num_layers):
+            for layer_i in range(layout.num_layers if n == 1 else 0):
                 tick(f"head scores, layer {layer_i}")
-            scores[labels[0]] = head_scores(base, targets[0], layout, exclude_kv=options.exclude_kv, dtype=dtype,
-                                            device=device)
+            for i, target in enumerate(targets):
+                scores[labels[i]] = head_scores(base, target, layout, exclude_kv=options.exclude_kv, dtype=dtype,
+                                                device=device)
 
     # ---- head slices ----------------------------------------------------------------------------
     if heads_on:
@@ -270,11 +319,19 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
                     key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=tensor,
                                slice={"proj": p, "layer": layer, "heads": "all", "head_dim": layout.head_dim},
-                               operation=f"delta/head-metrics/v{DELTA_TABLE_VERSION}", settings=skey,
-                               dtype=options.dtype, device_kind=device.type)
-                    head_rows = _cached(cache, key, compute_heads)
+                               operation=f"delta/head-metrics/v{DELTA_TABLE_VERSION}", settings=skey, dtype=options.dtype,
+                               device_kind=device.type)
+                    head_rows = _finite_rows(
+                        failures, lambda part, reason, i=i, tensor=tensor, where=f"layer {layer} {p}": MatrixFailure(
+                            labels[i], str(targets[i].path), "delta", tensor, where + part, reason),
+                        [(report.labels[0], b), (labels[i], t)],
+                        lambda index, key=key, compute_heads=compute_heads, b=b, t=t: _cached(
+                            cache, key, compute_heads) if index is None
+                        else batched_delta_metrics(b[index], t[index], **metric_kwargs))  # finite heads, uncached
                     hs = scores[labels[i]]
                     for j, metrics in enumerate(head_rows):
+                        if metrics is None:
+                            continue
                         if p in ("k", "v"):
                             head, kv_head, qh = (j if per == 1 else None), j, j * per
                         else:
@@ -307,7 +364,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
         "architecture": layout.describe(),
     }
     return DeltaTable(rows=rows, summary=summary, metadata=metadata, head_scores=scores, agreement=agreement,
-                      layout=layout)
+                      layout=layout, failures=failures)
 
 
 def _summary(base_label: str, labels: Sequence[str], scores: dict[str, HeadScores],

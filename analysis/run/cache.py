@@ -15,6 +15,8 @@ import json
 import math
 import os
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +40,9 @@ _TAG_TEXT = (
 _ENTRY_RE = re.compile(r"^[0-9a-f]{64}\.(json|npy)$")
 _FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
 _STALE_TMP_SECONDS = 3600.0
+_WRITE_ATTEMPTS = 3               # a write whose folder vanished is retried this often, then caching stops
 _NONFINITE_TAG = "$float"
+_WARN_LOCK = threading.Lock()
 
 
 def default_cache_root() -> Path:
@@ -141,6 +145,32 @@ def decode_json_value(value: Any) -> Any:
     return value
 
 
+def _read_npy(handle: IO[bytes]) -> np.ndarray:
+    """The array of an open `.npy` file, its header checked against the file before anything is allocated.
+
+    A header is only a claim: one saying shape (10¹²,) made `np.load` raise MemoryError. Here shape ×
+    itemsize must equal the bytes that follow the header exactly (no more, no less), the dtype must be a
+    plain number and no pickle is read; anything else is a ValueError (a corrupt entry, i.e. a miss).
+    """
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(handle)
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    if version not in readers:            # 3.0 is for unicode field names, which a numeric array never has
+        raise ValueError(f"unexpected .npy version {version}")
+    shape, fortran, dtype = readers[version](handle)
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.itemsize == 0:
+        raise ValueError(f"not a plain numeric dtype: {dtype}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    data_bytes = os.fstat(handle.fileno()).st_size - handle.tell()
+    if nbytes != data_bytes:
+        raise ValueError(f"header claims {nbytes} bytes of data, the file has {data_bytes}")
+    buffer = bytearray(nbytes)
+    if handle.readinto(buffer) != nbytes or handle.read(1):
+        raise ValueError("the file changed while it was read")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
 @dataclass(frozen=True)
 class CacheInfo:
     """What `diffract-tui cache info` reports."""
@@ -154,11 +184,13 @@ class CacheInfo:
 class Cache:
     """Spectra cache rooted at `root` (else `$DIFFRACT_TUI_CACHE_DIR`, else the user cache folder).
 
-    Entries live at `root/<key[:2]>/<key>.npy|.json`. The folder is created on the first write.
+    Entries live at `root/<key[:2]>/<key>.npy|.json`. The folder is created on the first write. A cache
+    that cannot be written is warned about once and then only read (`write_error` says why).
     """
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root not in (None, "") else default_cache_root()
+        self.write_error: str | None = None     # set (and warned once) when entries can no longer be written
 
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
@@ -172,18 +204,12 @@ class Cache:
         return self.root / key[:2] / f"{key}{suffix}"
 
     def _ensure_root(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tag = self.root / _TAG_NAME
-            if not tag.exists():
-                with atomic_writer(tag, "w") as handle:
-                    handle.write(_TAG_TEXT)
-        except OSError as err:
-            raise DiffractError(
-                f"cannot create the cache folder ({err.strerror or err})",
-                path=self.root,
-                hint=f"pass a writable --cache-dir or set {CACHE_ENV_VAR}",
-            ) from err
+        """Create the cache folder and its CACHEDIR.TAG (OSError when it cannot be)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tag = self.root / _TAG_NAME
+        if not tag.exists():
+            with atomic_writer(tag, "w") as handle:
+                handle.write(_TAG_TEXT)
 
     def _discard(self, path: Path) -> None:
         with contextlib.suppress(OSError):
@@ -195,9 +221,7 @@ class Cache:
         path = self._path(key, ".npy")
         try:
             with open_regular(path) as handle:  # a FIFO entry is corrupt, never read (it would block)
-                array = np.load(handle, allow_pickle=False)
-                if handle.read(1):  # trailing bytes: not a file we wrote
-                    raise ValueError("trailing data")
+                array = _read_npy(handle)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, EOFError):
@@ -248,16 +272,39 @@ class Cache:
         self._write(self._path(key, ".json"), lambda handle: handle.write(data))
 
     def _write(self, path: Path, write: Callable[[IO], Any]) -> None:
-        self._ensure_root()
-        try:
-            with atomic_writer(path, "wb") as handle:
-                write(handle)
-        except OSError as err:
-            raise DiffractError(
-                f"cannot write a cache entry ({err.strerror or err})",
-                path=path,
-                hint=f"free some space, pass a writable --cache-dir or set {CACHE_ENV_VAR}",
-            ) from err
+        """Write one entry atomically; a cache that cannot be written never fails the computation.
+
+        A folder that vanished under the writer (`cache clear` or `rm -rf` while a scan runs) is made again
+        and the write retried; any other OS error (read-only or full disk, no permission, a file where the
+        folder should be) warns once on stderr and turns writing off for this Cache — what was computed is
+        still returned, only not kept.
+        """
+        if self.write_error is not None:
+            return
+        err: OSError | None = None
+        for _ in range(_WRITE_ATTEMPTS):
+            try:
+                self._ensure_root()
+                with atomic_writer(path, "wb") as handle:
+                    write(handle)
+                return
+            except FileNotFoundError as vanished:   # the folder went away between mkdir and the write
+                err = vanished
+            except OSError as other:
+                err = other
+                break
+        self._stop_writing(err, path)
+
+    def _stop_writing(self, err: OSError | None, path: Path) -> None:
+        """Turn writing off after `err`, with ONE warning line on stderr (what, which file — what to do)."""
+        why = (err.strerror or str(err)) if err is not None else "unknown error"
+        with _WARN_LOCK:                  # worker threads share one Cache: still one warning
+            if self.write_error is not None:
+                return
+            self.write_error = why
+        where = err.filename if err is not None and err.filename else path
+        print(f"diffract-tui: warning: cannot write the cache ({why}), {where} — going on without caching; "
+              f"pass a writable --cache-dir, free some space, or set {CACHE_ENV_VAR}", file=sys.stderr)
 
     # ---- convenience -------------------------------------------------------------------------
     def get_or_compute(self, key: str, fn: Callable[[], Any]) -> Any:

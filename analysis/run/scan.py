@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
 
+from analysis.errors import MatrixFailure
 from analysis.run.cache import Cache, decode_json_value, encode_json_value
+from analysis.spectral.spectra import NUMERIC_ERRORS
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.model.architecture import Module, ModelLayout
@@ -115,6 +117,9 @@ class _Item:
     module: "Module | None" = None   # a matrix item
     proj: str | None = None        # a head-batch item
     label: str = ""
+
+
+FailureFn = Callable[[MatrixFailure], None]
 
 
 @dataclass
@@ -262,8 +267,35 @@ def _head_rows(ctx: _Context, item: _Item, layout: "ModelLayout", n: int) -> lis
     return rows
 
 
-def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo]) -> list[dict]:
-    """Rows of one item, from the cache when every entry hits, else computed (reading via `readers`)."""
+def _require_finite(ctx: _Context, item: _Item, W0: torch.Tensor | None, Wd: torch.Tensor) -> None:
+    """NonFiniteError naming the side (for a delta) when W_d or W₀ has NaN/inf entries."""
+    from analysis.spectral.spectra import NON_FINITE_HINT, NonFiniteError, non_finite_entries
+
+    for index, W in ((item.ckpt, Wd), (0, W0)):
+        bad = non_finite_entries(W) if W is not None else 0
+        if bad:
+            where = "" if item.operation == WEIGHT else f" in {ctx.checkpoints[index].label}"
+            raise NonFiniteError(f"{bad} NaN/inf entries{where}, so it has no spectrum", hint=NON_FINITE_HINT)
+
+
+def _failure(ctx: _Context, item: _Item, tensor: str, what: str, err: BaseException) -> MatrixFailure:
+    """The MatrixFailure of this item (its checkpoint's label and path) for `err`."""
+    from analysis.spectral.spectra import failure_reason
+
+    ckpt = ctx.checkpoints[item.ckpt]
+    return MatrixFailure(checkpoint=ckpt.label, path=str(ckpt.path), operation=item.operation, tensor=tensor,
+                         what=what, reason=failure_reason(err))
+
+
+def _where(item: _Item) -> str:
+    return "globals" if item.layer is None else f"layer {item.layer}"
+
+
+def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], fail: FailureFn) -> list[dict]:
+    """Rows of one item, from the cache when every entry hits, else computed (reading via `readers`).
+
+    A matrix (or head slice) with NaN/inf entries, or whose eigensolve fails, has no row: it goes to
+    `fail` and the other matrices of the item are still computed."""
     layout = ctx.layouts[item.ckpt]
     fp = ctx.fingerprint(item.ckpt, item.operation)
     cache = ctx.cache
@@ -276,14 +308,19 @@ def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo]) -> li
         metrics = cache.get_json(key) if cache is not None else None
         if metrics is None:
             Wd = _matrix(readers[item.ckpt], m, ctx.dtype)
-            if item.operation == WEIGHT:
-                metrics, evals = _weight_metrics(Wd, ctx.settings)
-                if cache is not None:
-                    cache.put_array(key, evals)
-            else:
-                W0 = _matrix(readers[0], m, ctx.dtype)
-                metrics = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype)[0]
+            W0 = _matrix(readers[0], m, ctx.dtype) if item.operation == DELTA else None
+            try:
+                _require_finite(ctx, item, W0, Wd)
+                if W0 is None:
+                    metrics, evals = _weight_metrics(Wd, ctx.settings)
+                else:
+                    metrics, evals = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype)[0], None
+            except NUMERIC_ERRORS as err:
+                fail(_failure(ctx, item, m.tensor, f"{_where(item)} {m.name}", err))
+                return []
             if cache is not None:
+                if evals is not None:
+                    cache.put_array(key, evals)
                 cache.put_json(key, metrics)
         return [_with_metrics(row, metrics)]
 
@@ -293,19 +330,45 @@ def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo]) -> li
     keys = [ctx.key(fp, p.tensor, head_slice_key(item.proj, j), item.operation) for j in range(n)]
     cached = [cache.get_json(k) for k in keys] if cache is not None else [None] * n
     if any(c is None for c in cached):
-        Wd = _heads(readers[item.ckpt], layout, item.layer, item.proj, ctx.dtype)
-        if item.operation == WEIGHT:
-            cached, evals = _weight_batch_metrics(Wd, ctx.settings)
-            if cache is not None:
-                for k, e in zip(keys, evals):
-                    cache.put_array(k, e)
+        cached = _compute_heads(ctx, item, readers, layout, p.tensor, keys, fail)
+    return [_with_metrics(r, mt) for r, mt in zip(_head_rows(ctx, item, layout, n), cached) if mt is not None]
+
+
+def _compute_heads(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], layout: "ModelLayout",
+                   tensor: str, keys: list[str], fail: FailureFn) -> list[dict | None]:
+    """Metrics of every head of item.proj in ONE batched call over the finite heads (None for a failed
+    head, which goes to `fail`); computed entries are cached."""
+    from analysis.spectral.spectra import finite_matrices
+
+    Wd = _heads(readers[item.ckpt], layout, item.layer, item.proj, ctx.dtype)
+    W0 = _heads(readers[0], layout, item.layer, item.proj, ctx.dtype) if item.operation == DELTA else None
+    ok = finite_matrices(Wd) if W0 is None else finite_matrices(Wd) & finite_matrices(W0)
+    out: list[dict | None] = [None] * len(keys)
+    for j in (~ok).nonzero().flatten().tolist():
+        try:
+            _require_finite(ctx, item, None if W0 is None else W0[j], Wd[j])
+        except NUMERIC_ERRORS as err:
+            fail(_failure(ctx, item, tensor, f"{_where(item)} {item.proj} head {j}", err))
+    good = ok.nonzero().flatten()
+    if good.numel() == 0:
+        return out
+    if not bool(ok.all()):
+        Wd, W0 = Wd[good], None if W0 is None else W0[good]
+    try:
+        if W0 is None:
+            computed, evals = _weight_batch_metrics(Wd, ctx.settings)
         else:
-            W0 = _heads(readers[0], layout, item.layer, item.proj, ctx.dtype)
-            cached = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype)
-        if cache is not None:
-            for k, metrics in zip(keys, cached):
-                cache.put_json(k, metrics)
-    return [_with_metrics(r, mt) for r, mt in zip(_head_rows(ctx, item, layout, n), cached)]
+            computed, evals = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype), None
+    except NUMERIC_ERRORS as err:
+        fail(_failure(ctx, item, tensor, f"{_where(item)} {item.proj} heads", err))
+        return out
+    for i, j in enumerate(good.tolist()):
+        out[j] = computed[i]
+        if ctx.cache is not None:
+            if evals is not None:
+                ctx.cache.put_array(keys[j], evals[i])
+            ctx.cache.put_json(keys[j], computed[i])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,7 +401,7 @@ def plan_size(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta
 
 def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: bool = False,
          settings: "SpectralSettings", cache: Cache | None, progress: ProgressFn | None = None,
-         cancel: CancelFn | None = None) -> Iterator[dict]:
+         cancel: CancelFn | None = None, on_failure: FailureFn | None = None) -> Iterator[dict]:
     """Yield one row per matrix (and head slice, and delta) of the checkpoints; the first is the base.
 
     Rows carry ID_COLUMNS plus every SPEC §3 metric (delta rows also SPEC §4's norms and ρ, and `unchanged`:
@@ -346,8 +409,11 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
     several checkpoints of which some lack a tensor, every row has `present_in`: the labels of the checkpoints
     holding a tensor some of them lack (empty for tensors every checkpoint has).
     `progress(done, total, label)` is called after each item; `cancel()` returning True stops the
-    scan between items. `cache=None` computes everything and stores nothing.
+    scan between items. `cache=None` computes everything and stores nothing. A matrix that cannot be
+    computed (NaN/inf entries) is passed to `on_failure` as a MatrixFailure and the scan goes on; without
+    `on_failure` it raises a NonFiniteError naming the checkpoint and tensor.
     """
+    fail = on_failure if on_failure is not None else _raise_failure
     checkpoints = list(checkpoints)
     if not checkpoints:
         return
@@ -375,7 +441,7 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
                 if item.ckpt != previous and previous != 0:
                     readers[previous].release()  # done with that checkpoint's layer; the base's stays
                 previous = item.ckpt
-                for row in _run_item(ctx, item, readers):
+                for row in _run_item(ctx, item, readers, fail):
                     if partial is not None:
                         row["present_in"] = partial.get(row["tensor"])
                     yield row
@@ -385,6 +451,13 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
         finally:
             for r in readers.values():
                 r.release()
+
+
+def _raise_failure(failure: MatrixFailure) -> NoReturn:
+    """The default `on_failure`: stop with the failure as a one-line error."""
+    from analysis.spectral.spectra import NON_FINITE_HINT, NonFiniteError
+
+    raise NonFiniteError(failure.describe(), hint=NON_FINITE_HINT)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,30 +506,44 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
         evals = np.empty(0)  # ΔW = 0 (a tensor the CPT left bit-identical): no spectrum, nothing to read
     if metrics is None or evals is None:
         Wd = read(ckpt)
-        if operation == WEIGHT:
-            if metrics is None:
-                metrics, evals = _weight_metrics(Wd, settings)
-                if cache is not None:
-                    cache.put_json(key, metrics)
-            else:
-                from analysis.spectral.spectra import eigenvalues
-
-                evals = eigenvalues(Wd, settings).detach().cpu().numpy()
-        else:
-            from analysis.deltas.delta import esd, upcast_pair
-
-            W0 = read(delta_against)
-            if metrics is None:
-                metrics = _delta_metrics(W0, Wd, settings, ctx.dtype)[0]
-                if cache is not None:
-                    cache.put_json(key, metrics)
-            evals = (np.empty(0) if metrics.get("unchanged")
-                     else esd(upcast_pair(W0, Wd, ctx.dtype)[2]).detach().cpu().numpy())
-        if cache is not None:
-            cache.put_array(key, evals)
+        W0 = read(delta_against) if operation == DELTA else None
+        try:
+            _require_finite(ctx, item, W0, Wd)
+            metrics, evals = _node_compute(ctx, key, metrics, W0, Wd)
+        except NUMERIC_ERRORS as err:
+            what = f"{_where(item)} {row['module']}" + ("" if head is None else f" head {head}")
+            _raise_failure(_failure(ctx, item, tensor, what, err))
     out = _with_metrics(row, metrics)
     out["eigenvalues"] = evals
     return out
+
+
+def _node_compute(ctx: _Context, key: str, metrics: dict | None, W0: torch.Tensor | None,
+                  Wd: torch.Tensor) -> tuple[dict, np.ndarray]:
+    """`node_metrics`' (metrics, eigenvalues) of W_d (or of ΔW when W₀ is given), computing what is missing
+    and caching it (`metrics` when already cached)."""
+    cache = ctx.cache
+    if W0 is None:
+        if metrics is None:
+            metrics, evals = _weight_metrics(Wd, ctx.settings)
+            if cache is not None:
+                cache.put_json(key, metrics)
+        else:
+            from analysis.spectral.spectra import eigenvalues
+
+            evals = eigenvalues(Wd, ctx.settings).detach().cpu().numpy()
+    else:
+        from analysis.deltas.delta import esd, upcast_pair
+
+        if metrics is None:
+            metrics = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype)[0]
+            if cache is not None:
+                cache.put_json(key, metrics)
+        evals = (np.empty(0) if metrics.get("unchanged")    # ΔW = 0: no spectrum
+                 else esd(upcast_pair(W0, Wd, ctx.dtype)[2]).detach().cpu().numpy())
+    if cache is not None:
+        cache.put_array(key, evals)
+    return metrics, evals
 
 
 def _find_module(layout: "ModelLayout", layer: int | None, name: str) -> "Module":

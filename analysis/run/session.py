@@ -499,7 +499,8 @@ class ExplorerSession:
         """Fill the cache with the scan of every matrix, head and delta (`analysis.run.scan.scan`).
 
         `on_node(node, badge)` receives base α and the first target's relative update as rows arrive.
-        Returns the number of rows. Raises `Cancelled` when `cancelled()` turned True.
+        Returns the number of rows. Raises `Cancelled` when `cancelled()` turned True, and a DiffractError naming
+        the first failure when some matrices had NaN/inf entries (after caching all the others).
         """
         from types import SimpleNamespace as NS
 
@@ -511,8 +512,9 @@ class ExplorerSession:
             progress(done / max(1, total), f"{done}/{total} {label}")
 
         count = 0
+        failures: list = []  # a NaN/inf matrix is skipped (its node shows the error), the rest still cached
         for row in scan(self.checkpoints, heads=self.layout.heads_available, delta=True, settings=self.settings,
-                        cache=self.cache, progress=scan_progress, cancel=cancelled):
+                        cache=self.cache, progress=scan_progress, cancel=cancelled, on_failure=failures.append):
             count += 1
             if on_node is None:
                 continue
@@ -525,6 +527,9 @@ class ExplorerSession:
                 on_node(node, {"delta_rel": row.get("delta_rel"), "unchanged": bool(row.get("unchanged"))})
         if cancelled():
             raise Cancelled()
+        if failures:
+            raise DiffractError(f"{len(failures)} matrices could not be computed, the other {count} are cached; "
+                                f"first: {failures[0].describe()}", hint="check that checkpoint for overflowed weights")
         return count
 
     # ---- marks and export ------------------------------------------------------------------

@@ -43,14 +43,47 @@ def _check_matrix(W: torch.Tensor) -> None:
     if W.is_complex() or not W.is_floating_point():
         raise DiffractError(f"spectra need real floating-point weights, got {W.dtype}",
                             hint="upcast the weights to float32 or float64")
-    # one vectorised sum instead of a bool tensor of W's size (measured 2.7 ms vs 64 ms on 2048×5632): any
-    # NaN/inf entry makes the sum non-finite; a non-finite sum of finite entries (overflow) is looked at entry-wise
-    if not bool(torch.isfinite(W.sum())) and not bool(torch.isfinite(W).all()):
-        bad = int((~torch.isfinite(W)).sum())
-        raise DiffractError(f"the matrix of shape {tuple(W.shape)} has {bad} NaN/inf entries, so it has no spectrum",
-                            hint="check the checkpoint (or the delta's dtype) for overflowed weights")
+    bad = non_finite_entries(W)
+    if bad:
+        raise NonFiniteError(f"the matrix of shape {tuple(W.shape)} has {bad} NaN/inf entries, so it has no spectrum",
+                             hint=NON_FINITE_HINT)
 
 
+class NonFiniteError(DiffractError):
+    """A matrix with NaN/inf entries has no spectrum: a failure of that one matrix, which a scan lists and
+    goes on (the other matrices are still computed)."""
+
+
+NON_FINITE_HINT = "check the checkpoint (or the delta's dtype) for overflowed weights"
+# errors that sink one matrix, not a whole scan or table: NaN/inf entries, an eigensolver that did not converge
+NUMERIC_ERRORS: tuple[type[BaseException], ...] = (NonFiniteError, torch.linalg.LinAlgError)
+
+
+def failure_reason(err: BaseException) -> str:
+    """The reason part of a NUMERIC_ERRORS error for a failure line: its message without the hint."""
+    return getattr(err, "message", None) or str(err).splitlines()[0]
+
+
+def non_finite_entries(W: torch.Tensor) -> int:
+    """How many entries of W are NaN/±inf (0 for a clean tensor, cheaply).
+
+    One vectorised sum instead of a bool tensor of W's size (measured 2.7 ms vs 64 ms on 2048×5632): any
+    NaN/inf entry makes the sum non-finite; a non-finite sum of finite entries (overflow) is looked at entry-wise.
+    """
+    if bool(torch.isfinite(W.sum())):
+        return 0
+    return int((~torch.isfinite(W)).sum())
+
+
+def finite_matrices(Ws: torch.Tensor) -> torch.Tensor:
+    """Bool (B,) per matrix of a (B, m, n) stack: True where every entry is finite (the sum fast path first)."""
+    ok = torch.isfinite(Ws.sum(dim=(-2, -1)))
+    if not bool(ok.all()):
+        ok = torch.isfinite(Ws).flatten(1).all(dim=1)
+    return ok
+
+
+SAFE_EXPONENT = 16    # max|W| in [2^-17, 2^16): a float32 Gram neither overflows nor underflows, no rescaling
 CPU_LOOP_FROM = 512   # from this min(m, n) up, CPU eigen calls go one 2-D matrix at a time (see _eig_chunk)
 
 
@@ -102,10 +135,27 @@ def _eigenvalues(W: torch.Tensor, settings: SpectralSettings) -> torch.Tensor:
     per_item = 8 * (m * n + 3 * M * M) + 4 * m * n
     out = torch.empty((B, M), dtype=torch.float64, device=device)
     for a, b in chunks(B, per_item, memory_budget(device)):
-        X = flat[a:b].to(device=device, dtype=settings.torch_dtype)
-        out[a:b] = _eig_chunk(X, settings.eig_route).to(torch.float64)
+        X, exponent = _unit_scaled(flat[a:b].to(device=device))
+        lam = _eig_chunk(X.to(dtype=settings.torch_dtype), settings.eig_route).to(torch.float64)
+        out[a:b] = torch.ldexp(lam, (2 * exponent).to(torch.float64)[:, None])
     out = out.clamp_min(0.0) / N
     return out.reshape(*lead, M)
+
+
+def _unit_scaled(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X / 2^e, e) per matrix of a (B, m, n) stack, with 2^e the power of two just above max|X|.
+
+    The spectrum is scale-equivariant (λ(cW) = c²λ(W)), so eigenvalues are computed on max|X| ∈ [½, 1)
+    and multiplied back by 4^e in float64: weights ×1e25 no longer overflow a float32 Gram (the null's
+    route) nor ×1e-25 underflow it. A power of two is exact in every floating-point step, so the result has
+    the same bits as unscaled wherever unscaled neither overflows nor underflows — which is why a stack with
+    every |e| ≤ SAFE_EXPONENT is returned as it is (no copy). Done in X's own dtype, before the compute cast.
+    """
+    amax = torch.maximum(X.amax(dim=(-2, -1)), -X.amin(dim=(-2, -1))).to(torch.float64)  # no |X| copy
+    exponent = torch.frexp(amax).exponent           # amax = mantissa·2^e, mantissa ∈ [½, 1); 0 → e = 0
+    if bool((exponent.abs() <= SAFE_EXPONENT).all()):
+        return X, torch.zeros_like(exponent)
+    return torch.ldexp(X, (-exponent).to(X.dtype)[:, None, None]), exponent
 
 
 # --------------------------------------------------------------------------------------------------

@@ -99,12 +99,15 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                               help="Compute threads (default: $DIFFRACT_TUI_THREADS, else "
                                                    "physical cores)."),
-    ) -> None:
+    ) -> int:
         """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
         agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
 
         Columns (ρ, A1 floor, truncatable_fraction = trunc. t@0.1, …): see docs/reference.md; the spectral
-        columns describe ΔW itself, not W_d."""
+        columns describe ΔW itself, not W_d.
+
+        Exit code 3 is a partial result: the table is written, but matrices with NaN/inf weights have no row
+        (each is named on stderr)."""
 
         from analysis.deltas.delta_table import DeltaOptions, open_and_build
         from analysis.errors import DiffractError
@@ -149,6 +152,9 @@ def register(app: typer.Typer) -> None:
         print_summary(result.summary, out, len(result.rows))
         if summary_json:
             typer.echo(json.dumps(result.summary, indent=1, default=_json_default))
+        from diffract_tui.cli.scan import report_failures
+
+        return report_failures([f.line() for f in result.failures], what=f"{len(result.rows)} rows in {out}")
 
 
 def _json_default(value: Any) -> Any:

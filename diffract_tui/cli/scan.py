@@ -35,10 +35,12 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(
             None, "--threads", min=1, help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores)."
         ),
-    ) -> None:
+    ) -> int:
         """Scan checkpoints: one row per matrix (and head slice, and delta) with every spectral metric.
 
-        Columns: see docs/reference.md; on delta rows the spectral columns describe ΔW itself, not W_d."""
+        Columns: see docs/reference.md; on delta rows the spectral columns describe ΔW itself, not W_d.
+        Exit code 3 is a partial result: the table is written, but matrices with NaN/inf weights have no row
+        (each is named on stderr)."""
         from analysis.errors import DiffractError
         from analysis.run.tables import table_format
 
@@ -65,12 +67,14 @@ def register(app: typer.Typer) -> None:
         opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
         inputs = [f for c in opened for f in checkpoint_files(c)]
         check_table_output(out, inputs)  # refuse an output on, in or around an input before any work
+        failures: list = []
         try:
             if delta:
                 from analysis.io.alignment import require_same_model
 
                 require_same_model(opened)  # different models: one line before the progress bar
-            rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan)
+            rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan,
+                        on_failure=failures.append)
         finally:
             for c in opened:
                 c.close()
@@ -88,12 +92,27 @@ def register(app: typer.Typer) -> None:
         }
         write_table(rows, out, metadata=metadata, inputs=inputs)
         typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
+        return report_failures([f.line() for f in failures], what=f"{len(rows)} rows in {out}")
 
 
-def _run(opened, *, heads, delta, settings, cache, quiet, scan) -> list[dict]:
+PARTIAL_EXIT = 3   # the result was written but some matrices are missing from it
+
+
+def report_failures(lines: list[str], what: str) -> int:
+    """Each failure as one line on stderr, then what was still written; the exit code: 0, or 3 for a partial result."""
+    if not lines:
+        return 0
+    for line in lines:
+        typer.echo(f"diffract-tui: error: {line}", err=True)
+    typer.echo(f"diffract-tui: partial result: {len(lines)} matrix(es) failed (listed above); "
+               f"the other {what} are complete", err=True)
+    return PARTIAL_EXIT
+
+
+def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure) -> list[dict]:
     """Collect the scan's rows with a rich progress bar on stderr (none with --quiet)."""
     if quiet:
-        return list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache))
+        return list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, on_failure=on_failure))
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -105,6 +124,7 @@ def _run(opened, *, heads, delta, settings, cache, quiet, scan) -> list[dict]:
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label[:60])
 
-        rows = list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, progress=progress))
+        rows = list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, progress=progress,
+                         on_failure=on_failure))
         bar.update(task, description="done")
     return rows
