@@ -13,7 +13,7 @@ import sys
 import click
 import typer
 
-from diffract_tui.cli import cache, delta, demo, info, interpolate, launch, rewind, scan
+from diffract_tui.cli import cache, delta, demo, eval, info, interpolate, launch, rewind, scan  # noqa: A004
 
 app = typer.Typer(
     name="diffract-tui",
@@ -23,10 +23,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-for _module in (launch, demo, info, scan, delta, rewind, interpolate, cache):
+for _module in (launch, demo, info, scan, delta, rewind, interpolate, cache, eval):
     _module.register(app)
 
-SUBCOMMANDS = {"open", "demo", "info", "scan", "delta", "rewind", "interpolate", "cache"}
+SUBCOMMANDS = {"open", "demo", "info", "scan", "delta", "rewind", "interpolate", "cache", "eval"}
 
 
 def _route(argv: list[str]) -> list[str]:
