@@ -27,17 +27,19 @@ from analysis.io.checkpoint import open_checkpoint  # noqa: E402
 from analysis.model.architecture import layout_of  # noqa: E402
 from analysis.run.tables import read_table  # noqa: E402
 from diffract_tui.cli import main  # noqa: E402
-from tiny_cpt import build_family  # noqa: E402
+from tiny_cpt import family  # noqa: E402,F401  (the session fixture)
 
 CPU = torch.device("cpu")
 T, N = 64, 8
 
 
-@pytest.fixture(scope="session")
-def family():
-    """The tiny CPT family (trained once, reused from the system temp folder)."""
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Fixed threads, so repeated evaluations are comparable bit for bit."""
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
-    return build_family()
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +263,7 @@ def test_eval_cli_rows_cache_and_inputs_untouched(family, tmp_path, capsys):
     out = tmp_path / "eval.csv"
     args = ["eval", str(family.base), str(family.code), "--text", str(family.code_text), "--text",
             str(family.prose_text), "--tokens", str(T), "--windows", str(N), "--device", "cpu", "--out", str(out),
-            "--cache-dir", str(tmp_path / "cache")]
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
     assert main(args) == 0
     rows, meta = read_table(out)
     assert [(r["checkpoint"], r["text"]) for r in rows] == [("base", "code.txt"), ("base", "prose.txt"),
@@ -284,7 +286,8 @@ def test_rewind_sweep_cli_equals_engine_and_reports_levels(family, tmp_path):
     assert main(["rewind", "sweep", str(family.base), str(family.code), "--text", str(family.code_text),
                  "--general-text", str(family.prose_text), "--reference", str(family.code2),
                  "--patterns", "greedy,reference,random,top", "--fractions", "0,0.25", "--seeds", "2",
-                 "--tokens", str(T), "--windows", str(N), "--device", "cpu", "--no-cache", "--out", str(out)]) == 0
+                 "--tokens", str(T), "--windows", str(N), "--device", "cpu", "--no-cache", "--threads", "1",
+                 "--out", str(out)]) == 0
     assert _sha([family.base, family.code, family.code2]) == before
     rows, meta = read_table(out)
     pats = {r["pattern"] for r in rows}

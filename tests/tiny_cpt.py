@@ -155,3 +155,14 @@ def _train_family(fam: Family) -> None:
         fam.code_text.write_text(_stdlib(HELDOUT_CODE), encoding="utf-8")
     finally:
         torch.set_num_threads(threads)
+
+
+try:  # the fixture, for the test modules that import it (tests/test_eval.py, tests/test_hostile_eval.py)
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def family() -> Family:
+        """The tiny CPT family (trained once on one thread, then reused from the system temp folder)."""
+        return build_family()
+except ImportError:  # pragma: no cover - build_family works without pytest
+    pass
