@@ -61,12 +61,15 @@ class Evaluator:
         key = self.key(et, patched) if self.cache is not None else None
         if key is not None:
             hit = self.cache.get_json(key)
+            cached = None
             if isinstance(hit, dict):
                 try:
-                    self.hits += 1
-                    return LossResult.from_dict(hit)
-                except (KeyError, TypeError, ValueError):
-                    self.hits -= 1
+                    cached = LossResult.from_dict(hit)
+                except (KeyError, TypeError, ValueError):  # an entry of another shape: recompute it
+                    cached = None
+            if cached is not None:
+                self.hits += 1
+                return cached
         self.misses += 1
         result = evaluate(self.lm, et.windows, seed=self.seed, progress=self.progress)
         if key is not None:

@@ -33,6 +33,15 @@ def rewind_description(rl: "RewindList") -> dict[str, Any]:
             "heads": [[e.layer, e.head, list(e.projections)] for e in sorted(rl.heads, key=lambda e: (e.layer, e.head))]}
 
 
+def _span(index: torch.Tensor) -> tuple[int, int] | None:
+    """(start, length) when the positions are one increasing run start, start+1, …; else None."""
+    n = int(index.numel())
+    if n == 0:
+        return None
+    start = int(index[0])
+    return (start, n) if torch.equal(index, torch.arange(start, start + n, dtype=index.dtype)) else None
+
+
 class LivePatch:
     """Rewinds heads of a live model to a base checkpoint and puts them back exactly."""
 
@@ -49,7 +58,7 @@ class LivePatch:
                                  path=self.base.path, hint="rewind needs the base and target of one architecture")
         return p
 
-    def apply(self, edits: dict[str, list["Slot"]]) -> list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]:
+    def apply(self, edits: dict[str, list["Slot"]]) -> list[tuple[Any, ...]]:
         """Copy the slots from the base into the live parameters; returns what restores them."""
         saved = []
         with torch.no_grad():
@@ -61,18 +70,27 @@ class LivePatch:
                                          "in the model", path=self.base.path, hint="rewind needs the same architecture")
                 b = b.to(device=p.device, dtype=p.dtype)
                 for s in slots:
-                    idx = s.index.to(p.device)
-                    saved.append((p.data, s.axis, idx, p.data.index_select(s.axis, idx).clone()))
-                    p.data.index_copy_(s.axis, idx, b.index_select(s.axis, idx))
+                    span = _span(s.index)
+                    if span is not None:  # a head's rows/columns are one block: copy views, no gather
+                        live = p.data.narrow(s.axis, *span)
+                        saved.append((live, None, None, live.clone()))
+                        live.copy_(b.narrow(s.axis, *span))
+                    else:
+                        idx = s.index.to(p.device)
+                        saved.append((p.data, s.axis, idx, p.data.index_select(s.axis, idx).clone()))
+                        p.data.index_copy_(s.axis, idx, b.index_select(s.axis, idx))
                 del b
         return saved
 
     @staticmethod
-    def restore(saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]) -> None:
+    def restore(saved: list[tuple[Any, ...]]) -> None:
         """Put the saved slices back (in reverse order, so overlapping slots end as they started)."""
         with torch.no_grad():
             for data, axis, idx, values in reversed(saved):
-                data.index_copy_(axis, idx, values)
+                if axis is None:
+                    data.copy_(values)
+                else:
+                    data.index_copy_(axis, idx, values)
 
     @contextmanager
     def rewound(self, rl: "RewindList") -> Iterator[None]:

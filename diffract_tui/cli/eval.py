@@ -50,9 +50,15 @@ def eval_device(device: str, dtype: Optional[str], threads: Optional[int]) -> It
 
 def load_texts(domain: List[Path], general: Optional[List[Path]] = None) -> list[tuple[Any, str]]:
     """(Text, role) for every --text (domain) and --general-text (general) file; bad files fail first."""
-    from analysis.eval.texts import load_text
+    import dataclasses
 
-    return [(load_text(p), "domain") for p in domain] + [(load_text(p), "general") for p in general or []]
+    from analysis.eval.texts import load_text
+    from diffract_tui.cli.scan import unique_labels
+
+    paths = [*domain, *(general or [])]
+    roles = ["domain"] * len(domain) + ["general"] * len(general or [])
+    return [(dataclasses.replace(load_text(p), name=name), role)  # two texts named alike: their paths
+            for p, name, role in zip(paths, unique_labels(paths), roles)]
 
 
 def prepare_all(lm: Any, texts: list[tuple[Any, str]], tokens: int, windows: int) -> list[Any]:

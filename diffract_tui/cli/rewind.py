@@ -180,8 +180,10 @@ def register_sweep(rewind_app: typer.Typer) -> None:
         no_cache: bool = typer.Option(False, "--no-cache", help="Read and write no cache."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Compute threads."),
     ) -> None:
-        """Loss of every candidate rewind (pattern × fraction × seed) on every text, in memory; rows pattern,
-        fraction, seed, heads, text, loss, ppl with the base and the target as reference rows."""
+        """Loss of every candidate rewind (pattern × fraction × seed) on every text, in memory.
+
+        Rows pattern, fraction, seed, heads, text, loss, ppl (and gain kept / forgetting recovered), with the base
+        and the target as reference rows; no checkpoint is written."""
         from analysis.edit.rewind import checkpoint_ref, parse_heads, rewind_inputs
         from analysis.errors import DiffractError
         from analysis.eval.evaluator import Evaluator
