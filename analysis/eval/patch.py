@@ -59,27 +59,36 @@ class LivePatch:
         return p
 
     def apply(self, edits: dict[str, list["Slot"]]) -> list[tuple[Any, ...]]:
-        """Copy the slots from the base into the live parameters; returns what restores them."""
+        """Copy the slots from the base into the live parameters; returns what restores them. Row blocks are
+        read alone from the base (`Checkpoint.rows`); other slots read the base tensor once."""
         saved = []
         with torch.no_grad():
             for name, slots in edits.items():
                 p = self._param(name)
-                b = self.base.tensor(name, dtype=None)
-                if tuple(b.shape) != tuple(p.shape):
-                    raise AlignmentError(f"tensor {name} has shape {tuple(b.shape)} in the base and {tuple(p.shape)} "
+                shape = tuple(self.base.info(name).shape)
+                if shape != tuple(p.shape):
+                    raise AlignmentError(f"tensor {name} has shape {shape} in the base and {tuple(p.shape)} "
                                          "in the model", path=self.base.path, hint="rewind needs the same architecture")
-                b = b.to(device=p.device, dtype=p.dtype)
+                whole: torch.Tensor | None = None
                 for s in slots:
                     span = _span(s.index)
-                    if span is not None:  # a head's rows/columns are one block: copy views, no gather
+                    if span is not None and s.axis == 0:  # a head's rows: read just them, copy views
+                        src = self.base.rows(name, span[0], span[0] + span[1], dtype=None)
+                        live = p.data.narrow(0, *span)
+                        saved.append((live, None, None, live.clone()))
+                        live.copy_(src.to(device=p.device, dtype=p.dtype))
+                        continue
+                    if whole is None:
+                        whole = self.base.tensor(name, dtype=None).to(device=p.device, dtype=p.dtype)
+                    if span is not None:  # a head's columns: one block, no gather
                         live = p.data.narrow(s.axis, *span)
                         saved.append((live, None, None, live.clone()))
-                        live.copy_(b.narrow(s.axis, *span))
+                        live.copy_(whole.narrow(s.axis, *span))
                     else:
                         idx = s.index.to(p.device)
                         saved.append((p.data, s.axis, idx, p.data.index_select(s.axis, idx).clone()))
-                        p.data.index_copy_(s.axis, idx, b.index_select(s.axis, idx))
-                del b
+                        p.data.index_copy_(s.axis, idx, whole.index_select(s.axis, idx))
+                del whole
         return saved
 
     @staticmethod
