@@ -33,9 +33,9 @@ CPU = torch.device("cpu")
 T, N = 64, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Fixed threads, so repeated evaluations are comparable bit for bit."""
+    """Fixed threads in every test (a CLI call applies its own policy), so evaluations compare bit for bit."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -257,7 +257,8 @@ def test_loss_path_endpoints_are_the_checkpoints(family):
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def test_eval_cli_rows_cache_and_inputs_untouched(family, tmp_path, capsys):
+def test_eval_cli_rows_cache_and_inputs_untouched(family, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFRACT_TUI_THREADS", "1")  # --threads 1 exports it: restored after the test
     inputs = [family.base, family.code, family.code_text, family.prose_text]
     before = _sha(inputs)
     out = tmp_path / "eval.csv"
@@ -280,7 +281,8 @@ def test_eval_cli_rows_cache_and_inputs_untouched(family, tmp_path, capsys):
     assert "fewer than the 100000 asked" in capsys.readouterr().err
 
 
-def test_rewind_sweep_cli_equals_engine_and_reports_levels(family, tmp_path):
+def test_rewind_sweep_cli_equals_engine_and_reports_levels(family, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFRACT_TUI_THREADS", "1")  # --threads 1 exports it: restored after the test
     out = tmp_path / "sweep.csv"
     before = _sha([family.base, family.code, family.code2])
     assert main(["rewind", "sweep", str(family.base), str(family.code), "--text", str(family.code_text),
