@@ -145,9 +145,7 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, completed=done, total=total, description=what[:60])
 
             result = open_and_build(base, cpts, options=options, cache=cache, progress=progress)
-        from diffract_tui import __version__
-
-        metadata = {**result.metadata, "created_by": f"diffract-tui {__version__}", "summary": result.summary}
+        metadata = {**result.metadata, "summary": result.summary}   # provenance: analysis.run.provenance
         write_table(result.rows, out, metadata=metadata, inputs=inputs)
         print_summary(result.summary, out, len(result.rows))
         if summary_json:

@@ -146,8 +146,9 @@ def register(app: typer.Typer) -> None:
         from analysis.io.alignment import require_same_model
         from analysis.model.architecture import layout_of
         from analysis.io.checkpoint import open_checkpoint
+        from analysis.io.labels import unique_labels
 
-        opened = [open_checkpoint(p) for p in checkpoints]
+        opened = [open_checkpoint(p, label=lab) for p, lab in zip(checkpoints, unique_labels(checkpoints))]
         try:
             layouts = [layout_of(c) for c in opened]
             alignment = require_same_model(opened, strict=not lenient, layouts=layouts).to_dict()

@@ -7,14 +7,6 @@ from typing import List, Optional
 
 import typer
 
-from diffract_tui import __version__ as TOOL_VERSION
-
-
-def unique_labels(paths: list[Path]) -> list[str]:
-    """Display names: the folder/file name, or the whole path when two inputs share a name."""
-    names = [p.name or str(p) for p in paths]
-    return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
-
 
 def register(app: typer.Typer) -> None:
     """Add the `scan` command to the root app."""
@@ -52,12 +44,13 @@ def register(app: typer.Typer) -> None:
             raise DiffractError("--delta needs at least two checkpoints (the first is the base)",
                                 hint="pass the base and one or more continually-pretrained checkpoints")
 
-        from analysis import ENGINE_VERSION
         from analysis.spectral.backend import SpectralSettings, apply_thread_policy, resolve_device
         from analysis.run.cache import Cache
         from analysis.io.checkpoint import open_checkpoint
+        from analysis.io.labels import unique_labels
         from analysis.run.scan import scan
         from analysis.io.guard import checkpoint_files
+        from analysis.run.provenance import provenance
         from analysis.run.tables import check_table_output, write_table
 
         apply_thread_policy(threads)
@@ -80,16 +73,7 @@ def register(app: typer.Typer) -> None:
                 c.close()
         order = {c.label: i for i, c in enumerate(opened)}
         rows.sort(key=lambda r: (order[r["checkpoint"]], r["operation"] != "weight"))  # stable: layer order kept
-        metadata = {
-            "created_by": f"diffract-tui {TOOL_VERSION}",
-            "engine_version": ENGINE_VERSION,
-            "command": "scan",
-            "checkpoints": [{"label": c.label, "path": str(c.path), "fingerprint": c.fingerprint} for c in opened],
-            "heads": heads,
-            "delta": delta,
-            "device_kind": device_kind,
-            "settings": settings.key(),
-        }
+        metadata = provenance(opened, settings, device_kind=device_kind, command="scan", heads=heads, delta=delta)
         write_table(rows, out, metadata=metadata, inputs=inputs)
         typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
         return report_failures([f.line() for f in failures], what=f"{len(rows)} rows in {out}")
