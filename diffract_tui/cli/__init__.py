@@ -1,5 +1,5 @@
 """The `diffract-tui` command line: `diffract-tui CKPT CKPT …` opens the explorer; subcommands
-(info, scan, delta, rewind, interpolate, cache, demo) run headless.
+(info, scan, delta, rewind, interpolate, eval, cache, demo) run headless.
 
 Each subcommand is a plain module-level function in its own module (importable and callable from tests),
 added to the root app by that module's ``register(app)``. A first word that names no command runs the
