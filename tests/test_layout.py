@@ -4,7 +4,6 @@ messages for configs that contradict the tensors, and the unknown-architecture f
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, List, Optional
+from typing import Annotated, Any, List
 
 import typer
 
