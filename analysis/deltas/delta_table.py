@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from analysis import ENGINE_VERSION
+from analysis.run.provenance import checkpoint_entry, provenance
 from analysis.deltas.agreement import (DEFAULT_A3_K, DomainAgreement, a2_cosine, a3_subspace, domain_agreement)
 from analysis.deltas.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_metrics, head_concentration, head_scores,
                             top_svd)
@@ -199,7 +199,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
     dtype = options.torch_dtype()
     report = require_same_model([base, *targets])  # different models → one-line AlignmentError before any work
     shared = set(report.shared)
-    labels = list(report.labels[1:])      # unique display labels of the targets (#i suffix on clashes)
+    labels = list(report.labels[1:])      # unique display labels of the targets (analysis.io.labels rule)
     layout = layout_of(base)
     device = _device(options)
     settings = _settings(options) if options.spectral else None
@@ -354,15 +354,10 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
     rows = [r for rs in per_target for r in rs]
     summary = _summary(report.labels[0], labels, scores, agreement, report, layout, heads_on, heads_reason, rows)
-    metadata = {
-        "command": "delta",
-        "engine_version": ENGINE_VERSION,
-        "base": {"path": str(base.path), "fingerprint": base.fingerprint, "label": base.label},
-        "targets": [{"path": str(t.path), "fingerprint": t.fingerprint, "label": lab}
-                    for t, lab in zip(targets, labels)],
-        "settings": {**skey, "device_kind": device.type},
-        "architecture": layout.describe(),
-    }
+    entries = [checkpoint_entry(c) | {"label": lab} for c, lab in zip([base, *targets], report.labels)]
+    metadata = provenance([base, *targets], {**skey, "device_kind": device.type}, device_kind=device.type,
+                          command="delta", base=entries[0], targets=entries[1:], architecture=layout.describe())
+    metadata["checkpoints"] = entries   # the alignment's labels, which the rows carry
     return DeltaTable(rows=rows, summary=summary, metadata=metadata, head_scores=scores, agreement=agreement,
                       layout=layout, failures=failures)
 
@@ -410,9 +405,11 @@ def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *,
                    cache: "Cache | None" = None, progress: ProgressFn | None = None) -> DeltaTable:
     """Open the checkpoints (headers only) and build the table; checkpoints are closed afterwards."""
     from analysis.io.checkpoint import open_checkpoint
+    from analysis.io.labels import unique_labels
 
-    base = open_checkpoint(base_path)
-    targets = [open_checkpoint(p) for p in target_paths]
+    paths = [base_path, *target_paths]
+    opened = [open_checkpoint(p, label=lab) for p, lab in zip(paths, unique_labels(paths))]
+    base, targets = opened[0], opened[1:]
     try:
         return build_delta_table(base, targets, options=options, cache=cache, progress=progress)
     finally:
