@@ -12,6 +12,7 @@ import torch
 
 from analysis.errors import CheckpointError, LayoutError
 from analysis.io.fingerprint import fingerprint as _fingerprint
+from analysis.io.hub import resolve_checkpoint_arg
 from analysis.io.readers import WeightFile
 from analysis.io.readers.gguf_file import MAGIC as GGUF_MAGIC, GGUFFile
 from analysis.io.readers.index import read_index
@@ -240,8 +241,9 @@ def _default_label(path: Path) -> str:
 
 
 def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
-    """Open a checkpoint reading headers only; bad input raises a one-line CheckpointError."""
-    given = Path(path).expanduser()
+    """Open a checkpoint (a path, or a hub repo id `org/name[@revision]`) reading headers only; bad input raises a
+    one-line CheckpointError."""
+    given, hub_name = resolve_checkpoint_arg(path)  # a hub repo id or cache folder → its snapshot and repo-id label
     if not given.exists():
         raise CheckpointError("no such file or folder", path=given, hint="check the path")
     resolved = given.resolve()
@@ -250,7 +252,7 @@ def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
         readers: dict[Path, WeightFile] = {f: _reader(f) for f in weight_files}
         folder = resolved if resolved.is_dir() else resolved.parent
         gguf = [r for r in readers.values() if isinstance(r, GGUFFile)]  # self-describing: config from its metadata
-        return Checkpoint(path=resolved, label=label or _default_label(resolved), weight_files=weight_files, readers=readers,
+        return Checkpoint(path=resolved, label=label or hub_name or _default_label(resolved), weight_files=weight_files, readers=readers,
                           index_files=[index_file] if index_file else [],
                           config=gguf[0].config if gguf else _config(folder),
                           aux_files=_aux_files(folder))

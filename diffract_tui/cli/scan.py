@@ -11,8 +11,11 @@ from diffract_tui import __version__ as TOOL_VERSION
 
 
 def unique_labels(paths: list[Path]) -> list[str]:
-    """Display names: the folder/file name, or the whole path when two inputs share a name."""
-    names = [p.name or str(p) for p in paths]
+    """Display names: the hub repo id (hub repo ids and cache folders), else the folder/file name, or the whole
+    path when two inputs share a name."""
+    from analysis.io.hub import arg_label
+
+    names = [arg_label(p) or p.name or str(p) for p in paths]
     return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
