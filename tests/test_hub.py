@@ -322,5 +322,28 @@ def test_rewind_apply_refuses_the_blob_folder(hub_cache: Path, tmp_path: Path,
     before = {p.name: _sha256(p) for p in blobs.iterdir()}
     assert main(["rewind", "apply", str(plan), "--out", str(blobs), "--force"]) == 1
     line = _error_line(capsys)
-    assert str(blobs) in line and "input" in line
+    assert f"{blobs}: the output contains the input {blobs}/" in line and "choose a path for --out" in line
+    assert {p.name: _sha256(p) for p in blobs.iterdir()} == before
+
+
+def test_explorer_session_opens_repo_ids_with_their_labels(hub_cache: Path) -> None:
+    from analysis.run.session import ExplorerSession, parse_labels
+
+    specs = [REPO, "org/tiny@step1000"]
+    session = ExplorerSession.open(specs, labels=parse_labels([], specs), device="cpu",
+                                   cache_dir=hub_cache.parent / "spectra")
+    try:
+        assert [c.label for c in session.checkpoints] == specs
+        assert session.layout.num_layers == 2
+    finally:
+        session.close()
+
+
+def test_interpolate_refuses_writing_into_the_blob_folder(hub_cache: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    blobs = hub_cache / "models--org--tiny" / "blobs"
+    before = {p.name: _sha256(p) for p in blobs.iterdir()}
+    assert main(["interpolate", REPO, "org/tiny@step1000", "--alpha", "0.5", "--out", str(blobs), "--force"]) == 1
+    line = _error_line(capsys)
+    assert f"{blobs}: the output contains the input {blobs}/" in line
     assert {p.name: _sha256(p) for p in blobs.iterdir()} == before

@@ -137,7 +137,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("info")
     def info(
-        checkpoints: List[Path] = typer.Argument(..., help="Checkpoint folders or weight files."),
+        checkpoints: List[Path] = typer.Argument(..., help="Checkpoint folders, weight files or hub repo ids (org/name[@revision])."),
         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
         lenient: bool = typer.Option(False, "--lenient",
                                      help="List shape mismatches on shared tensors instead of failing."),

@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
     def open_command(
         checkpoints: list[str] = typer.Argument(..., metavar="BASE CPT [CPT …]",
                                                 help="Base checkpoint first, then one or more continually "
-                                                     "pre-trained checkpoints (HF folders, .safetensors, .bin)."),
+                                                     "pre-trained checkpoints (HF folders, .safetensors, .bin, "
+                                                     ".gguf, hub repo ids org/name[@revision])."),
         label: list[str] = typer.Option([], "--label", metavar="NAME=PATH",
                                         help="Show the checkpoint at PATH as NAME (repeatable)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N: where spectra are computed."),
