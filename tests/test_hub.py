@@ -237,10 +237,46 @@ def test_repo_folder_without_refs_main(hub_cache: Path, capsys: pytest.CaptureFi
     assert "hub-cache folder has no snapshot for refs/main" in _error_line(capsys)
 
 
+SERVED_COMMIT = "c" * 39 + "3"
+SERVED: dict[str, bytes] = {}  # org/served's files at SERVED_COMMIT, filled by the `online` fixture
+
+
 class _FakeHub(http.server.BaseHTTPRequestHandler):
-    """Answers every hub API call with the error the repo name asks for, as the real hub does (X-Error-Code)."""
+    """The hub API as huggingface_hub calls it: org/served is a real repo (revision info, tree listing, file
+    downloads); every other repo answers with the error its name asks for (X-Error-Code, as the real hub does)."""
+
+    def _send(self, code: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(code)
+        for k, v in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def _served(self) -> bool:
+        """Answer a call about org/served; False when the call is about another repo."""
+        path = self.path.split("?")[0]
+        if path == "/api/models/org/served/revision/main":
+            body = json.dumps({"id": "org/served", "sha": SERVED_COMMIT,
+                               "siblings": [{"rfilename": n} for n in SERVED]}).encode()
+        elif path == f"/api/models/org/served/tree/{SERVED_COMMIT}":
+            body = json.dumps([{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                               for n, d in SERVED.items()]).encode()
+        elif path.startswith(f"/org/served/resolve/{SERVED_COMMIT}/") and path.rsplit("/", 1)[1] in SERVED:
+            data = SERVED[path.rsplit("/", 1)[1]]
+            if self.command == "GET":
+                self.server.downloaded.append(path.rsplit("/", 1)[1])  # type: ignore[attr-defined]
+            self._send(200, data, {"X-Repo-Commit": SERVED_COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+                                   "Content-Type": "application/octet-stream"})
+            return True
+        else:
+            return False
+        self._send(200, body, {"Content-Type": "application/json", "X-Repo-Commit": SERVED_COMMIT})
+        return True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if "/org/served/" in self.path and self._served():
+            return
         code, error = (403, "GatedRepo") if "gated" in self.path else (404, "RepoNotFound")
         if "badrev" in self.path:
             code, error = 404, "RevisionNotFound"
@@ -263,12 +299,20 @@ def online(hub_cache: Path, monkeypatch: pytest.MonkeyPatch):
     """Downloads allowed (HF_HUB_OFFLINE unset) against a local fake hub endpoint."""
     from huggingface_hub import constants
 
+    config, tensors = llama_checkpoint(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=48, vocab=40, seed=5)
+    weights = write_safetensors(hub_cache.parent / "served.safetensors", tensors).read_bytes()
+    SERVED.clear()
+    SERVED.update({"config.json": json.dumps(config).encode(), "model.safetensors": weights,
+                   "pytorch_model.bin": b"not fetched: safetensors are", "README.md": b"# served"})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    server.downloaded = []  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # both read HF_ENDPOINT at import, as a fresh process would
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setenv("HF_TOKEN", "")
     yield server
     server.shutdown()
@@ -288,6 +332,25 @@ def test_online_hub_errors_are_one_line(online, hub_cache: Path, capsys: pytest.
     line = _error_line(capsys)
     assert all(f in line for f in fragments), line
     assert not (hub_cache / ("models--" + spec.split("@")[0].replace("/", "--")) / "snapshots").exists()
+
+
+def test_repo_id_missing_from_the_cache_is_downloaded_when_allowed(online, hub_cache: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "org/served", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["checkpoints"][0]["label"] == "org/served"
+    snapshot = hub_cache / "models--org--served" / "snapshots" / SERVED_COMMIT
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]  # weights in one format
+    assert (hub_cache / "models--org--served" / "refs" / "main").read_text() == SERVED_COMMIT
+    assert hashlib.sha256((snapshot / "model.safetensors").read_bytes()).digest() == hashlib.sha256(
+        SERVED["model.safetensors"]).digest()
+    assert sorted(online.downloaded) == ["config.json", "model.safetensors"]
+    assert "Fetching 2 files" in captured.err  # the hub's progress bar, on stderr
+    online.shutdown()
+    online.server_close()  # the second open needs no hub: the cache serves it
+    with open_checkpoint("org/served") as ck:
+        assert ck.path == snapshot.resolve()
+        assert torch.equal(ck.tensor("norm.weight"), _expected(5)["norm.weight"])
 
 
 def test_unreachable_hub_is_one_line(online, hub_cache: Path, monkeypatch: pytest.MonkeyPatch,
