@@ -139,6 +139,14 @@ def test_snapshot_folder_opens_with_the_repo_id_label(hub_cache: Path, commit: s
         assert torch.equal(ck.tensor("norm.weight"), _expected(SEEDS[commit])["norm.weight"])
 
 
+def test_file_in_a_snapshot_opens_with_its_config_and_label(hub_cache: Path) -> None:
+    link = _snapshot(hub_cache, STEP_COMMIT) / "model.safetensors"
+    with open_checkpoint(link) as ck:
+        assert ck.label == "org/tiny@step1000" and ck.path == link  # not the suffix-less blob it links to
+        assert ck.config["num_hidden_layers"] == 2 and [p.name for p in ck.aux_files] == ["config.json"]
+        assert torch.equal(ck.tensor("norm.weight"), _expected(1)["norm.weight"])
+
+
 def test_snapshot_no_ref_names_is_labelled_by_its_short_commit(hub_cache: Path) -> None:
     (hub_cache / "models--org--tiny" / "refs" / "step1000").unlink()
     assert hub_label(_snapshot(hub_cache, STEP_COMMIT)) == f"org/tiny@{STEP_COMMIT[:12]}"

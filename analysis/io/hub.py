@@ -123,7 +123,8 @@ def _local_miss(repo: str, revision: str | None, spec: str, cache: Path) -> Chec
     offline = " (HF_HUB_OFFLINE is set)" if _offline() else ""
     if not (folder / "snapshots").is_dir():
         return CheckpointError(f"no such file or folder, and the Hugging Face repo {repo} is not in the hub cache "
-                               f"{cache}{offline}", path=spec, hint=f"check the path or the repo id, or {_download_hint(spec)}")
+                               f"{cache}{offline}", path=spec,
+                               hint=f"check the path or the repo id, or {_download_hint(spec)}")
     rev = revision or "main"
     cached = ", ".join(sorted(_refs(folder))) or "none"
     return CheckpointError(f"revision {rev} of {repo} is not in the hub cache {cache}{offline} (cached refs: {cached})",
