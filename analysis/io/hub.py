@@ -15,7 +15,6 @@ from analysis.errors import CheckpointError
 
 REPO_PREFIX = "models--"
 _SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>\S+))?$")
-_HASH = re.compile(r"^[0-9a-f]{40}$")
 # What a download fetches: weights in one format plus the files the layout and the copy need.
 _DOWNLOAD_PASSES = (
     ["*.safetensors", "*.safetensors.index.json"],
