@@ -12,6 +12,7 @@ import torch
 
 from analysis.errors import CheckpointError, LayoutError
 from analysis.io.fingerprint import fingerprint as _fingerprint
+from analysis.io.hub import resolve_checkpoint_arg
 from analysis.io.labels import default_label
 from analysis.io.readers import WeightFile
 from analysis.io.readers.gguf_file import MAGIC as GGUF_MAGIC, GGUFFile
@@ -234,17 +235,20 @@ def _config(folder: Path) -> dict:
 
 
 def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
-    """Open a checkpoint reading headers only; bad input raises a one-line CheckpointError."""
-    given = Path(path).expanduser()
+    """Open a checkpoint (a path, or a hub repo id `org/name[@revision]`) reading headers only; bad input raises a
+    one-line CheckpointError."""
+    given, hub_name = resolve_checkpoint_arg(path)  # a hub repo id or cache folder → its snapshot and repo-id label
     if not given.exists():
         raise CheckpointError("no such file or folder", path=given, hint="check the path")
-    resolved = given.resolve()
+    # A file in a hub snapshot links to a suffix-less blob: keep its snapshot name and folder (config, tokenizer).
+    resolved = given.parent.resolve() / given.name if hub_name and given.is_file() else given.resolve()
     try:
         weight_files, index_file = _locate(resolved)
         readers: dict[Path, WeightFile] = {f: _reader(f) for f in weight_files}
         folder = resolved if resolved.is_dir() else resolved.parent
         gguf = [r for r in readers.values() if isinstance(r, GGUFFile)]  # self-describing: config from its metadata
-        return Checkpoint(path=resolved, label=label or default_label(resolved), weight_files=weight_files, readers=readers,
+        return Checkpoint(path=resolved, label=label or hub_name or default_label(resolved), weight_files=weight_files,
+                          readers=readers,
                           index_files=[index_file] if index_file else [],
                           config=gguf[0].config if gguf else _config(folder),
                           aux_files=_aux_files(folder))

@@ -1,7 +1,8 @@
 """The one rule for checkpoint display labels, used by `scan`, `delta`, `info`, the alignment and the app.
 
-A label is the folder or file name (for a generic HF weight file such as `model.safetensors`, its folder's
-name), or the name the user gave. When two inputs share a label, each of them is named by the shortest
+A label is the name the user gave, else the hub repo id (`org/name[@revision]`, for a repo id or a hub-cache
+folder), else the folder or file name (for a generic HF weight file such as `model.safetensors`, its folder's
+name). When two inputs share a label, each of them is named by the shortest
 trailing part of its path that tells it apart from the others (`run1/model`, `run2/model`); the same path
 given twice keeps its name on the first and gets `#2`, `#3` … on the repeats.
 """
@@ -48,7 +49,9 @@ def unique_labels(paths: Sequence[str | Path], names: Sequence[str | None] | Non
     given = list(names) if names is not None else [None] * len(resolved)
     if len(given) != len(resolved):
         raise ValueError("one name (or None) per path")
-    labels = [n if n else default_label(p) for n, p in zip(given, resolved)]
+    from analysis.io.hub import arg_label
+
+    labels = [n if n else (arg_label(raw) or default_label(p)) for n, raw, p in zip(given, paths, resolved)]
     out = list(labels)
     for name in dict.fromkeys(labels):
         group = [i for i, lab in enumerate(labels) if lab == name]

@@ -133,7 +133,7 @@ def _print_rich(summaries: list[dict[str, Any]], alignment: dict[str, Any]) -> N
 
 
 def info_command(
-    checkpoints: Annotated[List[Path], typer.Argument(help="Checkpoint folders or weight files.")],
+    checkpoints: Annotated[List[Path], typer.Argument(help="Checkpoint folders, weight files or hub repo ids (org/name[@revision]).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
     lenient: Annotated[bool, typer.Option("--lenient",
         help="List shape mismatches on shared tensors instead of failing.")] = False,

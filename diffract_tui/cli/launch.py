@@ -28,7 +28,8 @@ def run_explorer(session: "ExplorerSession") -> None:
 def open_command(
     checkpoints: Annotated[list[str], typer.Argument(metavar="BASE CPT [CPT …]",
                                                      help="Base checkpoint first, then one or more continually "
-                                                          "pre-trained checkpoints (HF folders, .safetensors, .bin).")],
+                                                          "pre-trained checkpoints (HF folders, .safetensors, .bin, .gguf, "
+                                                          "hub repo ids org/name[@revision]).")],
     label: Annotated[Optional[list[str]], typer.Option(
         "--label", metavar="NAME=PATH", help="Show the checkpoint at PATH as NAME (repeatable).")] = None,
     device: Annotated[str, typer.Option(
