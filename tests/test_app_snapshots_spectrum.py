@@ -120,3 +120,40 @@ def test_zoom_keys_are_listed_and_taken_by_no_other_binding() -> None:
     mine = {b.key: b for b in SpectrumView.BINDINGS}
     assert {"i", "o"} <= set(mine) and all(mine[k].show for k in ("i", "o"))   # in the footer and the help
     assert not {"i", "o"} & (keys(DiffractApp.BINDINGS) | keys(ModelTree.BINDINGS))
+
+
+def test_two_eigenvalues_are_points_and_a_tpl_equal_to_the_pl_is_said_not_overdrawn(session) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    import numpy as np
+    from textual_plotext import PlotextPlot
+
+    from diffract_tui.views.spectrum import SpectrumView
+
+    def spectrum(label: str, evals: list[float], tpl_lambda: float) -> SimpleNamespace:
+        x = np.geomspace(0.5, 2.0, 8)
+        pdf = 0.5 * x ** -2.5
+        return SimpleNamespace(label=label, evals=np.array(evals),
+                               metrics={"pl_alpha": 2.5, "tpl_alpha": 2.5, "tpl_lambda": tpl_lambda,
+                                        "pl_esd_xmin": 0.5},
+                               lines={"pl_x": x, "pl_pdf": pdf, "tpl_x": x, "tpl_pdf": pdf})
+
+    async def run() -> None:
+        app = make_app(session)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await at(NodeRef(1, "q"))(pilot)
+            view = app.query_one(SpectrumView)
+            plt = view.query_one("#spectrum-plot", PlotextPlot).plt
+            calls: list[str] = []
+            for name in ("plot", "scatter"):
+                original = getattr(plt, name)
+                setattr(plt, name, lambda *a, _n=name, _o=original, **k: (calls.append(_n), _o(*a, **k))[1])
+            view._draw(SimpleNamespace(spectra=(spectrum("base", [0.5, 2.0], 0.0), spectrum("chem", [0.5, 2.0], 0.0))))
+            assert calls[:2] == ["scatter", "scatter"]        # 2 eigenvalues each: points, not a curve
+            assert calls[2:] == ["plot"]                      # the PL line only: the TPL one (Λ = 0) would cover it
+            legend = str(view.query_one("#spectrum-legend").render())
+            assert "PL α 2.5 = TPL (Λ=0)" in legend and "TPL α" not in legend
+            assert "chem ≈ base" in legend                    # the same ESD as the base: said, as it is hidden
+
+    asyncio.run(run())
