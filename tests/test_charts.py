@@ -98,3 +98,8 @@ def test_index_ticks_are_integers_in_1_2_5_steps():
     assert index_ticks(5) == [1, 2, 3, 4, 5]
     assert index_ticks(1) == [1]
     assert all(isinstance(t, int) for t in index_ticks(1000))
+
+
+def test_range_of_one_distinct_eigenvalue_is_an_interval_around_it():
+    lo, hi = x_range([np.array([0.3])], xmin=math.nan)
+    assert lo < 0.3 < hi

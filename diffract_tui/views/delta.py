@@ -21,8 +21,8 @@ from textual_plotext import PlotextPlot
 
 from diffract_tui.node import NodeRef
 from diffract_tui.views import ChartView
-from diffract_tui.widgets.charts import (chart_values, clear_plot, index_ticks, legend_key, log_ticks, muted_color, no_color, positive,
-                                         series_color, series_marker)
+from diffract_tui.widgets.charts import (chart_values, clear_plot, index_ticks, legend_key, log_ticks, muted_color,
+                                         no_color, positive, series_color, series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
 CHARTS: tuple[str, ...] = ("sigma", "truncation", "agreement")

@@ -204,9 +204,10 @@ TAIL_MARGIN = 0.8            # the tail zoom starts a little left of xmin so its
 
 def x_range(evals: Sequence[np.ndarray], xmin: float, mode: str = "default",
             edges: Sequence[float] = ()) -> tuple[float, float]:
-    """(lo, hi) in λ of the ESD chart. `all`: every eigenvalue a log axis can show; `default`: from
-    the smallest eigenvalue above 10^-3·xmin (10^-6·λmax without a fit) — near-zero eigenvalues of a rank-deficient matrix would squeeze the
-    bulk and the tail into the right-most tenth; `tail`: from just below xmin. hi is λmax, or an edge beyond it."""
+    """(lo, hi) in λ of the ESD chart. `all`: every eigenvalue a log axis can show; `default`: from the smallest
+    eigenvalue above 10^-3·xmin (10^-6·λmax without a fit) — near-zero eigenvalues of a rank-deficient matrix would
+    squeeze the bulk and the tail into the right-most tenth; `tail`: from just below xmin. hi is λmax, or an edge
+    (λ+, TW) beyond it."""
     pos = [positive(e) for e in evals]
     pos = [p for p in pos if p.size]
     if not pos:
@@ -221,8 +222,9 @@ def x_range(evals: Sequence[np.ndarray], xmin: float, mode: str = "default",
         lo = xmin * TAIL_MARGIN
     else:
         floor = xmin * 10 ** -DECADES_BELOW_XMIN if has_xmin else hi * 10 ** -DECADES_BELOW_MAX
-        lo = min(float(p[p >= floor].min()) for p in pos if (p >= floor).any())  # from the first one kept
-    return max(lo, lo_all), hi
+        lo = min((float(p[p >= floor].min()) for p in pos if (p >= floor).any()), default=lo_all)  # first kept
+    lo = max(lo, lo_all)
+    return (lo / 2, hi * 2) if lo >= hi else (lo, hi)   # one distinct eigenvalue: a range around it
 
 
 def hidden_below(evals: np.ndarray, lo: float) -> int:
