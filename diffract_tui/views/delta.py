@@ -21,8 +21,8 @@ from textual_plotext import PlotextPlot
 
 from diffract_tui.node import NodeRef
 from diffract_tui.views import ChartView
-from diffract_tui.widgets.charts import (chart_values, clear_plot, legend_key, log_ticks, muted_color, no_color, positive,
-                                         series_color, series_marker)
+from diffract_tui.widgets.charts import (chart_values, clear_plot, index_ticks, legend_key, log_ticks, muted_color,
+                                         no_color, positive, series_color, series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
 
 CHARTS: tuple[str, ...] = ("sigma", "truncation", "agreement")
@@ -132,6 +132,9 @@ class DeltaView(ChartView):
                          color=series_color(i + 1), marker=series_marker(i))
                 tops.append((float(np.log10(s.min())), float(np.log10(s.max()))))
         if tops:
+            n = max(positive(d.sigma).size for d in deltas)
+            xt = index_ticks(n)
+            plt.xticks(chart_values(xt), [str(t) for t in xt])  # integer ticks on the index axis
             yt, yl = log_ticks(min(t[0] for t in tops), max(t[1] for t in tops), most=4)
             if yt:
                 plt.yticks(yt, yl)

@@ -36,11 +36,21 @@ def series_color(i: int) -> str:
     return "default" if no_color() else SERIES_COLORS[i % len(SERIES_COLORS)]
 
 
-FIT_COLORS = {"pl": "green", "tpl": "red", "mp": "blue", "xmin": "yellow", "λ+": "blue", "TW": "gray"}
+# Fits and edges take colours no checkpoint of the Spectrum view takes (CHECKPOINT_COLORS): TPL was red beside a
+# magenta checkpoint. xmin shares PL's colour (the PL fit starts there), λ+ shares MP's.
+FIT_COLORS = {"pl": "green", "tpl": "blue+", "mp": "gray+", "xmin": "green", "λ+": "gray+", "TW": "gray"}
+CHECKPOINT_COLORS: tuple[str, ...] = ("cyan", "orange", "magenta", "cyan+", "orange+", "magenta+")
 # plotext colour names that Rich spells differently
-_RICH_NAMES = {"orange": "dark_orange", "gray": "grey50", "default": "default"}
+_RICH_NAMES = {"orange": "dark_orange", "gray": "grey50", "default": "default", "gray+": "color(7)",
+               "blue+": "bright_blue", "cyan+": "bright_cyan", "orange+": "bright_yellow",
+               "magenta+": "bright_magenta"}
 _MARKER_GLYPHS = {"braille": "⣿", "dot": "•", "sd": "▘", "hd": "▞", "fhd": "▟", "line": "─"}
 FIT_MARKERS = {"pl": "+", "tpl": "o", "mp": "~"}  # under NO_COLOR, fits are told apart by marker
+
+
+def checkpoint_color(i: int) -> str:
+    """Colour of the i-th checkpoint's ESD: never a fit's or an edge's colour; default under NO_COLOR."""
+    return "default" if no_color() else CHECKPOINT_COLORS[i % len(CHECKPOINT_COLORS)]
 
 
 def fit_marker(name: str) -> str:
@@ -183,3 +193,79 @@ def fmt(value: object, digits: int = 3) -> str:
             return f"{v:.{digits - 1}e}"
         return f"{v:.{digits}g}"
     return str(value)
+
+
+# ---- ESD x-range (Spectrum view) -------------------------------------------------------------
+X_MODES: tuple[str, ...] = ("default", "tail", "all")
+DECADES_BELOW_XMIN = 3.0     # the default range starts this many decades below the PL xmin …
+DECADES_BELOW_MAX = 6.0      # … or, without a fit, this many below λmax
+TAIL_MARGIN = 0.8            # the tail zoom starts a little left of xmin so its line shows
+
+
+def x_range(evals: Sequence[np.ndarray], xmin: float, mode: str = "default",
+            edges: Sequence[float] = ()) -> tuple[float, float]:
+    """(lo, hi) in λ of the ESD chart. `all`: every eigenvalue a log axis can show; `default`: from the smallest
+    eigenvalue above 10^-3·xmin (10^-6·λmax without a fit) — near-zero eigenvalues of a rank-deficient matrix would
+    squeeze the bulk and the tail into the right-most tenth; `tail`: from just below xmin. hi is λmax, or an edge
+    (λ+, TW) beyond it."""
+    pos = [positive(e) for e in evals]
+    pos = [p for p in pos if p.size]
+    if not pos:
+        return math.nan, math.nan
+    lo_all = min(float(p.min()) for p in pos)
+    hi = max(float(p.max()) for p in pos)
+    hi = max([hi] + [float(e) for e in edges if np.isfinite(e) and e > 0 and e <= hi * 10])
+    has_xmin = bool(np.isfinite(xmin) and 0 < xmin < hi)
+    if mode == "all":
+        lo = lo_all
+    elif mode == "tail" and has_xmin:
+        lo = xmin * TAIL_MARGIN
+    else:
+        floor = xmin * 10 ** -DECADES_BELOW_XMIN if has_xmin else hi * 10 ** -DECADES_BELOW_MAX
+        lo = min((float(p[p >= floor].min()) for p in pos if (p >= floor).any()), default=lo_all)  # first kept
+    lo = max(lo, lo_all)
+    return (lo / 2, hi * 2) if lo >= hi else (lo, hi)   # one distinct eigenvalue: a range around it
+
+
+def hidden_below(evals: np.ndarray, lo: float) -> int:
+    """How many eigenvalues the chart does not show: below `lo`, or not positive and finite (no log)."""
+    v = np.asarray(evals, dtype=np.float64)
+    shown = positive(v)
+    return int(v.size - np.count_nonzero(shown >= lo)) if np.isfinite(lo) else int(v.size - shown.size)
+
+
+def stagger_rows(xs: Sequence[float], widths: Sequence[int], span: float, cells: int) -> list[int]:
+    """Row (0 = top) of each label placed at data x `xs[i]`, `widths[i]` characters wide, on a chart `cells`
+    columns wide over `span` data units: labels that would overlap go one row lower, so "xmin", "λ+" and "TW"
+    no longer print as "xλTW" when the edges are close."""
+    per_cell = span / max(cells, 1) if span > 0 else 1.0
+    ends: list[float] = []      # right-most occupied cell of each row
+    rows = [0] * len(xs)
+    for i in sorted(range(len(xs)), key=lambda k: xs[k]):
+        start = xs[i] / per_cell
+        row = next((r for r, end in enumerate(ends) if start > end), len(ends))
+        if row == len(ends):
+            ends.append(-math.inf)
+        ends[row] = start + widths[i]
+        rows[i] = row
+    return rows
+
+
+def coincide(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], tol: float = 0.05) -> bool:
+    """True when two log-log curves (x, y) have the same points to within `tol` decades: drawn at the same
+    cells, the later would hide the earlier, so the legend says so."""
+    (ax, ay), (bx, by) = a, b
+    return bool(ax.size == bx.size and ay.size == by.size and ax.size > 0
+                and np.allclose(ax, bx, atol=tol, rtol=0) and np.allclose(ay, by, atol=tol, rtol=0))
+
+
+def index_ticks(n: int, most: int = 5) -> list[int]:
+    """Integer ticks 1…n for an index axis in 1-2-5 steps (plotext's own read "1.0 144.8 288.5")."""
+    if n <= 1:
+        return [1]
+    raw = (n - 1) / max(most - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw)) if raw >= 1 else 1
+    step = next((m * mag for m in (1, 2, 5, 10) if m * mag >= raw), 10 * mag)
+    step = max(1, int(step))
+    ticks = [1] + list(range(step, n + 1, step))
+    return sorted(set(ticks))
