@@ -23,10 +23,11 @@ def key_label(binding: Binding) -> str:
     return ",".join(KEY_NAMES.get(k.strip(), k.strip()) for k in binding.key.split(","))
 
 
-def binding_rows(bindings: Iterable[BindingType]) -> list[tuple[str, str]]:
-    """(key, description) for each binding that has a description, in declaration order, deduplicated."""
+def binding_rows(bindings: Iterable[BindingType], seen: set[str] | None = None) -> list[tuple[str, str]]:
+    """(key, description) for each binding that has a description, in declaration order, skipping keys
+    already in `seen` (which it fills), so that a key is listed once."""
     rows: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     for b in bindings:
         if not isinstance(b, Binding) or not b.description:
             continue
@@ -34,8 +35,20 @@ def binding_rows(bindings: Iterable[BindingType]) -> list[tuple[str, str]]:
         if key in seen:
             continue
         seen.add(key)
-        rows.append((key, b.description))
+        rows.append((key, b.description[:1].upper() + b.description[1:]))
     return rows
+
+
+def help_groups(groups: list[tuple[str, list[BindingType]]]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The help screen's (title, rows) groups: each key once, in the first group binding it; empty groups
+    are dropped."""
+    seen: set[str] = set()
+    out = []
+    for title, bindings in groups:
+        rows = binding_rows(bindings, seen)
+        if rows:
+            out.append((title, rows))
+    return out
 
 
 class HelpScreen(ModalScreen[None]):
