@@ -383,15 +383,24 @@ class DiffractApp(App):
         self._toggle_mark(self.current_node)
 
     def _toggle_mark(self, node: NodeRef) -> None:
+        """Toggle the one mark of the head under `node` (a rewind rewinds the whole head, so q, o and, when
+        H_kv = H, k and v nodes of a head share it) and say which head changed."""
         if not node.is_head:
             self.notify("Marks are for heads: move to a q or o head (l expands).", severity="warning", timeout=3)
             return
+        layout = self.session.layout
+        head = node.head
         if node.module in ("k", "v"):
-            first = node.head * (self.session.layout.num_heads // max(1, self.session.layout.num_kv_heads))
-            self.notify(f"{node.label()} is a key/value head shared by several query heads; "
-                        f"mark a q or o head (e.g. h{first}).", severity="warning", timeout=4)
-            return
-        self.session.toggle_mark(node.layer, node.head)
+            shared = layout.query_heads_of(node.head)
+            if len(shared) > 1:
+                self.notify(f"{node.label()} is a key/value head shared by query heads "
+                            f"h{shared[0]}–h{shared[-1]}; mark a q or o head (e.g. h{shared[0]}).",
+                            severity="warning", timeout=4)
+                return
+            head = shared[0]
+        marked = self.session.toggle_mark(node.layer, head)
+        self.notify(f"L{node.layer} h{head} {'marked' if marked else 'unmarked'} (one mark per head: its q, k, v "
+                    "and o nodes show it).", timeout=2)
         self.post_message(MarksChanged(frozenset(self.session.marks)))
 
     def action_step_layer(self, delta: int) -> None:

@@ -424,16 +424,29 @@ class RewindView(EngineWork, NodeView):
                         markup=False)
         return out
 
-    def apply_into(self, out_dir: Path) -> None:
-        """Run `apply_rewind` in its own worker with progress (Esc cancels; the output appears only when done)."""
+    def apply_into(self, out_dir: Path, *, force: bool = False) -> None:
+        """Run `apply_rewind` in its own worker with progress (Esc cancels; the output appears only when done).
+        An existing folder is replaced only after the user says yes (the app has no --force)."""
         rl = self.plan
         if rl is None:
             return
-        self._applying = True
-        self.run_worker(lambda: self._apply_work(rl, out_dir), thread=True, exclusive=True, group=APPLY_GROUP,
-                        name="rewind apply", exit_on_error=False)
+        if not force and (out_dir.exists() or out_dir.is_symlink()):
+            from diffract_tui.screens.confirm import ConfirmScreen
 
-    def _apply_work(self, rl: "RewindList", out_dir: Path) -> None:
+            def chosen(yes: bool | None) -> None:
+                if yes:
+                    self.apply_into(out_dir, force=True)
+                else:
+                    self.app.notify(f"Nothing written: {out_dir} was kept.", severity="warning", markup=False)
+
+            self.app.push_screen(ConfirmScreen(f"{out_dir} already exists. Replace it with the rewound "
+                                               "checkpoint?", yes="Replace"), chosen)
+            return
+        self._applying = True
+        self.run_worker(lambda: self._apply_work(rl, out_dir, force), thread=True, exclusive=True,
+                        group=APPLY_GROUP, name="rewind apply", exit_on_error=False)
+
+    def _apply_work(self, rl: "RewindList", out_dir: Path, force: bool = False) -> None:
         from analysis.edit.rewind import apply_rewind
 
         worker = get_current_worker()
@@ -446,7 +459,7 @@ class RewindView(EngineWork, NodeView):
                                  f"applying rewind: {done / 1e6:.1f}/{total / 1e6:.1f} MB")
 
         try:
-            result = apply_rewind(rl, out_dir, progress=progress)
+            result = apply_rewind(rl, out_dir, force=force, progress=progress)
         except Cancelled:
             app.call_from_thread(self._apply_done, None, "cancelled")
             return
