@@ -3,8 +3,9 @@
 Settings: pattern (`p`: manual = the marked heads, greedy = the ⌊f·L·H⌋ lowest head scores of the target,
 reference = ranked by a reference domain), fraction f (`+`/`-` by 0.05, `>`/`<` by 0.01), target (`d`),
 reference (`r`) and its variant (`v`), GQA policy for k/v (`c`). Every change re-plans in a worker
-(`analysis.edit.rewind.plan_from_inputs` + `preview` on the cached head energies): heads per layer as a bar chart,
-the share of the attention ‖Δ‖² removed, and the list with scores. `e` writes the list (atomically, through
+(`analysis.edit.rewind.plan_from_inputs` + `preview` on the cached head energies): the share of the attention ‖Δ‖²
+removed, a panel (`b` cycles: the plan's layers × heads mask, heads per layer as bars, the loss panel that comes
+with the evaluation, and on narrow views the list) and the list with scores. `e` writes the list (atomically, through
 `analysis.edit.rewind_list`), `A` applies it into a new folder (`analysis.edit.rewind.apply_rewind`, with progress).
 """
 
