@@ -21,7 +21,6 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
-from textual.keys import key_to_character
 from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import ContentSwitcher, DataTable, Input, Label, Tree
@@ -33,7 +32,7 @@ from diffract_tui.messages import MarksChanged, MetricsReady, NodeSelected, Open
 from diffract_tui.node import NodeRef
 from diffract_tui.screens.confirm import QuitScreen
 from diffract_tui.screens.export import ExportChoice, ExportScreen, FolderScreen
-from diffract_tui.screens.help import HelpScreen, binding_rows
+from diffract_tui.screens.help import HelpScreen, binding_rows, help_groups
 from diffract_tui.views import VIEW_SPECS, NodeView, UnavailableView, ViewSpec, view_class
 from diffract_tui.widgets.metric_panel import table_rows
 from diffract_tui.widgets.status import StatusBar
@@ -55,30 +54,69 @@ def lower_thread_priority(niceness: int = 10) -> None:
         pass
 
 
-class MainScreen(Screen):
-    """The one screen of the explorer. The active view's bindings work even while the tree has focus:
-    they are inserted into the binding chain just below the focused widget's ancestors."""
+def view_bindings(spec: ViewSpec) -> list[Binding]:
+    """The bindings a view class declares (its own and its bases'), in declaration order."""
+    cls = view_class(spec)
+    found: list[Binding] = []
+    for klass in reversed(cls.__mro__ if cls is not None else ()):
+        for b in vars(klass).get("BINDINGS", ()):
+            if isinstance(b, Binding):
+                found.append(b)
+    return found
 
-    @property
-    def _binding_chain(self):  # type: ignore[override]
-        chain = super()._binding_chain
+
+def short_description(text: str) -> str:
+    """A binding's description cut for one footer line: the words before a colon or a parenthesis."""
+    for mark in (":", " ("):
+        text = text.split(mark, 1)[0]
+    return text.strip()
+
+
+def screen_bindings(specs: tuple[ViewSpec, ...]) -> list[Binding]:
+    """Every view's bindings, re-declared on the screen as `view_key(view, action)`: the active view's keys
+    work while the tree has focus (`MainScreen.check_action` turns the other views' off)."""
+    out = []
+    for spec in specs:
+        for b in view_bindings(spec):
+            out.append(Binding(b.key, f"view_key({spec.id!r}, {b.action!r})", b.description, show=b.show,
+                               key_display=b.key_display))
+    return out
+
+
+class MainScreen(Screen):
+    """The one screen of the explorer. The active view's bindings work even while the tree has focus: the
+    screen carries every view's keys and enables only the active view's (public `check_action`)."""
+
+    BINDINGS = screen_bindings(VIEW_SPECS)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """`view_key` bindings only for the active view (False lets the key fall through to the app)."""
+        if action == "view_key":
+            return bool(parameters) and parameters[0] == getattr(self.app, "active_view_id", None)
+        return True
+
+    async def action_view_key(self, view_id: str, action: str) -> None:
+        """Run `action` on the active view (the one `check_action` let through)."""
         view = getattr(self.app, "active_view", None)
-        if view is None or any(node is view for node, _ in chain):
-            return chain
-        bindings = view._bindings.copy()
-        focused = self.focused
-        if focused is not None:  # keys the focused widget consumes (typing in the filter) stay with it
-            for key in list(bindings.key_to_bindings):
-                if focused.check_consume_key(key, key_to_character(key)):
-                    del bindings.key_to_bindings[key]
-        at = next((i for i, (node, _) in enumerate(chain) if node is self), len(chain))
-        return chain[:at] + [(view, bindings)] + chain[at:]
+        if view is not None and view.id == view_id:
+            await self.app.run_action(action, view)
 
     def compose(self) -> ComposeResult:
         yield from self.app.compose_main()
 
     def on_mount(self) -> None:
         self.app.main_mounted(self)
+
+
+class ViewTab(Label):
+    """One view's name on the view bar: clicking it switches to that view."""
+
+    def __init__(self, spec: ViewSpec) -> None:
+        super().__init__(f" {spec.key} {spec.title} ", id=f"tab-{spec.id}", classes="view-tab")
+        self.spec = spec
+
+    def on_click(self) -> None:
+        self.app.action_view(self.spec.id)
 
 
 class DiffractApp(App):
@@ -121,7 +159,10 @@ class DiffractApp(App):
 
     def compose_main(self) -> ComposeResult:
         """The main screen's widgets."""
-        yield Label("", id="viewbar")
+        with Horizontal(id="viewbar"):
+            for spec in self.view_specs:
+                yield ViewTab(spec)
+            yield Label("", id="viewbar-title")
         with Horizontal(id="main"):
             with Vertical(id="sidebar"):
                 yield ModelTree(self.session.layout, self._model_name(), only_in=self.session.only_in, id="tree")
@@ -130,6 +171,7 @@ class DiffractApp(App):
                 for spec in self.view_specs:
                     cls = view_class(spec)
                     yield cls(id=spec.id) if cls is not None else UnavailableView(spec)
+        yield Label("", id="viewkeys")
         yield StatusBar(id="status")
 
     def _model_name(self) -> str:
@@ -170,20 +212,33 @@ class DiffractApp(App):
             return None
 
     def _update_viewbar(self, root: Widget | Screen | None = None) -> None:
-        parts = []
-        for spec in self.view_specs:
-            text = f"{spec.key} {spec.title}"
-            parts.append(f"[reverse] {text} [/]" if spec.id == self.active_view_id else f" {text} ")
+        """Highlight the active view's tab, title the comparison, and list the active view's keys."""
+        root = root or self.screen
+        width = 0
+        for tab in root.query(ViewTab):
+            tab.set_class(tab.spec.id == self.active_view_id, "-active")
+            width += len(f" {tab.spec.key} {tab.spec.title} ")
         labels = self.session.labels
-        tabs = " ".join(parts)
-        room = self.size.width - len(Text.from_markup(tabs)) - 4
+        room = self.size.width - width - 4
         title = f"{labels[0]} → {', '.join(labels[1:])}"
         if len(title) > room:  # e.g. at 80 columns with long names: say how many, not which
             title = f"{labels[0]} → {len(labels) - 1} CPT"
-        (root or self.screen).query_one("#viewbar", Label).update(Text.from_markup(tabs + "  ") + Text(title))
+        root.query_one("#viewbar-title", Label).update(Text("  " + title))
+        root.query_one("#viewkeys", Label).update(self._view_keys_text())
+
+    def _view_keys_text(self) -> Text:
+        """The footer: the active view's shown keys with short descriptions, then `? help`."""
+        spec = next(s for s in self.view_specs if s.id == self.active_view_id)
+        text = Text()
+        for key, description in binding_rows(b for b in view_bindings(spec) if b.show):
+            text.append(f" {key} ", style="reverse")
+            text.append(f" {short_description(description)}  ")
+        text.append(" ? ", style="reverse")
+        text.append(" help")
+        return text
 
     def on_resize(self) -> None:
-        if self.screen.query("#viewbar"):
+        if self.screen.query("#viewbar-title"):
             self._update_viewbar()
 
     def _update_status(self, root: Widget | Screen | None = None) -> None:
@@ -293,16 +348,12 @@ class DiffractApp(App):
         self.refresh_bindings()
 
     def action_help(self) -> None:
-        """Show every key that works now, grouped: the active view's first (they differ per view)."""
-        groups = []
-        view = self.active_view
-        if view is not None:
-            spec = next(s for s in self.view_specs if s.id == self.active_view_id)
-            rows = binding_rows(b for bindings in view._bindings.key_to_bindings.values() for b in bindings)
-            if rows:
-                groups.append((f"{spec.title} view", rows))
-        groups += [("Tree", binding_rows(ModelTree.BINDINGS) + [("/", "filter the tree"), ("enter", "expand")]),
-                   ("App", binding_rows(self.BINDINGS) + [("ctrl+p", "command palette")])]
+        """Show every key that works now, grouped: the active view's first (they differ per view); a key
+        is listed once, in the first group that binds it."""
+        spec = next(s for s in self.view_specs if s.id == self.active_view_id)
+        groups = help_groups([(f"{spec.title} view", view_bindings(spec)),
+                              ("Tree", list(ModelTree.BINDINGS) + [Binding("enter", "", "Expand / collapse")]),
+                              ("App", list(self.BINDINGS) + [Binding("ctrl+p", "", "Command palette")])])
         self.push_screen(HelpScreen(groups))
 
     def action_cancel(self) -> None:
@@ -331,15 +382,24 @@ class DiffractApp(App):
         self._toggle_mark(self.current_node)
 
     def _toggle_mark(self, node: NodeRef) -> None:
+        """Toggle the one mark of the head under `node` (a rewind rewinds the whole head, so q, o and, when
+        H_kv = H, k and v nodes of a head share it) and say which head changed."""
         if not node.is_head:
             self.notify("Marks are for heads: move to a q or o head (l expands).", severity="warning", timeout=3)
             return
+        layout = self.session.layout
+        head = node.head
         if node.module in ("k", "v"):
-            first = node.head * (self.session.layout.num_heads // max(1, self.session.layout.num_kv_heads))
-            self.notify(f"{node.label()} is a key/value head shared by several query heads; "
-                        f"mark a q or o head (e.g. h{first}).", severity="warning", timeout=4)
-            return
-        self.session.toggle_mark(node.layer, node.head)
+            shared = layout.query_heads_of(node.head)
+            if len(shared) > 1:
+                self.notify(f"{node.label()} is a key/value head shared by query heads "
+                            f"h{shared[0]}–h{shared[-1]}; mark a q or o head (e.g. h{shared[0]}).",
+                            severity="warning", timeout=4)
+                return
+            head = shared[0]
+        marked = self.session.toggle_mark(node.layer, head)
+        self.notify(f"L{node.layer} h{head} {'marked' if marked else 'unmarked'} (one mark per head: its q, k, v "
+                    "and o nodes show it).", timeout=2)
         self.post_message(MarksChanged(frozenset(self.session.marks)))
 
     def action_step_layer(self, delta: int) -> None:

@@ -44,3 +44,35 @@ class QuitScreen(ModalScreen[str]):
 
     def action_choose(self, choice: str) -> None:
         self.dismiss(choice)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question (e.g. replace an existing folder); dismisses with True for yes."""
+
+    BINDINGS = [Binding("y", "choose(True)", "Yes"), Binding("n,escape", "choose(False)", "No")]
+    DEFAULT_CSS = """
+    ConfirmScreen { align: center middle; }
+    ConfirmScreen > Vertical { width: auto; max-width: 76; height: auto; border: round $warning;
+                               background: $surface; padding: 0 1; }
+    ConfirmScreen Label { width: auto; margin-bottom: 1; }
+    ConfirmScreen Horizontal { height: auto; width: auto; }
+    ConfirmScreen Button { margin-right: 1; min-width: 10; }
+    """
+
+    def __init__(self, question: str, yes: str = "Yes") -> None:
+        super().__init__()
+        self.question = question
+        self.yes = yes
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question, markup=False)
+            with Horizontal():
+                yield Button(f"{self.yes} (y)", id="yes", variant="error")
+                yield Button("No (n)", id="no", variant="primary")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_choose(self, yes: bool) -> None:
+        self.dismiss(yes)

@@ -23,7 +23,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Label
 
 from analysis.run.session import Cancelled
-from diffract_tui.messages import MarksChanged, OpenNode
+from diffract_tui.messages import OpenNode, ToggleMark
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
 from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
@@ -506,16 +506,18 @@ class HeadsGridView(EngineWork, NodeView):
     # ---- grid events -----------------------------------------------------------------------
     def on_heatmap_opened(self, event: Heatmap.Opened) -> None:
         event.stop()
-        self.post_message(OpenNode(NodeRef(event.layer, "q", event.head)))
+        self.post_message(OpenNode(self.cell_node(event.layer, event.head)))
+
+    def cell_node(self, layer: int, head: int) -> NodeRef:
+        """The tree node a grid cell stands for in the shown projection: q/o → that head, k/v → the kv head
+        the query head reads, whole head → its q node."""
+        c = self.choice()
+        projection = c.projection if c is not None else WHOLE
+        if projection in ("k", "v"):
+            return NodeRef(layer, projection, self.session.layout.kv_group(head))
+        return NodeRef(layer, "o" if projection == "o" else "q", head)
 
     def on_heatmap_toggled(self, event: Heatmap.Toggled) -> None:
+        """space on a cell: the app toggles that head's one mark (and says so)."""
         event.stop()
-        from analysis.errors import DiffractError
-
-        try:
-            self.session.toggle_mark(event.layer, event.head)
-        except DiffractError as err:
-            self.app.notify(str(err), severity="warning")
-            return
-        self.post_message(MarksChanged(frozenset(self.session.marks)))   # the app calls marks_changed
-
+        self.post_message(ToggleMark(NodeRef(event.layer, "q", event.head)))

@@ -3,8 +3,9 @@
 Settings: pattern (`p`: manual = the marked heads, greedy = the ⌊f·L·H⌋ lowest head scores of the target,
 reference = ranked by a reference domain), fraction f (`+`/`-` by 0.05, `>`/`<` by 0.01), target (`d`),
 reference (`r`) and its variant (`v`), GQA policy for k/v (`c`). Every change re-plans in a worker
-(`analysis.edit.rewind.plan_from_inputs` + `preview` on the cached head energies): heads per layer as a bar chart,
-the share of the attention ‖Δ‖² removed, and the list with scores. `e` writes the list (atomically, through
+(`analysis.edit.rewind.plan_from_inputs` + `preview` on the cached head energies): the share of the attention ‖Δ‖²
+removed, a panel (`b` cycles: the plan's layers × heads mask, heads per layer as bars, the loss panel that comes
+with the evaluation, and on narrow views the list) and the list with scores. `e` writes the list (atomically, through
 `analysis.edit.rewind_list`), `A` applies it into a new folder (`analysis.edit.rewind.apply_rewind`, with progress).
 """
 
@@ -16,11 +17,10 @@ from typing import TYPE_CHECKING, Any
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal
+from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
-from textual.widgets import DataTable, Input, Label
+from textual.widgets import DataTable, Input, Label, Static
 from textual.worker import get_current_worker
-from textual_plotext import PlotextPlot
 
 from analysis.run.session import Cancelled
 from diffract_tui.messages import MarksChanged
@@ -47,6 +47,75 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-.") or "target"
 
 
+PANELS: tuple[str, ...] = ("mask", "bars", "loss")
+PANEL_TITLES = {"mask": "mask", "bars": "bars", "loss": "loss", "list": "list"}
+WIDE_MIN = 72  # view columns from which the list stands beside the panel; narrower, it is a panel of its own
+NOT_REWOUND, REWOUND, REWOUND_KV = "·", "■", "◆"
+
+
+def tick_step(count: int, cell: int) -> int:
+    """The smallest step in 1, 2, 5, 10, 20, 50 … at which integer labels 0..count-1, written every `step`
+    cells of width `cell`, do not touch each other."""
+    need = len(str(max(0, count - 1))) + 1
+    step = 1
+    while step * cell < need:
+        step = step * 5 // 2 if str(step).startswith("2") else step * 2
+    return step
+
+
+def index_header(count: int, cell: int, indent: int) -> str:
+    """An axis line of integer indices 0..count-1, each at its cell's position, every `tick_step` cells."""
+    step = tick_step(count, cell)
+    line = [" "] * (indent + count * cell)
+    for i in range(0, count, step):
+        label = str(i)
+        at = indent + i * cell
+        line[at:at + len(label)] = list(label)
+    return "".join(line).rstrip()
+
+
+def mask_text(layers: int, heads: int, rewound: dict[tuple[int, int], bool], width: int, height: int,
+              color: bool = True) -> Text:
+    """The plan as a layers × heads grid of characters: · kept, ■ rewound (q, o), ◆ rewound with its kv
+    head's k/v rows. Rows are layers when they fit (else heads, so that 80×24 shows a whole model), with
+    integer axes."""
+    styles = {NOT_REWOUND: "dim", REWOUND: "bold cyan" if color else "bold",
+              REWOUND_KV: "bold magenta" if color else "bold"}
+    label = len(f"L{max(0, layers - 1)}") + 1
+    by_layer = layers + 3 <= height or layers <= heads
+    rows, cols = (layers, heads) if by_layer else (heads, layers)
+    cell = 2 if label + 2 * cols <= width else 1
+    text = Text(no_wrap=True, overflow="crop")
+    text.append(index_header(cols, cell, label) + "\n", style="dim")
+    for r in range(rows):
+        text.append((f"L{r}" if by_layer else f"h{r}").ljust(label), style="dim")
+        for c in range(cols):
+            key = (r, c) if by_layer else (c, r)
+            glyph = NOT_REWOUND if key not in rewound else (REWOUND_KV if rewound[key] else REWOUND)
+            text.append(glyph.ljust(cell), style=styles[glyph])
+        text.append("\n")
+    axis = "rows L, columns h" if by_layer else "rows h, columns L"
+    text.append(f"{REWOUND} rewound  {REWOUND_KV} +k/v  {NOT_REWOUND} kept · {axis}", style="dim")
+    return text
+
+
+def bars_text(per_layer: tuple[int, ...] | list[int], heads: int, width: int, color: bool = True) -> Text:
+    """Heads rewound per layer as one horizontal bar per layer (a layer with none shows 0 and no bar), the
+    bar's full length being all `heads` heads of a layer."""
+    label = len(f"L{max(0, len(per_layer) - 1)}") + 1
+    count = len(str(heads)) * 2 + 2
+    room = max(4, width - label - count - 2)
+    text = Text(no_wrap=True, overflow="crop")
+    for layer, n in enumerate(per_layer):
+        text.append(f"L{layer}".ljust(label), style="dim")
+        text.append("│")
+        filled = round(room * n / max(1, heads))
+        text.append("█" * filled, style="cyan" if color else "")
+        text.append(" " * (room - filled) + f" {n}/{heads}\n")
+    text.append(" " * label + f"└ heads rewound of {heads} per layer", style="dim")
+    return text
+
+
 class PromptInput(Input):
     """The one-line question at the bottom of the view (file to export to, folder to apply into)."""
 
@@ -65,10 +134,11 @@ class RewindView(EngineWork, NodeView):
     VIEW_ID = "rewind"
     BINDINGS = [
         Binding("p", "cycle_pattern", "Pattern: greedy / manual (marked heads) / reference"),
+        Binding("b", "cycle_panel", "Panel: mask / per-layer bars / loss (coming with eval)"),
         Binding("plus,equals_sign", "fraction(0.05)", "Fraction +0.05", key_display="+"),
         Binding("minus", "fraction(-0.05)", "Fraction −0.05", key_display="-"),
-        Binding("greater_than_sign", "fraction(0.01)", "Fraction +0.01", key_display=">"),
-        Binding("less_than_sign", "fraction(-0.01)", "Fraction −0.01", key_display="<"),
+        Binding("greater_than_sign", "fraction(0.01)", "Fraction +0.01", key_display=">", show=False),
+        Binding("less_than_sign", "fraction(-0.01)", "Fraction −0.01", key_display="<", show=False),
         Binding("d", "cycle_target", "Target checkpoint (the one rewound)"),
         Binding("r", "cycle_reference", "Reference checkpoint (pattern reference)"),
         Binding("v", "cycle_variant", "Reference variant: lowest / most agreeing"),
@@ -81,8 +151,10 @@ class RewindView(EngineWork, NodeView):
     RewindView > .rewind-line { height: auto; max-height: 2; width: 1fr; }
     RewindView > #rewind-keys { color: $text-muted; }
     RewindView > #rewind-body { height: 1fr; }
-    RewindView #rewind-chart { width: 1fr; height: 1fr; min-height: 6; }
-    RewindView #rewind-list { width: 30; height: 1fr; }
+    RewindView #rewind-panel { width: 1fr; height: 1fr; min-height: 6; }
+    RewindView > #rewind-panel-title { color: $text-muted; }
+    RewindView #rewind-panel-body { width: 1fr; height: auto; }
+    RewindView #rewind-list { width: 26; height: 1fr; }
     RewindView > #rewind-prompt-label { height: 1; display: none; }
     RewindView > PromptInput, RewindView > PromptInput:focus { height: 1; border: none; padding: 0 1; display: none; }
     RewindView.-prompt > #rewind-prompt-label { display: block; }
@@ -103,16 +175,17 @@ class RewindView(EngineWork, NodeView):
         self._ref_inputs: dict[tuple[int, int], "RewindInputs"] = {}
         self._planned_marks: frozenset[tuple[int, int]] = frozenset()
         self._applying = False
+        self.panel = PANELS[0]
 
     def compose(self) -> ComposeResult:
         yield Label("", id="rewind-settings", classes="rewind-line")
         yield Label("", id="rewind-summary", classes="rewind-line")
+        yield Label("", id="rewind-panel-title", classes="rewind-line")
         with Horizontal(id="rewind-body"):
-            yield PlotextPlot(id="rewind-chart")
+            with VerticalScroll(id="rewind-panel"):
+                yield Static("", id="rewind-panel-body")
             yield DataTable(id="rewind-list", cursor_type="row", zebra_stripes=True)
         yield Label("", id="rewind-marks", classes="rewind-line")
-        yield Label("keys: p pattern · +/- fraction · d target · r ref · c gqa · e export · A apply",
-                    id="rewind-keys", classes="rewind-line")
         yield Label("", id="rewind-prompt-label")
         yield PromptInput(id="rewind-prompt")
 
@@ -122,8 +195,6 @@ class RewindView(EngineWork, NodeView):
         table.add_column("head", key="head")
         table.add_column("proj", key="proj")
         table.add_column("score r", key="score")
-        if getattr(self.app, "no_color", False):
-            self.query_one(PlotextPlot).theme = "clear"
 
     @property
     def session(self) -> "ExplorerSession":
@@ -310,24 +381,49 @@ class RewindView(EngineWork, NodeView):
                           key=f"{layer}:{head}")
         self._update_marks_line()
 
+    def panels(self) -> tuple[str, ...]:
+        """What `b` cycles through: the list is a panel of its own when the view is too narrow for it beside."""
+        return PANELS + (("list",) if self.size.width < WIDE_MIN else ())
+
+    def _place_panels(self) -> None:
+        """Show the chosen panel, and the list beside it when the view is wide enough."""
+        if self.panel not in self.panels():
+            self.panel = PANELS[0]
+        narrow = self.size.width < WIDE_MIN
+        self.query_one("#rewind-list", DataTable).display = not narrow or self.panel == "list"
+        self.query_one("#rewind-panel").display = self.panel != "list"
+        title = "  ".join(f"[{PANEL_TITLES[p]}]" if p == self.panel else PANEL_TITLES[p] for p in self.panels())
+        self.query_one("#rewind-panel-title", Label).update(Text(f"panel {title}  (b)"))
+
     def _draw_chart(self, pv: "RewindPreview | None") -> None:
-        plot = self.query_one(PlotextPlot)
-        plt = plot.plt
-        plt.clear_data()
-        plt.clear_figure()
-        if pv is not None:
-            layers = list(range(len(pv.heads_per_layer)))
-            plt.bar(layers, list(pv.heads_per_layer), color=None if getattr(self.app, "no_color", False) else "cyan",
-                    width=0.6)
-            step = max(1, len(layers) // 8)
-            plt.xticks(layers[::step], [str(x) for x in layers[::step]])
-            top = max(1, self.session.layout.num_heads)
-            plt.ylim(0, top)
-            ticks = list(range(0, top + 1, max(1, top // 4)))
-            plt.yticks(ticks, [str(t) for t in ticks])
-            plt.title("heads rewound per layer")
-            plt.xlabel("layer")
-        plot.refresh()
+        """Draw the chosen panel (b cycles): the plan's mask, heads per layer as bars, or the loss note."""
+        self._place_panels()
+        body = self.query_one("#rewind-panel-body", Static)
+        beside = self.size.width >= WIDE_MIN
+        list_width = self.query_one("#rewind-list", DataTable).styles.width
+        width = self.size.width - 2 - (int(list_width.value) if beside and list_width is not None else 0)
+        width, height = max(10, width), max(4, self.query_one("#rewind-body").size.height)
+        color = not getattr(self.app, "no_color", False)
+        layout = self.session.layout
+        if self.panel == "loss":
+            body.update(Text("Loss curves of the rewound checkpoint and the loss vs ‖Δ‖²-removed trade-off: "
+                             "coming with the evaluation (issue 8).", style="dim"))
+        elif pv is None or self.plan is None:
+            body.update("")
+        elif self.panel == "mask":
+            rewound = {(e.layer, e.head): "k" in e.projections for e in self.plan.heads}
+            body.update(mask_text(layout.num_layers, layout.num_heads, rewound, width, height, color))
+        elif self.panel == "bars":
+            body.update(bars_text(pv.heads_per_layer, layout.num_heads, width, color))
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._draw_chart, self.preview)
+
+    def action_cycle_panel(self) -> None:
+        """b: the next panel (mask → per-layer bars → loss, and the list on a narrow view)."""
+        panels = self.panels()
+        self.panel = panels[(panels.index(self.panel) + 1) % len(panels)] if self.panel in panels else PANELS[0]
+        self._draw_chart(self.preview)
 
     def _update_marks_line(self) -> None:
         marks = sorted(self.session.marks)
@@ -424,16 +520,29 @@ class RewindView(EngineWork, NodeView):
                         markup=False)
         return out
 
-    def apply_into(self, out_dir: Path) -> None:
-        """Run `apply_rewind` in its own worker with progress (Esc cancels; the output appears only when done)."""
+    def apply_into(self, out_dir: Path, *, force: bool = False) -> None:
+        """Run `apply_rewind` in its own worker with progress (Esc cancels; the output appears only when done).
+        An existing folder is replaced only after the user says yes (the app has no --force)."""
         rl = self.plan
         if rl is None:
             return
-        self._applying = True
-        self.run_worker(lambda: self._apply_work(rl, out_dir), thread=True, exclusive=True, group=APPLY_GROUP,
-                        name="rewind apply", exit_on_error=False)
+        if not force and (out_dir.exists() or out_dir.is_symlink()):
+            from diffract_tui.screens.confirm import ConfirmScreen
 
-    def _apply_work(self, rl: "RewindList", out_dir: Path) -> None:
+            def chosen(yes: bool | None) -> None:
+                if yes:
+                    self.apply_into(out_dir, force=True)
+                else:
+                    self.app.notify(f"Nothing written: {out_dir} was kept.", severity="warning", markup=False)
+
+            self.app.push_screen(ConfirmScreen(f"{out_dir} already exists. Replace it with the rewound "
+                                               "checkpoint?", yes="Replace"), chosen)
+            return
+        self._applying = True
+        self.run_worker(lambda: self._apply_work(rl, out_dir, force), thread=True, exclusive=True,
+                        group=APPLY_GROUP, name="rewind apply", exit_on_error=False)
+
+    def _apply_work(self, rl: "RewindList", out_dir: Path, force: bool = False) -> None:
         from analysis.edit.rewind import apply_rewind
 
         worker = get_current_worker()
@@ -446,7 +555,7 @@ class RewindView(EngineWork, NodeView):
                                  f"applying rewind: {done / 1e6:.1f}/{total / 1e6:.1f} MB")
 
         try:
-            result = apply_rewind(rl, out_dir, progress=progress)
+            result = apply_rewind(rl, out_dir, force=force, progress=progress)
         except Cancelled:
             app.call_from_thread(self._apply_done, None, "cancelled")
             return

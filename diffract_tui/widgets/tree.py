@@ -166,8 +166,9 @@ class ModelTree(Tree[NodeRef]):
         else:
             name = f"h{ref.head}"
         text = Text(name)
-        if self._is_marked(ref):
-            text = Text("● ", style="bold") + text
+        sign = self._mark_sign(ref)
+        if sign:
+            text = Text(f"{sign} ", style="bold") + text
         badge = self.badges.get(ref)
         if badge is not None:
             if badge.alpha is not None:
@@ -181,8 +182,22 @@ class ModelTree(Tree[NodeRef]):
             text.append(f" {ONLY_IN_MARK} only in: {', '.join(owners)}", style="dim italic")
         return text
 
-    def _is_marked(self, ref: NodeRef) -> bool:
-        return ref.head is not None and ref.module in ("q", "o") and (ref.layer, ref.head) in self.marks
+    def _query_heads(self, ref: NodeRef) -> range:
+        """The query heads a head node belongs to: itself for q/o, its kv group for k/v (one head when
+        H_kv = H). A mark is per query head, so every projection node of a marked head shows it."""
+        if ref.head is None or ref.module is None:
+            return range(0)
+        if ref.module in ("k", "v") and self.model_layout.heads_available:
+            return self.model_layout.query_heads_of(ref.head)
+        return range(ref.head, ref.head + 1)
+
+    def _mark_sign(self, ref: NodeRef) -> str:
+        """"●" when every query head of the node is marked, "◐" when some of a shared kv head's are, else ""."""
+        heads = self._query_heads(ref)
+        marked = sum((ref.layer, h) in self.marks for h in heads)
+        if not marked:
+            return ""
+        return "●" if marked == len(heads) else "◐"
 
     def set_badge(self, ref: NodeRef, badge: Badge) -> None:
         """Record `badge` for `ref` and relabel the node if it is built."""
@@ -192,14 +207,17 @@ class ModelTree(Tree[NodeRef]):
             node.set_label(self._label(ref))
 
     def set_marks(self, marks: frozenset[tuple[int, int]]) -> None:
-        """Show a dot on marked heads (q and o head nodes carry query heads)."""
+        """Show a dot on every projection node (q, k, v, o) of a marked head: it is one mark per head."""
         changed = marks ^ self.marks
         self.marks = marks
+        layout = self.model_layout
         for layer, head in changed:
-            for proj in ("q", "o"):
-                node = self._by_ref.get(NodeRef(layer, proj, head))
+            kv = layout.kv_group(head) if layout.heads_available and layout.num_kv_heads else head
+            for ref in (NodeRef(layer, "q", head), NodeRef(layer, "o", head), NodeRef(layer, "k", kv),
+                        NodeRef(layer, "v", kv)):
+                node = self._by_ref.get(ref)
                 if node is not None:
-                    node.set_label(self._label(NodeRef(layer, proj, head)))
+                    node.set_label(self._label(ref))
 
     # ---- cursor ------------------------------------------------------------------------------
     @property
