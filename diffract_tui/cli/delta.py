@@ -10,6 +10,8 @@ from typing import Any, List, Optional
 
 import typer
 
+from diffract_tui.cli.scan import SERIES_HELP, STEPS_HELP
+
 CACHE_DIR_HELP = "Cache folder for computed deltas (default: $DIFFRACT_TUI_CACHE_DIR, else the user cache folder)."
 
 
@@ -99,6 +101,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                               help="Compute threads (default: $DIFFRACT_TUI_THREADS, else "
                                                    "physical cores)."),
+        series: bool = typer.Option(True, "--series/--no-series", help=SERIES_HELP),
+        steps: Optional[str] = typer.Option(None, "--steps", help=STEPS_HELP),
     ) -> int:
         """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
         agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
@@ -114,6 +118,11 @@ def register(app: typer.Typer) -> None:
         from analysis.io.guard import checkpoint_inputs
         from analysis.run.tables import check_table_output, write_table
 
+        from diffract_tui.cli.scan import resolve_series
+
+        run_series = resolve_series([base, *cpts], series, steps)
+        if run_series is not None:  # SPEC §10: Δ along a series is against its first step
+            base, *cpts = run_series.reorder([base, *cpts])
         inputs = checkpoint_inputs([base, *cpts])
         check_table_output(out, inputs)  # bad suffix or an output on/in/around an input → one line, before any work
         if agreement_metric not in ("a2", "a3"):
@@ -148,6 +157,12 @@ def register(app: typer.Typer) -> None:
         from diffract_tui import __version__
 
         metadata = {**result.metadata, "created_by": f"diffract-tui {__version__}", "summary": result.summary}
+        if run_series is not None:
+            from analysis.run.series import annotate_rows
+
+            labels = [result.metadata["base"]["label"], *(t["label"] for t in result.metadata["targets"])]
+            annotate_rows(result.rows, run_series, labels)
+            metadata["series"] = {"steps": list(run_series.steps), "tokens": list(run_series.tokens)}
         write_table(result.rows, out, metadata=metadata, inputs=inputs)
         print_summary(result.summary, out, len(result.rows))
         if summary_json:

@@ -16,6 +16,21 @@ def unique_labels(paths: list[Path]) -> list[str]:
     return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
+SERIES_HELP = "Recognise checkpoints of one run from step numbers in their names and order them by step."
+STEPS_HELP = "The step of each checkpoint, in argument order (e.g. 0,500,1000): makes the inputs a series."
+
+
+def resolve_series(paths: list, series: bool, steps: Optional[str]):
+    """The series the inputs form (SPEC §10) or None; a bad --steps is a usage error (exit 2)."""
+    from analysis.run.series import detect_series, parse_steps_option
+
+    try:
+        explicit = parse_steps_option(steps) if steps is not None else None
+        return detect_series([str(p) for p in paths], explicit_steps=explicit, enabled=series)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--steps") from None
+
+
 def register(app: typer.Typer) -> None:
     """Add the `scan` command to the root app."""
 
@@ -35,6 +50,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(
             None, "--threads", min=1, help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores)."
         ),
+        series: bool = typer.Option(True, "--series/--no-series", help=SERIES_HELP),
+        steps: Optional[str] = typer.Option(None, "--steps", help=STEPS_HELP),
     ) -> int:
         """Scan checkpoints: one row per matrix (and head slice, and delta) with every spectral metric.
 
@@ -45,6 +62,9 @@ def register(app: typer.Typer) -> None:
         from analysis.run.tables import table_format
 
         table_format(out)  # a bad suffix fails before any work
+        run_series = resolve_series(checkpoints, series, steps)
+        if run_series is not None:
+            checkpoints = run_series.reorder(checkpoints)  # step order: the first step is the base for --delta
         if dtype not in ("float32", "float64"):
             raise DiffractError(f"--dtype must be float32 or float64, not {dtype!r}",
                                 hint="pass --dtype float32 or --dtype float64")
@@ -80,6 +100,10 @@ def register(app: typer.Typer) -> None:
                 c.close()
         order = {c.label: i for i, c in enumerate(opened)}
         rows.sort(key=lambda r: (order[r["checkpoint"]], r["operation"] != "weight"))  # stable: layer order kept
+        if run_series is not None:
+            from analysis.run.series import annotate_rows
+
+            annotate_rows(rows, run_series, [c.label for c in opened])
         metadata = {
             "created_by": f"diffract-tui {TOOL_VERSION}",
             "engine_version": ENGINE_VERSION,
@@ -90,6 +114,8 @@ def register(app: typer.Typer) -> None:
             "device_kind": device_kind,
             "settings": settings.key(),
         }
+        if run_series is not None:
+            metadata["series"] = {"steps": list(run_series.steps), "tokens": list(run_series.tokens)}
         write_table(rows, out, metadata=metadata, inputs=inputs)
         typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
         return report_failures([f.line() for f in failures], what=f"{len(rows)} rows in {out}")
