@@ -170,3 +170,83 @@ def test_delta_is_against_the_first_step_whatever_the_argument_order(series_run,
     assert len(mine) == len(pair) > 0
     for a, b in zip(mine, pair):
         assert {k for k in b if not _same(a[k], b[k])} == set(), a["tensor"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the Evolution view's engine: ExplorerSession.evolution
+# ------------------------------------------------------------------------------------------------
+
+
+class _Node:
+    def __init__(self, layer, module, head=None):
+        self.layer, self.module, self.head = layer, module, head
+
+
+@pytest.fixture(scope="module")
+def session(series_run, tmp_path_factory):
+    """The explorer's session over the shuffled series, with its own (empty) cache: numbers computed afresh."""
+    import torch
+
+    from analysis.run.session import ExplorerSession
+
+    torch.set_num_threads(1)
+    s = ExplorerSession.open([str(series_run.paths[st]) for st in SHUFFLED], device="cpu",
+                             cache_dir=tmp_path_factory.mktemp("evolution-cache"))
+    yield s
+    s.close()
+
+
+def _scan_value(rows, label, layer, module, head, metric, operation="weight"):
+    slot = "kv_head" if module in ("k", "v") else "head"  # a k/v head slice is a kv head
+    (row,) = [r for r in rows if r["checkpoint"] == label and r["layer"] == layer and r["module"] == module
+              and r.get(slot) == head and r["operation"] == operation]
+    return row[metric]
+
+
+@pytest.mark.parametrize("metric", ["pl_alpha", "stable_rank", "l2_norm", "mp_soft_rank"])
+def test_evolution_of_a_projection_equals_the_scan_rows(session, scanned, metric):
+    _, rows, _ = scanned
+    ev = session.evolution(_Node(1, "q"), metric)
+    labels = [NAMES[s] for s in sorted(NAMES)]
+    assert ev.steps == tuple(sorted(NAMES)) and ev.labels == tuple(labels)
+    assert all(_same(v, _scan_value(rows, lab, 1, "q", None, metric)) for v, lab in zip(ev.values, labels))
+    assert [line.name for line in ev.lines] == [f"head {h}" for h in range(4)]
+    for h, line in enumerate(ev.lines):
+        assert all(_same(v, _scan_value(rows, lab, 1, "q", h, metric)) for v, lab in zip(line.values, labels))
+    assert len(set(ev.values)) == len(ev.values)  # the run changed it at every step (no constant line)
+
+
+def test_evolution_of_a_delta_metric_is_against_the_first_step(session, series_run):
+    import torch
+
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.run.scan import scan
+    from analysis.spectral.backend import SpectralSettings
+
+    torch.set_num_threads(1)
+    ordered = [open_checkpoint(series_run.paths[s]) for s in sorted(NAMES)]
+    try:
+        rows = list(scan(ordered, heads=True, delta=True, settings=SpectralSettings(device="cpu"), cache=None))
+    finally:
+        for c in ordered:
+            c.close()
+    ev = session.evolution(_Node(0, "k"), "delta_rel")
+    labels = [NAMES[s] for s in sorted(NAMES)]
+    assert ev.values[0] is None
+    assert all(_same(v, _scan_value(rows, lab, 0, "k", None, "delta_rel", "delta"))
+               for v, lab in zip(ev.values[1:], labels[1:]))
+    assert [line.name for line in ev.lines] == ["head 0", "head 1"]  # k: one line per kv head
+    for h, line in enumerate(ev.lines):
+        assert all(_same(v, _scan_value(rows, lab, 0, "k", h, "delta_rel", "delta"))
+                   for v, lab in zip(line.values[1:], labels[1:]))
+    assert all(v > 0 for v in ev.values[1:])
+
+
+def test_evolution_of_a_layer_has_one_line_per_matrix(session, scanned):
+    _, rows, _ = scanned
+    ev = session.evolution(_Node(0, None), "pl_alpha")
+    assert [line.name for line in ev.lines] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert ev.values == ()
+    gate = ev.lines[4]
+    assert all(_same(v, _scan_value(rows, NAMES[s], 0, "gate", None, "pl_alpha"))
+               for v, s in zip(gate.values, sorted(NAMES)))
