@@ -250,3 +250,32 @@ def test_evolution_of_a_layer_has_one_line_per_matrix(session, scanned):
     gate = ev.lines[4]
     assert all(_same(v, _scan_value(rows, NAMES[s], 0, "gate", None, "pl_alpha"))
                for v, s in zip(gate.values, sorted(NAMES)))
+
+
+def test_delta_previous_is_each_step_against_the_one_before(series_run, tmp_path, capsys):
+    out, ref = tmp_path / "p.json", tmp_path / "pref.json"
+    args = [str(series_run.paths[s]) for s in (20, 0, 10)]
+    code = main(["delta", *args, "--previous", "--out", str(out), "--no-cache", "--no-spectral", "--threads", "1",
+                 "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    rows, meta = read_table(out)
+    assert meta["against"] == "previous"
+    assert {(r["checkpoint"], r["against"], r["step"]) for r in rows} == {
+        (NAMES[10], NAMES[0], 10), (NAMES[20], NAMES[10], 20)}
+    code = main(["delta", str(series_run.paths[10]), str(series_run.paths[20]), "--out", str(ref), "--no-cache",
+                 "--no-spectral", "--no-series", "--threads", "1", "--device", "cpu"])
+    assert code == 0
+    pair, _ = read_table(ref)
+    mine = [r for r in rows if r["checkpoint"] == NAMES[20]]
+    assert len(mine) == len(pair) > 0
+    for a, b in zip(mine, pair):
+        assert {k for k in b if not _same(a[k], b[k])} == set(), a["tensor"]
+
+
+def test_delta_previous_without_a_series_is_a_usage_error(series_run, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    code = main(["delta", str(series_run.paths[0]), str(series_run.paths[10]), "--previous", "--no-series",
+                 "--out", str(out), "--no-cache"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--previous" in err and "needs checkpoints of one run" in err
+    assert not out.exists()

@@ -7,7 +7,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import TYPE_CHECKING, Sequence, TypeVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.deltas.delta_table import DeltaOptions, DeltaTable, ProgressFn
+    from analysis.run.cache import Cache
 
 T = TypeVar("T")
 
@@ -108,3 +112,23 @@ def annotate_rows(rows: list[dict], series: Series, labels_in_step_order: Sequen
     for row in rows:
         row.update(columns.get(row.get("checkpoint"), {}))
     return rows
+
+
+def previous_step_deltas(paths_in_step_order: Sequence[str | Path], *, options: "DeltaOptions",
+                         cache: "Cache | None" = None, progress: "ProgressFn | None" = None) -> "DeltaTable":
+    """Δ of each step against the previous one (SPEC §10's "previous"): one delta table per consecutive pair,
+    joined; every row names its base in `against`."""
+    from analysis.deltas.delta_table import DeltaTable, open_and_build
+
+    paths = list(paths_in_step_order)
+    tables = [open_and_build(a, [b], options=options, cache=cache, progress=progress)
+              for a, b in zip(paths, paths[1:])]
+    rows = [{**r, "against": t.metadata["base"]["label"]} for t in tables for r in t.rows]
+    first = tables[0].metadata
+    summary = {**tables[0].summary, "base": "the previous step",
+               "checkpoints": [c for t in tables for c in t.summary["checkpoints"]]}
+    metadata = {**first, "against": "previous", "targets": [t.metadata["targets"][0] for t in tables],
+                "pairs": [{"base": t.metadata["base"]["label"], "target": t.metadata["targets"][0]["label"]}
+                          for t in tables]}
+    return DeltaTable(rows=rows, summary=summary, metadata=metadata,
+                      failures=[f for t in tables for f in t.failures])

@@ -103,6 +103,8 @@ def register(app: typer.Typer) -> None:
                                                    "physical cores)."),
         series: bool = typer.Option(True, "--series/--no-series", help=SERIES_HELP),
         steps: Optional[str] = typer.Option(None, "--steps", help=STEPS_HELP),
+        previous: bool = typer.Option(False, "--previous",
+                                      help="Along a series: Δ of each step against the previous one, not the first."),
     ) -> int:
         """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
         agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
@@ -123,6 +125,9 @@ def register(app: typer.Typer) -> None:
         run_series = resolve_series([base, *cpts], series, steps)
         if run_series is not None:  # SPEC §10: Δ along a series is against its first step
             base, *cpts = run_series.reorder([base, *cpts])
+        elif previous:
+            raise typer.BadParameter("needs checkpoints of one run (step numbers in their names, or --steps)",
+                                     param_hint="--previous")
         inputs = checkpoint_inputs([base, *cpts])
         check_table_output(out, inputs)  # bad suffix or an output on/in/around an input → one line, before any work
         if agreement_metric not in ("a2", "a3"):
@@ -153,7 +158,12 @@ def register(app: typer.Typer) -> None:
             def progress(done: int, total: int, what: str) -> None:
                 bar.update(task, completed=done, total=total, description=what[:60])
 
-            result = open_and_build(base, cpts, options=options, cache=cache, progress=progress)
+            if previous:
+                from analysis.run.series import previous_step_deltas
+
+                result = previous_step_deltas([base, *cpts], options=options, cache=cache, progress=progress)
+            else:
+                result = open_and_build(base, cpts, options=options, cache=cache, progress=progress)
         from diffract_tui import __version__
 
         metadata = {**result.metadata, "created_by": f"diffract-tui {__version__}", "summary": result.summary}
