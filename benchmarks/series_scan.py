@@ -7,7 +7,8 @@ other ten).
 
 Random bf16 checkpoints written by `analysis.generate.write_checkpoint` under names `step-<k×1000>` in a temp
 folder, so the inputs are recognised as a series. Cold scans (empty cache) of the first 1, n/2 and n checkpoints
-measure the growth; then step n×1000 is added and the n+1 are scanned again into the n-checkpoint cache. Times are wall and CPU seconds (the ratios use CPU time: a shared machine's wall time is noisy). The
+measure the growth; then step n×1000 is added and the n+1 are scanned again into the n-checkpoint cache.
+Times are wall and CPU seconds (the ratios use CPU time: a shared machine's wall time is noisy). The
 cache's computed entries are counted by wrapping `Cache.put_json` (one per computed matrix row). One thread.
 One JSON object on stdout.
 """
