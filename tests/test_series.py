@@ -258,3 +258,41 @@ def test_delta_previous_is_each_step_against_the_one_before(series_run, tmp_path
     for a, b in zip(mine, pair):
         assert {k for k in b if not _same(a[k], b[k])} == set(), a["tensor"]
 
+
+
+def test_rescan_after_adding_a_step_computes_only_the_new_one(series_run, tmp_path):
+    """The cache makes the earlier checkpoints of a growing series free: only the added step's rows are computed."""
+    import torch
+
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.run.cache import Cache
+    from analysis.run.scan import scan
+    from analysis.run.series import detect_series
+    from analysis.spectral.backend import SpectralSettings
+
+    class Counting(Cache):
+        computed = 0
+
+        def put_json(self, key, value):
+            type(self).computed += 1
+            super().put_json(key, value)
+
+    def run(steps):
+        Counting.computed = 0
+        paths = [str(series_run.paths[s]) for s in steps]
+        ckpts = [open_checkpoint(p) for p in detect_series(paths).reorder(paths)]
+        try:
+            rows = list(scan(ckpts, heads=True, settings=SpectralSettings(device="cpu"), cache=Counting(tmp_path)))
+        finally:
+            for c in ckpts:
+                c.close()
+        return rows, Counting.computed
+
+    torch.set_num_threads(1)
+    first, computed = run([10, 0, 20, 30])
+    assert computed == len(first) and len(first) % 4 == 0
+    second, computed = run([40, 30, 0, 20, 10])
+    assert computed == len(first) // 4 == len(second) // 5  # one checkpoint's rows, the added one's
+    earlier = [r for r in second if r["checkpoint"] != NAMES[40]]
+    assert len(earlier) == len(first)
+    assert all(a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a) for a, b in zip(earlier, first))
