@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from diffract_tui import __version__ as TOOL_VERSION
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.run.series import Series
 
 
 def unique_labels(paths: list[Path]) -> list[str]:
@@ -20,7 +23,7 @@ SERIES_HELP = "Recognise checkpoints of one run from step numbers in their names
 STEPS_HELP = "The step of each checkpoint, in argument order (e.g. 0,500,1000): makes the inputs a series."
 
 
-def resolve_series(paths: list, series: bool, steps: Optional[str]):
+def resolve_series(paths: List[Path], series: bool, steps: Optional[str]) -> "Series | None":
     """The series the inputs form (SPEC §10) or None; a bad --steps is a usage error (exit 2)."""
     from analysis.run.series import detect_series, parse_steps_option
 
