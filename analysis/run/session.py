@@ -136,6 +136,27 @@ class DeltaResult:
     deltas: tuple[TargetDelta, ...]
 
 
+@dataclass(frozen=True)
+class EvolutionLine:
+    """One metric along the series for one head or projection of the node (`name`: "head 3", "q", …)."""
+
+    name: str
+    values: tuple[float | None, ...]   # one per checkpoint, in step order
+
+
+@dataclass(frozen=True)
+class EvolutionResult:
+    """A metric of one node against step (SPEC §10): the node's own value and, where it applies, one line per
+    head (a q/k/v/o projection) or per projection (a layer). Δ metrics are against the first step."""
+
+    title: str
+    metric: str
+    labels: tuple[str, ...]            # checkpoints in step order
+    steps: tuple[int | None, ...]      # their steps (None when the inputs are no series: argument order)
+    values: tuple[float | None, ...]   # the node's metric per checkpoint (None: not defined there)
+    lines: tuple[EvolutionLine, ...]
+
+
 # ------------------------------------------------------------------------------------------------
 # Labels
 # ------------------------------------------------------------------------------------------------
@@ -381,6 +402,62 @@ class ExplorerSession:
         progress(1.0, "done")
         return SpectrumResult(self.describe(node), _shape(spectra[0].metrics), tuple(spectra))
 
+    # ---- evolution along a series (SPEC §10) --------------------------------------------------
+    def series_order(self) -> tuple[list["Checkpoint"], list[int | None]]:
+        """The checkpoints in step order and their steps, when their paths name a series; else as opened."""
+        from analysis.run.series import detect_series
+
+        series = detect_series([str(c.path) for c in self.checkpoints])
+        if series is None:
+            return list(self.checkpoints), [None] * len(self.checkpoints)
+        return series.reorder(self.checkpoints), list(series.steps)
+
+    def _row(self, ckpt: "Checkpoint", node: Node, against: "Checkpoint | None") -> dict[str, Any]:
+        """The scan row of a node in `ckpt` (of ΔW against `against` when given), through the cache."""
+        from analysis.run.scan import node_metrics
+
+        row = node_metrics(ckpt, self.layout, node.layer, node.module, node.head, delta_against=against,
+                           settings=self.settings, cache=self.cache)
+        row.pop("eigenvalues", None)
+        return row
+
+    def _metric_along(self, ordered: Sequence["Checkpoint"], node: Node, metric: str) -> tuple[float | None, ...]:
+        """`metric` of the node in each checkpoint (a `delta_*` metric: of ΔW against the first; None there)."""
+        delta = metric.startswith("delta_")
+        having = {c.label for c in self._having(node, ordered)}
+        out: list[float | None] = []
+        for i, ckpt in enumerate(ordered):
+            if ckpt.label not in having or (delta and i == 0):
+                out.append(None)
+                continue
+            value = self._row(ckpt, node, against=ordered[0] if delta else None).get(metric)
+            out.append(None if value is None else float(value))
+        return tuple(out)
+
+    def evolution(self, node: Node, metric: str) -> EvolutionResult:
+        """`metric` (a scan-row column: alpha, stable_rank, …, delta_rel, …) of the node against step, with one
+        line per head of a q/k/v/o projection, or per matrix of a layer node."""
+        ordered, steps = self.series_order()
+        title = f"{metric} · layer {node.layer}" if node.module is None else f"{metric} · {self.describe(node)}"
+        values: tuple[float | None, ...] = ()
+        lines: list[EvolutionLine] = []
+        if node.module is not None:
+            reason = self.unavailable(node)
+            if reason and not (self.is_projection(node) and node.head is None):
+                raise DiffractError(reason)
+            if not reason:
+                values = self._metric_along(ordered, node, metric)
+            if self.is_projection(node) and node.head is None:
+                count = self.layout.num_kv_heads if node.module in ("k", "v") else self.layout.num_heads
+                lines = [EvolutionLine(f"head {h}", self._metric_along(ordered, _replace_head(node, h), metric))
+                         for h in range(count)]
+        elif node.layer is not None:
+            for m in self.layout.layers[node.layer].modules:
+                child = _replace_head(node, None, module=m.name)
+                if len(m.shape) == 2:
+                    lines.append(EvolutionLine(m.name, self._metric_along(ordered, child, metric)))
+        return EvolutionResult(title, metric, tuple(c.label for c in ordered), tuple(steps), values, tuple(lines))
+
     # ---- deltas ----------------------------------------------------------------------------
     def _curve_key(self, target: "Checkpoint", node: Node) -> str:
         return self.cache.key(fingerprint=[self.base.fingerprint, target.fingerprint], tensor=self.tensor_of(node),
@@ -580,4 +657,18 @@ def _np(t: Any) -> np.ndarray:
     if hasattr(t, "detach"):
         t = t.detach().to("cpu").double().numpy()
     return np.asarray(t, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _EvolutionNode:
+    """A node the evolution builds for a head or a layer's matrix (the Node protocol)."""
+
+    layer: int | None
+    module: str | None
+    head: int | None
+
+
+def _replace_head(node: Node, head: int | None, module: str | None = None) -> _EvolutionNode:
+    """The node with another head (and module)."""
+    return _EvolutionNode(node.layer, module if module is not None else node.module, head)
 

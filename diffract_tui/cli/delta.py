@@ -10,6 +10,8 @@ from typing import Annotated, Any, List, Optional
 
 import typer
 
+from diffract_tui.cli.scan import SERIES_HELP, STEPS_HELP, resolve_series
+
 CACHE_DIR_HELP = "Cache folder for computed deltas (default: $DIFFRACT_TUI_CACHE_DIR, else the user cache folder)."
 
 
@@ -94,6 +96,10 @@ def delta_command(
         help="Print the summary as JSON on stdout.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1,
         help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores).")] = None,
+    series: Annotated[bool, typer.Option("--series/--no-series", help=SERIES_HELP)] = True,
+    steps: Annotated[Optional[str], typer.Option("--steps", help=STEPS_HELP)] = None,
+    previous: Annotated[bool, typer.Option(
+        "--previous", help="Along a series: Δ of each step against the previous one, not the first.")] = False,
 ) -> int:
     """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
     agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
@@ -109,6 +115,12 @@ def delta_command(
     from analysis.io.guard import checkpoint_inputs
     from analysis.run.tables import check_table_output, write_table
 
+    run_series = resolve_series([base, *cpts], series, steps)
+    if run_series is not None:  # SPEC §10: Δ along a series is against its first step
+        base, *cpts = run_series.reorder([base, *cpts])
+    elif previous:
+        raise typer.BadParameter("needs checkpoints of one run (step numbers in their names, or --steps)",
+                                 param_hint="--previous")
     inputs = checkpoint_inputs([base, *cpts])
     check_table_output(out, inputs)  # bad suffix or an output on/in/around an input → one line, before any work
     if agreement_metric not in ("a2", "a3"):
@@ -139,8 +151,19 @@ def delta_command(
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=what[:60])
 
-        result = open_and_build(base, cpts, options=options, cache=cache, progress=progress)
+        if previous:
+            from analysis.run.series import previous_step_deltas
+
+            result = previous_step_deltas([base, *cpts], options=options, cache=cache, progress=progress)
+        else:
+            result = open_and_build(base, cpts, options=options, cache=cache, progress=progress)
     metadata = {**result.metadata, "summary": result.summary}   # provenance: analysis.run.provenance
+    if run_series is not None:
+        from analysis.run.series import annotate_rows
+
+        labels = [result.metadata["base"]["label"], *(t["label"] for t in result.metadata["targets"])]
+        annotate_rows(result.rows, run_series, labels)
+        metadata["series"] = {"steps": list(run_series.steps), "tokens": list(run_series.tokens)}
     write_table(result.rows, out, metadata=metadata, inputs=inputs)
     print_summary(result.summary, out, len(result.rows))
     if summary_json:

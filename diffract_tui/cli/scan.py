@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.run.series import Series
+
+SERIES_HELP = "Recognise checkpoints of one run from step numbers in their names and order them by step."
+STEPS_HELP = "The step of each checkpoint, in argument order (e.g. 0,500,1000): makes the inputs a series."
+
+
+def resolve_series(paths: List[Path], series: bool, steps: Optional[str]) -> "Series | None":
+    """The series the inputs form (SPEC §10) or None; a bad --steps is a usage error (exit 2)."""
+    from analysis.run.series import detect_series, parse_steps_option
+
+    try:
+        explicit = parse_steps_option(steps) if steps is not None else None
+        return detect_series([str(p) for p in paths], explicit_steps=explicit, enabled=series)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--steps") from None
 
 
 def scan_command(
@@ -22,6 +39,8 @@ def scan_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     threads: Annotated[Optional[int], typer.Option(
         "--threads", min=1, help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores).")] = None,
+    series: Annotated[bool, typer.Option("--series/--no-series", help=SERIES_HELP)] = True,
+    steps: Annotated[Optional[str], typer.Option("--steps", help=STEPS_HELP)] = None,
 ) -> int:
     """Scan checkpoints: one row per matrix (and head slice, and delta) with every spectral metric.
 
@@ -32,6 +51,9 @@ def scan_command(
     from analysis.run.tables import table_format
 
     table_format(out)  # a bad suffix fails before any work
+    run_series = resolve_series(checkpoints, series, steps)
+    if run_series is not None:
+        checkpoints = run_series.reorder(checkpoints)  # step order: the first step is the base for --delta
     if dtype not in ("float32", "float64"):
         raise DiffractError(f"--dtype must be float32 or float64, not {dtype!r}",
                             hint="pass --dtype float32 or --dtype float64")
@@ -69,6 +91,11 @@ def scan_command(
     order = {c.label: i for i, c in enumerate(opened)}
     rows.sort(key=lambda r: (order[r["checkpoint"]], r["operation"] != "weight"))  # stable: layer order kept
     metadata = provenance(opened, settings, device_kind=device_kind, command="scan", heads=heads, delta=delta)
+    if run_series is not None:
+        from analysis.run.series import annotate_rows
+
+        annotate_rows(rows, run_series, [c.label for c in opened])
+        metadata["series"] = {"steps": list(run_series.steps), "tokens": list(run_series.tokens)}
     write_table(rows, out, metadata=metadata, inputs=inputs)
     typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
     return report_failures([f.line() for f in failures], what=f"{len(rows)} rows in {out}")
