@@ -550,7 +550,8 @@ class DiffractApp(App):
         from analysis.run.tables import write_table
 
         name = f"diffract-{stem}-{stamp}.csv"
-        meta = {"view": self.active_view_id, "node": self.current_node.label(), "created_by": f"diffract-tui {__version__}",
+        node = self.current_node.label() if export is None else export.node  # None: a whole-model table
+        meta = {"view": self.active_view_id, "node": node, "created_by": f"diffract-tui {__version__}",
                 "checkpoints": [{"label": c.label, "path": str(c.path), "fingerprint": c.fingerprint}
                                 for c in self.session.checkpoints],
                 "settings": self.session.settings.key()}

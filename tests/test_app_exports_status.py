@@ -126,6 +126,7 @@ async def test_table_export_holds_the_scan_values_at_full_precision(session, tmp
         await pilot.pause()
     path, rows, meta = exported(tmp_path, "diffract-scan-base-math-code-heads-*.csv")
     assert any(f"Wrote table ({len(rows)} rows) to {path.resolve()}" == n for n in notices), notices
+    assert meta["view"] == "table" and meta["node"] is None  # a whole-model table is of no tree node
     engine: dict[tuple[NodeRef, str, str], dict] = {}
     for row in scan(session.checkpoints, heads=True, delta=True, settings=session.settings, cache=session.cache):
         engine[(node_of(row), row["operation"], row["checkpoint"])] = row

@@ -66,6 +66,7 @@ class ExportTable:
 
     stem: str
     rows: list[dict[str, Any]]
+    node: str | None = None   # the node the rows are of; None for a whole-model table
 
 
 def file_part(text: str) -> str:
@@ -246,7 +247,8 @@ class ChartView(NodeView):
         """`x`: the shown node's metrics, one row per checkpoint, at full precision (None before a result)."""
         if self.result is None or self.node is None:
             return None
-        return ExportTable(f"{self.VIEW_ID}-{file_part(self.node.label())}", self.export_rows(self.node, self.result))
+        label = self.node.label()
+        return ExportTable(f"{self.VIEW_ID}-{file_part(label)}", self.export_rows(self.node, self.result), label)
 
     def export_rows(self, node: NodeRef, result: Any) -> list[dict[str, Any]]:
         """The rows `export_table` writes (see `metric_record`)."""

@@ -6,8 +6,10 @@ quick. Columns: per CPT checkpoint the relative update ‖ΔW‖/‖W₀‖ and 
 when the fit is unreliable, SPEC §3), and the stable rank of ΔW. The node's kind (attention, mlp, head…)
 is not shown but the filter matches it. `s` sorts by the column under the cursor (`S` reverse), `f` (or `/`
 in the table) filters: words match the node name (`L3 q`, `h5`, `mlp`), `col>x` / `col<x` compare a column
-(`rel>0.1`, `alpha<2`).
-Enter opens the row's node in the tree; `x` (app) exports what is shown.
+(`rel>0.1`, `alpha<2`); a sort or filter puts the cursor on the first row; g/Home and G/End go to the first and
+last row. The node column has a fixed width (long names end in "…", the whole name shows in the info line).
+Enter opens the row's node in the tree; `x` (app) exports the rows shown with the scan's full-precision values and
+α's reliability as its own column, named `scan-<labels>-heads` (`export_table`).
 """
 
 from __future__ import annotations
