@@ -384,7 +384,7 @@ class DiffractApp(App):
 
         def progress(fraction: float | None, text: str) -> None:
             if not worker.is_cancelled:
-                self.call_from_thread(self.report_progress, SCAN_SOURCE, fraction, f"all: {text}")
+                self.call_from_thread(self.report_progress, SCAN_SOURCE, fraction, f"compute all: {text}")
 
         def on_node(node: Any, badge: dict) -> None:
             self._pending_badges.append((NodeRef(node.layer, node.module, node.head), badge))

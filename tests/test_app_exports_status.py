@@ -270,14 +270,15 @@ async def test_table_node_column_keeps_its_width_and_names_the_cut_node(session)
 @sync
 async def test_status_keeps_marks_and_device_and_shows_each_job(session) -> None:
     """80×24: two jobs report long texts: "marks 0 │ cpu" stays whole on screen, the jobs share the line as
-    `all 12/48 · table scan 3/200`, the progress text ends before the bar; when one ends the other's whole text
+    `compute all 12/48 · table scan 3/200`, the progress text ends before the bar; when one ends the other's whole text
     is shown; when both end the key hint is back."""
     from textual.widgets import Label, ProgressBar
 
     app = make_app(session)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
-        app.report_progress("scan", 0.25, "all: 12/48 L1 mlp down_proj and a long tail of words to cover the line")
+        whole = "compute all: 12/48 L1 mlp down_proj and a long tail of words to cover the line"
+        app.report_progress("scan", 0.25, whole)
         app.report_progress("table", 0.02, "table scan: 3/200 L0 q h1")
         await pilot.pause()
         text = app.query_one("#status-text", Label)
@@ -285,13 +286,12 @@ async def test_status_keeps_marks_and_device_and_shows_each_job(session) -> None
         bar = app.query_one("#status-bar", ProgressBar)
         assert str(text.render()).endswith("│ marks 0 │ cpu")
         assert text.region.right <= 80 and text.region.width >= len(str(text.render()))
-        assert str(work.render()) == "all 12/48 · table scan 3/200"
+        assert str(work.render()) == "compute all 12/48 · table scan 3/200"
         assert work.region.right <= bar.region.x and bar.region.right <= 80
         app.work_done("table")
         await pilot.pause()
-        whole = "all: 12/48 L1 mlp down_proj and a long tail of words to cover the line"
         shown = str(work.render())
-        assert shown.startswith("all: 12/48") and (shown == whole or shown.endswith("…"))
+        assert shown.startswith("compute all: 12/48") and (shown == whole or shown.endswith("…"))
         assert str(text.render()).endswith("│ marks 0 │ cpu") and work.region.right <= bar.region.x
         app.work_done("scan")
         await pilot.pause()

@@ -26,7 +26,7 @@ class StatusBar(Horizontal):
     the progress of every running job, and a progress bar (hidden when idle).
 
     Several sources (a view's worker, the "compute all" scan) may report at once: each keeps its own slot, in the
-    order they started (`all 12/48 · table scan 3/200`); the bar follows the latest report and hides when every
+    order they started (`compute all 12/48 · table scan 3/200`); the bar follows the latest report and hides when every
     source is done. Long progress text is cut with "…", never the left-hand text.
     """
 
