@@ -246,7 +246,7 @@ class DiffractApp(App):
         dirty = "*" if self.session.marks_dirty else ""
         device = getattr(self.session.device, "type", "cpu")
         (root or self.screen).query_one(StatusBar).set_text(
-            f"{self.current_node.label()} │ marks {marks}{dirty} │ {device} │ ? help  ctrl+p commands")
+            f"{self.current_node.label()} │ marks {marks}{dirty} │ {device}")
 
     @property
     def busy(self) -> bool:
@@ -369,7 +369,7 @@ class DiffractApp(App):
         for view in self.query(NodeView):
             view.cancel_work()
             if view.node is not None and view.result is None:
-                view.show_message(f"{view.node.label()}: cancelled — press enter or move to compute again.")
+                view.show_message(view.cancel_message())
                 view.node = None
         self.workers.cancel_group(self, SCAN_SOURCE)
         self.workers.cancel_group(self, "badges")
@@ -585,28 +585,37 @@ class DiffractApp(App):
             self.exit()
 
     def action_export_table(self) -> None:
-        """x: write the active view's table (what it shows) to a CSV file in the export folder."""
+        """x: write the active view's table to a CSV file in the export folder: the view's own full-precision
+        table (`export_table`) where it has one, else the DataTable as shown."""
         view = self.active_view
-        tables = list(view.query(DataTable)) if view is not None else []
-        tables = [t for t in tables if t.row_count]
-        if not tables:
+        own = getattr(view, "export_table", None)
+        export = own() if callable(own) else None
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        if export is not None:
+            records, stem = export.rows, export.stem
+        else:
+            tables = [t for t in (view.query(DataTable) if view is not None else []) if t.row_count]
+            if not tables:
+                self.notify("Nothing to export in this view yet.", severity="warning")
+                return
+            header, rows = table_rows(tables[0])
+            keys = [h or f"col{i}" for i, h in enumerate(header)]
+            records = [dict(zip(keys, r)) for r in rows]
+            stem = f"{self.active_view_id}-{self.current_node.label().replace(' ', '-')}"
+        if not records:
             self.notify("Nothing to export in this view yet.", severity="warning")
             return
         from analysis.io.guard import checkpoint_files
         from analysis.run.provenance import provenance
         from analysis.run.tables import write_table
 
-        header, rows = table_rows(tables[0])
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        safe = self.current_node.label().replace(" ", "-")
-        name = f"diffract-{self.active_view_id}-{safe}-{stamp}.csv"
-        keys = [h or f"col{i}" for i, h in enumerate(header)]
+        name = f"diffract-{stem}-{stamp}.csv"
+        node = self.current_node.label() if export is None else export.node  # None: a whole-model table
         meta = provenance(self.session.checkpoints, self.session.settings, device_kind=self.session.device.type,
-                          view=self.active_view_id, node=self.current_node.label())
-        records = [dict(zip(keys, r)) for r in rows]
+                          view=self.active_view_id, node=node)
         inputs = [f for c in self.session.checkpoints for f in checkpoint_files(c)]
         self.export_file(name, lambda path: write_table(records, path, metadata=meta, inputs=inputs),
-                         f"table ({len(rows)} rows)")
+                         f"table ({len(records)} rows)")
 
     async def action_quit(self) -> None:
         """q: quit, asking first when marked heads were not exported."""

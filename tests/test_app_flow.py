@@ -361,8 +361,8 @@ def test_export_table_writes_what_the_panel_shows(session: ExplorerSession, tmp_
     asyncio.run(run())
     (path,) = list(tmp_path.glob("diffract-spectrum-L1-q-h0-*.csv"))
     rows, meta = read_table(path)
-    assert [r["metric"] for r in rows][0] == "α PL"
-    assert set(rows[0]) == {"metric", "base", "chem", "code"}
+    assert [r["checkpoint"] for r in rows] == ["base", "chem", "code"]  # one row per checkpoint (issue 10 B.2)
+    assert {"node", "checkpoint", "pl_alpha", "pl_alpha_reliable"} <= set(rows[0])
     assert meta["node"] == "L1 q h0"
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 from textual.widget import Widget
 from textual.widgets import Label, Static
@@ -56,6 +57,33 @@ def view_class(spec: ViewSpec) -> type[Widget] | None:
              if cls.__module__ == module.__name__ and issubclass(cls, Widget) and hasattr(cls, "show_node")]
     views.sort(key=lambda cls: getattr(cls, "VIEW_ID", None) != spec.id)  # the one with the view's id first
     return views[0] if views else None
+
+
+@dataclass(frozen=True)
+class ExportTable:
+    """What `x` writes for a view: a file stem naming what the table holds, and rows of the engine's values at
+    full precision (reliability in its own column), not the 3-digit strings the view shows."""
+
+    stem: str
+    rows: list[dict[str, Any]]
+    node: str | None = None   # the node the rows are of; None for a whole-model table
+
+
+def file_part(text: str) -> str:
+    """`text` as a piece of a file name: runs of anything but letters, digits, `.`, `_`, `-` become one `-`."""
+    return re.sub(r"[^\w.-]+", "-", text).strip("-") or "x"
+
+
+def metric_record(node: NodeRef, checkpoint: str, metrics: Mapping[str, Any], keys: Iterable[str],
+                  **extra: Any) -> dict[str, Any]:
+    """One exported row: node, checkpoint, each metric of `keys` as the engine computed it, `extra`, and the
+    power-law fit's reliability (SPEC §3) with its warning as their own columns."""
+    row: dict[str, Any] = {"node": node.label(), "checkpoint": checkpoint}
+    row.update({key: metrics.get(key) for key in keys})
+    row.update(extra)
+    row["pl_alpha_reliable"] = bool(metrics.get("pl_alpha_reliable", True))
+    row["fit_warning"] = str(metrics.get("fit_warning") or "")
+    return row
 
 
 class UnavailableView(Static):
@@ -132,6 +160,10 @@ class NodeView(Widget):
         if node is not None:
             self.show_node(node)
 
+    def cancel_message(self) -> str:
+        """What the view says after Esc stopped its computation of `self.node`."""
+        return f"{self.node.label() if self.node else 'this node'}: cancelled — press enter or move to compute again."
+
     def marks_changed(self, marks: frozenset[tuple[int, int]]) -> None:
         """The marked heads changed (the app calls this on every view, shown or not); most views ignore it."""
 
@@ -201,9 +233,26 @@ class ChartView(NodeView):
         self.clear_charts()
 
     def show_waiting(self, node: NodeRef) -> None:
-        """Keep the previous chart, dimmed, under the new title: no layout change while the cursor moves."""
-        self.add_class("-stale")
+        """Clear the previous node's chart, legend and numbers under the new title: they are not this node's
+        (cache hits never get here, they are drawn at once)."""
+        self.remove_class("-stale", "-empty")
         self._line("title").update(f"{self.TITLE}{node.label()} — {self.WAITING}")
+        self._line("legend").update("")
+        for note in self.query(f"#{self.VIEW_ID}-note"):
+            note.update("")
+        self.query_one(MetricPanel).clear(columns=True)
+        self.clear_charts()
+
+    def export_table(self) -> ExportTable | None:
+        """`x`: the shown node's metrics, one row per checkpoint, at full precision (None before a result)."""
+        if self.result is None or self.node is None:
+            return None
+        label = self.node.label()
+        return ExportTable(f"{self.VIEW_ID}-{file_part(label)}", self.export_rows(self.node, self.result), label)
+
+    def export_rows(self, node: NodeRef, result: Any) -> list[dict[str, Any]]:
+        """The rows `export_table` writes (see `metric_record`)."""
+        raise NotImplementedError
 
     def show_result(self, node: NodeRef, result: Any) -> None:
         self.remove_class("-empty", "-stale")

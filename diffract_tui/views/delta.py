@@ -20,7 +20,7 @@ from textual.widgets import Label
 from textual_plotext import PlotextPlot
 
 from diffract_tui.node import NodeRef
-from diffract_tui.views import ChartView
+from diffract_tui.views import ChartView, metric_record
 from diffract_tui.widgets.charts import (chart_values, clear_plot, index_ticks, legend_key, log_ticks, muted_color,
                                          no_color, positive, series_color, series_marker)
 from diffract_tui.widgets.metric_panel import MetricPanel
@@ -102,6 +102,10 @@ class DeltaView(ChartView):
             return None  # the tree's Δ badge is the first target's
         first = result.deltas[0].metrics
         return {"delta_rel": first.get("delta_rel"), "unchanged": bool(first.get("unchanged"))}
+
+    def export_rows(self, node: NodeRef, result: Any) -> list[dict[str, Any]]:
+        """Per CPT checkpoint every metric of ΔW in the panel, as computed."""
+        return [metric_record(node, d.label, d.metrics, [key for _, key in DELTA_ROWS]) for d in result.deltas]
 
     # ---- actions ---------------------------------------------------------------------------
     def action_cycle_chart(self) -> None:

@@ -16,7 +16,7 @@ from textual.widgets import Label
 from textual_plotext import PlotextPlot
 
 from diffract_tui.node import NodeRef
-from diffract_tui.views import ChartView
+from diffract_tui.views import ChartView, metric_record
 from diffract_tui.widgets.charts import (bounds, chart_values, checkpoint_color, clear_plot, coincide, fit_color,
                                          fit_marker, fmt, hidden_below, legend_key, log_histogram, log_ticks, log_xy,
                                          series_marker, stagger_rows, tick_label, x_range)
@@ -97,6 +97,12 @@ class SpectrumView(ChartView):
     def badge_metrics(self, result: Any) -> dict[str, Any]:
         base = result.spectra[0].metrics
         return {"pl_alpha": base.get("pl_alpha"), "pl_alpha_reliable": base.get("pl_alpha_reliable", True)}
+
+    def export_rows(self, node: NodeRef, result: Any) -> list[dict[str, Any]]:
+        """Per checkpoint every metric of the panel as computed (λ max from the eigenvalues)."""
+        keys = [key for _, key, _ in SPECTRUM_ROWS if key != "lambda_max"]
+        return [metric_record(node, s.label, s.metrics, keys,
+                              lambda_max=float(s.evals.max()) if s.evals.size else None) for s in result.spectra]
 
     # ---- actions ---------------------------------------------------------------------------
     def action_cycle_focus(self) -> None:

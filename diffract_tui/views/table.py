@@ -6,8 +6,10 @@ quick. Columns: per CPT checkpoint the relative update ‖ΔW‖/‖W₀‖ and 
 when the fit is unreliable, SPEC §3), and the stable rank of ΔW. The node's kind (attention, mlp, head…)
 is not shown but the filter matches it. `s` sorts by the column under the cursor (`S` reverse), `f` (or `/`
 in the table) filters: words match the node name (`L3 q`, `h5`, `mlp`), `col>x` / `col<x` compare a column
-(`rel>0.1`, `alpha<2`).
-Enter opens the row's node in the tree; `x` (app) exports what is shown.
+(`rel>0.1`, `alpha<2`); a sort or filter puts the cursor on the first row; g/Home and G/End go to the first and
+last row. The node column has a fixed width (long names end in "…", the whole name shows in the info line).
+Enter opens the row's node in the tree; `x` (app) exports the rows shown with the scan's full-precision values and
+α's reliability as its own column, named `scan-<labels>-heads` (`export_table`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from textual.widgets import DataTable, Input, Label
 
 from diffract_tui.messages import OpenNode
 from diffract_tui.node import NodeRef
-from diffract_tui.views import NodeView
+from diffract_tui.views import ExportTable, NodeView, file_part
 from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 from diffract_tui.widgets.charts import fmt
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.run.session import ExplorerSession
 
 FIXED_COLUMNS = ("node", "shape")
+NODE_WIDTH = 16  # the node column's width: long names (cls.predictions.transform.dense) end in "…"
 FLUSH_S = 0.3   # the worker hands rows to the table at most this often
 CONDITION = re.compile(r"^([A-Za-z_]+)(<=|>=|<|>)(-?[0-9.eE+-]+)$")
 
@@ -116,10 +119,30 @@ def parse_filter(text: str) -> tuple[list[str], list[tuple[str, str, float]]]:
     return words, conditions
 
 
-class MetricsTable(DataTable):
-    """The table; `/` opens the view's filter while it has focus."""
+def clip(text: str, width: int = NODE_WIDTH) -> str:
+    """`text` cut to `width` cells with a trailing "…" when longer (the full name shows in the info line)."""
+    return text if len(text) <= width else text[:width - 1] + "…"
 
-    BINDINGS = [Binding("slash", "filter", "Filter rows", show=False, key_display="/")]
+
+class MetricsTable(DataTable):
+    """The table; `/` opens the view's filter while it has focus; g/Home and G/End go to the first/last row
+    (bound here, so they win over the tree's g/G while the table has the focus)."""
+
+    BINDINGS = [
+        Binding("slash", "filter", "Filter rows", show=False, key_display="/"),
+        Binding("g,home", "first_row", "First row", show=False),
+        Binding("G,end", "last_row", "Last row", show=False),
+    ]
+
+    def action_first_row(self) -> None:
+        """g / Home: the first row, scrolled to the top."""
+        self.move_cursor(row=0, animate=False)
+        self.scroll_home(animate=False)
+
+    def action_last_row(self) -> None:
+        """G / End: the last row, scrolled into view."""
+        if self.row_count:
+            self.move_cursor(row=self.row_count - 1, animate=False)
 
     def action_filter(self) -> None:
         view = next((a for a in self.ancestors if isinstance(a, TableView)), None)
@@ -166,6 +189,7 @@ class TableView(EngineWork, NodeView):
         self.complete = False
         self.status = ""
         self._shown_keys: list[NodeRef] = []
+        self.scan_progress: tuple[int, int] = (0, 0)  # (scan rows done, total) of the running scan
 
     def compose(self) -> ComposeResult:
         yield Label("", id="table-info")
@@ -176,7 +200,7 @@ class TableView(EngineWork, NodeView):
     def on_mount(self) -> None:
         self.columns = columns_for(self.session)
         table = self.table
-        table.add_column("node", key="node")
+        table.add_column("node", key="node", width=NODE_WIDTH)
         table.add_column("shape", key="shape")
         for c in self.columns:
             table.add_column(c.header, key=c.key)
@@ -205,6 +229,11 @@ class TableView(EngineWork, NodeView):
         self.status = text
         self._update_info()
 
+    def cancel_message(self) -> str:
+        """What the view says after Esc: the whole-model scan stopped, and how far it got."""
+        done, total = self.scan_progress
+        return f"table scan cancelled ({done} of {total} rows) — press enter or move to scan again."
+
     def _scan_running(self) -> bool:
         return any(w.group == self.VIEW_ID and w.is_running for w in self.workers)
 
@@ -214,6 +243,7 @@ class TableView(EngineWork, NodeView):
         self.result = None
         self.status = "scanning…"
         self._update_info()
+        self.scan_progress = (0, 0)
         self.start_work("table scan", self._scan, self._scan_done, fail=self.show_message)
 
     def _scan(self, progress: ProgressFn, cancelled: CancelledFn) -> int:
@@ -229,6 +259,7 @@ class TableView(EngineWork, NodeView):
         count = 0
 
         def on_progress(done: int, total: int, label: str) -> None:
+            self.scan_progress = (done, total)
             progress(done / max(1, total), f"{done}/{total} {label}")
 
         for row in scan(s.checkpoints, heads=s.layout.heads_available, delta=True, settings=s.settings,
@@ -286,6 +317,30 @@ class TableView(EngineWork, NodeView):
             self._rebuild()
         self._update_info()
 
+    # ---- export ------------------------------------------------------------------------------
+    def export_table(self) -> ExportTable | None:
+        """`x`: the rows shown (filter and order kept) with the scan's values at full precision, α's reliability
+        in its own column; named by what it holds (`scan-<labels>-heads`), not by the tree's node."""
+        recs = [self.records[n] for n in self._shown_keys if n in self.records]
+        if not recs:
+            return None
+        s = self.session
+        held = "heads" if s.layout.heads_available else "matrices"
+        stem = "-".join(["scan", *(file_part(c.label) for c in s.checkpoints), held]
+                        + (["filtered"] if self.filter_text else []))
+        return ExportTable(stem, [self.export_row(rec) for rec in recs])
+
+    def export_row(self, rec: Record) -> dict[str, Any]:
+        """One record as exported: where the node is, then `<metric>[<checkpoint>]` per column."""
+        row: dict[str, Any] = {"node": rec.label, "layer": rec.node.layer, "module": rec.node.module,
+                               "head": rec.node.head, "kind": rec.kind, "shape": rec.shape}
+        for c in self.columns:
+            value = rec.values.get(c.key)
+            row[f"{c.metric}[{c.checkpoint}]"] = value
+            if c.metric == "pl_alpha":
+                row[f"pl_alpha_reliable[{c.checkpoint}]"] = None if value is None else c.key not in rec.unreliable
+        return row
+
     # ---- drawing -----------------------------------------------------------------------------
     def _cell(self, rec: Record, key: str) -> Text:
         value = rec.values.get(key)
@@ -293,7 +348,7 @@ class TableView(EngineWork, NodeView):
         return Text(fmt(value) + ("?" if grey else ""), style="dim italic" if grey else "", justify="right")
 
     def _cells(self, rec: Record) -> list[Any]:
-        return [rec.label, rec.shape] + [self._cell(rec, c.key) for c in self.columns]
+        return [clip(rec.label), rec.shape] + [self._cell(rec, c.key) for c in self.columns]
 
     def visible_records(self) -> list[Record]:
         """The records the filter lets through, in the chosen order."""
@@ -317,8 +372,9 @@ class TableView(EngineWork, NodeView):
             recs = finite + sorted(missing, key=lambda r: r.order)   # missing values always last
         return recs
 
-    def _rebuild(self) -> None:
-        """Refill the table from the records (after a sort, a filter, or rows arriving while one is active)."""
+    def _rebuild(self, *, to_top: bool = False) -> None:
+        """Refill the table from the records. After a sort or a filter (`to_top`) the cursor goes to the first
+        row, scrolled to the top; when rows arrive while one is active it stays on its node."""
         table = self.table
         row, col = table.cursor_coordinate
         current = self._shown_keys[row] if 0 <= row < len(self._shown_keys) else None
@@ -327,10 +383,12 @@ class TableView(EngineWork, NodeView):
         for rec in recs:
             table.add_row(*self._cells(rec), key=rec.label)
         self._shown_keys = [r.node for r in recs]
-        if current in self._shown_keys:
+        if not to_top and current in self._shown_keys:
             table.move_cursor(row=self._shown_keys.index(current), column=col, animate=False)
         elif recs:
             table.move_cursor(row=0, column=col, animate=False)
+            if to_top:
+                table.scroll_home(animate=False)
         self._update_info()
 
     def _update_info(self) -> None:
@@ -342,7 +400,22 @@ class TableView(EngineWork, NodeView):
                 (c.header for c in self.columns if c.key == self.sort_key), self.sort_key)
             parts.append(f"sorted by {header} {'▼' if self.sort_reverse else '▲'}")
         parts.append("s/S sort · f filter · enter open")
+        full = self.cursor_node_name()
+        if full is not None:  # the node column cuts long names: the whole name of the cursor's row
+            parts.insert(0, full)
         self.query_one("#table-info", Label).update(" · ".join(parts))
+
+    def cursor_node_name(self) -> str | None:
+        """The full name of the cursor row's node when the node column shows it cut, else None."""
+        row = self.table.cursor_coordinate.row
+        if not 0 <= row < len(self._shown_keys):
+            return None
+        label = self._shown_keys[row].label()
+        return label if clip(label) != label else None
+
+    def on_data_table_cell_highlighted(self, event: DataTable.CellHighlighted) -> None:
+        event.stop()
+        self._update_info()
 
     # ---- actions -----------------------------------------------------------------------------
     def column_under_cursor(self) -> str:
@@ -354,7 +427,7 @@ class TableView(EngineWork, NodeView):
         """s / S: sort by the column under the cursor (smallest first / largest first); missing values last."""
         self.sort_key = self.column_under_cursor()
         self.sort_reverse = bool(reverse)
-        self._rebuild()
+        self._rebuild(to_top=True)
 
     def action_filter(self) -> None:
         """f: type words and conditions; rows update as you type."""
@@ -368,7 +441,7 @@ class TableView(EngineWork, NodeView):
         if clear:
             box.value = ""
             self.filter_text = ""
-            self._rebuild()
+            self._rebuild(to_top=True)
         box.remove_class("-shown")
         self.table.focus()
 
@@ -387,7 +460,7 @@ class TableView(EngineWork, NodeView):
         if isinstance(event.input, FilterInput):
             event.stop()
             self.filter_text = event.value.strip()
-            self._rebuild()
+            self._rebuild(to_top=True)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if isinstance(event.input, FilterInput):
