@@ -8,7 +8,7 @@ loss (lower is better, the sign flips) when `--loss` is given or its name contai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 

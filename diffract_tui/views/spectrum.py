@@ -137,7 +137,7 @@ class SpectrumView(ChartView):
         self.x_limits = (lo, hi)
         bins = esd_bins(min(s.evals.size for s in spectra))
         curves = [log_histogram(spec.evals, bins=bins, lo=lo, hi=hi) for spec in spectra]
-        xs_all, ys_all = [c[0] for c in curves], [c[1] for c in curves]
+        ys_all = [c[1] for c in curves]
         legend = Text()
         # the base is drawn last, on top; a checkpoint whose curve is the base's says so (it is hidden under it)
         for i in reversed(range(len(spectra))):
