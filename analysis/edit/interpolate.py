@@ -24,7 +24,7 @@ from analysis.errors import AlignmentError, DiffractError
 from analysis.io.atomic import write_text_atomic
 from analysis.io.guard import refuse_input_overlap
 from analysis.edit.rewind import MappedReadBudget, RawSource, target_specs, torch_dtype
-from analysis.edit.rewind_list import tool_version
+from analysis.run.provenance import tool_version
 from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, inferred_config,
                                 write_checkpoint_streaming)
 from analysis.io.safe_read import REGULAR_HINT, NotRegularFileError, read_regular_bytes

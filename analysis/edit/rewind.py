@@ -20,7 +20,8 @@ import torch
 from analysis.deltas.delta import KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies
 from analysis.errors import AlignmentError, DiffractError, LayoutError, RewindListError
 from analysis.edit.rewind_list import (GQA_POLICIES, Architecture, CheckpointRef, HeadEntry, Pattern, RewindList,
-                                  check_fresh, tool_version, validate_rewind_list)
+                                  check_fresh, validate_rewind_list)
+from analysis.run.provenance import tool_version
 from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, TensorSpec, WriteResult, inferred_config,
                              safetensors_data_offsets, write_checkpoint_streaming)
 

@@ -552,7 +552,8 @@ class ExplorerSession:
         Scores are left null: a manual choice is not ranked, and scoring would read every projection.
         """
         from analysis.edit.rewind import checkpoint_ref, entries_for_heads
-        from analysis.edit.rewind_list import Architecture, Pattern, RewindList, tool_version, validate_rewind_list
+        from analysis.edit.rewind_list import Architecture, Pattern, RewindList, validate_rewind_list
+        from analysis.run.provenance import tool_version
 
         if not self.marks:
             raise DiffractError("no heads are marked", hint="press space on a q or o head to mark it")
