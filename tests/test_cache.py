@@ -234,3 +234,26 @@ def test_cli_cache_info_and_clear(tmp_path, capsys, monkeypatch):
     assert main(["cache", "info"]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "env") in out and "entries: 1" in out
+
+
+def test_cache_entries_are_not_fsynced_but_exports_are(tmp_path, monkeypatch):
+    """A cache needs atomicity, not durability (a torn entry is recomputed): no fsync per entry; a table
+    export still fsyncs before its rename."""
+    import os
+
+    import numpy as np
+
+    from analysis.run.cache import Cache
+    from analysis.run.tables import write_table
+
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    cache = Cache(tmp_path / "c")
+    key = cache.key(fingerprint=["f"], tensor="t", operation="op", settings={}, dtype="float32", device_kind="cpu")
+    cache.put_array(key, np.arange(4.0))
+    cache.put_json(key, {"a": 1.0})
+    assert calls == []
+    assert cache.get_json(key) == {"a": 1.0}
+    write_table([{"a": 1.0}], tmp_path / "t.csv", metadata={})
+    assert len(calls) >= 1

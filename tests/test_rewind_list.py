@@ -71,7 +71,7 @@ def _mutations():
         ("unknown projection", m(lambda d: d["heads"][2].update(projections=["q", "x"])), "unknown projection 'x'"),
         ("fraction > 1", m(lambda d: d["pattern"].update(fraction=1.5)), "'pattern.fraction': 1.5 is outside"),
         ("fraction text", m(lambda d: d["pattern"].update(fraction="0.2")), "'pattern.fraction': expected a number"),
-        ("bad pattern", m(lambda d: d["pattern"].update(name="random")), "'pattern.name'"),
+        ("bad pattern", m(lambda d: d["pattern"].update(name="spiral")), "'pattern.name'"),
         ("bad policy", m(lambda d: d["pattern"].update(gqa_policy="some")), "'pattern.gqa_policy'"),
         ("bool layer", m(lambda d: d["heads"][0].update(layer=True)), "'heads[0].layer': expected an integer"),
         ("half a kv group", m(lambda d: d["heads"].pop(1)), "only 1 of the 2 query heads of kv group 0"),

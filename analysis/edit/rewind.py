@@ -1,4 +1,4 @@
-"""Head-wise rewind (SPEC §6): choose heads (manual, greedy, reference), preview what that removes, and
+"""Head-wise rewind (SPEC §6): choose heads (manual, greedy, reference, top, random), preview what that removes, and
 write the target with those heads' q rows / o columns (and k/v rows per the GQA policy, q/k/v biases)
 set back to the base — tensor by tensor, through the streaming writer.
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.model.heads import Slot
 
 PLAN_SCORES = ("rel_frob", "frob")
+TAYLOR = "taylor"   # the loss-aware score of SPEC §9, computed by analysis.eval.taylor and passed in RewindInputs
 VARIANTS = ("lowest", "most_agreeing")
 
 
@@ -49,6 +50,7 @@ class RewindInputs:
     target: HeadScores
     reference: HeadScores | None = None
     agreement: torch.Tensor | None = None        # (L × H) A2 delta_cos of target vs reference deltas
+    taylor: torch.Tensor | None = None           # (L × H) Taylor scores s_h (SPEC §9), when computed
 
 
 def rewind_inputs(base: "Checkpoint", target: "Checkpoint", reference: "Checkpoint | None" = None, *,
@@ -105,7 +107,7 @@ def rewind_inputs(base: "Checkpoint", target: "Checkpoint", reference: "Checkpoi
 def score_grid(hs: HeadScores, score: str = "rel_frob", exclude_kv: bool = False) -> torch.Tensor:
     """(L × H) head scores from per-projection energies: `rel_frob` r (SPEC §4) or `frob` √Σ‖ΔW‖²."""
     if score not in PLAN_SCORES:
-        raise DiffractError(f"unknown score {score!r}", hint=f"use one of {', '.join(PLAN_SCORES)}")
+        raise DiffractError(f"unknown score {score!r}", hint=f"use one of {', '.join(PLAN_SCORES + (TAYLOR,))}")
     projs = [p for p in PROJECTIONS if not (exclude_kv and p in KV_PROJECTIONS)]
     missing = [p for p in projs if p not in hs.projection_delta_energy]
     if missing:
@@ -167,31 +169,57 @@ def entries_for_heads(heads: Sequence[tuple[int, int]], arch: Architecture, gqa_
     return tuple(out)
 
 
+def target_score_grid(inputs: RewindInputs, score: str, exclude_kv: bool) -> torch.Tensor:
+    """The target's (L × H) ranking grid: a weight score (`score_grid`) or the Taylor scores in `inputs`."""
+    if score != TAYLOR:
+        return score_grid(inputs.target, score, exclude_kv)
+    if inputs.taylor is None:
+        raise DiffractError("the taylor score needs the model's loss gradient, which was not computed",
+                            hint="pass --text FILE (and --general-text FILE) with --score taylor")
+    return inputs.taylor
+
+
+def random_heads(arch: Architecture, n: int, seed: int) -> list[tuple[int, int]]:
+    """n distinct (layer, head) drawn uniformly with a seeded generator (the same seed, the same heads)."""
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(arch.layers * arch.heads, generator=g)[:n].tolist()
+    return [(i // arch.heads, i % arch.heads) for i in perm]
+
+
 def plan_from_inputs(inputs: RewindInputs, *, base: CheckpointRef, target: CheckpointRef,
                      reference: CheckpointRef | None = None, pattern: str = "greedy", fraction: float | None = None,
                      heads: Sequence[tuple[int, int]] | None = None, score: str = "rel_frob",
-                     gqa_policy: str = "group", exclude_kv: bool = False, variant: str = "lowest") -> RewindList:
-    """Choose the heads (pure, fast): `greedy` the ⌊f·L·H⌋ lowest target scores; `reference` the lowest
-    reference scores (variant `lowest`) or the highest A2 agreement with the reference (`most_agreeing`);
-    `manual` the given heads."""
+                     gqa_policy: str = "group", exclude_kv: bool = False, variant: str = "lowest",
+                     seed: int | None = None) -> RewindList:
+    """Choose the heads (pure, fast): `greedy` the ⌊f·L·H⌋ lowest target scores; `top` the highest;
+    `random` a seeded uniform draw; `reference` the lowest reference scores (variant `lowest`) or the highest
+    A2 agreement with the reference (`most_agreeing`); `manual` the given heads."""
     arch = inputs.architecture
-    target_scores = score_grid(inputs.target, score, exclude_kv)
+    target_scores = target_score_grid(inputs, score, exclude_kv)
     settings: dict[str, Any] = {"exclude_kv": exclude_kv, "dtype": "float32", "variant": None}
     if pattern == "manual":
         if heads is None:
             raise DiffractError("the manual pattern needs a list of heads", hint="pass --heads LAYER:HEAD,…")
         chosen, grid, used_score = list(heads), target_scores, score
         fraction = len(set(chosen)) / (arch.layers * arch.heads)
-    elif pattern in ("greedy", "reference"):
+    elif pattern in ("greedy", "reference", "top", "random"):
         if fraction is None:
             raise DiffractError(f"the {pattern} pattern needs a fraction", hint="pass --fraction between 0 and 1")
         if heads:
             raise DiffractError(f"--heads is only for the manual pattern, not {pattern}",
                                 hint="drop --heads or use --pattern manual")
         n = head_count(fraction, arch)
-        if pattern == "greedy":
+        if pattern in ("greedy", "top"):
+            grid, used_score, lowest = target_scores, score, pattern == "greedy"
+        elif pattern == "random":
+            if seed is None:
+                raise DiffractError("the random pattern needs a seed", hint="pass --seed N")
+            settings["seed"] = int(seed)
             grid, used_score, lowest = target_scores, score, True
         else:
+            if score == TAYLOR:
+                raise DiffractError("the reference pattern ranks by the reference's weight update, not by taylor",
+                                    hint="use --score rel_frob or frob with --pattern reference")
             if reference is None or inputs.reference is None:
                 raise DiffractError("the reference pattern needs a reference checkpoint", hint="pass --reference REF")
             if variant not in VARIANTS:
@@ -202,9 +230,9 @@ def plan_from_inputs(inputs: RewindInputs, *, base: CheckpointRef, target: Check
             else:
                 assert inputs.agreement is not None
                 grid, used_score, lowest = inputs.agreement, "agreement", False
-        chosen = rank_heads(grid, lowest=lowest)[:n]
+        chosen = random_heads(arch, n, seed) if pattern == "random" else rank_heads(grid, lowest=lowest)[:n]
     else:
-        raise DiffractError(f"unknown pattern {pattern!r}", hint="use manual, greedy or reference")
+        raise DiffractError(f"unknown pattern {pattern!r}", hint="use manual, greedy, reference, top or random")
     if pattern != "reference":
         reference = None  # SPEC §6: "reference" is null unless the pattern used one
     rl = RewindList(base=base, target=target, reference=reference, architecture=arch,
@@ -222,7 +250,7 @@ def checkpoint_ref(ckpt: "Checkpoint") -> CheckpointRef:
 def plan_rewind(base: "Checkpoint", target: "Checkpoint", *, pattern: str = "greedy", fraction: float | None = None,
                 reference: "Checkpoint | None" = None, heads: Sequence[tuple[int, int]] | None = None,
                 score: str = "rel_frob", gqa_policy: str = "group", exclude_kv: bool = False,
-                variant: str = "lowest", inputs: RewindInputs | None = None,
+                variant: str = "lowest", inputs: RewindInputs | None = None, seed: int | None = None,
                 progress: "Progress | None" = None) -> RewindList:
     """A validated rewind list for `target` against `base` (SPEC §6); pass `inputs` to skip the read pass."""
     if inputs is None:
@@ -230,7 +258,7 @@ def plan_rewind(base: "Checkpoint", target: "Checkpoint", *, pattern: str = "gre
     return plan_from_inputs(inputs, base=checkpoint_ref(base), target=checkpoint_ref(target),
                             reference=checkpoint_ref(reference) if reference is not None else None,
                             pattern=pattern, fraction=fraction, heads=heads, score=score, gqa_policy=gqa_policy,
-                            exclude_kv=exclude_kv, variant=variant)
+                            exclude_kv=exclude_kv, variant=variant, seed=seed)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from analysis.io.safe_read import (MAX_JSON_BYTES, REGULAR_HINT, FileTooLargeErr
                                    read_regular_bytes)
 
 FORMAT = "diffract-rewind/1"
-PATTERNS = ("manual", "greedy", "reference")
+PATTERNS = ("manual", "greedy", "reference", "top", "random")
 GQA_POLICIES = ("group", "never", "any")
-SCORES = ("rel_frob", "frob", "agreement")  # agreement: A2 delta_cos with the reference (variant most_agreeing)
+SCORES = ("rel_frob", "frob", "agreement", "taylor")  # agreement: A2 delta_cos with the reference (variant
+# most_agreeing); taylor: the first-order predicted loss change of rewinding (SPEC §9)
 PROJECTIONS = ("q", "k", "v", "o")
 KV = ("k", "v")
 _REQUIRED = ("format", "base", "target", "architecture", "pattern", "heads")

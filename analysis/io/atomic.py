@@ -166,8 +166,9 @@ def _create_temp(path: Path) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
-    """Open a unique temp file next to `path`; on success fsync it and `os.replace` it onto `path`.
+def atomic_writer(path: Path, mode: str = "wb", encoding: str | None = None, durable: bool = True) -> Iterator[IO]:
+    """Open a unique temp file next to `path`; on success fsync it (unless not `durable`) and `os.replace` it
+    onto `path`. Exports are durable; cache entries only need atomicity (a torn entry is detected and recomputed).
 
     Text modes default to UTF-8. On any exception (SIGTERM included) the temp file is removed and `path`
     is left as it was; stale temp files of dead processes for `path` are removed first.
@@ -183,7 +184,8 @@ def atomic_writer(path: Path, mode: str = "wb", encoding: str | None = None) -> 
             with os.fdopen(fd, mode, encoding=encoding) as handle:
                 yield handle
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

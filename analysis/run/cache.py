@@ -2,9 +2,11 @@
 
 A key is the sha256 of the canonical JSON of everything that changes a number (SPEC §1, §8):
 checkpoint fingerprint(s), tensor, slice, operation, settings, compute dtype, device kind and
-the engine version. Entries are written atomically (unique temp file in the same folder, fsync,
+the engine version. Entries are written atomically (unique temp file in the same folder, then
 `os.replace`), so concurrent writers of one key both succeed and readers never see half a file;
-an unreadable entry is a miss and is removed. Nothing is ever pickled.
+an unreadable entry is a miss and is removed. Nothing is ever pickled. Entries are not fsynced: a
+cache needs atomicity, not durability — after a crash an entry is either whole, absent or torn, and a
+torn one fails its read checks and is recomputed; the fsync cost ~50 ms per entry (two per matrix).
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ class Cache:
         self.root.mkdir(parents=True, exist_ok=True)
         tag = self.root / _TAG_NAME
         if not tag.exists():
-            with atomic_writer(tag, "w") as handle:
+            with atomic_writer(tag, "w", durable=False) as handle:
                 handle.write(_TAG_TEXT)
 
     def _discard(self, path: Path) -> None:
@@ -285,7 +287,7 @@ class Cache:
         for _ in range(_WRITE_ATTEMPTS):
             try:
                 self._ensure_root()
-                with atomic_writer(path, "wb") as handle:
+                with atomic_writer(path, "wb", durable=False) as handle:
                     write(handle)
                 return
             except FileNotFoundError as vanished:   # the folder went away between mkdir and the write

@@ -15,7 +15,7 @@ from types import ModuleType
 import typer
 
 from diffract_tui import __version__
-from diffract_tui.cli import cache, delta, demo, info, interpolate, launch, rewind, scan
+from diffract_tui.cli import cache, delta, demo, eval, info, interpolate, launch, rewind, scan  # noqa: A004
 
 app = typer.Typer(
     name="diffract-tui",
@@ -42,10 +42,10 @@ def _root(
     """Root options (`--version`); the help text is the Typer's, the commands are registered below."""
 
 
-for _module in (launch, demo, info, scan, delta, rewind, interpolate, cache):
+for _module in (launch, demo, info, scan, delta, rewind, interpolate, cache, eval):
     _module.register(app)
 
-SUBCOMMANDS = {"open", "demo", "info", "scan", "delta", "rewind", "interpolate", "cache"}
+SUBCOMMANDS = {"open", "demo", "info", "scan", "delta", "rewind", "interpolate", "cache", "eval"}
 
 
 def _route(argv: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ loss (lower is better, the sign flips) when `--loss` is given or its name contai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -32,6 +32,16 @@ def register(app: typer.Typer) -> None:
         barrier_csv: Optional[Path] = typer.Option(None, "--barrier", help="CSV alpha,metric,score: barrier B per metric."),
         loss: bool = typer.Option(False, "--loss", help="Read every metric in --barrier as a loss (lower is better)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+        alphas: Optional[str] = typer.Option(None, "--alphas", help="With --text: α values of the loss path, e.g. 0,0.1,…,1."),
+        text: Optional[List[Path]] = typer.Option(None, "--text", help="Evaluate the loss along the path on this text "
+                                                  "(no checkpoint written; --out is then a .csv/.json/.parquet table)."),
+        general_text: Optional[List[Path]] = typer.Option(None, "--general-text", help="Also a general text (role general)."),
+        tokens: int = typer.Option(512, "--tokens", help="T: tokens per window (with --text)."),
+        windows: int = typer.Option(64, "--windows", help="N: windows per text (with --text)."),
+        device: str = typer.Option("auto", "--device", help="Device of the evaluation: auto, cpu, cuda[:N]."),
+        eval_dtype: Optional[str] = typer.Option(None, "--eval-dtype", help="bfloat16 | float32 for the evaluation."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (with --text)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Read and write no cache (with --text)."),
     ) -> None:
         """Interpolate checkpoints, base→CPT or task arithmetic; diagnostics and barriers.
 
@@ -55,6 +65,14 @@ def register(app: typer.Typer) -> None:
             raise DiffractError(f"--mode {chosen} needs --base BASE")
         if chosen in ("endpoints", "task-arithmetic") and b is None:
             raise DiffractError(f"--mode {chosen} needs two checkpoints A and B")
+        if text or general_text:
+            if out is None:
+                raise DiffractError("the loss path needs --out FILE (.csv, .json or .parquet)")
+            _loss_path_command(chosen, a, b, base, alphas or "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", text or [],
+                               general_text or [], tokens, windows, device, eval_dtype, out, cache_dir, no_cache)
+            return
+        if alphas is not None:
+            raise DiffractError("--alphas is for the loss path", hint="pass --text FILE, or --alpha for one checkpoint")
         if diagnostics_json is not None and base is None:
             raise DiffractError("diagnostics of task vectors need --base BASE", hint="pass the common base checkpoint")
         if dtype not in ("float32", "float64"):
@@ -113,3 +131,40 @@ def register(app: typer.Typer) -> None:
                 kind = "loss, lower is better" if x.is_loss else "score, higher is better"
                 typer.echo(f"barrier {x.metric}: B = {x.barrier:.6g} at α = {x.alpha_at_max:g} "
                            f"({kind}; {x.points} points)")
+
+
+def _loss_path_command(mode: str, a: Path, b: Optional[Path], base: Optional[Path], alphas: str, text: List[Path],
+                       general: List[Path], tokens: int, windows: int, device: str, dtype: Optional[str], out: Path,
+                       cache_dir: Optional[Path], no_cache: bool) -> None:
+    """`interpolate … --text FILE --out path.csv`: the loss along θ(α) in memory, and the barrier per text."""
+    from analysis.eval.evaluator import Evaluator
+    from analysis.eval.loss import load_model
+    from analysis.eval.path import loss_path, parse_alphas, path_combination
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.io.guard import refuse_input_overlap
+    from analysis.run.tables import table_format, write_table
+    from diffract_tui.cli.eval import eta_progress, eval_device, load_texts, make_cache, prepare_all, provenance
+
+    table_format(out)
+    refuse_input_overlap(out, [p for p in (a, b, base) if p is not None] + [*text, *general], option="--out")
+    alpha_list = parse_alphas(alphas)
+    texts = load_texts(text, general)
+    ck_a = open_checkpoint(a)
+    ck_b = open_checkpoint(b) if b is not None else None
+    ck_0 = open_checkpoint(base) if base is not None else None
+    layout_ck = path_combination(mode, 0.0, ck_a, ck_b, ck_0).target
+    with eval_device(device, dtype, None) as (dev, dt):
+        lm = load_model(layout_ck.path, device=dev, dtype=dt)
+    prepared = prepare_all(lm, texts, tokens, windows)
+    evaluator = Evaluator(lm, layout_ck.fingerprint, make_cache(cache_dir, no_cache))
+    with eta_progress(f"loss along {len(alpha_list)} points") as progress:
+        rows, barriers = loss_path(evaluator, prepared, mode, alpha_list, ck_a, ck_b, ck_0, progress=progress)
+    refs = {name: None if ck is None else {"path": str(ck.path), "fingerprint": ck.fingerprint}
+            for name, ck in (("a", ck_a), ("b", ck_b), ("base", ck_0))}
+    write_table(rows, out, metadata=provenance("interpolate", lm, prepared, mode=mode, alphas=alpha_list,
+                                               barriers=barriers, **refs))
+    for x in barriers:
+        typer.echo(f"barrier {x['text']}: B = {x['barrier']:.6g} at α = {x['alpha_at_max']:g} (loss, lower is better)")
+    if not barriers:
+        typer.echo("no barrier: the path needs α = 0 and α = 1", err=True)
+    typer.echo(f"wrote {len(rows)} rows to {out}", err=True)

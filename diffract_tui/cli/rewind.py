@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 
@@ -63,14 +63,22 @@ def register(app: typer.Typer) -> None:
         base: Path = typer.Argument(..., help="The base checkpoint θ₀."),
         target: Path = typer.Argument(..., help="The CPT checkpoint θ_d whose heads are rewound."),
         out: Path = typer.Option(..., "--out", help="Where to write the rewind list (JSON)."),
-        pattern: str = typer.Option("greedy", "--pattern", help="greedy | reference | manual."),
+        pattern: str = typer.Option("greedy", "--pattern", help="greedy | reference | top | random | manual."),
         fraction: Optional[float] = typer.Option(None, "--fraction", help="f: rewind ⌊f·L·H⌋ heads (greedy, reference)."),
         heads: Optional[str] = typer.Option(None, "--heads", help="manual heads LAYER:HEAD,… e.g. 3:5,4:1 (0-based)."),
         reference: Optional[Path] = typer.Option(None, "--reference", help="Reference CPT checkpoint (pattern reference)."),
         variant: str = typer.Option("lowest", "--variant", help="reference: lowest (its lowest scores) | most_agreeing."),
         gqa_policy: str = typer.Option("group", "--gqa-policy", help="k/v rows: group | never | any."),
-        score: str = typer.Option("rel_frob", "--score", help="Ranking score: rel_frob | frob."),
+        score: str = typer.Option("rel_frob", "--score", help="Ranking score: rel_frob | frob | taylor (needs --text)."),
         exclude_kv: bool = typer.Option(False, "--exclude-kv", help="Rank by q/o energy only."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random pattern."),
+        text: Optional[List[Path]] = typer.Option(None, "--text", help="Domain text for --score taylor; repeatable."),
+        general_text: Optional[List[Path]] = typer.Option(None, "--general-text",
+                                                          help="General text for --score taylor (used instead of --text)."),
+        tokens: int = typer.Option(512, "--tokens", help="T for --score taylor."),
+        windows: int = typer.Option(64, "--windows", help="N for --score taylor."),
+        device: str = typer.Option("auto", "--device", help="Device for --score taylor: auto, cpu, cuda[:N]."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float32 for --score taylor."),
     ) -> None:
         """Choose heads to rewind and write the list; prints the preview.
 
@@ -90,12 +98,17 @@ def register(app: typer.Typer) -> None:
         r = open_checkpoint(reference) if reference is not None else None
         protected = [f for ck in (b, t, r) if ck is not None for f in checkpoint_files(ck)]
         refuse_input_overlap(out, protected)  # before any work: the list never lands on, in or around an input
+        if pattern == "random" and seed is None:
+            raise DiffractError("the random pattern needs a seed", hint="pass --seed N")
         with stderr_progress("reading head energies") as progress:
             inputs = rewind_inputs(b, t, r if pattern == "reference" else None, progress=progress)
+        if score == "taylor":
+            inputs = _with_taylor(inputs, b, t, target, text or [], general_text or [], tokens, windows, device,
+                                  dtype)
         rl = plan_from_inputs(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
                               reference=checkpoint_ref(r) if r is not None else None, pattern=pattern,
                               fraction=fraction, heads=head_list, score=score, gqa_policy=gqa_policy,
-                              exclude_kv=exclude_kv, variant=variant)
+                              exclude_kv=exclude_kv, variant=variant, seed=seed)
         write_rewind_list(rl, out, inputs=protected)
         print_preview(rl, preview(rl, inputs))
         typer.echo(f"wrote {out}")
@@ -120,4 +133,110 @@ def register(app: typer.Typer) -> None:
         if note:
             typer.echo(note)
 
+    register_sweep(rewind_app)
     app.add_typer(rewind_app, name="rewind")
+
+
+def _with_taylor(inputs: Any, base: Any, target: Any, target_path: Path, text: List[Path], general: List[Path],
+                 tokens: int, windows: int, device: str, dtype: Optional[str], lm: Any = None,
+                 prepared: Optional[list] = None) -> Any:
+    """`inputs` with the Taylor grid (SPEC §9) on the general texts when given, else the domain texts."""
+    import dataclasses
+
+    from analysis.errors import DiffractError
+    from analysis.eval.loss import load_model
+    from analysis.eval.taylor import taylor_scores
+    from analysis.model.architecture import layout_of
+    from diffract_tui.cli.eval import eval_device, load_texts, prepare_all
+
+    if prepared is None:
+        if not text and not general:
+            raise DiffractError("--score taylor needs a text to take the loss gradient on",
+                                hint="pass --text FILE (and --general-text FILE for an ability to keep)")
+        with eval_device(device, dtype, None) as (dev, dt):
+            lm = load_model(target_path, device=dev, dtype=dt)
+        prepared = prepare_all(lm, load_texts(text, general), tokens, windows)
+    chosen = [et for et in prepared if et.role == "general"] or list(prepared)
+    with stderr_progress("taylor score: one forward/backward pass"):
+        grid = taylor_scores(lm, base, layout_of(target), chosen)
+    return dataclasses.replace(inputs, taylor=grid)
+
+
+def register_sweep(rewind_app: typer.Typer) -> None:
+    """Add `rewind sweep`: candidate plans evaluated in memory on the texts (SPEC §9), no checkpoint written."""
+
+    @rewind_app.command("sweep")
+    def sweep(
+        base: Path = typer.Argument(..., help="The base checkpoint θ₀."),
+        target: Path = typer.Argument(..., help="The CPT checkpoint θ_d."),
+        text: List[Path] = typer.Option(..., "--text", help="Domain text (what the CPT was for); repeatable."),
+        out: Path = typer.Option(..., "--out", help="Output table: .csv, .json or .parquet."),
+        general_text: Optional[List[Path]] = typer.Option(None, "--general-text", help="General text (an ability to keep); repeatable."),
+        reference: Optional[Path] = typer.Option(None, "--reference", help="Reference CPT (pattern reference)."),
+        patterns: str = typer.Option("greedy,random,top", "--patterns", help="Comma list of greedy, reference, random, top, manual."),
+        fractions: str = typer.Option("0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6", "--fractions",
+                                      help="Comma list of fractions f."),
+        seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds 0…n−1 of the random pattern."),
+        score: str = typer.Option("rel_frob", "--score", help="rel_frob | frob | taylor."),
+        gqa_policy: str = typer.Option("group", "--gqa-policy", help="k/v rows: group | never | any."),
+        heads: Optional[str] = typer.Option(None, "--heads", help="Heads of the manual pattern LAYER:HEAD,…"),
+        tokens: int = typer.Option(512, "--tokens", help="T: tokens per window."),
+        windows: int = typer.Option(64, "--windows", help="N: windows per text."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float32."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Read and write no cache."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Compute threads."),
+    ) -> None:
+        """Loss of every candidate rewind (pattern × fraction × seed) on every text, in memory.
+
+        Rows pattern, fraction, seed, heads, text, loss, ppl (and gain kept / forgetting recovered), with the base
+        and the target as reference rows; no checkpoint is written."""
+        from analysis.edit.rewind import checkpoint_ref, parse_heads, rewind_inputs
+        from analysis.errors import DiffractError
+        from analysis.eval.evaluator import Evaluator
+        from analysis.eval.loss import load_model
+        from analysis.eval.patch import LivePatch
+        from analysis.eval.sweep import parse_fractions, run_sweep, sweep_candidates
+        from analysis.io.checkpoint import open_checkpoint
+        from analysis.io.guard import refuse_input_overlap
+        from analysis.model.architecture import layout_of
+        from analysis.run.tables import table_format, write_table
+        from diffract_tui.cli.eval import eta_progress, eval_device, load_texts, make_cache, prepare_all, provenance
+
+        table_format(out)
+        inputs_paths = [base, target, *text, *(general_text or [])] + ([reference] if reference else [])
+        refuse_input_overlap(out, inputs_paths, option="--out")
+        pattern_list = [p.strip() for p in patterns.split(",") if p.strip()]
+        if "reference" in pattern_list and reference is None:
+            raise DiffractError("the reference pattern needs a reference checkpoint", hint="pass --reference REF")
+        fraction_list = parse_fractions(fractions)
+        head_list = parse_heads(heads) if heads is not None else None
+        texts = load_texts(text, general_text)
+        cache = make_cache(cache_dir, no_cache)
+        b, t = open_checkpoint(base), open_checkpoint(target)
+        r = open_checkpoint(reference) if reference is not None else None
+        with stderr_progress("reading head energies") as progress:
+            inputs = rewind_inputs(b, t, r, progress=progress)
+        with eval_device(device, dtype, threads) as (dev, dt):
+            lm = load_model(target, device=dev, dtype=dt)
+        prepared = prepare_all(lm, texts, tokens, windows)
+        if score == "taylor":
+            inputs = _with_taylor(inputs, b, t, target, [], [], tokens, windows, device, dtype, lm=lm,
+                                  prepared=prepared)
+        candidates = sweep_candidates(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
+                                      reference=checkpoint_ref(r) if r is not None else None, patterns=pattern_list,
+                                      fractions=fraction_list, seeds=seeds, score=score, gqa_policy=gqa_policy,
+                                      heads=head_list)
+        evaluator = Evaluator(lm, t.fingerprint, cache)
+        patch = LivePatch(lm.model, b, layout_of(t))
+        with eta_progress(f"sweeping {len(candidates)} candidates") as progress:
+            rows = run_sweep(evaluator, patch, candidates, prepared, target=t, inputs=inputs, progress=progress)
+        meta = provenance("rewind sweep", lm, prepared, score=score, gqa_policy=gqa_policy, seeds=seeds,
+                          patterns=pattern_list, fractions=fraction_list,
+                          base={"path": str(b.path), "fingerprint": b.fingerprint},
+                          target={"path": str(t.path), "fingerprint": t.fingerprint},
+                          reference=None if r is None else {"path": str(r.path), "fingerprint": r.fingerprint})
+        write_table(rows, out, metadata=meta)
+        typer.echo(f"wrote {len(rows)} rows ({len(candidates)} candidates, {evaluator.misses} evaluated, "
+                   f"{evaluator.hits} from the cache) to {out}", err=True)
