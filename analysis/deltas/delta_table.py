@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from analysis import ENGINE_VERSION
 from analysis.deltas.agreement import (DEFAULT_A3_K, DomainAgreement, a2_cosine, a3_subspace, domain_agreement)
 from analysis.deltas.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_metrics, head_concentration, head_scores,
                             top_svd)
 from analysis.errors import DiffractError, MatrixFailure
 from analysis.progress import Progress
+from analysis.run.provenance import checkpoint_entry, provenance
 from analysis.spectral.backend import SpectralSettings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -331,15 +331,10 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
     rows = [r for rs in per_target for r in rs]
     summary = _summary(report.labels[0], labels, scores, agreement, report, layout, heads_on, heads_reason, rows)
-    metadata = {
-        "command": "delta",
-        "engine_version": ENGINE_VERSION,
-        "base": {"path": str(base.path), "fingerprint": base.fingerprint, "label": base.label},
-        "targets": [{"path": str(t.path), "fingerprint": t.fingerprint, "label": lab}
-                    for t, lab in zip(targets, labels)],
-        "settings": {**skey, "device_kind": device.type},
-        "architecture": layout.describe(),
-    }
+    metadata = provenance([base, *targets], {**skey, "device_kind": device.type}, command="delta",
+                          base=checkpoint_entry(base),
+                          targets=[{**checkpoint_entry(t), "label": lab} for t, lab in zip(targets, labels)],
+                          architecture=layout.describe())
     return DeltaTable(rows=rows, summary=summary, metadata=metadata, head_scores=scores, agreement=agreement,
                       layout=layout, failures=failures)
 
