@@ -85,7 +85,7 @@ def make_cache(cache_dir: Optional[Path], no_cache: bool) -> Any:
 def provenance(command: str, lm: Any, texts: list[Any], **extra: Any) -> dict[str, Any]:
     """Table metadata (SPEC §11): tool version, device kind, dtype, T, N and every text's sha256."""
     from analysis import ENGINE_VERSION
-    from analysis.edit.rewind_list import tool_version
+    from analysis.run.provenance import tool_version
 
     return {"created_by": tool_version(), "engine_version": ENGINE_VERSION, "command": command,
             "device_kind": lm.device.type, "dtype": lm.dtype_name, "model_kind": lm.kind,
