@@ -27,7 +27,6 @@ from textual.widget import Widget
 from textual.widgets import ContentSwitcher, DataTable, Input, Label, Tree
 from textual.worker import get_current_worker
 
-from diffract_tui import __version__
 from diffract_tui import settings as app_settings
 from diffract_tui.commands import DiffractCommands
 from diffract_tui.messages import MarksChanged, MetricsReady, NodeSelected, OpenNode, ToggleMark
@@ -537,6 +536,7 @@ class DiffractApp(App):
             self.notify("Nothing to export in this view yet.", severity="warning")
             return
         from analysis.io.guard import checkpoint_files
+        from analysis.run.provenance import provenance
         from analysis.run.tables import write_table
 
         header, rows = table_rows(tables[0])
@@ -544,10 +544,8 @@ class DiffractApp(App):
         safe = self.current_node.label().replace(" ", "-")
         name = f"diffract-{self.active_view_id}-{safe}-{stamp}.csv"
         keys = [h or f"col{i}" for i, h in enumerate(header)]
-        meta = {"view": self.active_view_id, "node": self.current_node.label(), "created_by": f"diffract-tui {__version__}",
-                "checkpoints": [{"label": c.label, "path": str(c.path), "fingerprint": c.fingerprint}
-                                for c in self.session.checkpoints],
-                "settings": self.session.settings.key()}
+        meta = provenance(self.session.checkpoints, self.session.settings, device_kind=self.session.device.type,
+                          view=self.active_view_id, node=self.current_node.label())
         records = [dict(zip(keys, r)) for r in rows]
         inputs = [f for c in self.session.checkpoints for f in checkpoint_files(c)]
         self.export_file(name, lambda path: write_table(records, path, metadata=meta, inputs=inputs),

@@ -67,4 +67,5 @@ def test_shape_mismatch_lenient_lists_it_and_excludes_it_from_shared(tmp_path):
 def test_duplicate_labels_are_made_unique(tmp_path):
     a = _open(tmp_path / "1", "m", {"x": torch.ones(2)})
     b = _open(tmp_path / "2", "m", {"x": torch.ones(2)})
-    assert align([a, b]).labels == ("m#0", "m#1")
+    # the one label rule (analysis.io.labels): the shortest trailing path that tells them apart
+    assert align([a, b]).labels == ("1/m", "2/m")

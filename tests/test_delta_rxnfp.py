@@ -12,15 +12,11 @@ import torch
 from analysis.run.tables import read_table
 from diffract_tui.cli import main
 
-rxnfp = pytest.importorskip("analysis.realmodels")
-
 
 @pytest.fixture(scope="module")
-def trio():
-    try:
-        return rxnfp.rxnfp_checkpoints()
-    except Exception as err:  # noqa: BLE001 - not installed on this machine
-        pytest.skip(f"rxnfp checkpoints not available: {err}")
+def trio(rxnfp_dirs):
+    """The real rxnfp trio (conftest `rxnfp_dirs`: the test FAILS, never skips, when rxnfp is missing)."""
+    return rxnfp_dirs
 
 
 @pytest.fixture(scope="module")

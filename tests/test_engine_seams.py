@@ -169,4 +169,4 @@ def test_provenance_falls_back_when_the_package_is_not_installed(monkeypatch) ->
         raise md.PackageNotFoundError(name)
 
     monkeypatch.setattr(md, "version", missing)
-    assert prov.tool_version() == f"diffract-tui {prov.FALLBACK_VERSION}"
+    assert prov.tool_version() == f"diffract-tui {prov.SOURCE_TREE_VERSION}"

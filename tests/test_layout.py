@@ -3,9 +3,7 @@ messages for configs that contradict the tensors, and the unknown-architecture f
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -142,21 +140,14 @@ def test_gqa_head_ranges_checked():
 # ---------------------------------------------------------------------------------------------
 # The real rxnfp checkpoints (legacy pickles, 12 layers × 4 heads of 64)
 
-def rxnfp_dir(name: str) -> Path:
-    spec = importlib.util.find_spec("rxnfp")
-    if spec is None:
-        pytest.skip("rxnfp is not installed")
-    return Path(spec.submodule_search_locations[0]) / "models" / "transformers" / name
-
-
 @pytest.mark.parametrize("name,inferred,extra_globals", [
     ("bert_pretrained", True, {"cls.predictions.transform.dense", "cls.predictions.decoder", "cls.seq_relationship"}),
     ("bert_ft", True, set()),
     ("bert_ft_10k_25s", False, {"classifier"}),
 ])
-def test_rxnfp_bert_trio(name, inferred, extra_globals):
+def test_rxnfp_bert_trio(name, inferred, extra_globals, rxnfp_dirs):
     """bert_pretrained and bert_ft have no model_type in config.json: inferred as bert from the tensor names."""
-    with open_checkpoint(rxnfp_dir(name)) as ck:
+    with open_checkpoint(rxnfp_dirs[name]) as ck:  # conftest: FAILS, never skips, without rxnfp
         L = layout_of(ck)
     assert (L.model_type, L.num_layers, L.num_heads, L.num_kv_heads, L.head_dim, L.hidden_size) == (
         "bert", 12, 4, 4, 64, 256)

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from analysis.run.provenance import checkpoint_entry, provenance
 from analysis.deltas.agreement import (DEFAULT_A3_K, DomainAgreement, a2_cosine, a3_subspace, domain_agreement)
 from analysis.deltas.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_metrics, head_concentration, head_scores,
                             top_svd)
 from analysis.errors import DiffractError, MatrixFailure
 from analysis.progress import Progress
-from analysis.run.provenance import checkpoint_entry, provenance
 from analysis.spectral.backend import SpectralSettings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -176,7 +176,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
     dtype = options.settings.torch_dtype
     report = require_same_model([base, *targets])  # different models → one-line AlignmentError before any work
     shared = set(report.shared)
-    labels = list(report.labels[1:])      # unique display labels of the targets (#i suffix on clashes)
+    labels = list(report.labels[1:])      # unique display labels of the targets (analysis.io.labels rule)
     layout = layout_of(base)
     device = options.settings.torch_device
     settings = options.settings if options.spectral else None
@@ -331,10 +331,10 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
     rows = [r for rs in per_target for r in rs]
     summary = _summary(report.labels[0], labels, scores, agreement, report, layout, heads_on, heads_reason, rows)
-    metadata = provenance([base, *targets], {**skey, "device_kind": device.type}, command="delta",
-                          base=checkpoint_entry(base),
-                          targets=[{**checkpoint_entry(t), "label": lab} for t, lab in zip(targets, labels)],
-                          architecture=layout.describe())
+    entries = [checkpoint_entry(c) | {"label": lab} for c, lab in zip([base, *targets], report.labels)]
+    metadata = provenance([base, *targets], {**skey, "device_kind": device.type}, device_kind=device.type,
+                          command="delta", base=entries[0], targets=entries[1:], architecture=layout.describe())
+    metadata["checkpoints"] = entries   # the alignment's labels, which the rows carry
     return DeltaTable(rows=rows, summary=summary, metadata=metadata, head_scores=scores, agreement=agreement,
                       layout=layout, failures=failures)
 
@@ -382,9 +382,11 @@ def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *,
                    cache: "Cache | None" = None, progress: "Progress | None" = None) -> DeltaTable:
     """Open the checkpoints (headers only) and build the table; checkpoints are closed afterwards."""
     from analysis.io.checkpoint import open_checkpoint
+    from analysis.io.labels import unique_labels
 
-    base = open_checkpoint(base_path)
-    targets = [open_checkpoint(p) for p in target_paths]
+    paths = [base_path, *target_paths]
+    opened = [open_checkpoint(p, label=lab) for p, lab in zip(paths, unique_labels(paths))]
+    base, targets = opened[0], opened[1:]
     try:
         return build_delta_table(base, targets, options=options, cache=cache, progress=progress)
     finally:

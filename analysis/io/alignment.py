@@ -48,9 +48,10 @@ class AlignmentReport:
 
 
 def _labels(checkpoints: Sequence[Checkpoint]) -> tuple[str, ...]:
-    """Display labels, made unique (a suffix #i) when two checkpoints share a name."""
-    labels = [c.label for c in checkpoints]
-    return tuple(f"{lab}#{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels))
+    """Display labels, made unique by the one rule (`analysis.io.labels`) when two checkpoints share a name."""
+    from analysis.io.labels import unique_labels
+
+    return tuple(unique_labels([c.path for c in checkpoints], [c.label for c in checkpoints]))
 
 
 def align(checkpoints: Sequence[Checkpoint], strict: bool = True) -> AlignmentReport:

@@ -12,6 +12,7 @@ import torch
 
 from analysis.errors import CheckpointError, LayoutError
 from analysis.io.fingerprint import fingerprint as _fingerprint
+from analysis.io.labels import default_label
 from analysis.io.readers import WeightFile
 from analysis.io.readers.gguf_file import MAGIC as GGUF_MAGIC, GGUFFile
 from analysis.io.readers.index import read_index
@@ -232,13 +233,6 @@ def _config(folder: Path) -> dict:
     return data
 
 
-def _default_label(path: Path) -> str:
-    """The folder name; for a file with a generic HF name (model*.safetensors, pytorch_model*.bin,
-    *.index.json) the name of its folder, else the file name."""
-    generic = path.name.startswith(("model.", "model-", "pytorch_model")) or path.name.endswith(".index.json")
-    return path.parent.name if path.is_file() and generic and path.parent.name else path.name
-
-
 def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
     """Open a checkpoint reading headers only; bad input raises a one-line CheckpointError."""
     given = Path(path).expanduser()
@@ -250,7 +244,7 @@ def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
         readers: dict[Path, WeightFile] = {f: _reader(f) for f in weight_files}
         folder = resolved if resolved.is_dir() else resolved.parent
         gguf = [r for r in readers.values() if isinstance(r, GGUFFile)]  # self-describing: config from its metadata
-        return Checkpoint(path=resolved, label=label or _default_label(resolved), weight_files=weight_files, readers=readers,
+        return Checkpoint(path=resolved, label=label or default_label(resolved), weight_files=weight_files, readers=readers,
                           index_files=[index_file] if index_file else [],
                           config=gguf[0].config if gguf else _config(folder),
                           aux_files=_aux_files(folder))

@@ -1,47 +1,43 @@
-"""One provenance builder (SPEC §8) for every export and written checkpoint: which tool, which engine,
-which inputs, which settings. The engine takes the tool version from package metadata, never from the app.
+"""The one provenance builder: what every written table, report and checkpoint says about where it came from.
+
+`scan`, `delta`, `interpolate`, the rewind list and the app's exports all stamp the same fields, so a
+reader can tell which tool, engine and inputs produced a file without knowing which command wrote it.
+The engine reads the tool version from the installed distribution, never by importing the app.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Sequence
 
-from analysis import ENGINE_VERSION
-
-if TYPE_CHECKING:  # pragma: no cover
-    from analysis.io.checkpoint import Checkpoint
-    from analysis.spectral.backend import SpectralSettings
-
-DIST_NAME = "diffract-tui"
-FALLBACK_VERSION = "0.1.0"     # a source tree that was never installed (keep equal to pyproject's version)
-
-
-def package_version() -> str:
-    """The installed distribution's version, or FALLBACK_VERSION when it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(DIST_NAME)
-    except PackageNotFoundError:
-        return FALLBACK_VERSION
+DISTRIBUTION = "diffract-tui"
+SOURCE_TREE_VERSION = "0.1.0"   # pyproject's version, for a source tree that was never installed
 
 
 def tool_version() -> str:
-    """`diffract-tui X.Y.Z`, the `created_by` of rewind lists and written checkpoints."""
-    return f"{DIST_NAME} {package_version()}"
+    """`diffract-tui X.Y.Z` for `created_by` (the installed distribution's version)."""
+    try:
+        number = version(DISTRIBUTION)
+    except PackageNotFoundError:
+        number = SOURCE_TREE_VERSION
+    return f"{DISTRIBUTION} {number}"
 
 
-def checkpoint_entry(ckpt: "Checkpoint") -> dict[str, Any]:
-    """Path, fingerprint and label of one input checkpoint."""
-    return {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint, "label": ckpt.label}
+def checkpoint_entry(checkpoint: Any) -> dict[str, str]:
+    """`{label, path, fingerprint}` of one opened checkpoint."""
+    return {"label": checkpoint.label, "path": str(checkpoint.path), "fingerprint": checkpoint.fingerprint}
 
 
-def provenance(checkpoints: Sequence["Checkpoint"], settings: "SpectralSettings | dict[str, Any] | None",
+def provenance(checkpoints: Sequence[Any], settings: Any = None, *, device_kind: str | None = None,
                **extra: Any) -> dict[str, Any]:
-    """The provenance block: tool and engine versions, the inputs (first = base) and the settings that change
-    numbers (`SpectralSettings.key()`, device kind included), plus `extra` keys (command, architecture …)."""
-    if settings is not None and not isinstance(settings, dict):
-        settings = settings.key()
-    return {"created_by": tool_version(), "engine_version": ENGINE_VERSION,
-            "checkpoints": [checkpoint_entry(c) for c in checkpoints],
-            "settings": dict(settings or {}), **extra}
+    """{created_by, engine_version, checkpoints: [{label, path, fingerprint}], device_kind?, settings, **extra};
+    `settings` may be a `SpectralSettings` (its cache key is stored), a dict, or None."""
+    from analysis import ENGINE_VERSION
+
+    out: dict[str, Any] = {"created_by": tool_version(), "engine_version": ENGINE_VERSION,
+                           "checkpoints": [checkpoint_entry(c) for c in checkpoints]}
+    if device_kind is not None:
+        out["device_kind"] = device_kind
+    out["settings"] = settings.key() if hasattr(settings, "key") else (None if settings is None else dict(settings))
+    out.update(extra)
+    return out

@@ -150,16 +150,6 @@ def parse_labels(pairs: Sequence[str], paths: Sequence[str | Path]) -> list[str 
     return labels
 
 
-def unique_labels(names: Sequence[str]) -> list[str]:
-    """Make display names unique by appending #2, #3 … to repeats (two folders both called `model`)."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # The session
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +183,7 @@ class ExplorerSession:
         from analysis.spectral.backend import SpectralSettings
         from analysis.run.cache import Cache
         from analysis.io.checkpoint import open_checkpoint
+        from analysis.io.labels import unique_labels
 
         if len(paths) < 2:
             raise DiffractError("need a base checkpoint and at least one continually pre-trained checkpoint",
@@ -204,12 +195,8 @@ class ExplorerSession:
         resolved_device = settings.torch_device   # resolved once, carried by the settings
         checkpoints: list[Checkpoint] = []
         try:
-            for path, label in zip(paths, labels):
+            for path, label in zip(paths, unique_labels(paths, labels)):
                 checkpoints.append(open_checkpoint(path, label=label))
-            names = unique_labels([c.label for c in checkpoints])
-            for ckpt, name in zip(checkpoints, names):
-                if ckpt.label != name:
-                    ckpt.label = name
             layouts = [layout_of(c) for c in checkpoints]
             alignment = require_same_model(checkpoints, layouts=layouts)
             layout = layouts[0]

@@ -1,8 +1,10 @@
 """The `diffract-tui` command line: `diffract-tui CKPT CKPT …` opens the explorer; subcommands
-(info, scan, delta, rewind, interpolate, cache, demo) run headless.
+(info, scan, delta, rewind, interpolate, eval, cache, demo) run headless.
 
-Each subcommand lives in its own module with a ``register(app)`` function. Heavy imports
-(torch, textual) happen inside the commands so that ``--help`` stays fast.
+Each subcommand is a plain module-level function in its own module (importable and callable from tests),
+added to the root app by that module's ``register(app)``. A first word that names no command runs the
+default command ``open`` (`DefaultCommandGroup`). Heavy imports (torch, textual) happen inside the commands
+so that ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -13,11 +15,35 @@ import sys
 from types import ModuleType
 
 import typer
+from typer.core import TyperGroup
 
 from diffract_tui import __version__
 from diffract_tui.cli import cache, delta, demo, eval, info, interpolate, launch, rewind, scan  # noqa: A004
 
+DEFAULT_COMMAND = "open"
+
+
+class DefaultCommandGroup(TyperGroup):
+    """The root group: `diffract-tui A B …` means `diffract-tui open A B …` when `A` names no command
+    (and when it does but `A` and `B` are both existing paths: a checkpoint folder named like a command)."""
+
+    def route(self, args: list[str]) -> list[str]:
+        """`args` with the default command put first where the first word is not a command (or an option)."""
+        if not args or args[0].startswith("-") or DEFAULT_COMMAND not in self.commands:
+            return args
+        if args[0] not in self.commands:
+            return [DEFAULT_COMMAND, *args]
+        if len(args) > 1 and os.path.exists(args[0]) and os.path.exists(args[1]):
+            return [DEFAULT_COMMAND, *args]
+        return args
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:  # noqa: ANN001 — click's Context
+        """Route to the default command, then parse as any group does."""
+        return super().parse_args(ctx, self.route(list(args)))
+
+
 app = typer.Typer(
+    cls=DefaultCommandGroup,
     name="diffract-tui",
     help="Explore how continual pre-training changes an LLM, head by head, through weight spectra.",
     no_args_is_help=True,
@@ -44,17 +70,6 @@ def _root(
 
 for _module in (launch, demo, info, scan, delta, rewind, interpolate, cache, eval):
     _module.register(app)
-
-SUBCOMMANDS = {"open", "demo", "info", "scan", "delta", "rewind", "interpolate", "cache", "eval"}
-
-
-def _route(argv: list[str]) -> list[str]:
-    """`diffract-tui A B` means `diffract-tui open A B`: insert `open` when the first word is a path."""
-    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
-        return ["open", *argv]
-    if argv and argv[0] in SUBCOMMANDS and os.path.exists(argv[0]) and len(argv) > 1 and os.path.exists(argv[1]):
-        return ["open", *argv]  # a checkpoint folder that happens to be named like a subcommand
-    return argv
 
 
 def _click_modules() -> list[ModuleType]:
@@ -93,7 +108,10 @@ def _command_chain(args: list[str]) -> tuple[object, int]:
     command = typer.main.get_command(app)
     ctx = command.make_context("diffract-tui", [], resilient_parsing=True)
     named = 0
-    for word in args:
+    route = getattr(command, "route", None)
+    words = route(list(args)) if route is not None else args
+    named_default = len(words) - len(args)  # the default command inserted: it names no word of `args`
+    for word in words:
         if word.startswith("-"):
             continue
         sub = command.get_command(ctx, word) if hasattr(command, "get_command") else None
@@ -101,7 +119,7 @@ def _command_chain(args: list[str]) -> tuple[object, int]:
             break
         command, named = sub, named + 1
         ctx = command.make_context(word, [], parent=ctx, resilient_parsing=True)
-    return ctx, named
+    return ctx, named - named_default
 
 
 def _context_for(args: list[str]) -> object:
@@ -162,7 +180,7 @@ def _invoke(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; engine errors become one line on stderr and exit 1, usage errors exit 2."""
-    args = _route(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
     code = _invoke(args)
     # A group given no command is a usage error whichever click prints its help: click ≥ 8.2 exits 2, older 0.
     return 2 if code == 0 and _names_only_a_group(args) else code

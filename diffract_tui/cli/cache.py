@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,46 +20,47 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def cache_info(
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
+) -> None:
+    """Print the cache folder, its number of entries and their total size."""
+    from analysis.run.cache import Cache
+
+    cache = Cache(cache_dir)
+    stats = cache.info()
+    typer.echo(f"root:    {stats.root}{'' if stats.exists else '  (not created yet)'}")
+    typer.echo(f"entries: {stats.entries}")
+    typer.echo(f"size:    {_human_bytes(stats.bytes)} ({stats.bytes} bytes)")
+
+
+def cache_clear(
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete every cached spectrum (only files the cache wrote are touched)."""
+    from analysis.run.cache import Cache
+
+    cache = Cache(cache_dir)
+    stats = cache.info()
+    if stats.entries == 0:
+        typer.echo(f"cache at {stats.root} is already empty")
+        return
+    if not yes:
+        question = f"Delete {stats.entries} cached entries ({_human_bytes(stats.bytes)}) from {stats.root}?"
+        try:
+            confirmed = typer.confirm(question, err=True)
+        except (typer.Abort, EOFError):  # no terminal to answer on
+            confirmed = False
+        if not confirmed:
+            typer.echo("diffract-tui: cache not cleared (pass --yes to clear without asking)", err=True)
+            raise typer.Exit(1)
+    removed = cache.clear()
+    typer.echo(f"removed {removed} entries ({_human_bytes(stats.bytes)}) from {stats.root}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the `cache` command group (info, clear) to the root app."""
     group = typer.Typer(help="Show or clear the persistent spectra cache.", no_args_is_help=True)
-
-    @group.command("info")
-    def info(
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
-    ) -> None:
-        """Print the cache folder, its number of entries and their total size."""
-        from analysis.run.cache import Cache
-
-        cache = Cache(cache_dir)
-        stats = cache.info()
-        typer.echo(f"root:    {stats.root}{'' if stats.exists else '  (not created yet)'}")
-        typer.echo(f"entries: {stats.entries}")
-        typer.echo(f"size:    {_human_bytes(stats.bytes)} ({stats.bytes} bytes)")
-
-    @group.command("clear")
-    def clear(
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
-        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    ) -> None:
-        """Delete every cached spectrum (only files the cache wrote are touched)."""
-        from analysis.run.cache import Cache
-
-        cache = Cache(cache_dir)
-        stats = cache.info()
-        if stats.entries == 0:
-            typer.echo(f"cache at {stats.root} is already empty")
-            return
-        if not yes:
-            question = f"Delete {stats.entries} cached entries ({_human_bytes(stats.bytes)}) from {stats.root}?"
-            try:
-                confirmed = typer.confirm(question, err=True)
-            except (typer.Abort, EOFError):  # no terminal to answer on
-                confirmed = False
-            if not confirmed:
-                typer.echo("diffract-tui: cache not cleared (pass --yes to clear without asking)", err=True)
-                raise typer.Exit(1)
-        removed = cache.clear()
-        typer.echo(f"removed {removed} entries ({_human_bytes(stats.bytes)}) from {stats.root}")
-
+    group.command("info")(cache_info)
+    group.command("clear")(cache_clear)
     app.add_typer(group, name="cache")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 
@@ -69,95 +69,93 @@ def print_summary(summary: dict[str, Any], out: Path, rows: int) -> None:
                           f"those are skipped[/dim]")
 
 
+def delta_command(
+    base: Annotated[Path, typer.Argument(help="The base checkpoint θ₀ (folder or weight file).")],
+    cpts: Annotated[List[Path], typer.Argument(help="One or more CPT checkpoints of that base.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output table: .csv, .json or .parquet.")],
+    heads: Annotated[bool, typer.Option("--heads/--no-heads", help="Also one row per attention head slice.")] = True,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 or float64.")] = "float32",
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1,
+        help="A1 singular-vector agreement over the k largest components (default: all).")] = None,
+    a3_k: Annotated[int, typer.Option("--a3-k", min=1,
+        help="A3 subspace agreement: top-k left singular vectors.")] = 8,
+    spectral: Annotated[bool, typer.Option("--spectral/--no-spectral",
+        help="Also the spectral metrics of ΔW itself (power-law fits etc.).")] = True,
+    exclude_kv: Annotated[bool, typer.Option("--exclude-kv", help="Head scores and agreement without k/v.")] = False,
+    agreement_metric: Annotated[str, typer.Option("--agreement", help="Classify heads by a2 or a3.")] = "a2",
+    agreement_threshold: Annotated[Optional[float], typer.Option("--agreement-threshold",
+        help="Default: median over the non-inert heads.")] = None,
+    magnitude_threshold: Annotated[Optional[float], typer.Option("--magnitude-threshold",
+        help="Head score r below which a head is inert (default: the median).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
+    summary_json: Annotated[bool, typer.Option("--summary-json",
+        help="Print the summary as JSON on stdout.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1,
+        help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores).")] = None,
+) -> int:
+    """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
+    agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
+
+    Columns (ρ, A1 floor, truncatable_fraction = trunc. t@0.1, …): see docs/reference.md; the spectral
+    columns describe ΔW itself, not W_d.
+
+    Exit code 3 is a partial result: the table is written, but matrices with NaN/inf weights have no row
+    (each is named on stderr)."""
+
+    from analysis.deltas.delta_table import DeltaOptions, open_and_build
+    from analysis.errors import DiffractError
+    from analysis.io.guard import checkpoint_inputs
+    from analysis.run.tables import check_table_output, write_table
+
+    inputs = checkpoint_inputs([base, *cpts])
+    check_table_output(out, inputs)  # bad suffix or an output on/in/around an input → one line, before any work
+    if agreement_metric not in ("a2", "a3"):
+        raise DiffractError(f"unknown agreement metric {agreement_metric!r}", hint="use --agreement a2 or a3")
+    from analysis.spectral.backend import apply_thread_policy
+
+    apply_thread_policy(threads)
+    from analysis.spectral.backend import SpectralSettings
+
+    options = DeltaOptions(heads=heads, top_k=top_k, a3_k=a3_k, spectral=spectral, exclude_kv=exclude_kv,
+                           agreement_metric=agreement_metric, agreement_threshold=agreement_threshold,
+                           magnitude_threshold=magnitude_threshold,
+                           settings=SpectralSettings(device=device, dtype=dtype))
+    options.settings.torch_device   # an unusable --device is one line before any work
+    cache = None
+    if not no_cache:
+        from analysis.run.cache import Cache
+
+        cache = Cache(cache_dir)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True, console=console,
+                  disable=not console.is_terminal) as bar:  # a log or a pipe gets no bar, only messages
+        task = bar.add_task("delta", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[:60])
+
+        result = open_and_build(base, cpts, options=options, cache=cache, progress=progress)
+    metadata = {**result.metadata, "summary": result.summary}   # provenance: analysis.run.provenance
+    write_table(result.rows, out, metadata=metadata, inputs=inputs)
+    print_summary(result.summary, out, len(result.rows))
+    if summary_json:
+        typer.echo(json.dumps(result.summary, indent=1, default=_json_default))
+    from diffract_tui.cli.scan import report_failures
+
+    return report_failures([f.line() for f in result.failures], what=f"{len(result.rows)} rows in {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the `delta` command to the root app."""
-
-    @app.command("delta")
-    def delta(
-        base: Path = typer.Argument(..., help="The base checkpoint θ₀ (folder or weight file)."),
-        cpts: List[Path] = typer.Argument(..., help="One or more CPT checkpoints of that base."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output table: .csv, .json or .parquet."),
-        heads: bool = typer.Option(True, "--heads/--no-heads", help="Also one row per attention head slice."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
-        dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
-        top_k: Optional[int] = typer.Option(None, "--top-k", min=1,
-                                            help="A1 singular-vector agreement over the k largest components "
-                                                 "(default: all)."),
-        a3_k: int = typer.Option(8, "--a3-k", min=1, help="A3 subspace agreement: top-k left singular vectors."),
-        spectral: bool = typer.Option(True, "--spectral/--no-spectral",
-                                      help="Also the spectral metrics of ΔW itself (power-law fits etc.)."),
-        exclude_kv: bool = typer.Option(False, "--exclude-kv", help="Head scores and agreement without k/v."),
-        agreement_metric: str = typer.Option("a2", "--agreement", help="Classify heads by a2 or a3."),
-        agreement_threshold: Optional[float] = typer.Option(None, "--agreement-threshold",
-                                                            help="Default: median over the non-inert heads."),
-        magnitude_threshold: Optional[float] = typer.Option(None, "--magnitude-threshold",
-                                                            help="Head score r below which a head is inert "
-                                                                 "(default: the median)."),
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the cache."),
-        summary_json: bool = typer.Option(False, "--summary-json", help="Print the summary as JSON on stdout."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                              help="Compute threads (default: $DIFFRACT_TUI_THREADS, else "
-                                                   "physical cores)."),
-    ) -> int:
-        """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
-        agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
-
-        Columns (ρ, A1 floor, truncatable_fraction = trunc. t@0.1, …): see docs/reference.md; the spectral
-        columns describe ΔW itself, not W_d.
-
-        Exit code 3 is a partial result: the table is written, but matrices with NaN/inf weights have no row
-        (each is named on stderr)."""
-
-        from analysis.deltas.delta_table import DeltaOptions, open_and_build
-        from analysis.errors import DiffractError
-        from analysis.io.guard import checkpoint_inputs
-        from analysis.run.tables import check_table_output, write_table
-
-        inputs = checkpoint_inputs([base, *cpts])
-        check_table_output(out, inputs)  # bad suffix or an output on/in/around an input → one line, before any work
-        if agreement_metric not in ("a2", "a3"):
-            raise DiffractError(f"unknown agreement metric {agreement_metric!r}", hint="use --agreement a2 or a3")
-        from analysis.spectral.backend import apply_thread_policy
-
-        apply_thread_policy(threads)
-        from analysis.spectral.backend import SpectralSettings
-
-        options = DeltaOptions(heads=heads, top_k=top_k, a3_k=a3_k, spectral=spectral, exclude_kv=exclude_kv,
-                               agreement_metric=agreement_metric, agreement_threshold=agreement_threshold,
-                               magnitude_threshold=magnitude_threshold,
-                               settings=SpectralSettings(device=device, dtype=dtype))
-        options.settings.torch_device   # an unusable --device is one line before any work
-        cache = None
-        if not no_cache:
-            from analysis.run.cache import Cache
-
-            cache = Cache(cache_dir)
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        console = Console(stderr=True)
-
-        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), transient=True, console=console,
-                      disable=not console.is_terminal) as bar:  # a log or a pipe gets no bar, only messages
-            task = bar.add_task("delta", total=None)
-
-            def progress(done: int, total: int, what: str) -> None:
-                bar.update(task, completed=done, total=total, description=what[:60])
-
-            result = open_and_build(base, cpts, options=options, cache=cache, progress=progress)
-        from diffract_tui import __version__
-
-        metadata = {**result.metadata, "created_by": f"diffract-tui {__version__}", "summary": result.summary}
-        write_table(result.rows, out, metadata=metadata, inputs=inputs)
-        print_summary(result.summary, out, len(result.rows))
-        if summary_json:
-            typer.echo(json.dumps(result.summary, indent=1, default=_json_default))
-        from diffract_tui.cli.scan import report_failures
-
-        return report_failures([f.line() for f in result.failures], what=f"{len(result.rows)} rows in {out}")
+    app.command("delta")(delta_command)
 
 
 def _json_default(value: Any) -> Any:

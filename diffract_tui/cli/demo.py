@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -43,27 +43,29 @@ def synthetic_paths(cache_root: Path) -> list[Path]:
     return [manifest.base, *manifest.domains.values()]
 
 
+def demo_command(
+    synthetic: Annotated[bool, typer.Option("--synthetic",
+        help="Use a generated base + domains family with planted structure.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir",
+        help="Spectra cache (and demo files) folder.")] = None,
+) -> None:
+    """Open the explorer on demo checkpoints (no files of your own needed)."""
+    from analysis.run.cache import default_cache_root
+    from analysis.run.session import ExplorerSession
+    from diffract_tui.cli.launch import run_explorer
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    if synthetic:
+        paths = synthetic_paths(root)
+        labels = None
+    else:
+        paths = rxnfp_paths(Path(cache_dir).expanduser() if cache_dir is not None else None)
+        labels = [RXNFP_LABELS.get(p.name, p.name) for p in paths]
+    session = ExplorerSession.open(paths, labels=labels, device=device, cache_dir=root)
+    run_explorer(session)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `demo` command."""
-
-    @app.command("demo")
-    def demo_command(
-        synthetic: bool = typer.Option(False, "--synthetic",
-                                       help="Use a generated base + domains family with planted structure."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Spectra cache (and demo files) folder."),
-    ) -> None:
-        """Open the explorer on demo checkpoints (no files of your own needed)."""
-        from analysis.run.cache import default_cache_root
-        from analysis.run.session import ExplorerSession
-        from diffract_tui.cli.launch import run_explorer
-
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-        if synthetic:
-            paths = synthetic_paths(root)
-            labels = None
-        else:
-            paths = rxnfp_paths(Path(cache_dir).expanduser() if cache_dir is not None else None)
-            labels = [RXNFP_LABELS.get(p.name, p.name) for p in paths]
-        session = ExplorerSession.open(paths, labels=labels, device=device, cache_dir=root)
-        run_explorer(session)
+    app.command("demo")(demo_command)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Annotated, Any, Callable, Iterator, List, Optional, Sequence
 
 import typer
 
@@ -53,12 +53,12 @@ def load_texts(domain: List[Path], general: Optional[List[Path]] = None) -> list
     import dataclasses
 
     from analysis.eval.texts import load_text
-    from diffract_tui.cli.scan import unique_labels
+    from analysis.io.labels import unique_labels
 
     paths = [*domain, *(general or [])]
     roles = ["domain"] * len(domain) + ["general"] * len(general or [])
-    return [(dataclasses.replace(load_text(p), name=name), role)  # two texts named alike: their paths
-            for p, name, role in zip(paths, unique_labels(paths), roles)]
+    names = unique_labels(paths, [p.name for p in paths])  # two texts named alike: their trailing paths
+    return [(dataclasses.replace(load_text(p), name=name), role) for p, name, role in zip(paths, names, roles)]
 
 
 def prepare_all(lm: Any, texts: list[tuple[Any, str]], tokens: int, windows: int) -> list[Any]:
@@ -82,69 +82,74 @@ def make_cache(cache_dir: Optional[Path], no_cache: bool) -> Any:
     return None if no_cache else Cache(cache_dir)
 
 
-def provenance(command: str, lm: Any, texts: list[Any], **extra: Any) -> dict[str, Any]:
-    """Table metadata (SPEC §11): tool version, device kind, dtype, T, N and every text's sha256."""
-    from analysis import ENGINE_VERSION
-    from analysis.run.provenance import tool_version
+def eval_provenance(command: str, lm: Any, texts: list[Any], opened: Sequence[Any] = (),
+                    **extra: Any) -> dict[str, Any]:
+    """Table metadata (SPEC §11): the engine's provenance of the `opened` checkpoints, plus device kind, dtype,
+    model kind, tokenizer hash, T, N and every text's sha256; `extra` keys are added last (they win)."""
+    from analysis.run.provenance import provenance
 
-    return {"created_by": tool_version(), "engine_version": ENGINE_VERSION, "command": command,
-            "device_kind": lm.device.type, "dtype": lm.dtype_name, "model_kind": lm.kind,
-            "tokenizer_sha256": lm.tokenizer_hash,
-            "texts": [{"name": et.name, "path": str(et.text.path.resolve()), "sha256": et.text.sha256,
-                       "role": et.role, "windows": et.windows.count, "tokens": et.windows.tokens,
-                       "windows_requested": et.windows.requested, "text_tokens": et.windows.text_tokens}
-                      for et in texts], **extra}
+    meta = provenance([c for c in opened if c is not None], device_kind=lm.device.type, command=command,
+                      dtype=lm.dtype_name, model_kind=lm.kind, tokenizer_sha256=lm.tokenizer_hash,
+                      texts=[{"name": et.name, "path": str(et.text.path.resolve()), "sha256": et.text.sha256,
+                              "role": et.role, "windows": et.windows.count, "tokens": et.windows.tokens,
+                              "windows_requested": et.windows.requested, "text_tokens": et.windows.text_tokens}
+                             for et in texts])
+    meta.update(extra)
+    return meta
+
+
+def eval_command(
+    checkpoints: Annotated[List[Path], typer.Argument(help="Checkpoint folders (Hugging Face, with tokenizer).")],
+    text: Annotated[List[Path], typer.Option("--text",
+        help="UTF-8 text (plain, or .jsonl with a \"text\" field); repeatable.")],
+    out: Annotated[Path, typer.Option("--out", help="Output table: .csv, .json or .parquet.")],
+    tokens: Annotated[int, typer.Option("--tokens", help=TOKENS_HELP)] = 512,
+    windows: Annotated[int, typer.Option("--windows", help=WINDOWS_HELP)] = 64,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help=DTYPE_HELP)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the 15 % mask (masked LMs).")] = 0,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache folder.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache",
+        help="Evaluate everything; read and write no cache.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Compute threads.")] = None,
+) -> None:
+    """Held-out loss and perplexity of each checkpoint on each text (one row per pair)."""
+    from analysis.eval.evaluator import Evaluator
+    from analysis.eval.loss import load_model
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.io.guard import refuse_input_overlap
+    from analysis.run.tables import table_format, write_table
+
+    table_format(out)
+    refuse_input_overlap(out, [*checkpoints, *text], option="--out")
+    texts = load_texts(text)
+    cache = make_cache(cache_dir, no_cache)
+    rows: list[dict[str, Any]] = []
+    meta_ckpts = []
+    with eval_device(device, dtype, threads) as (dev, dt):
+        for path in checkpoints:
+            ck = open_checkpoint(path)
+            fp, label = ck.fingerprint, ck.label
+            ck.close()
+            lm = load_model(path, device=dev, dtype=dt)
+            prepared = prepare_all(lm, texts, tokens, windows)
+            with eta_progress(f"evaluating {label}") as progress:
+                ev = Evaluator(lm, fp, cache, seed=seed, progress=progress)
+                for et in prepared:
+                    r = ev.loss(et)
+                    rows.append({"checkpoint": label, "text": et.name, "windows": r.windows, "tokens": r.tokens,
+                                 "loss": r.loss, "ppl": r.ppl, "predicted_tokens": r.predicted,
+                                 "windows_requested": windows, "path": str(Path(path).resolve()),
+                                 "fingerprint": fp, "text_sha256": et.text.sha256, "dtype": lm.dtype_name,
+                                 "device_kind": dev.type})
+            meta_ckpts.append({"label": label, "path": str(Path(path).resolve()), "fingerprint": fp,
+                               "tokenizer_sha256": lm.tokenizer_hash, "model_kind": lm.kind})
+            meta = eval_provenance("eval", lm, prepared, checkpoints=meta_ckpts, seed=seed)
+            del lm
+    write_table(rows, out, metadata=meta)
+    typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
 
 
 def register(app: typer.Typer) -> None:
     """Add `eval` to the root app."""
-
-    @app.command("eval")
-    def eval_command(
-        checkpoints: List[Path] = typer.Argument(..., help="Checkpoint folders (Hugging Face, with tokenizer)."),
-        text: List[Path] = typer.Option(..., "--text", help="UTF-8 text (plain, or .jsonl with a \"text\" field); repeatable."),
-        out: Path = typer.Option(..., "--out", help="Output table: .csv, .json or .parquet."),
-        tokens: int = typer.Option(512, "--tokens", help=TOKENS_HELP),
-        windows: int = typer.Option(64, "--windows", help=WINDOWS_HELP),
-        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
-        seed: int = typer.Option(0, "--seed", help="Seed of the 15 % mask (masked LMs)."),
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder."),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Evaluate everything; read and write no cache."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Compute threads."),
-    ) -> None:
-        """Held-out loss and perplexity of each checkpoint on each text (one row per pair)."""
-        from analysis.eval.evaluator import Evaluator
-        from analysis.eval.loss import load_model
-        from analysis.io.checkpoint import open_checkpoint
-        from analysis.io.guard import refuse_input_overlap
-        from analysis.run.tables import table_format, write_table
-
-        table_format(out)
-        refuse_input_overlap(out, [*checkpoints, *text], option="--out")
-        texts = load_texts(text)
-        cache = make_cache(cache_dir, no_cache)
-        rows: list[dict[str, Any]] = []
-        meta_ckpts = []
-        with eval_device(device, dtype, threads) as (dev, dt):
-            for path in checkpoints:
-                ck = open_checkpoint(path)
-                fp, label = ck.fingerprint, ck.label
-                ck.close()
-                lm = load_model(path, device=dev, dtype=dt)
-                prepared = prepare_all(lm, texts, tokens, windows)
-                with eta_progress(f"evaluating {label}") as progress:
-                    ev = Evaluator(lm, fp, cache, seed=seed, progress=progress)
-                    for et in prepared:
-                        r = ev.loss(et)
-                        rows.append({"checkpoint": label, "text": et.name, "windows": r.windows, "tokens": r.tokens,
-                                     "loss": r.loss, "ppl": r.ppl, "predicted_tokens": r.predicted,
-                                     "windows_requested": windows, "path": str(Path(path).resolve()),
-                                     "fingerprint": fp, "text_sha256": et.text.sha256, "dtype": lm.dtype_name,
-                                     "device_kind": dev.type})
-                meta_ckpts.append({"label": label, "path": str(Path(path).resolve()), "fingerprint": fp,
-                                   "tokenizer_sha256": lm.tokenizer_hash, "model_kind": lm.kind})
-                meta = provenance("eval", lm, prepared, checkpoints=meta_ckpts, seed=seed)
-                del lm
-        write_table(rows, out, metadata=meta)
-        typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
+    app.command("eval")(eval_command)

@@ -7,7 +7,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, List
+from typing import Annotated, Any, List
 
 import typer
 
@@ -132,30 +132,32 @@ def _print_rich(summaries: list[dict[str, Any]], alignment: dict[str, Any]) -> N
         console.print(f"  shape mismatch on {m['key']}: {shapes}", soft_wrap=True, markup=False)
 
 
+def info_command(
+    checkpoints: Annotated[List[Path], typer.Argument(help="Checkpoint folders or weight files.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    lenient: Annotated[bool, typer.Option("--lenient",
+        help="List shape mismatches on shared tensors instead of failing.")] = False,
+) -> None:
+    """Show architecture, heads, tensors, dtypes, size and fingerprint of each checkpoint, and their alignment."""
+    from analysis.io.alignment import require_same_model
+    from analysis.model.architecture import layout_of
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.io.labels import unique_labels
+
+    opened = [open_checkpoint(p, label=lab) for p, lab in zip(checkpoints, unique_labels(checkpoints))]
+    try:
+        layouts = [layout_of(c) for c in opened]
+        alignment = require_same_model(opened, strict=not lenient, layouts=layouts).to_dict()
+        summaries = [checkpoint_summary(c, layout) for c, layout in zip(opened, layouts)]
+    finally:
+        for c in opened:
+            c.close()
+    if as_json:
+        typer.echo(json.dumps({"checkpoints": summaries, "alignment": alignment}, indent=2))
+    else:
+        _print_rich(summaries, alignment)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `info` command to the root app."""
-
-    @app.command("info")
-    def info(
-        checkpoints: List[Path] = typer.Argument(..., help="Checkpoint folders or weight files."),
-        as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
-        lenient: bool = typer.Option(False, "--lenient",
-                                     help="List shape mismatches on shared tensors instead of failing."),
-    ) -> None:
-        """Show architecture, heads, tensors, dtypes, size and fingerprint of each checkpoint, and their alignment."""
-        from analysis.io.alignment import require_same_model
-        from analysis.model.architecture import layout_of
-        from analysis.io.checkpoint import open_checkpoint
-
-        opened = [open_checkpoint(p) for p in checkpoints]
-        try:
-            layouts = [layout_of(c) for c in opened]
-            alignment = require_same_model(opened, strict=not lenient, layouts=layouts).to_dict()
-            summaries = [checkpoint_summary(c, layout) for c, layout in zip(opened, layouts)]
-        finally:
-            for c in opened:
-                c.close()
-        if as_json:
-            typer.echo(json.dumps({"checkpoints": summaries, "alignment": alignment}, indent=2))
-        else:
-            _print_rich(summaries, alignment)
+    app.command("info")(info_command)

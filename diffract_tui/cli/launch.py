@@ -7,7 +7,7 @@ incompatible checkpoints end with the engine's one-line message and exit status 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -25,24 +25,26 @@ def run_explorer(session: "ExplorerSession") -> None:
         session.close()
 
 
+def open_command(
+    checkpoints: Annotated[list[str], typer.Argument(metavar="BASE CPT [CPT …]",
+                                                     help="Base checkpoint first, then one or more continually "
+                                                          "pre-trained checkpoints (HF folders, .safetensors, .bin).")],
+    label: Annotated[Optional[list[str]], typer.Option(
+        "--label", metavar="NAME=PATH", help="Show the checkpoint at PATH as NAME (repeatable).")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", help="auto, cpu, cuda or cuda:N: where spectra are computed.")] = "auto",
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir",
+                                                      help="Spectra cache folder (default: $DIFFRACT_TUI_CACHE_DIR, "
+                                                           "else the user cache folder).")] = None,
+) -> None:
+    """Open the explorer: walk layers and heads, see spectra and deltas, mark heads, export a rewind list."""
+    from analysis.run.session import ExplorerSession, parse_labels
+
+    session = ExplorerSession.open(checkpoints, labels=parse_labels(label or [], checkpoints), device=device,
+                                   cache_dir=cache_dir)
+    run_explorer(session)
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `open` command (the CLI root routes `diffract-tui PATH …` to it)."""
-
-    @app.command("open")
-    def open_command(
-        checkpoints: list[str] = typer.Argument(..., metavar="BASE CPT [CPT …]",
-                                                help="Base checkpoint first, then one or more continually "
-                                                     "pre-trained checkpoints (HF folders, .safetensors, .bin)."),
-        label: list[str] = typer.Option([], "--label", metavar="NAME=PATH",
-                                        help="Show the checkpoint at PATH as NAME (repeatable)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N: where spectra are computed."),
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
-                                                 help="Spectra cache folder (default: $DIFFRACT_TUI_CACHE_DIR, "
-                                                      "else the user cache folder)."),
-    ) -> None:
-        """Open the explorer: walk layers and heads, see spectra and deltas, mark heads, export a rewind list."""
-        from analysis.run.session import ExplorerSession, parse_labels
-
-        session = ExplorerSession.open(checkpoints, labels=parse_labels(label, checkpoints), device=device,
-                                       cache_dir=cache_dir)
-        run_explorer(session)
+    """Add the `open` command (the root's default command: `diffract-tui PATH …` runs it)."""
+    app.command("open")(open_command)

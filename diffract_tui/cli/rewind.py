@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Annotated, Any, Callable, Iterator, List, Optional
 
 import typer
 
@@ -53,87 +53,94 @@ def print_preview(rl: Any, pv: Any, limit: int = 40) -> None:
         console.print(f"… {len(pv.rows) - limit} more in the list file", markup=False)
 
 
+def rewind_plan(
+    base: Annotated[Path, typer.Argument(help="The base checkpoint θ₀.")],
+    target: Annotated[Path, typer.Argument(help="The CPT checkpoint θ_d whose heads are rewound.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the rewind list (JSON).")],
+    pattern: Annotated[str, typer.Option("--pattern", help="greedy | reference | top | random | manual.")] = "greedy",
+    fraction: Annotated[Optional[float], typer.Option("--fraction",
+        help="f: rewind ⌊f·L·H⌋ heads (greedy, reference).")] = None,
+    heads: Annotated[Optional[str], typer.Option("--heads",
+        help="manual heads LAYER:HEAD,… e.g. 3:5,4:1 (0-based).")] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference",
+        help="Reference CPT checkpoint (pattern reference).")] = None,
+    variant: Annotated[str, typer.Option("--variant",
+        help="reference: lowest (its lowest scores) | most_agreeing.")] = "lowest",
+    gqa_policy: Annotated[str, typer.Option("--gqa-policy", help="k/v rows: group | never | any.")] = "group",
+    score: Annotated[str, typer.Option("--score",
+        help="Ranking score: rel_frob | frob | taylor (needs --text).")] = "rel_frob",
+    exclude_kv: Annotated[bool, typer.Option("--exclude-kv", help="Rank by q/o energy only.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the random pattern.")] = None,
+    text: Annotated[Optional[List[Path]], typer.Option("--text",
+        help="Domain text for --score taylor; repeatable.")] = None,
+    general_text: Annotated[Optional[List[Path]], typer.Option("--general-text",
+        help="General text for --score taylor (used instead of --text).")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="T for --score taylor.")] = 512,
+    windows: Annotated[int, typer.Option("--windows", help="N for --score taylor.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="Device for --score taylor: auto, cpu, cuda[:N].")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16 | float32 for --score taylor.")] = None,
+) -> None:
+    """Choose heads to rewind and write the list; prints the preview.
+
+    Scores (r), the share of ‖Δ‖² removed and the list format: see docs/reference.md."""
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.errors import DiffractError
+    from analysis.edit.rewind import checkpoint_ref, parse_heads, plan_from_inputs, preview, rewind_inputs
+    from analysis.edit.rewind_list import write_rewind_list
+    from analysis.io.guard import checkpoint_files, refuse_input_overlap
+
+    if pattern == "reference" and reference is None:
+        raise DiffractError("the reference pattern needs a reference checkpoint", hint="pass --reference REF")
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise DiffractError(f"fraction {fraction} is outside [0, 1]", hint="pass --fraction between 0 and 1")
+    head_list = parse_heads(heads) if heads is not None else None
+    b, t = open_checkpoint(base), open_checkpoint(target)
+    r = open_checkpoint(reference) if reference is not None else None
+    protected = [f for ck in (b, t, r) if ck is not None for f in checkpoint_files(ck)]
+    refuse_input_overlap(out, protected)  # before any work: the list never lands on, in or around an input
+    if pattern == "random" and seed is None:
+        raise DiffractError("the random pattern needs a seed", hint="pass --seed N")
+    with stderr_progress("reading head energies") as progress:
+        inputs = rewind_inputs(b, t, r if pattern == "reference" else None, progress=progress)
+    if score == "taylor":
+        inputs = _with_taylor(inputs, b, t, target, text or [], general_text or [], tokens, windows, device,
+                              dtype)
+    rl = plan_from_inputs(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
+                          reference=checkpoint_ref(r) if r is not None else None, pattern=pattern,
+                          fraction=fraction, heads=head_list, score=score, gqa_policy=gqa_policy,
+                          exclude_kv=exclude_kv, variant=variant, seed=seed)
+    write_rewind_list(rl, out, inputs=protected)
+    print_preview(rl, preview(rl, inputs))
+    typer.echo(f"wrote {out}")
+
+
+def rewind_apply(
+    rewind_list: Annotated[Path, typer.Argument(help="A rewind list (diffract-rewind/1 JSON).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the rewound checkpoint (must not exist).")],
+    force: Annotated[bool, typer.Option("--force", help="Apply a stale list and replace an existing --out.")] = False,
+) -> None:
+    """Write the target with the listed heads set back to the base (safetensors shards + index)."""
+    from analysis.edit.rewind import apply_rewind
+    from analysis.edit.rewind_list import read_rewind_list
+
+    rl = read_rewind_list(rewind_list)
+    with stderr_progress("writing", unit_bytes=True) as progress:
+        result = apply_rewind(rl, out, force=force, source=rewind_list, progress=progress)
+    typer.echo(f"wrote {result.out_dir}: {result.num_tensors} tensors in {len(result.shards)} shard(s), "
+               f"{result.total_size / 1e9:.3f} GB in {result.seconds:.1f} s "
+               f"({len(rl.heads)} heads rewound)")
+    note = result.config_note()
+    if note:
+        typer.echo(note)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `rewind plan` and `rewind apply` to the root app."""
+    """Add `rewind plan`, `rewind apply` and `rewind sweep` to the root app."""
     rewind_app = typer.Typer(help="Head-wise rewind: set chosen attention heads of a CPT checkpoint back to the base.",
                              no_args_is_help=True)
-
-    @rewind_app.command("plan")
-    def plan(
-        base: Path = typer.Argument(..., help="The base checkpoint θ₀."),
-        target: Path = typer.Argument(..., help="The CPT checkpoint θ_d whose heads are rewound."),
-        out: Path = typer.Option(..., "--out", help="Where to write the rewind list (JSON)."),
-        pattern: str = typer.Option("greedy", "--pattern", help="greedy | reference | top | random | manual."),
-        fraction: Optional[float] = typer.Option(None, "--fraction", help="f: rewind ⌊f·L·H⌋ heads (greedy, reference)."),
-        heads: Optional[str] = typer.Option(None, "--heads", help="manual heads LAYER:HEAD,… e.g. 3:5,4:1 (0-based)."),
-        reference: Optional[Path] = typer.Option(None, "--reference", help="Reference CPT checkpoint (pattern reference)."),
-        variant: str = typer.Option("lowest", "--variant", help="reference: lowest (its lowest scores) | most_agreeing."),
-        gqa_policy: str = typer.Option("group", "--gqa-policy", help="k/v rows: group | never | any."),
-        score: str = typer.Option("rel_frob", "--score", help="Ranking score: rel_frob | frob | taylor (needs --text)."),
-        exclude_kv: bool = typer.Option(False, "--exclude-kv", help="Rank by q/o energy only."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random pattern."),
-        text: Optional[List[Path]] = typer.Option(None, "--text", help="Domain text for --score taylor; repeatable."),
-        general_text: Optional[List[Path]] = typer.Option(None, "--general-text",
-                                                          help="General text for --score taylor (used instead of --text)."),
-        tokens: int = typer.Option(512, "--tokens", help="T for --score taylor."),
-        windows: int = typer.Option(64, "--windows", help="N for --score taylor."),
-        device: str = typer.Option("auto", "--device", help="Device for --score taylor: auto, cpu, cuda[:N]."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float32 for --score taylor."),
-    ) -> None:
-        """Choose heads to rewind and write the list; prints the preview.
-
-        Scores (r), the share of ‖Δ‖² removed and the list format: see docs/reference.md."""
-        from analysis.io.checkpoint import open_checkpoint
-        from analysis.errors import DiffractError
-        from analysis.edit.rewind import checkpoint_ref, parse_heads, plan_from_inputs, preview, rewind_inputs
-        from analysis.edit.rewind_list import write_rewind_list
-        from analysis.io.guard import checkpoint_files, refuse_input_overlap
-
-        if pattern == "reference" and reference is None:
-            raise DiffractError("the reference pattern needs a reference checkpoint", hint="pass --reference REF")
-        if fraction is not None and not 0.0 <= fraction <= 1.0:
-            raise DiffractError(f"fraction {fraction} is outside [0, 1]", hint="pass --fraction between 0 and 1")
-        head_list = parse_heads(heads) if heads is not None else None
-        b, t = open_checkpoint(base), open_checkpoint(target)
-        r = open_checkpoint(reference) if reference is not None else None
-        protected = [f for ck in (b, t, r) if ck is not None for f in checkpoint_files(ck)]
-        refuse_input_overlap(out, protected)  # before any work: the list never lands on, in or around an input
-        if pattern == "random" and seed is None:
-            raise DiffractError("the random pattern needs a seed", hint="pass --seed N")
-        with stderr_progress("reading head energies") as progress:
-            inputs = rewind_inputs(b, t, r if pattern == "reference" else None, progress=progress)
-        if score == "taylor":
-            inputs = _with_taylor(inputs, b, t, target, text or [], general_text or [], tokens, windows, device,
-                                  dtype)
-        rl = plan_from_inputs(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
-                              reference=checkpoint_ref(r) if r is not None else None, pattern=pattern,
-                              fraction=fraction, heads=head_list, score=score, gqa_policy=gqa_policy,
-                              exclude_kv=exclude_kv, variant=variant, seed=seed)
-        write_rewind_list(rl, out, inputs=protected)
-        print_preview(rl, preview(rl, inputs))
-        typer.echo(f"wrote {out}")
-
-    @rewind_app.command("apply")
-    def apply(
-        rewind_list: Path = typer.Argument(..., help="A rewind list (diffract-rewind/1 JSON)."),
-        out: Path = typer.Option(..., "--out", help="Folder for the rewound checkpoint (must not exist)."),
-        force: bool = typer.Option(False, "--force", help="Apply a stale list and replace an existing --out."),
-    ) -> None:
-        """Write the target with the listed heads set back to the base (safetensors shards + index)."""
-        from analysis.edit.rewind import apply_rewind
-        from analysis.edit.rewind_list import read_rewind_list
-
-        rl = read_rewind_list(rewind_list)
-        with stderr_progress("writing", unit_bytes=True) as progress:
-            result = apply_rewind(rl, out, force=force, source=rewind_list, progress=progress)
-        typer.echo(f"wrote {result.out_dir}: {result.num_tensors} tensors in {len(result.shards)} shard(s), "
-                   f"{result.total_size / 1e9:.3f} GB in {result.seconds:.1f} s "
-                   f"({len(rl.heads)} heads rewound)")
-        note = result.config_note()
-        if note:
-            typer.echo(note)
-
-    register_sweep(rewind_app)
+    rewind_app.command("plan")(rewind_plan)
+    rewind_app.command("apply")(rewind_apply)
+    rewind_app.command("sweep")(rewind_sweep)
     app.add_typer(rewind_app, name="rewind")
 
 
@@ -162,81 +169,83 @@ def _with_taylor(inputs: Any, base: Any, target: Any, target_path: Path, text: L
     return dataclasses.replace(inputs, taylor=grid)
 
 
-def register_sweep(rewind_app: typer.Typer) -> None:
-    """Add `rewind sweep`: candidate plans evaluated in memory on the texts (SPEC §9), no checkpoint written."""
+def rewind_sweep(
+    base: Annotated[Path, typer.Argument(help="The base checkpoint θ₀.")],
+    target: Annotated[Path, typer.Argument(help="The CPT checkpoint θ_d.")],
+    text: Annotated[List[Path], typer.Option("--text", help="Domain text (what the CPT was for); repeatable.")],
+    out: Annotated[Path, typer.Option("--out", help="Output table: .csv, .json or .parquet.")],
+    general_text: Annotated[Optional[List[Path]], typer.Option("--general-text",
+        help="General text (an ability to keep); repeatable.")] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference",
+        help="Reference CPT (pattern reference).")] = None,
+    patterns: Annotated[str, typer.Option("--patterns",
+        help="Comma list of greedy, reference, random, top, manual.")] = "greedy,random,top",
+    fractions: Annotated[str, typer.Option("--fractions",
+        help="Comma list of fractions f.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds 0…n−1 of the random pattern.")] = 3,
+    score: Annotated[str, typer.Option("--score", help="rel_frob | frob | taylor.")] = "rel_frob",
+    gqa_policy: Annotated[str, typer.Option("--gqa-policy", help="k/v rows: group | never | any.")] = "group",
+    heads: Annotated[Optional[str], typer.Option("--heads", help="Heads of the manual pattern LAYER:HEAD,…")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="T: tokens per window.")] = 512,
+    windows: Annotated[int, typer.Option("--windows", help="N: windows per text.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16 | float32.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache folder.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Read and write no cache.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Compute threads.")] = None,
+) -> None:
+    """Loss of every candidate rewind (pattern × fraction × seed) on every text, in memory.
 
-    @rewind_app.command("sweep")
-    def sweep(
-        base: Path = typer.Argument(..., help="The base checkpoint θ₀."),
-        target: Path = typer.Argument(..., help="The CPT checkpoint θ_d."),
-        text: List[Path] = typer.Option(..., "--text", help="Domain text (what the CPT was for); repeatable."),
-        out: Path = typer.Option(..., "--out", help="Output table: .csv, .json or .parquet."),
-        general_text: Optional[List[Path]] = typer.Option(None, "--general-text", help="General text (an ability to keep); repeatable."),
-        reference: Optional[Path] = typer.Option(None, "--reference", help="Reference CPT (pattern reference)."),
-        patterns: str = typer.Option("greedy,random,top", "--patterns", help="Comma list of greedy, reference, random, top, manual."),
-        fractions: str = typer.Option("0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6", "--fractions",
-                                      help="Comma list of fractions f."),
-        seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds 0…n−1 of the random pattern."),
-        score: str = typer.Option("rel_frob", "--score", help="rel_frob | frob | taylor."),
-        gqa_policy: str = typer.Option("group", "--gqa-policy", help="k/v rows: group | never | any."),
-        heads: Optional[str] = typer.Option(None, "--heads", help="Heads of the manual pattern LAYER:HEAD,…"),
-        tokens: int = typer.Option(512, "--tokens", help="T: tokens per window."),
-        windows: int = typer.Option(64, "--windows", help="N: windows per text."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float32."),
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder."),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Read and write no cache."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Compute threads."),
-    ) -> None:
-        """Loss of every candidate rewind (pattern × fraction × seed) on every text, in memory.
+    Rows pattern, fraction, seed, heads, text, loss, ppl (and gain kept / forgetting recovered), with the base
+    and the target as reference rows; no checkpoint is written."""
+    from analysis.edit.rewind import checkpoint_ref, parse_heads, rewind_inputs
+    from analysis.errors import DiffractError
+    from analysis.eval.evaluator import Evaluator
+    from analysis.eval.loss import load_model
+    from analysis.eval.patch import LivePatch
+    from analysis.eval.sweep import parse_fractions, run_sweep, sweep_candidates
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.io.guard import refuse_input_overlap
+    from analysis.model.architecture import layout_of
+    from analysis.run.tables import table_format, write_table
+    from diffract_tui.cli.eval import eta_progress, eval_device, load_texts, make_cache, prepare_all, eval_provenance
 
-        Rows pattern, fraction, seed, heads, text, loss, ppl (and gain kept / forgetting recovered), with the base
-        and the target as reference rows; no checkpoint is written."""
-        from analysis.edit.rewind import checkpoint_ref, parse_heads, rewind_inputs
-        from analysis.errors import DiffractError
-        from analysis.eval.evaluator import Evaluator
-        from analysis.eval.loss import load_model
-        from analysis.eval.patch import LivePatch
-        from analysis.eval.sweep import parse_fractions, run_sweep, sweep_candidates
-        from analysis.io.checkpoint import open_checkpoint
-        from analysis.io.guard import refuse_input_overlap
-        from analysis.model.architecture import layout_of
-        from analysis.run.tables import table_format, write_table
-        from diffract_tui.cli.eval import eta_progress, eval_device, load_texts, make_cache, prepare_all, provenance
+    table_format(out)
+    inputs_paths = [base, target, *text, *(general_text or [])] + ([reference] if reference else [])
+    refuse_input_overlap(out, inputs_paths, option="--out")
+    pattern_list = [p.strip() for p in patterns.split(",") if p.strip()]
+    if "reference" in pattern_list and reference is None:
+        raise DiffractError("the reference pattern needs a reference checkpoint", hint="pass --reference REF")
+    fraction_list = parse_fractions(fractions)
+    head_list = parse_heads(heads) if heads is not None else None
+    texts = load_texts(text, general_text)
+    cache = make_cache(cache_dir, no_cache)
+    b, t = open_checkpoint(base), open_checkpoint(target)
+    r = open_checkpoint(reference) if reference is not None else None
+    with stderr_progress("reading head energies") as progress:
+        inputs = rewind_inputs(b, t, r, progress=progress)
+    with eval_device(device, dtype, threads) as (dev, dt):
+        lm = load_model(target, device=dev, dtype=dt)
+    prepared = prepare_all(lm, texts, tokens, windows)
+    if score == "taylor":
+        inputs = _with_taylor(inputs, b, t, target, [], [], tokens, windows, device, dtype, lm=lm,
+                              prepared=prepared)
+    candidates = sweep_candidates(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
+                                  reference=checkpoint_ref(r) if r is not None else None, patterns=pattern_list,
+                                  fractions=fraction_list, seeds=seeds, score=score, gqa_policy=gqa_policy,
+                                  heads=head_list)
+    evaluator = Evaluator(lm, t.fingerprint, cache)
+    patch = LivePatch(lm.model, b, layout_of(t))
+    with eta_progress(f"sweeping {len(candidates)} candidates") as progress:
+        rows = run_sweep(evaluator, patch, candidates, prepared, target=t, inputs=inputs, progress=progress)
+    meta = eval_provenance("rewind sweep", lm, prepared, (b, t, r), score=score, gqa_policy=gqa_policy,
+                           seeds=seeds, patterns=pattern_list, fractions=fraction_list,
+                           base={"path": str(b.path), "fingerprint": b.fingerprint},
+                           target={"path": str(t.path), "fingerprint": t.fingerprint},
+                           reference=None if r is None else {"path": str(r.path), "fingerprint": r.fingerprint})
+    write_table(rows, out, metadata=meta)
+    typer.echo(f"wrote {len(rows)} rows ({len(candidates)} candidates, {evaluator.misses} evaluated, "
+               f"{evaluator.hits} from the cache) to {out}", err=True)
 
-        table_format(out)
-        inputs_paths = [base, target, *text, *(general_text or [])] + ([reference] if reference else [])
-        refuse_input_overlap(out, inputs_paths, option="--out")
-        pattern_list = [p.strip() for p in patterns.split(",") if p.strip()]
-        if "reference" in pattern_list and reference is None:
-            raise DiffractError("the reference pattern needs a reference checkpoint", hint="pass --reference REF")
-        fraction_list = parse_fractions(fractions)
-        head_list = parse_heads(heads) if heads is not None else None
-        texts = load_texts(text, general_text)
-        cache = make_cache(cache_dir, no_cache)
-        b, t = open_checkpoint(base), open_checkpoint(target)
-        r = open_checkpoint(reference) if reference is not None else None
-        with stderr_progress("reading head energies") as progress:
-            inputs = rewind_inputs(b, t, r, progress=progress)
-        with eval_device(device, dtype, threads) as (dev, dt):
-            lm = load_model(target, device=dev, dtype=dt)
-        prepared = prepare_all(lm, texts, tokens, windows)
-        if score == "taylor":
-            inputs = _with_taylor(inputs, b, t, target, [], [], tokens, windows, device, dtype, lm=lm,
-                                  prepared=prepared)
-        candidates = sweep_candidates(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
-                                      reference=checkpoint_ref(r) if r is not None else None, patterns=pattern_list,
-                                      fractions=fraction_list, seeds=seeds, score=score, gqa_policy=gqa_policy,
-                                      heads=head_list)
-        evaluator = Evaluator(lm, t.fingerprint, cache)
-        patch = LivePatch(lm.model, b, layout_of(t))
-        with eta_progress(f"sweeping {len(candidates)} candidates") as progress:
-            rows = run_sweep(evaluator, patch, candidates, prepared, target=t, inputs=inputs, progress=progress)
-        meta = provenance("rewind sweep", lm, prepared, score=score, gqa_policy=gqa_policy, seeds=seeds,
-                          patterns=pattern_list, fractions=fraction_list,
-                          base={"path": str(b.path), "fingerprint": b.fingerprint},
-                          target={"path": str(t.path), "fingerprint": t.fingerprint},
-                          reference=None if r is None else {"path": str(r.path), "fingerprint": r.fingerprint})
-        write_table(rows, out, metadata=meta)
-        typer.echo(f"wrote {len(rows)} rows ({len(candidates)} candidates, {evaluator.misses} evaluated, "
-                   f"{evaluator.hits} from the cache) to {out}", err=True)
+
+

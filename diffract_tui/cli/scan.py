@@ -3,96 +3,80 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
-from diffract_tui import __version__ as TOOL_VERSION
 
+def scan_command(
+    checkpoints: Annotated[List[Path], typer.Argument(help="Checkpoints to scan; the first is the base for --delta.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output table: .csv, .json or .parquet.")],
+    heads: Annotated[bool, typer.Option("--heads", help="Also every q/k/v/o head slice.")] = False,
+    delta: Annotated[bool, typer.Option(
+        "--delta", help="Also ΔW = θ_i − θ_0 against the first checkpoint.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 or float64.")] = "float32",
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache-dir", help="Cache folder (default: $DIFFRACT_TUI_CACHE_DIR, else the user cache folder).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compute everything; read and write no cache.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores).")] = None,
+) -> int:
+    """Scan checkpoints: one row per matrix (and head slice, and delta) with every spectral metric.
 
-def unique_labels(paths: list[Path]) -> list[str]:
-    """Display names: the folder/file name, or the whole path when two inputs share a name."""
-    names = [p.name or str(p) for p in paths]
-    return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    Columns: see docs/reference.md; on delta rows the spectral columns describe ΔW itself, not W_d.
+    Exit code 3 is a partial result: the table is written, but matrices with NaN/inf weights have no row
+    (each is named on stderr)."""
+    from analysis.errors import DiffractError
+    from analysis.run.tables import table_format
+
+    table_format(out)  # a bad suffix fails before any work
+    if dtype not in ("float32", "float64"):
+        raise DiffractError(f"--dtype must be float32 or float64, not {dtype!r}",
+                            hint="pass --dtype float32 or --dtype float64")
+    if delta and len(checkpoints) < 2:
+        raise DiffractError("--delta needs at least two checkpoints (the first is the base)",
+                            hint="pass the base and one or more continually-pretrained checkpoints")
+
+    from analysis.spectral.backend import SpectralSettings, apply_thread_policy, resolve_device
+    from analysis.run.cache import Cache
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.io.labels import unique_labels
+    from analysis.run.scan import scan
+    from analysis.io.guard import checkpoint_files
+    from analysis.run.provenance import provenance
+    from analysis.run.tables import check_table_output, write_table
+
+    apply_thread_policy(threads)
+    settings = SpectralSettings(device=device, dtype=dtype)
+    device_kind = resolve_device(device).type
+    cache = None if no_cache else Cache(cache_dir)
+    opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
+    inputs = [f for c in opened for f in checkpoint_files(c)]
+    check_table_output(out, inputs)  # refuse an output on, in or around an input before any work
+    failures: list = []
+    try:
+        if delta:
+            from analysis.io.alignment import require_same_model
+
+            require_same_model(opened)  # different models: one line before the progress bar
+        rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan,
+                    on_failure=failures.append)
+    finally:
+        for c in opened:
+            c.close()
+    order = {c.label: i for i, c in enumerate(opened)}
+    rows.sort(key=lambda r: (order[r["checkpoint"]], r["operation"] != "weight"))  # stable: layer order kept
+    metadata = provenance(opened, settings, device_kind=device_kind, command="scan", heads=heads, delta=delta)
+    write_table(rows, out, metadata=metadata, inputs=inputs)
+    typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
+    return report_failures([f.line() for f in failures], what=f"{len(rows)} rows in {out}")
 
 
 def register(app: typer.Typer) -> None:
     """Add the `scan` command to the root app."""
-
-    @app.command("scan")
-    def scan_command(
-        checkpoints: List[Path] = typer.Argument(..., help="Checkpoints to scan; the first is the base for --delta."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output table: .csv, .json or .parquet."),
-        heads: bool = typer.Option(False, "--heads", help="Also every q/k/v/o head slice."),
-        delta: bool = typer.Option(False, "--delta", help="Also ΔW = θ_i − θ_0 against the first checkpoint."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
-        cache_dir: Optional[Path] = typer.Option(
-            None, "--cache-dir", help="Cache folder (default: $DIFFRACT_TUI_CACHE_DIR, else the user cache folder)."
-        ),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything; read and write no cache."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-        threads: Optional[int] = typer.Option(
-            None, "--threads", min=1, help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores)."
-        ),
-    ) -> int:
-        """Scan checkpoints: one row per matrix (and head slice, and delta) with every spectral metric.
-
-        Columns: see docs/reference.md; on delta rows the spectral columns describe ΔW itself, not W_d.
-        Exit code 3 is a partial result: the table is written, but matrices with NaN/inf weights have no row
-        (each is named on stderr)."""
-        from analysis.errors import DiffractError
-        from analysis.run.tables import table_format
-
-        table_format(out)  # a bad suffix fails before any work
-        if dtype not in ("float32", "float64"):
-            raise DiffractError(f"--dtype must be float32 or float64, not {dtype!r}",
-                                hint="pass --dtype float32 or --dtype float64")
-        if delta and len(checkpoints) < 2:
-            raise DiffractError("--delta needs at least two checkpoints (the first is the base)",
-                                hint="pass the base and one or more continually-pretrained checkpoints")
-
-        from analysis import ENGINE_VERSION
-        from analysis.spectral.backend import SpectralSettings, apply_thread_policy, resolve_device
-        from analysis.run.cache import Cache
-        from analysis.io.checkpoint import open_checkpoint
-        from analysis.run.scan import scan
-        from analysis.io.guard import checkpoint_files
-        from analysis.run.tables import check_table_output, write_table
-
-        apply_thread_policy(threads)
-        settings = SpectralSettings(device=device, dtype=dtype)
-        device_kind = resolve_device(device).type
-        cache = None if no_cache else Cache(cache_dir)
-        opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
-        inputs = [f for c in opened for f in checkpoint_files(c)]
-        check_table_output(out, inputs)  # refuse an output on, in or around an input before any work
-        failures: list = []
-        try:
-            if delta:
-                from analysis.io.alignment import require_same_model
-
-                require_same_model(opened)  # different models: one line before the progress bar
-            rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan,
-                        on_failure=failures.append)
-        finally:
-            for c in opened:
-                c.close()
-        order = {c.label: i for i, c in enumerate(opened)}
-        rows.sort(key=lambda r: (order[r["checkpoint"]], r["operation"] != "weight"))  # stable: layer order kept
-        metadata = {
-            "created_by": f"diffract-tui {TOOL_VERSION}",
-            "engine_version": ENGINE_VERSION,
-            "command": "scan",
-            "checkpoints": [{"label": c.label, "path": str(c.path), "fingerprint": c.fingerprint} for c in opened],
-            "heads": heads,
-            "delta": delta,
-            "device_kind": device_kind,
-            "settings": settings.key(),
-        }
-        write_table(rows, out, metadata=metadata, inputs=inputs)
-        typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
-        return report_failures([f.line() for f in failures], what=f"{len(rows)} rows in {out}")
+    app.command("scan")(scan_command)
 
 
 PARTIAL_EXIT = 3   # the result was written but some matrices are missing from it
