@@ -4,3 +4,13 @@ Never imports textual: the CLI, the app and scripts all sit on top of this packa
 """
 
 ENGINE_VERSION = "0.2.0"   # 0.2: TPL fitted by Newton (sharper optimum than Nelder–Mead)
+
+# What the app's views and widgets may import from the engine (tests/test_import_contract.py enforces it):
+# the session — the one door, which also re-exports the result types the views draw — the result types'
+# own module, the progress-and-cancel protocol and the errors. Everything else is reached through the session.
+PUBLIC_SURFACE: tuple[str, ...] = (
+    "analysis.run.session",
+    "analysis.run.grids",
+    "analysis.progress",
+    "analysis.errors",
+)

@@ -441,9 +441,12 @@ class DiffractApp(App):
         worker = get_current_worker()
         lower_thread_priority()
 
-        def progress(fraction: float | None, text: str) -> None:
+        def progress(done: int, total: int | None, text: str) -> None:
             if not worker.is_cancelled:
-                self.call_from_thread(self.report_progress, SCAN_SOURCE, fraction, f"compute all: {text}")
+                from diffract_tui.views.worker import status_of
+
+                fraction, line = status_of(done, total, text)
+                self.call_from_thread(self.report_progress, SCAN_SOURCE, fraction, f"compute all: {line}")
 
         def on_node(node: Any, badge: dict) -> None:
             self._pending_badges.append((NodeRef(node.layer, node.module, node.head), badge))

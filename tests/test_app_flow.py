@@ -228,7 +228,7 @@ def test_escape_cancels_and_moving_on_cancels_stale_work(session: ExplorerSessio
 
     def slow_spectrum(node, progress=None, cancelled=None):
         started.append(NodeRef(node.layer, node.module, node.head))
-        progress(0.5, "waiting")
+        progress(1, 2, "waiting")
         while not cancelled():
             if gate.wait(0.01):
                 break

@@ -58,8 +58,10 @@ def delta_result(family: Path, tmp_path_factory: pytest.TempPathFactory):
     """(column headers of a real two-domain `delta` CSV, its summary)."""
     from analysis.deltas.delta_table import DeltaOptions, open_and_build
     from analysis.run.tables import write_table
+    from analysis.spectral.backend import SpectralSettings
 
-    result = open_and_build(family / "base", [family / "math", family / "code"], options=DeltaOptions(device="cpu"))
+    result = open_and_build(family / "base", [family / "math", family / "code"],
+                            options=DeltaOptions(settings=SpectralSettings(device="cpu")))
     out = tmp_path_factory.mktemp("delta") / "delta.csv"
     write_table(result.rows, out, metadata={})
     return csv_header(out), result.summary

@@ -431,21 +431,21 @@ async def test_escape_cancels_a_grid_computation(session, monkeypatch) -> None:
     drawn, and showing the view again computes it afresh."""
     import threading
 
-    import diffract_tui.views.heads_grid as heads_grid
+    from analysis.run.session import ExplorerSession
 
-    real = heads_grid.update_magnitude_grids
+    real = ExplorerSession.magnitude_grids
     started, stopped = threading.Event(), threading.Event()
 
-    def slow(session_, target_index, progress):
+    def slow(session_, target_index, progress, cancelled):
         started.set()
         try:
             while True:  # until the worker is cancelled: progress then raises
-                progress(0.5, "waiting")
+                progress(1, 2, "waiting")
                 threading.Event().wait(0.02)
         finally:
             stopped.set()
 
-    monkeypatch.setattr(heads_grid, "update_magnitude_grids", slow)
+    monkeypatch.setattr(ExplorerSession, "magnitude_grids", slow)
     app = make_app(session)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("3")
@@ -459,7 +459,7 @@ async def test_escape_cancels_a_grid_computation(session, monkeypatch) -> None:
         assert stopped.is_set()
         grid = app.query_one("#heads")
         assert grid.heatmap.values is None and grid.result is None
-        monkeypatch.setattr(heads_grid, "update_magnitude_grids", real)
+        monkeypatch.setattr(ExplorerSession, "magnitude_grids", real)
         await pilot.press("1", "3")
         await settle(pilot)
         assert grid.heatmap.values is not None and grid.heatmap.values.shape == (L, H)

@@ -226,7 +226,7 @@ def test_cancel_from_progress_callback_leaves_nothing(tmp_path):
     class Cancelled(Exception):
         pass
 
-    def progress(done, total):
+    def progress(done, total, text):
         if done >= 8:
             raise Cancelled()
 

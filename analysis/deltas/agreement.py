@@ -22,6 +22,7 @@ import torch
 from analysis.deltas.delta import (KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies,
                             top_svd)
 from analysis.errors import AlignmentError, DiffractError, LayoutError
+from analysis.progress import Cancel, Progress, check
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from analysis.model.architecture import ModelLayout
@@ -230,7 +231,7 @@ def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout
                      agreement_metric: str = "a2", agreement_threshold: float | None = None,
                      magnitude_threshold: float | None = None,
                      device: torch.device | str | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> DomainAgreement:
+                     progress: "Progress | None" = None, cancel: "Cancel | None" = None) -> DomainAgreement:
     """Walk every layer once (one batched read per projection and checkpoint) and compare all domain pairs."""
     from analysis.model.heads import projection_heads
 
@@ -287,7 +288,8 @@ def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout
             ov = subspace_overlap(heads_sub[i], heads_sub[j]).cpu()
             a3h[(i, j)][layer] = torch.where(torch.isnan(a2h[(i, j)][layer]), torch.full_like(ov, math.nan), ov)
         if progress is not None:
-            progress(layer + 1, L)
+            progress(layer + 1, L, f"A2/A3 of the domains, layer {layer}")
+        check(cancel)
     base_energy = sum(be.values(), torch.zeros(L, H, dtype=torch.float64))
     scores = []
     for t_i in range(N):

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import torch
 
+from analysis.deltas.svd import SVD, gram_eigenvalues, rank_for_energy, singular_values, top_svd  # noqa: F401
+from analysis.deltas.truncation import DEFAULT_TOLERANCE, truncatable_fraction
 from analysis.errors import AlignmentError, LayoutError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -66,19 +68,6 @@ def delta_norms(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor | None = No
 # --------------------------------------------------------------------------------------------------
 
 
-def gram_eigenvalues(W: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of the float64 Gram over the smaller side, ascending, clipped at 0: σ² of W, shape (…, M)."""
-    W = W.to(torch.float64)
-    m, n = W.shape[-2], W.shape[-1]
-    G = W @ W.transpose(-2, -1) if m <= n else W.transpose(-2, -1) @ W
-    return torch.linalg.eigvalsh(G).clamp_min(0.0)
-
-
-def singular_values(W: torch.Tensor) -> torch.Tensor:
-    """σ of W in descending order, float64, batched over leading dims (…, M)."""
-    return gram_eigenvalues(W).flip(-1).sqrt()
-
-
 def esd(W: torch.Tensor) -> torch.Tensor:
     """The SPEC §3 ESD λ_i = σ_i²/N, ascending, float64 — what `spectral_metrics(..., evals=)` expects."""
     return gram_eigenvalues(W) / max(W.shape[-2], W.shape[-1])
@@ -103,42 +92,6 @@ def delta_rho(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor | None = None
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SVD:
-    """Top singular triplets of W (float64, batched): U (…, m, k), S (…, k) descending, V (…, n, k)."""
-
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
-
-
-def top_svd(W: torch.Tensor, k: int | None = None) -> SVD:
-    """The k largest singular triplets (all M when k is None) from the float64 Gram over the smaller side.
-
-    The other side's vectors are W·v/σ (or Wᵀ·u/σ); vectors of σ ≈ 0 are undefined and set to zero.
-    """
-    W = W.to(torch.float64)
-    m, n = W.shape[-2], W.shape[-1]
-    M = min(m, n)
-    k = M if k is None else max(1, min(int(k), M))
-    wide = m <= n
-    G = W @ W.transpose(-2, -1) if wide else W.transpose(-2, -1) @ W
-    evals, evecs = torch.linalg.eigh(G)
-    evals = evals.flip(-1)[..., :k].clamp_min(0.0)
-    evecs = evecs.flip(-1)[..., :k]
-    S = evals.sqrt()
-    smax = S[..., :1]
-    ok = S > (max(m, n) * torch.finfo(torch.float64).eps * smax).clamp_min(torch.finfo(torch.float64).tiny)
-    inv = torch.where(ok, 1.0 / S.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
-    if wide:
-        U = evecs
-        V = (W.transpose(-2, -1) @ U) * inv.unsqueeze(-2)
-    else:
-        V = evecs
-        U = (W @ V) * inv.unsqueeze(-2)
-    return SVD(U=U, S=S, V=V)
-
-
 def avg_max_agreement(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Mean over A's columns of max_j |a_iᵀ b_j| — the row maxima of O = |AᵀB| averaged (…,)."""
     O = (A.transpose(-2, -1) @ B).abs()
@@ -161,16 +114,6 @@ def a1_agreement(base: SVD, target: SVD) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 # All per-matrix metrics
 # --------------------------------------------------------------------------------------------------
-
-
-def rank_for_energy(sigma_desc: torch.Tensor, level: float) -> torch.Tensor:
-    """Smallest r with Σ_{i≤r} σ_i² ≥ level·Σσ² (σ descending), batched; 0 for a zero matrix."""
-    e = sigma_desc.to(torch.float64).pow(2)
-    total = e.sum(-1, keepdim=True)
-    share = e.cumsum(-1) / total.clamp_min(torch.finfo(torch.float64).tiny)
-    # tolerate the last ulp so that a rank-r delta reaches 100 % at r
-    r = (share < level - 1e-12).sum(-1) + 1
-    return torch.where(total.squeeze(-1) > 0, r.clamp(max=e.shape[-1]), torch.zeros_like(r))
 
 
 ENERGY_LEVELS: tuple[tuple[str, float], ...] = (("delta_rank_90", 0.90), ("delta_rank_95", 0.95),
@@ -280,8 +223,6 @@ def _changed_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor,
     for r in rows:
         r.update(extra)
     if truncation:
-        from analysis.deltas.truncation import DEFAULT_TOLERANCE, truncatable_fraction
-
         for r, sd in zip(rows, sigma_d):
             r["truncatable_fraction"] = truncatable_fraction(sd, DEFAULT_TOLERANCE)
     if spectral:

@@ -24,25 +24,24 @@ from analysis.deltas.agreement import (DEFAULT_A3_K, DomainAgreement, a2_cosine,
 from analysis.deltas.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_metrics, head_concentration, head_scores,
                             top_svd)
 from analysis.errors import DiffractError, MatrixFailure
+from analysis.progress import Progress
+from analysis.spectral.backend import SpectralSettings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from analysis.model.architecture import ModelLayout, Module
     from analysis.run.cache import Cache
     from analysis.io.checkpoint import Checkpoint
 
-ProgressFn = Callable[[int, int, str], None]
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ID_COLUMNS = ("checkpoint", "tensor", "layer", "module", "head", "kv_head", "rows", "cols")
 DELTA_TABLE_VERSION = 2  # bump when what the table caches per matrix changes (2: `unchanged` rows)
 
 
 @dataclass(frozen=True)
 class DeltaOptions:
-    """Every setting of a delta table; all of them go into the export's provenance (SPEC §8)."""
+    """Every setting of a delta table; all of them go into the export's provenance (SPEC §8). Device, compute
+    dtype, xmin rule and seed are the spectral engine's (`settings`, one object, device resolved once)."""
 
     heads: bool = True
-    dtype: str = "float32"
-    device: str = "auto"
     top_k: int | None = None            # A1: compare the k largest components (None: all M)
     a3_k: int = DEFAULT_A3_K            # A3: top-k left singular vectors
     spectral: bool = True               # SPEC §3 metrics of ΔW (power-law fits etc.)
@@ -50,15 +49,7 @@ class DeltaOptions:
     agreement_metric: str = "a2"        # what the classification thresholds: "a2" or "a3"
     agreement_threshold: float | None = None
     magnitude_threshold: float | None = None
-    xmin_rule: str = "ks"
-    seed: int = 42
-
-    def torch_dtype(self) -> torch.dtype:
-        """The compute dtype (float32 or float64); anything else is a one-line error."""
-        try:
-            return DTYPES[self.dtype]
-        except KeyError:
-            raise DiffractError(f"unsupported compute dtype {self.dtype!r}", hint="use float32 or float64") from None
+    settings: SpectralSettings = field(default_factory=SpectralSettings)
 
 
 @dataclass
@@ -79,26 +70,12 @@ class DeltaTable:
 # --------------------------------------------------------------------------------------------------
 
 
-def _settings(options: DeltaOptions) -> Any:
-    """The SpectralSettings the spectral metrics of ΔW use."""
-    from analysis.spectral.backend import SpectralSettings
-
-    return SpectralSettings(device=options.device, dtype=options.dtype, xmin_rule=options.xmin_rule,
-                            seed=options.seed)
-
-
-def _device(options: DeltaOptions) -> torch.device:
-    try:
-        from analysis.spectral.backend import resolve_device
-    except ImportError:  # pragma: no cover - backend always ships with the engine
-        return torch.device("cpu" if options.device == "auto" else options.device)
-    return resolve_device(options.device)
-
-
-def _settings_key(options: DeltaOptions, settings: Any) -> dict[str, Any]:
-    key = {k: v for k, v in asdict(options).items() if k not in ("device",)}
-    if settings is not None and hasattr(settings, "key"):
-        key["spectral"] = settings.key()
+def _settings_key(options: DeltaOptions) -> dict[str, Any]:
+    """The table's settings for cache keys and provenance (the shape exports have always had)."""
+    key = {k: v for k, v in asdict(options).items() if k != "settings"}
+    key.update(dtype=options.settings.dtype, xmin_rule=options.settings.xmin_rule, seed=options.settings.seed)
+    if options.spectral:
+        key["spectral"] = options.settings.key()
     return key
 
 
@@ -187,7 +164,7 @@ def _partner_means(values: dict[tuple[int, int], float], n: int) -> list[float]:
 
 def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                       options: DeltaOptions = DeltaOptions(), cache: "Cache | None" = None,
-                      progress: ProgressFn | None = None) -> DeltaTable:
+                      progress: "Progress | None" = None) -> DeltaTable:
     """Every shared matrix and (optionally) every head slice of each target against `base` (SPEC §4)."""
     from analysis.io.alignment import require_same_model
     from analysis.model.architecture import layout_of
@@ -196,14 +173,14 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
     if not targets:
         raise DiffractError("delta needs a base checkpoint and at least one CPT checkpoint",
                             hint="run: diffract-tui delta BASE CPT [CPT …] --out FILE")
-    dtype = options.torch_dtype()
+    dtype = options.settings.torch_dtype
     report = require_same_model([base, *targets])  # different models → one-line AlignmentError before any work
     shared = set(report.shared)
     labels = list(report.labels[1:])      # unique display labels of the targets (analysis.io.labels rule)
     layout = layout_of(base)
-    device = _device(options)
-    settings = _settings(options) if options.spectral else None
-    skey = _settings_key(options, settings)
+    device = options.settings.torch_device
+    settings = options.settings if options.spectral else None
+    skey = _settings_key(options)
     modules = matrix_modules(layout, shared)
     n = len(targets)
     heads_on, heads_reason = _heads_ok(layout, shared) if options.heads else (False, "heads not requested")
@@ -239,7 +216,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
             key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=module.tensor,
                        slice={"module": module.name, "segments": [list(s) for s in module.segments],
                               "transpose": module.transpose},
-                       operation=f"delta/metrics/v{DELTA_TABLE_VERSION}", settings=skey, dtype=options.dtype,
+                       operation=f"delta/metrics/v{DELTA_TABLE_VERSION}", settings=skey, dtype=options.settings.dtype,
                        device_kind=device.type)
             where = f"{'globals' if layer is None else f'layer {layer}'} {module.name}"
             metrics = _finite_rows(
@@ -276,7 +253,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                     base, targets, layout, k=options.a3_k, dtype=dtype, exclude_kv=options.exclude_kv,
                     agreement_metric=options.agreement_metric, agreement_threshold=options.agreement_threshold,
                     magnitude_threshold=options.magnitude_threshold, device=device,
-                    progress=lambda l, L: tick(f"agreement, layer {l - 1}"))
+                    progress=lambda l, L, text: tick(f"agreement, layer {l - 1}"))
             except NUMERIC_ERRORS as err:     # a NaN/inf head somewhere: no agreement columns, the rest stays
                 failures.append(MatrixFailure(
                     ", ".join(labels), str(base.path), "delta", "q/k/v/o of every layer", "cross-domain agreement",
@@ -319,7 +296,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
                     key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=tensor,
                                slice={"proj": p, "layer": layer, "heads": "all", "head_dim": layout.head_dim},
-                               operation=f"delta/head-metrics/v{DELTA_TABLE_VERSION}", settings=skey, dtype=options.dtype,
+                               operation=f"delta/head-metrics/v{DELTA_TABLE_VERSION}", settings=skey, dtype=options.settings.dtype,
                                device_kind=device.type)
                     head_rows = _finite_rows(
                         failures, lambda part, reason, i=i, tensor=tensor, where=f"layer {layer} {p}": MatrixFailure(
@@ -402,7 +379,7 @@ def json_safe(value: Any) -> Any:
 
 
 def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *, options: DeltaOptions = DeltaOptions(),
-                   cache: "Cache | None" = None, progress: ProgressFn | None = None) -> DeltaTable:
+                   cache: "Cache | None" = None, progress: "Progress | None" = None) -> DeltaTable:
     """Open the checkpoints (headers only) and build the table; checkpoints are closed afterwards."""
     from analysis.io.checkpoint import open_checkpoint
     from analysis.io.labels import unique_labels

@@ -13,7 +13,7 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 
-from analysis.deltas.delta import rank_for_energy, singular_values, top_svd
+from analysis.deltas.svd import rank_for_energy, singular_values, top_svd
 
 DEFAULT_TS: tuple[float, ...] = tuple(i / 100 for i in range(100))     # t ∈ [0, 1)
 ENERGY_TARGETS: tuple[float, ...] = (0.90, 0.95, 0.99)

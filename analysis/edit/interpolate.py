@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from analysis.errors import AlignmentError, DiffractError
+from analysis.progress import Progress
 from analysis.io.atomic import write_text_atomic
 from analysis.io.guard import refuse_input_overlap
 from analysis.edit.rewind import MappedReadBudget, RawSource, target_specs, torch_dtype
-from analysis.edit.rewind_list import tool_version
+from analysis.run.provenance import tool_version
 from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, WriteResult, inferred_config,
                                 write_checkpoint_streaming)
 from analysis.io.safe_read import REGULAR_HINT, NotRegularFileError, read_regular_bytes
@@ -322,7 +323,7 @@ def run_interpolation(comb: Combination, out_dir: str | Path | None, *, force: b
                       compute_dtype: torch.dtype = torch.float32,
                       diagnostics_of: tuple["Checkpoint", "Checkpoint", "Checkpoint | None"] | None = None,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      progress: Callable[[int, int], None] | None = None) -> InterpolationReport:
+                      progress: "Progress | None" = None) -> InterpolationReport:
     """Write the combination to `out_dir` (if given) and/or gather diagnostics of (base, A, B) in the same
     pass. Inputs are never written to; the output is atomic (see `writer`)."""
     from analysis.io.alignment import require_same_model
@@ -375,7 +376,7 @@ def run_interpolation(comb: Combination, out_dir: str | Path | None, *, force: b
         total = len(comb.target.keys())
         for i, _ in enumerate(stream, 1):
             if progress is not None:
-                progress(i, total)
+                progress(i, total, "diagnostics")
     diag = None
     if stats is not None:
         base, a, b = diagnostics_of  # type: ignore[misc]

@@ -19,8 +19,10 @@ import torch
 
 from analysis.deltas.delta import KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies
 from analysis.errors import AlignmentError, DiffractError, LayoutError, RewindListError
+from analysis.progress import Cancel, Progress, check
 from analysis.edit.rewind_list import (GQA_POLICIES, Architecture, CheckpointRef, HeadEntry, Pattern, RewindList,
-                                  check_fresh, tool_version, validate_rewind_list)
+                                  check_fresh, validate_rewind_list)
+from analysis.run.provenance import tool_version
 from analysis.io.writer import (DEFAULT_MAX_SHARD_BYTES, RawBytes, TensorSpec, WriteResult, inferred_config,
                              safetensors_data_offsets, write_checkpoint_streaming)
 
@@ -53,7 +55,7 @@ class RewindInputs:
 
 def rewind_inputs(base: "Checkpoint", target: "Checkpoint", reference: "Checkpoint | None" = None, *,
                   layout: "ModelLayout | None" = None, dtype: torch.dtype = torch.float32,
-                  progress: Callable[[int, int], None] | None = None) -> RewindInputs:
+                  progress: "Progress | None" = None, cancel: "Cancel | None" = None) -> RewindInputs:
     """Head energies of target−base (and reference−base, with their per-head A2) in one read per projection."""
     from analysis.deltas.agreement import a2_cosine, head_stack
     from analysis.io.alignment import require_same_model
@@ -90,7 +92,8 @@ def rewind_inputs(base: "Checkpoint", target: "Checkpoint", reference: "Checkpoi
         if agreement is not None:
             agreement[layer] = a2_cosine(head_stack(deltas[0], layout), head_stack(deltas[1], layout))
         if progress is not None:
-            progress(layer + 1, L)
+            progress(layer + 1, L, f"head energies, layer {layer}")
+        check(cancel)
     scores = []
     for parts in de:
         d_tot = sum(parts.values(), torch.zeros(L, H, dtype=torch.float64))
@@ -248,7 +251,7 @@ def plan_rewind(base: "Checkpoint", target: "Checkpoint", *, pattern: str = "gre
                 reference: "Checkpoint | None" = None, heads: Sequence[tuple[int, int]] | None = None,
                 score: str = "rel_frob", gqa_policy: str = "group", exclude_kv: bool = False,
                 variant: str = "lowest", inputs: RewindInputs | None = None, seed: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> RewindList:
+                progress: "Progress | None" = None) -> RewindList:
     """A validated rewind list for `target` against `base` (SPEC §6); pass `inputs` to skip the read pass."""
     if inputs is None:
         inputs = rewind_inputs(base, target, reference if pattern == "reference" else None, progress=progress)
@@ -429,7 +432,7 @@ def rewound_tensors(base: "Checkpoint", target: "Checkpoint", edits: dict[str, l
 
 def apply_rewind(rl: RewindList, out_dir: str | Path, *, force: bool = False, source: str | Path | None = None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 progress: Callable[[int, int], None] | None = None) -> WriteResult:
+                 progress: "Progress | None" = None) -> WriteResult:
     """Write the rewound target to `out_dir` (safetensors shards + index, config/tokenizer copied), never
     touching the inputs; a stale list is refused unless `force` (which also replaces an existing output)."""
     from analysis.io.alignment import require_same_model

@@ -125,15 +125,6 @@ class RewindList:
         return out
 
 
-def tool_version() -> str:
-    """`diffract-tui X.Y.Z` for `created_by`."""
-    try:
-        from diffract_tui import __version__
-    except Exception:  # pragma: no cover - analysis/ may be used without the UI package
-        __version__ = "0.0.0"
-    return f"diffract-tui {__version__}"
-
-
 # --------------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from analysis.io.atomic import (left_by_dead_process, owner_tag, process_umask, 
                                 write_error)
 from analysis.errors import DiffractError
 from analysis.io.guard import refuse_input_overlap
+from analysis.progress import Progress
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size ("5GB")
 INDEX_NAME = "model.safetensors.index.json"
@@ -272,7 +273,7 @@ def _check_matches(spec: TensorSpec, name: str, t: Payload) -> None:
 
 
 def _write_shards(tmp: Path, specs: Sequence[TensorSpec], stream: Iterator[tuple[str, Payload]],
-                  max_shard_bytes: int, progress: Callable[[int, int], None] | None,
+                  max_shard_bytes: int, progress: "Progress | None",
                   shard_metadata: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
     """Write every shard: header first (from the specs), then each tensor's bytes straight to the file."""
     if len({s.raw_name for s in specs}) != len(specs):
@@ -297,7 +298,7 @@ def _write_shards(tmp: Path, specs: Sequence[TensorSpec], stream: Iterator[tuple
                 weight_map[spec.raw_name] = fname
                 done += spec.nbytes
                 if progress is not None:
-                    progress(done, total)
+                    progress(done, total, spec.raw_name)
     extra = next(stream, None)
     if extra is not None:
         raise DiffractError(f"tensor stream has an unplanned tensor {extra[0]!r}", hint="this is a bug; please report it")
@@ -305,7 +306,7 @@ def _write_shards(tmp: Path, specs: Sequence[TensorSpec], stream: Iterator[tuple
 
 
 def _write_unplanned(tmp: Path, stream: Iterator[tuple[str, torch.Tensor]], max_shard_bytes: int,
-                     progress: Callable[[int, int], None] | None,
+                     progress: "Progress | None",
                      shard_metadata: dict[str, str] | None) -> tuple[list[str], dict[str, str], int]:
     """Without specs, tensors go to a per-shard data file first; each shard is then header + data
     (one extra copy on disk, still one tensor in memory)."""
@@ -338,7 +339,7 @@ def _write_unplanned(tmp: Path, stream: Iterator[tuple[str, torch.Tensor]], max_
             size += spec.nbytes
             done += spec.nbytes
             if progress is not None:
-                progress(done, done)
+                progress(done, None, name)
     finally:
         if data_fh is not None:
             data_fh.close()
@@ -439,7 +440,7 @@ def write_checkpoint_streaming(
     specs: Sequence[TensorSpec] | None = None,
     index_metadata: dict[str, object] | None = None,
     shard_metadata: dict[str, str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: "Progress | None" = None,
     fsync: bool = False,
     other_inputs: Sequence[str | Path] = (),
     config_defaults: Mapping[str, object] | None = None,

@@ -25,8 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.spectral.backend import SpectralSettings
     from analysis.io.checkpoint import Checkpoint
 
-ProgressFn = Callable[[int, int, str], None]
-CancelFn = Callable[[], bool]
+from analysis.progress import Cancel as CancelFn, Progress as ProgressFn
 
 HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 ID_COLUMNS: tuple[str, ...] = (
@@ -67,10 +66,6 @@ class _TensorMemo:
 
     def release(self) -> None:
         self._tensors.clear()
-
-
-def _torch_dtype(settings: "SpectralSettings") -> torch.dtype:
-    return {"float32": torch.float32, "float64": torch.float64}[settings.dtype]
 
 
 def _matrix(reader: Any, module: "Module", dtype: torch.dtype) -> torch.Tensor:
@@ -379,13 +374,10 @@ def _compute_heads(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], 
 def _context(checkpoints: Sequence["Checkpoint"], settings: "SpectralSettings", cache: Cache | None,
              layouts: Sequence["ModelLayout"] | None = None) -> _Context:
     from analysis.model.architecture import layout_of
-    from analysis.spectral.backend import resolve_device
-
-    device = resolve_device(settings.device)
     if layouts is None:
         layouts = [layout_of(c) for c in checkpoints]
     return _Context(checkpoints=list(checkpoints), layouts=list(layouts), settings=settings, cache=cache,
-                    dtype=_torch_dtype(settings), device_kind=device.type, settings_key=settings.key())
+                    dtype=settings.torch_dtype, device_kind=settings.torch_device.type, settings_key=settings.key())
 
 
 def plan_size(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: bool = False,

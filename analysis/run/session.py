@@ -3,18 +3,21 @@ per-node spectra and deltas computed on demand through the persistent cache.
 
 A *node* is anything with `layer` (int | None), `module` (str | None) and `head` (int | None) — the app's
 `NodeRef`. Nothing here imports textual: the app runs these methods in worker threads and passes
-`progress(fraction, text)` and `cancelled()` callables; `Cancelled` ends a computation early.
+`progress(done, total, text)` and `cancelled()` callables (`analysis.progress`); `Cancelled` ends a
+computation early.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from analysis.errors import DiffractError
+from analysis.progress import Cancel, Cancelled, Progress, never as _never, no_progress as _no_progress
+from analysis.run.grids import MEAN, WHOLE, AgreementGrids, HeadGrid, MagnitudeGrids, unchanged_cells  # result types
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -23,10 +26,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.spectral.backend import SpectralSettings
     from analysis.run.cache import Cache
     from analysis.io.checkpoint import Checkpoint
+    from analysis.edit.rewind import RewindInputs, RewindPreview  # result types the views receive
     from analysis.edit.rewind_list import RewindList
+    from analysis.io.writer import WriteResult
 
-ProgressFn = Callable[[float | None, str], None]
-CancelledFn = Callable[[], bool]
+ProgressFn = Progress        # the names the views use
+CancelledFn = Cancel
 HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 AGREEMENT_KS_MAX = 24  # points on the agreement-vs-k curve (log-spaced k)
 UI_OPERATION_VERSION = 1  # bump when what the session stores under its cache keys changes
@@ -36,10 +41,6 @@ class Node(Protocol):
     layer: int | None
     module: str | None
     head: int | None
-
-
-class Cancelled(Exception):
-    """A computation stopped because its caller cancelled it."""
 
 
 class CacheMiss(Exception):
@@ -78,14 +79,6 @@ class ProbeCache:
 
     def put_array(self, key: str, value: Any) -> None:
         raise CacheMiss(key)
-
-
-def _no_progress(fraction: float | None, text: str) -> None:
-    return None
-
-
-def _never() -> bool:
-    return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,7 +201,7 @@ class ExplorerSession:
         """
         from analysis.io.alignment import require_same_model
         from analysis.model.architecture import layout_of
-        from analysis.spectral.backend import SpectralSettings, resolve_device
+        from analysis.spectral.backend import SpectralSettings
         from analysis.run.cache import Cache
         from analysis.io.checkpoint import open_checkpoint
         from analysis.io.labels import unique_labels
@@ -220,7 +213,7 @@ class ExplorerSession:
         if len(labels) != len(paths):
             raise ValueError("one label (or None) per path")
         settings = settings or SpectralSettings(device=device)
-        resolved_device = resolve_device(settings.device)
+        resolved_device = settings.torch_device   # resolved once, carried by the settings
         checkpoints: list[Checkpoint] = []
         try:
             for path, label in zip(paths, unique_labels(paths, labels)):
@@ -345,7 +338,7 @@ class ExplorerSession:
 
         from analysis.model.heads import head_slice, module_matrix
 
-        dtype = getattr(torch, self.settings.dtype)
+        dtype = self.settings.torch_dtype
         if node.head is not None:
             return head_slice(ckpt, self.layout, node.layer, node.module, node.head, dtype=dtype)
         module = self.module_of(node)
@@ -397,9 +390,9 @@ class ExplorerSession:
         for i, ckpt in enumerate(having):
             if cancelled():
                 raise Cancelled()
-            progress(i / n, f"spectrum of {ckpt.label}")
+            progress(i, n, f"spectrum of {ckpt.label}")
             spectra.append(self._checkpoint_spectrum(ckpt, node, probe=False))
-        progress(1.0, "done")
+        progress(n, n, "done")
         return SpectrumResult(self.describe(node), _shape(spectra[0].metrics), tuple(spectra))
 
     # ---- evolution along a series (SPEC §10) --------------------------------------------------
@@ -530,9 +523,9 @@ class ExplorerSession:
         for i, target in enumerate(targets):
             if cancelled():
                 raise Cancelled()
-            progress(i / n, f"delta of {target.label}")
+            progress(i, n, f"delta of {target.label}")
             deltas.append(self._target_delta(target, node, probe=False))
-        progress(1.0, "done")
+        progress(n, n, "done")
         return DeltaResult(self.describe(node), _shape(deltas[0].metrics), tuple(deltas))
 
     # ---- badges ----------------------------------------------------------------------------
@@ -572,13 +565,10 @@ class ExplorerSession:
 
         base, first = self.base.label, self.targets[0].label
 
-        def scan_progress(done: int, total: int, label: str) -> None:
-            progress(done / max(1, total), f"{done}/{total} {label}")
-
         count = 0
         failures: list = []  # a NaN/inf matrix is skipped (its node shows the error), the rest still cached
         for row in scan(self.checkpoints, heads=self.layout.heads_available, delta=True, settings=self.settings,
-                        cache=self.cache, progress=scan_progress, cancel=cancelled, on_failure=failures.append):
+                        cache=self.cache, progress=progress, cancel=cancelled, on_failure=failures.append):
             count += 1
             if on_node is None:
                 continue
@@ -595,6 +585,100 @@ class ExplorerSession:
             raise DiffractError(f"{len(failures)} matrices could not be computed, the other {count} are cached; "
                                 f"first: {failures[0].describe()}", hint="check that checkpoint for overflowed weights")
         return count
+
+    def scan_rows(self, progress: ProgressFn = _no_progress, cancelled: CancelledFn = _never) -> "Iterator[dict]":
+        """Every scan row (matrices, heads, deltas) of the session's checkpoints through the cache, as
+        `analysis.run.scan.scan` yields them; stops early (no error) when `cancelled()` turns True."""
+        from analysis.run.scan import scan
+
+        yield from scan(self.checkpoints, heads=self.layout.heads_available, delta=True, settings=self.settings,
+                        cache=self.cache, progress=progress, cancel=cancelled)
+
+    # ---- heads grids (analysis.run.grids; cached under the session's dtype and device kind) ----
+    def head_energies(self, target_index: int, progress: ProgressFn = _no_progress,
+                      cancelled: CancelledFn = _never) -> "RewindInputs":
+        """Per-projection head energies of one target against the base (what r and the rewind plans use)."""
+        from analysis.run.grids import head_energy_inputs
+
+        return head_energy_inputs(self, target_index, progress, cancelled)
+
+    def magnitude_grids(self, target_index: int, progress: ProgressFn = _no_progress,
+                        cancelled: CancelledFn = _never) -> "MagnitudeGrids":
+        """Update magnitude r of every head, whole head and per projection, for one target."""
+        from analysis.run.grids import update_magnitude_grids
+
+        return update_magnitude_grids(self, target_index, progress, cancelled)
+
+    def a1_grid(self, target_index: int, projection: str, progress: ProgressFn = _no_progress,
+                cancelled: CancelledFn = _never) -> "HeadGrid":
+        """A1 singular-vector agreement of W₀ and W_d of every head slice of one projection."""
+        from analysis.run.grids import a1_grid
+
+        return a1_grid(self, target_index, projection, progress, cancelled)
+
+    def agreement_grids(self, progress: ProgressFn = _no_progress,
+                        cancelled: CancelledFn = _never) -> "AgreementGrids":
+        """A2/A3 domain agreement of every pair of targets (and their mean), with classification counts."""
+        from analysis.run.grids import agreement_grids
+
+        return agreement_grids(self, progress, cancelled)
+
+    def alpha_grid(self, ckpt_index: int, projection: str, progress: ProgressFn = _no_progress,
+                   cancelled: CancelledFn = _never) -> "HeadGrid":
+        """Power-law α of every head slice of one projection in one checkpoint (the scan's cache entries)."""
+        from analysis.run.grids import alpha_grid
+
+        return alpha_grid(self, ckpt_index, projection, progress, cancelled)
+
+    # ---- rewind (analysis.edit.rewind) -------------------------------------------------------
+    def rewind_inputs(self, target_index: int, reference_index: int | None = None,
+                      progress: ProgressFn = _no_progress, cancelled: CancelledFn = _never) -> "RewindInputs":
+        """Head energies of a target (cached), and with a reference also the reference's and their A2."""
+        if reference_index is None:
+            return self.head_energies(target_index, progress, cancelled)
+        from analysis.edit.rewind import rewind_inputs
+
+        return rewind_inputs(self.base, self.targets[target_index], self.targets[reference_index],
+                             layout=self.layout, progress=progress, cancel=cancelled)
+
+    def rewind_head_count(self, fraction: float) -> int:
+        """⌊f·L·H⌋ heads a fraction chooses (SPEC §6)."""
+        from analysis.edit.rewind import head_count
+        from analysis.edit.rewind_list import Architecture
+
+        return head_count(fraction, Architecture.from_layout(self.layout))
+
+    def rewind_plan(self, inputs: "RewindInputs", target_index: int, reference_index: int | None, *,
+                    pattern: str, fraction: float | None, heads: Sequence[tuple[int, int]] | None,
+                    gqa_policy: str, variant: str) -> tuple["RewindList", "RewindPreview"]:
+        """The SPEC §6 list a pattern chooses from `inputs` (score `rel_frob`), and its preview."""
+        from analysis.edit.rewind import checkpoint_ref, plan_from_inputs, preview
+
+        reference = self.targets[reference_index] if reference_index is not None else None
+        rl = plan_from_inputs(inputs, base=checkpoint_ref(self.base), target=checkpoint_ref(self.targets[target_index]),
+                              reference=checkpoint_ref(reference) if reference is not None else None,
+                              pattern=pattern, fraction=fraction, heads=heads, score="rel_frob",
+                              gqa_policy=gqa_policy, variant=variant)
+        return rl, preview(rl, inputs)
+
+    def write_rewind_list(self, rl: "RewindList", path: str | Path) -> Path:
+        """Write a rewind list atomically (SPEC §6 JSON)."""
+        from analysis.edit.rewind_list import write_rewind_list
+
+        return write_rewind_list(rl, Path(path).expanduser())
+
+    def apply_rewind(self, rl: "RewindList", out_dir: str | Path, progress: ProgressFn = _no_progress,
+                     cancelled: CancelledFn = _never, force: bool = False) -> "WriteResult":
+        """Write the rewound target into a new folder (`analysis.edit.rewind.apply_rewind`; `force` replaces an
+        existing one, which the app asks about first); `Cancelled` stops it between tensors and leaves no output."""
+        from analysis.edit.rewind import apply_rewind
+        from analysis.progress import check
+
+        def step(done: int, total: int | None, text: str) -> None:
+            check(cancelled)
+            progress(done, total, text)
+
+        return apply_rewind(rl, out_dir, force=force, progress=step)
 
     # ---- marks and export ------------------------------------------------------------------
     def toggle_mark(self, layer: int, head: int) -> bool:
@@ -616,7 +700,8 @@ class ExplorerSession:
         Scores are left null: a manual choice is not ranked, and scoring would read every projection.
         """
         from analysis.edit.rewind import checkpoint_ref, entries_for_heads
-        from analysis.edit.rewind_list import Architecture, Pattern, RewindList, tool_version, validate_rewind_list
+        from analysis.edit.rewind_list import Architecture, Pattern, RewindList, validate_rewind_list
+        from analysis.run.provenance import tool_version
 
         if not self.marks:
             raise DiffractError("no heads are marked", hint="press space on a q or o head to mark it")
@@ -632,9 +717,7 @@ class ExplorerSession:
 
     def export_marks(self, path: str | Path, target_index: int = 0) -> Path:
         """Write the marked heads' rewind list atomically to `path`; the marks count as saved."""
-        from analysis.edit.rewind_list import write_rewind_list
-
-        out = write_rewind_list(self.rewind_list(target_index), Path(path).expanduser())
+        out = self.write_rewind_list(self.rewind_list(target_index), path)
         self.marks_saved = frozenset(self.marks)
         return out
 

@@ -57,12 +57,18 @@ class SpectralSettings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The compute dtype as torch's (the one name → dtype map of the engine: DTYPES)."""
         return DTYPES[self.dtype]
+
+    @functools.cached_property
+    def torch_device(self) -> torch.device:
+        """The device string resolved once (`resolve_device`) and carried with the settings."""
+        return resolve_device(self.device)
 
     def key(self) -> dict:
         """Settings that change numbers, for cache keys and provenance: the device KIND, not its index."""
         key = asdict(self)
-        key["device"] = resolve_device(self.device).type
+        key["device"] = self.torch_device.type
         return key
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.spectral.backend import SpectralSettings, chunks, clamp_threads, memory_budget, resolve_device
+from analysis.spectral.backend import SpectralSettings, chunks, clamp_threads, memory_budget
 from analysis.errors import DiffractError
 from analysis.spectral.powerlaw_fit import PowerLawFit, fit_power_law, fit_tails
 from analysis.spectral.rmt import marchenko_pastur, mp_density, permuted, tracy_widom, w1_rand_distance
@@ -124,7 +124,7 @@ def eigenvalues(W: torch.Tensor, settings: SpectralSettings | None = None) -> to
 
 def _eigenvalues(W: torch.Tensor, settings: SpectralSettings) -> torch.Tensor:
     """`eigenvalues` without the input check, for matrices derived from checked ones (the permuted null)."""
-    device = resolve_device(settings.device)
+    device = settings.torch_device
     if device.type == "cpu":
         clamp_threads()          # PERF-NOTES: more threads than physical cores is 3–10× slower in LAPACK
     m, n = W.shape[-2:]
@@ -236,7 +236,7 @@ def _metrics_batch(Ws: torch.Tensor, lam: torch.Tensor, settings: SpectralSettin
     """Every SPEC §3 metric for a (B, m, n) stack whose ascending ESDs (B, M) are given."""
     m, n = Ws.shape[-2:]
     N, M = max(m, n), min(m, n)
-    device = resolve_device(settings.device)
+    device = settings.torch_device
     fit = fit_power_law(lam, xmin_rule=settings.xmin_rule)
     null = _eigenvalues(permuted(Ws.to(device), settings.seed), null_settings(settings)).cpu().numpy()
     lam_np = fit.evals.cpu().numpy()

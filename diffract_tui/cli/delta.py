@@ -128,10 +128,13 @@ def delta_command(
     from analysis.spectral.backend import apply_thread_policy
 
     apply_thread_policy(threads)
-    options = DeltaOptions(heads=heads, dtype=dtype, device=device, top_k=top_k, a3_k=a3_k, spectral=spectral,
-                           exclude_kv=exclude_kv, agreement_metric=agreement_metric,
-                           agreement_threshold=agreement_threshold, magnitude_threshold=magnitude_threshold)
-    options.torch_dtype()
+    from analysis.spectral.backend import SpectralSettings
+
+    options = DeltaOptions(heads=heads, top_k=top_k, a3_k=a3_k, spectral=spectral, exclude_kv=exclude_kv,
+                           agreement_metric=agreement_metric, agreement_threshold=agreement_threshold,
+                           magnitude_threshold=magnitude_threshold,
+                           settings=SpectralSettings(device=device, dtype=dtype))
+    options.settings.torch_device   # an unusable --device is one line before any work
     cache = None
     if not no_cache:
         from analysis.run.cache import Cache

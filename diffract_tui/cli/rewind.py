@@ -11,8 +11,8 @@ from typing import Annotated, Any, Callable, Iterator, List, Optional
 import typer
 
 @contextmanager
-def stderr_progress(description: str, unit_bytes: bool = False) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr; yields a `progress(done, total)` callback."""
+def stderr_progress(description: str, unit_bytes: bool = False) -> Iterator[Callable[[int, "int | None", str], None]]:
+    """A rich progress bar on stderr; yields the engine's `progress(done, total, text)` callback (`analysis.progress`)."""
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TransferSpeedColumn)
@@ -25,7 +25,7 @@ def stderr_progress(description: str, unit_bytes: bool = False) -> Iterator[Call
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=None)
 
-        def update(done: int, total: int) -> None:
+        def update(done: int, total: int | None, text: str = "") -> None:
             bar.update(task, completed=done, total=total)
 
         yield update

@@ -100,7 +100,7 @@ class NodeView(Widget):
     """Base of a view that computes something about the node under the cursor.
 
     Subclasses implement `accepts`, `cached`, `compute` and `show_result` (and `show_waiting`,
-    `show_message`). `compute` runs in a thread; it receives `progress(fraction, text)` and
+    `show_message`). `compute` runs in a thread; it receives `progress(done, total, text)` and
     `cancelled()` callables and should call `cancelled()` between steps.
     """
 
@@ -121,7 +121,7 @@ class NodeView(Widget):
         """The result for `node` when it is already known (fast, on the UI thread), else None."""
         return None
 
-    def compute(self, node: NodeRef, progress: Callable[[float | None, str], None],
+    def compute(self, node: NodeRef, progress: Callable[[int, int | None, str], None],
                 cancelled: Callable[[], bool]) -> Any:
         """Compute the result for `node` (runs in a worker thread)."""
         raise NotImplementedError

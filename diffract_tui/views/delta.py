@@ -93,7 +93,7 @@ class DeltaView(ChartView):
     def cached(self, node: NodeRef) -> Any | None:
         return self.app.session.cached_delta(node)
 
-    def compute(self, node: NodeRef, progress: Callable[[float | None, str], None],
+    def compute(self, node: NodeRef, progress: Callable[[int, int | None, str], None],
                 cancelled: Callable[[], bool]) -> Any:
         return self.app.session.delta(node, progress=progress, cancelled=cancelled)
 

@@ -6,23 +6,23 @@ of each head slice. `d` cycles what is compared (base→target, a domain pair, o
 the projection (whole head or q/k/v/o), `z` a log colour scale. Arrows/hjkl move over cells once the grid
 has focus (tab), Enter opens the head in the tree, space marks it.
 
-The whole-model passes run in a thread worker through the engine (`analysis.edit.rewind.rewind_inputs` for
-head energies, `analysis.deltas.agreement.domain_agreement`, `analysis.deltas.delta.batched_delta_metrics`,
-`analysis.run.scan.node_metrics`) and their grids are kept in the session's persistent cache.
+The grids come from the engine through the session (`ExplorerSession.magnitude_grids`, `a1_grid`,
+`agreement_grids`, `alpha_grid`, computed in `analysis.run.grids` and kept in the session's persistent cache);
+this view only runs them in its worker and draws them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Label
 
-from analysis.run.session import Cancelled
+from analysis.run.session import HEAD_PROJECTIONS as PROJECTIONS, MEAN, WHOLE
+from analysis.run.session import unchanged_cells as engine_unchanged_cells
 from diffract_tui.messages import OpenNode, ToggleMark
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
@@ -30,13 +30,9 @@ from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 from diffract_tui.widgets.heatmap import Heatmap
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.edit.rewind import RewindInputs
     from analysis.run.session import ExplorerSession
 
 KEY_HINT = "keys: m metric · d pair · p proj · z log · tab grid⇄tree · enter open · space mark"
-UI_GRID_VERSION = 1          # bump when what these cache entries hold changes
-PROJECTIONS = ("q", "k", "v", "o")
-WHOLE = "all"
 
 METRICS: tuple[str, ...] = ("r", "a1", "a2", "a3", "alpha")
 METRIC_TITLES = {
@@ -50,190 +46,13 @@ METRIC_SHORT = {"r": "r", "a1": "A1", "a2": "A2", "a3": "A3", "alpha": "α"}
 
 
 # ------------------------------------------------------------------------------------------------
-# Engine calls with the session's persistent cache (also used by the Rewind view)
-# ------------------------------------------------------------------------------------------------
-
-
-def _key(session: "ExplorerSession", fingerprints: list[str], operation: str, **extra: Any) -> str:
-    return session.cache.key(fingerprint=fingerprints, tensor="attention-heads", slice=extra or None,
-                             operation=f"ui/{operation}/v{UI_GRID_VERSION}", settings=session.settings.key(),
-                             dtype="float32", device_kind="cpu")
-
-
-def _layer_progress(progress: ProgressFn, text: str) -> Callable[[int, int], None]:
-    def step(done: int, total: int) -> None:
-        progress(done / max(1, total), f"{text} {done}/{total} layers")
-    return step
-
-
-def head_energy_inputs(session: "ExplorerSession", target_index: int, progress: ProgressFn) -> "RewindInputs":
-    """Per-projection head energies of target − base (`analysis.edit.rewind.rewind_inputs`, no reference), cached
-    on disk as a (8, L, H) float64 array; the reconstruction is exact, so plans match `rewind plan`."""
-    import torch
-
-    from analysis.deltas.delta import HeadScores, scores_from_energies
-    from analysis.edit.rewind import RewindInputs, rewind_inputs
-    from analysis.edit.rewind_list import Architecture
-
-    base, target = session.base, session.targets[target_index]
-    key = _key(session, [base.fingerprint, target.fingerprint], "head-energies")
-    hit = session.cache.get_array(key)
-    L, H = session.layout.num_layers, session.layout.num_heads
-    if hit is not None and hit.shape == (8, L, H):
-        pde = {p: torch.from_numpy(np.array(hit[i])) for i, p in enumerate(PROJECTIONS)}
-        pbe = {p: torch.from_numpy(np.array(hit[4 + i])) for i, p in enumerate(PROJECTIONS)}
-        d_tot = sum(pde.values(), torch.zeros(L, H, dtype=torch.float64))
-        b_tot = sum(pbe.values(), torch.zeros(L, H, dtype=torch.float64))
-        hs = HeadScores(scores=scores_from_energies(d_tot, b_tot), delta_energy=d_tot, base_energy=b_tot,
-                        projection_delta_energy=pde, projection_base_energy=pbe)
-        return RewindInputs(architecture=Architecture.from_layout(session.layout), target=hs)
-    inputs = rewind_inputs(base, target, None, layout=session.layout,
-                           progress=_layer_progress(progress, f"head energies of {target.label}"))
-    hs = inputs.target
-    arr = np.stack([hs.projection_delta_energy[p].numpy() for p in PROJECTIONS]
-                   + [hs.projection_base_energy[p].numpy() for p in PROJECTIONS])
-    session.cache.put_array(key, arr)
-    return inputs
-
-
-def update_magnitude_grids(session: "ExplorerSession", target_index: int, progress: ProgressFn
-                           ) -> dict[str, np.ndarray]:
-    """r per head: whole head (`analysis.edit.rewind.score_grid`, SPEC §4) and per projection √(‖ΔW^P‖²/‖W₀^P‖²)."""
-    from analysis.deltas.delta import scores_from_energies
-    from analysis.edit.rewind import score_grid
-
-    hs = head_energy_inputs(session, target_index, progress).target
-    out = {WHOLE: score_grid(hs, "rel_frob").numpy()}
-    for p in PROJECTIONS:
-        out[p] = scores_from_energies(hs.projection_delta_energy[p], hs.projection_base_energy[p]).numpy()
-    return out
-
-
-def _per_query_head(values: np.ndarray, proj: str, session: "ExplorerSession") -> np.ndarray:
-    """(…, n) values of the n heads of a projection → (…, H) per query head (k/v: the value of g(h))."""
-    if proj in ("q", "o"):
-        return values
-    groups = [session.layout.kv_group(h) for h in range(session.layout.num_heads)]
-    return values[..., groups]
-
-
-def a1_grid(session: "ExplorerSession", target_index: int, proj: str, progress: ProgressFn,
-            cancelled: CancelledFn) -> np.ndarray:
-    """A1 `avg_max_l_agreement` (SPEC §4, all components) of each head slice of W₀ and W_d (L × H)."""
-    from analysis.deltas.delta import batched_delta_metrics
-    from analysis.model.heads import projection_heads
-
-    base, target = session.base, session.targets[target_index]
-    key = _key(session, [base.fingerprint, target.fingerprint], "a1-grid", proj=proj)
-    hit = session.cache.get_array(key)
-    L, H = session.layout.num_layers, session.layout.num_heads
-    if hit is not None and hit.shape == (L, H):
-        return hit
-    out = np.full((L, H), math.nan)
-    for layer in range(L):
-        if cancelled():
-            raise Cancelled()
-        progress(layer / L, f"A1 of {proj} heads, layer {layer}")
-        b = projection_heads(base, session.layout, layer, proj)
-        t = projection_heads(target, session.layout, layer, proj)
-        rows = batched_delta_metrics(b, t, spectral=False, agreement=True)
-        vals = np.array([r["avg_max_l_agreement"] for r in rows], dtype=np.float64)
-        out[layer] = _per_query_head(vals, proj, session)
-    session.cache.put_array(key, out)
-    return out
-
-
-@dataclass(frozen=True)
-class AgreementGrids:
-    """A2/A3 grids of every domain pair (and their mean), whole head and per projection, with the
-    per-head magnitude (mean r over domains) and A3's k and random level."""
-
-    pairs: tuple[tuple[int, int], ...]
-    a2: dict[tuple, dict[str, np.ndarray]]      # pair or "mean" → projection ("all", q, k, v, o) → (L × H)
-    a3: dict[tuple, dict[str, np.ndarray]]
-    magnitude: np.ndarray
-    k: int
-    a3_random: float
-
-
-MEAN = ("mean",)
-
-
-def agreement_grids(session: "ExplorerSession", progress: ProgressFn) -> AgreementGrids:
-    """`analysis.deltas.agreement.domain_agreement` over all targets, cached as arrays (pairs+mean × 2 × 5 × L × H)."""
-    targets = session.targets
-    n = len(targets)
-    pairs = tuple((i, j) for i in range(n) for j in range(i + 1, n))
-    fps = [session.base.fingerprint] + [t.fingerprint for t in targets]
-    key = _key(session, fps, "domain-agreement")
-    meta_key = _key(session, fps, "domain-agreement-meta")
-    import torch
-
-    L, H = session.layout.num_layers, session.layout.num_heads
-    names = (WHOLE,) + PROJECTIONS
-    hit, meta = session.cache.get_array(key), session.cache.get_json(meta_key)
-    if hit is None or meta is None or hit.shape != (len(pairs) + 2, 2, 5, L, H):
-        from analysis.deltas.agreement import domain_agreement
-
-        da = domain_agreement(session.base, targets, session.layout,
-                              progress=_layer_progress(progress, "A2/A3 of the domains"))
-        arr = np.full((len(pairs) + 2, 2, 5, L, H), math.nan)
-        for i, pa in enumerate(da.pairs):
-            arr[i, 0, 0], arr[i, 1, 0] = pa.a2.numpy(), pa.a3.numpy()
-            for j, p in enumerate(PROJECTIONS, 1):
-                if p in pa.a2_projection:
-                    arr[i, 0, j], arr[i, 1, j] = pa.a2_projection[p].numpy(), pa.a3_projection[p].numpy()
-        arr[len(pairs), 0, 0], arr[len(pairs), 1, 0] = da.mean_a2.numpy(), da.mean_a3.numpy()
-        for j, p in enumerate(PROJECTIONS, 1):  # per-projection means over the pairs (torch: NaN-safe)
-            if all(p in pa.a2_projection for pa in da.pairs):
-                arr[len(pairs), 0, j] = torch.stack([pa.a2_projection[p] for pa in da.pairs]).nanmean(0).numpy()
-                arr[len(pairs), 1, j] = torch.stack([pa.a3_projection[p] for pa in da.pairs]).nanmean(0).numpy()
-        arr[len(pairs) + 1, 0, 0] = da.magnitude.numpy()
-        meta = {"k": int(da.k), "a3_random": float(da.a3_random)}
-        session.cache.put_array(key, arr)
-        session.cache.put_json(meta_key, meta)
-        hit = arr
-    a2 = {pr: {nm: hit[i, 0, j] for j, nm in enumerate(names)} for i, pr in enumerate(pairs + (MEAN,))}
-    a3 = {pr: {nm: hit[i, 1, j] for j, nm in enumerate(names)} for i, pr in enumerate(pairs + (MEAN,))}
-    return AgreementGrids(pairs=pairs, a2=a2, a3=a3, magnitude=hit[len(pairs) + 1, 0, 0], k=int(meta["k"]),
-                          a3_random=float(meta["a3_random"]))
-
-
-def alpha_grid(session: "ExplorerSession", ckpt_index: int, proj: str, progress: ProgressFn,
-               cancelled: CancelledFn) -> tuple[np.ndarray, bool]:
-    """`pl_alpha` of every head slice of one projection in one checkpoint (`analysis.run.scan.node_metrics`,
-    sharing the scan's cache entries); returns the (L × H) grid and whether every fit was reliable."""
-    from analysis.run.scan import node_metrics
-
-    ckpt = session.checkpoints[ckpt_index]
-    layout = session.layout
-    L = layout.num_layers
-    n = layout.num_heads if proj in ("q", "o") else layout.num_kv_heads
-    out = np.full((L, n), math.nan)
-    reliable = True
-    for layer in range(L):
-        for h in range(n):
-            if cancelled():
-                raise Cancelled()
-            progress((layer * n + h) / (L * n), f"α of {ckpt.label} L{layer} {proj} h{h}")
-            row = node_metrics(ckpt, layout, layer, proj, h, settings=session.settings, cache=session.cache)
-            v = row.get("pl_alpha")
-            out[layer, h] = math.nan if v is None else float(v)
-            reliable = reliable and bool(row.get("pl_alpha_reliable", True))
-    return _per_query_head(out, proj, session), reliable
-
-
-# ------------------------------------------------------------------------------------------------
 # The view
 # ------------------------------------------------------------------------------------------------
 
 
 def unchanged_cells(c: "GridChoice", grid: np.ndarray) -> list[tuple[int, int]]:
-    """Heads the target left bit-identical to the base, from an update-magnitude grid: r = √(‖ΔW‖²/‖W₀‖²) is
-    exactly 0 only when every entry of the head's slices is equal (other metrics carry no such flag)."""
-    if c.metric != "r":
-        return []
-    return [(int(l), int(h)) for l, h in zip(*np.nonzero(np.asarray(grid) == 0))]
+    """Heads the target left bit-identical to the base: only the update-magnitude grid carries that flag."""
+    return engine_unchanged_cells(grid) if c.metric == "r" else []
 
 
 @dataclass(frozen=True)
@@ -396,35 +215,29 @@ class HeadsGridView(EngineWork, NodeView):
         s = self.session
         out: dict[GridChoice, tuple[np.ndarray, str]] = {}
         if c.metric == "r":
-            for proj, grid in update_magnitude_grids(s, c.source, progress).items():
+            for proj, grid in s.magnitude_grids(c.source, progress, cancelled).grids.items():
                 out[GridChoice("r", c.source, proj)] = (grid, "")
         elif c.metric == "a1":
-            grid = a1_grid(s, c.source, c.projection, progress, cancelled)
-            note = "k/v: value of the head's kv group" if c.projection in ("k", "v") else ""
-            out[c] = (grid, note)
+            hg = s.a1_grid(c.source, c.projection, progress, cancelled)
+            out[c] = (hg.values, "k/v: value of the head's kv group" if hg.kv_grouped else "")
         elif c.metric in ("a2", "a3"):
-            from analysis.deltas.agreement import classify
-            import torch
-
-            ag = agreement_grids(s, progress)
+            ag = s.agreement_grids(progress, cancelled)
             for metric in ("a2", "a3"):
                 grids = ag.a2 if metric == "a2" else ag.a3
                 for source, per_proj in grids.items():
                     for proj, grid in per_proj.items():
                         note = f"k={ag.k}, random {ag.a3_random:.3g}" if metric == "a3" else ""
                         if proj == WHOLE:
-                            cls = classify(torch.from_numpy(np.array(grid)), torch.from_numpy(np.array(ag.magnitude)),
-                                           agreement_metric=metric)
-                            counts = cls.counts()
+                            counts = ag.counts[(metric, source)]
                             note = (note + "  " if note else "") + (
                                 f"agnostic {counts['agnostic']} · specific {counts['specific']} · "
                                 f"inert {counts['inert']} (median thresholds)")
                         out[GridChoice(metric, source, proj)] = (np.array(grid), note)
         else:
-            grid, reliable = alpha_grid(s, c.source, c.projection, progress, cancelled)
-            note = "" if reliable else f"greyed fits: head slices have {s.layout.head_dim} eigenvalues (< 100)"
-            out[c] = (grid, note)
-        progress(1.0, "done")
+            hg = s.alpha_grid(c.source, c.projection, progress, cancelled)
+            note = "" if hg.reliable else f"greyed fits: head slices have {s.layout.head_dim} eigenvalues (< 100)"
+            out[c] = (hg.values, note)
+        progress(1, 1, "done")
         return out
 
     def _delivered(self, c: GridChoice, grids: dict[GridChoice, tuple[np.ndarray, str]]) -> None:

@@ -26,13 +26,10 @@ from analysis.run.session import Cancelled
 from diffract_tui.messages import MarksChanged
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
-from diffract_tui.views.heads_grid import head_energy_inputs
 from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.edit.rewind import RewindInputs, RewindPreview
-    from analysis.edit.rewind_list import RewindList
-    from analysis.run.session import ExplorerSession
+    from analysis.run.session import ExplorerSession, RewindInputs, RewindList, RewindPreview
 
 PATTERNS: tuple[str, ...] = ("greedy", "manual", "reference")
 GQA_POLICIES: tuple[str, ...] = ("group", "never", "any")
@@ -244,10 +241,7 @@ class RewindView(EngineWork, NodeView):
         arch_heads = self.session.layout.num_layers * self.session.layout.num_heads
         parts = [f"pattern {self.pattern}"]
         if self.pattern != "manual":
-            from analysis.edit.rewind import head_count
-            from analysis.edit.rewind_list import Architecture
-
-            n = head_count(self.fraction, Architecture.from_layout(self.session.layout))
+            n = self.session.rewind_head_count(self.fraction)
             parts.append(f"f {self.fraction:.2f} ({n}/{arch_heads} heads)")
         parts.append(f"target {labels[self.target_index]}")
         if self.pattern == "reference":
@@ -303,24 +297,15 @@ class RewindView(EngineWork, NodeView):
     def inputs_for(self, target_index: int, reference_index: int | None, progress: ProgressFn) -> "RewindInputs":
         """Head energies of the target (cached on disk), plus the reference's and their A2 when asked."""
         if reference_index is None:
-            return head_energy_inputs(self.session, target_index, progress)
+            return self.session.rewind_inputs(target_index, None, progress)
         key = (target_index, reference_index)
         if key not in self._ref_inputs:
-            from analysis.edit.rewind import rewind_inputs
-
-            s = self.session
-            target, reference = s.targets[target_index], s.targets[reference_index]
-
-            def step(done: int, total: int) -> None:
-                progress(done / max(1, total), f"energies of {target.label} and {reference.label} {done}/{total}")
-
-            self._ref_inputs[key] = rewind_inputs(s.base, target, reference, layout=s.layout, progress=step)
+            self._ref_inputs[key] = self.session.rewind_inputs(target_index, reference_index, progress)
         return self._ref_inputs[key]
 
     def make_plan(self, progress: ProgressFn, cancelled: CancelledFn) -> tuple["RewindList", "RewindPreview"]:
         """The list and its preview for the current settings (runs in the worker)."""
         from analysis.errors import DiffractError
-        from analysis.edit.rewind import checkpoint_ref, plan_from_inputs, preview
 
         s = self.session
         pattern, fraction, gqa, variant = self.pattern, self.fraction, self.gqa_policy, self.variant
@@ -334,14 +319,9 @@ class RewindView(EngineWork, NodeView):
         inputs = self.inputs_for(target_index, reference_index, progress)
         if cancelled():
             raise Cancelled()
-        target = s.targets[target_index]
-        reference = s.targets[reference_index] if reference_index is not None else None
-        rl = plan_from_inputs(inputs, base=checkpoint_ref(s.base), target=checkpoint_ref(target),
-                              reference=checkpoint_ref(reference) if reference is not None else None,
-                              pattern=pattern, fraction=None if pattern == "manual" else fraction,
-                              heads=marks if pattern == "manual" else None, score="rel_frob", gqa_policy=gqa,
-                              variant=variant)
-        return rl, preview(rl, inputs)
+        return s.rewind_plan(inputs, target_index, reference_index, pattern=pattern,
+                             fraction=None if pattern == "manual" else fraction,
+                             heads=marks if pattern == "manual" else None, gqa_policy=gqa, variant=variant)
 
     def replan(self) -> None:
         """Recompute the plan and preview for the current settings in the worker."""
@@ -499,7 +479,6 @@ class RewindView(EngineWork, NodeView):
     def export_to(self, path: Path) -> Path | None:
         """Write the current list atomically (SPEC §6 JSON); marks count as saved for the manual pattern."""
         from analysis.errors import DiffractError
-        from analysis.edit.rewind_list import write_rewind_list
 
         rl = self.plan
         if rl is None:
@@ -509,7 +488,7 @@ class RewindView(EngineWork, NodeView):
             self._ask("export", f"{problem}. Write the rewind list to another folder:", str(path))
             return None
         try:
-            out = write_rewind_list(rl, path)
+            out = self.session.write_rewind_list(rl, path)
         except (DiffractError, OSError) as err:
             self.app.notify(str(err).splitlines()[0], title="export failed", severity="error", timeout=8)
             return None
@@ -543,19 +522,16 @@ class RewindView(EngineWork, NodeView):
                         group=APPLY_GROUP, name="rewind apply", exit_on_error=False)
 
     def _apply_work(self, rl: "RewindList", out_dir: Path, force: bool = False) -> None:
-        from analysis.edit.rewind import apply_rewind
-
         worker = get_current_worker()
         app = self.app
 
-        def progress(done: int, total: int) -> None:
-            if worker.is_cancelled:
-                raise Cancelled()
-            app.call_from_thread(app.report_progress, APPLY_GROUP, done / max(1, total),
-                                 f"applying rewind: {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+        def progress(done: int, total: int | None, text: str) -> None:
+            size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total is not None else f"{done / 1e6:.1f} MB"
+            app.call_from_thread(app.report_progress, APPLY_GROUP, None if total is None else done / max(1, total),
+                                 f"applying rewind: {size}")
 
         try:
-            result = apply_rewind(rl, out_dir, force=force, progress=progress)
+            result = self.session.apply_rewind(rl, out_dir, progress, lambda: worker.is_cancelled, force=force)
         except Cancelled:
             app.call_from_thread(self._apply_done, None, "cancelled")
             return

@@ -90,7 +90,7 @@ class SpectrumView(ChartView):
     def cached(self, node: NodeRef) -> Any | None:
         return self.app.session.cached_spectrum(node)
 
-    def compute(self, node: NodeRef, progress: Callable[[float | None, str], None],
+    def compute(self, node: NodeRef, progress: Callable[[int, int | None, str], None],
                 cancelled: Callable[[], bool]) -> Any:
         return self.app.session.spectrum(node, progress=progress, cancelled=cancelled)
 

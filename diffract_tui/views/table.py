@@ -28,7 +28,7 @@ from textual.widgets import DataTable, Input, Label
 from diffract_tui.messages import OpenNode
 from diffract_tui.node import NodeRef
 from diffract_tui.views import ExportTable, NodeView, file_part
-from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
+from diffract_tui.views.worker import Cancelled, CancelledFn, EngineWork, ProgressFn
 from diffract_tui.widgets.charts import fmt
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,8 +247,6 @@ class TableView(EngineWork, NodeView):
         self.start_work("table scan", self._scan, self._scan_done, fail=self.show_message)
 
     def _scan(self, progress: ProgressFn, cancelled: CancelledFn) -> int:
-        from analysis.run.scan import scan
-
         s = self.session
         wanted = {(c.operation, c.checkpoint, c.metric): c.key for c in self.columns}
         metrics_of = {}
@@ -258,12 +256,11 @@ class TableView(EngineWork, NodeView):
         last = time.monotonic()
         count = 0
 
-        def on_progress(done: int, total: int, label: str) -> None:
-            self.scan_progress = (done, total)
-            progress(done / max(1, total), f"{done}/{total} {label}")
+        def on_progress(done: int, total: int | None, label: str) -> None:
+            self.scan_progress = (done, total or 0)
+            progress(done, total, label)
 
-        for row in scan(s.checkpoints, heads=s.layout.heads_available, delta=True, settings=s.settings,
-                        cache=s.cache, progress=on_progress, cancel=cancelled):
+        for row in s.scan_rows(progress=on_progress, cancelled=cancelled):
             count += 1
             pending.append(row)
             now = time.monotonic()
@@ -272,8 +269,6 @@ class TableView(EngineWork, NodeView):
                 last = now
                 self.app.call_from_thread(self._merge, batch, metrics_of)
         if cancelled():
-            from analysis.run.session import Cancelled
-
             raise Cancelled()
         if pending:
             self.app.call_from_thread(self._merge, pending, metrics_of)

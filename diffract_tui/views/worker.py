@@ -3,6 +3,8 @@
 `run_engine_call` is what a view's thread worker executes: it calls the engine with progress and
 cancellation hooks, reports progress to the app, and hands the result (or the error) back on the UI
 thread — nothing after a cancellation. `EngineWork` is the mixin for views whose work is not per node.
+The engine's one progress protocol (`analysis.progress`: `progress(done, total, text)`, `cancel()`,
+`Cancelled`) is adapted to the status line here, once (`status_of`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ from typing import Any, Callable
 
 from textual.worker import get_current_worker
 
-from analysis.run.session import Cancelled  # the engine facade's: raised inside a computation that was cancelled
-
-ProgressFn = Callable[[float | None, str], None]
-CancelledFn = Callable[[], bool]
+from analysis.run.session import CancelledFn, Cancelled, ProgressFn
 
 
 def first_line(err: Exception) -> str:
     """An error's first line (our errors are one line already), or its type name when it has no text."""
     return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def status_of(done: int, total: int | None, text: str) -> tuple[float | None, str]:
+    """An engine progress report as the status line's (fraction, text): `done/total text`, or text alone."""
+    if total is None:
+        return None, text
+    return min(1.0, max(0.0, done / max(1, total))), (f"{done}/{total} {text}" if total > 1 else text)
 
 
 def run_engine_call(view: Any, title: str, fn: Callable[[ProgressFn, CancelledFn], Any], *, start: str,
@@ -32,13 +38,14 @@ def run_engine_call(view: Any, title: str, fn: Callable[[ProgressFn, CancelledFn
     def cancelled() -> bool:
         return worker.is_cancelled
 
-    def progress(fraction: float | None, text: str) -> None:
+    def progress(done: int, total: int | None, text: str) -> None:
         if worker.is_cancelled:
             raise Cancelled()
-        app.call_from_thread(app.report_progress, view.VIEW_ID, fraction, f"{title}: {text}")
+        fraction, line = status_of(done, total, text)
+        app.call_from_thread(app.report_progress, view.VIEW_ID, fraction, f"{title}: {line}")
 
     try:
-        progress(0.0, start)
+        progress(0, 1, start)
         result = fn(progress, cancelled)
     except Cancelled:
         return

@@ -19,7 +19,7 @@ from diffract_tui.node import NodeRef
 from diffract_tui.widgets.charts import fmt
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.model.architecture import ModelLayout
+    from analysis.run.session import ModelLayout
 
 HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 FILTER_MATCH_LIMIT = 2000  # nodes shown at most for one filter (a 70B model has ~10k heads)
