@@ -52,6 +52,8 @@ class DeltaOptions:
     magnitude_threshold: float | None = None
     xmin_rule: str = "ks"
     seed: int = 42
+    metrics: str = "all"                # SPEC §8 set of the spectral columns of ΔW (all, fit or a comma list)
+    eig_route: str = "gram64"           # the eigen route of those spectral metrics (SpectralSettings.eig_route)
 
     def torch_dtype(self) -> torch.dtype:
         """The compute dtype (float32 or float64); anything else is a one-line error."""
@@ -84,7 +86,7 @@ def _settings(options: DeltaOptions) -> Any:
     from analysis.spectral.backend import SpectralSettings
 
     return SpectralSettings(device=options.device, dtype=options.dtype, xmin_rule=options.xmin_rule,
-                            seed=options.seed)
+                            seed=options.seed, eig_route=options.eig_route)
 
 
 def _device(options: DeltaOptions) -> torch.device:
@@ -220,7 +222,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
     per_target: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     failures: list[MatrixFailure] = []
     metric_kwargs = dict(settings=settings, dtype=dtype, top_k=options.top_k, spectral=options.spectral,
-                         truncation=True)
+                         truncation=True, metrics=options.metrics)
 
     # ---- whole matrices -------------------------------------------------------------------------
     for layer, module in modules:

@@ -10,6 +10,8 @@ from typing import Any, List, Optional
 
 import typer
 
+from diffract_tui.cli.scan import METRICS_HELP, ROUTE_HELP, metrics_option, route_option
+
 CACHE_DIR_HELP = "Cache folder for computed deltas (default: $DIFFRACT_TUI_CACHE_DIR, else the user cache folder)."
 
 
@@ -99,6 +101,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                               help="Compute threads (default: $DIFFRACT_TUI_THREADS, else "
                                                    "physical cores)."),
+        metrics: str = typer.Option("all", "--metrics", callback=metrics_option, help=METRICS_HELP),
+        route: str = typer.Option("gram64", "--route", callback=route_option, help=ROUTE_HELP),
     ) -> int:
         """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
         agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
@@ -123,7 +127,8 @@ def register(app: typer.Typer) -> None:
         apply_thread_policy(threads)
         options = DeltaOptions(heads=heads, dtype=dtype, device=device, top_k=top_k, a3_k=a3_k, spectral=spectral,
                                exclude_kv=exclude_kv, agreement_metric=agreement_metric,
-                               agreement_threshold=agreement_threshold, magnitude_threshold=magnitude_threshold)
+                               agreement_threshold=agreement_threshold, magnitude_threshold=magnitude_threshold,
+                               metrics=metrics, eig_route=route)
         options.torch_dtype()
         cache = None
         if not no_cache:

@@ -16,6 +16,32 @@ def unique_labels(paths: list[Path]) -> list[str]:
     return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
+def metrics_option(value: str) -> str:
+    """--metrics: all, fit or a comma list of SPEC §3 names; an unknown name is a usage error (exit 2)."""
+    from analysis.errors import DiffractError
+    from analysis.spectral.metric_sets import metric_set
+
+    try:
+        return metric_set(value).name
+    except DiffractError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def route_option(value: str) -> str:
+    """--route: the eigen route (gram64, gram32 or svd); anything else is a usage error (exit 2)."""
+    from analysis.spectral.backend import EIG_ROUTES
+
+    if value not in EIG_ROUTES:
+        raise typer.BadParameter(f"unknown eigen route {value!r} — use {', '.join(EIG_ROUTES)}")
+    return value
+
+
+METRICS_HELP = ("Metric set: all (every SPEC §3 metric), fit (norms, ranks, power-law fit: WeightWatcher's "
+                "defaults) or a comma list of metric names.")
+ROUTE_HELP = ("Eigen route, shared by every metric set: gram64 (float64 Gram, exact), gram32 (float32 Gram: "
+              "faster, tail metrics only) or svd (float64 svdvals, the reference).")
+
+
 def register(app: typer.Typer) -> None:
     """Add the `scan` command to the root app."""
 
@@ -35,6 +61,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(
             None, "--threads", min=1, help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores)."
         ),
+        metrics: str = typer.Option("all", "--metrics", callback=metrics_option, help=METRICS_HELP),
+        route: str = typer.Option("gram64", "--route", callback=route_option, help=ROUTE_HELP),
     ) -> int:
         """Scan checkpoints: one row per matrix (and head slice, and delta) with every spectral metric.
 
@@ -61,7 +89,7 @@ def register(app: typer.Typer) -> None:
         from analysis.run.tables import check_table_output, write_table
 
         apply_thread_policy(threads)
-        settings = SpectralSettings(device=device, dtype=dtype)
+        settings = SpectralSettings(device=device, dtype=dtype, eig_route=route)
         device_kind = resolve_device(device).type
         cache = None if no_cache else Cache(cache_dir)
         opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
@@ -74,7 +102,7 @@ def register(app: typer.Typer) -> None:
 
                 require_same_model(opened)  # different models: one line before the progress bar
             rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan,
-                        on_failure=failures.append)
+                        on_failure=failures.append, metrics=metrics)
         finally:
             for c in opened:
                 c.close()
@@ -89,6 +117,7 @@ def register(app: typer.Typer) -> None:
             "delta": delta,
             "device_kind": device_kind,
             "settings": settings.key(),
+            "metrics": metrics,
         }
         write_table(rows, out, metadata=metadata, inputs=inputs)
         typer.echo(f"wrote {len(rows)} rows to {out}", err=True)
@@ -109,10 +138,11 @@ def report_failures(lines: list[str], what: str) -> int:
     return PARTIAL_EXIT
 
 
-def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure) -> list[dict]:
+def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure, metrics="all") -> list[dict]:
     """Collect the scan's rows with a rich progress bar on stderr (none with --quiet)."""
     if quiet:
-        return list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, on_failure=on_failure))
+        return list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, on_failure=on_failure,
+                         metrics=metrics))
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -125,6 +155,6 @@ def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure) -> l
             bar.update(task, completed=done, total=total, description=label[:60])
 
         rows = list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, progress=progress,
-                         on_failure=on_failure))
+                         on_failure=on_failure, metrics=metrics))
         bar.update(task, description="done")
     return rows
