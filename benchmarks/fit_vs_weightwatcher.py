@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,14 +59,18 @@ def models() -> dict[str, Path]:
     return out
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+sys) of one child process: on a shared machine the CPU time is the
+    steadier figure (the wall time also counts the other tenants' share of the cores)."""
     env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run(["nice", *cmd], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-1500:]}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,17 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for label, path in models().items():
             runs: dict[str, list[float]] = {"fit": [], "all": [], "ww": []}
+            cpu: dict[str, list[float]] = {"fit": [], "all": [], "ww": []}
             for _ in range(args.rounds):
                 for s in ("fit", "all"):
-                    runs[s].append(timed([sys.executable, "-m", "diffract_tui", "scan", str(path), "--metrics", s,
-                                          "--no-cache", "--quiet", "--threads", "1", "--device", "cpu",
-                                          "--out", f"{tmp}/{s}.csv"]))
-                runs["ww"].append(timed([sys.executable, "-c", WW_SCRIPT, str(path)]))
+                    wall, used = timed([sys.executable, "-m", "diffract_tui", "scan", str(path), "--metrics", s,
+                                        "--no-cache", "--quiet", "--threads", "1", "--device", "cpu",
+                                        "--out", f"{tmp}/{s}.csv"])
+                    runs[s].append(wall)
+                    cpu[s].append(used)
+                wall, used = timed([sys.executable, "-c", WW_SCRIPT, str(path)])
+                runs["ww"].append(wall)
+                cpu["ww"].append(used)
             med = {k: statistics.median(v) for k, v in runs.items()}
-            results[label] = {"runs": runs, "median": med, "ww_over_fit": med["ww"] / med["fit"],
-                              "ww_over_all": med["ww"] / med["all"]}
-            print(f"{label}: fit {med['fit']:.1f} s, all {med['all']:.1f} s, WW analyze() {med['ww']:.1f} s → "
-                  f"WW/fit {med['ww'] / med['fit']:.2f}×, WW/all {med['ww'] / med['all']:.2f}×", flush=True)
+            mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+            results[label] = {"wall": runs, "cpu": cpu, "median_wall": med, "median_cpu": mcpu,
+                              "ww_over_fit_cpu": mcpu["ww"] / mcpu["fit"], "ww_over_all_cpu": mcpu["ww"] / mcpu["all"],
+                              "ww_over_fit_wall": med["ww"] / med["fit"]}
+            print(f"{label}: CPU s fit {mcpu['fit']:.1f}, all {mcpu['all']:.1f}, WW analyze() {mcpu['ww']:.1f} → "
+                  f"WW/fit {mcpu['ww'] / mcpu['fit']:.2f}×, WW/all {mcpu['ww'] / mcpu['all']:.2f}×; wall s "
+                  f"fit {med['fit']:.1f}, all {med['all']:.1f}, WW {med['ww']:.1f}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
