@@ -210,12 +210,12 @@ def test_each_tensor_read_once_and_one_batched_call_per_projection(tiny, tmp_pat
     calls = []
     real_batched = spectra.batched_spectral_metrics
 
-    def batched(Ws, settings=None, evals=None):
+    def batched(Ws, settings=None, evals=None, **kw):
         import inspect
 
         if inspect.stack()[1].filename.endswith(os.path.join("analysis", "run", "scan.py")):  # the scan's own calls
             calls.append(tuple(Ws.shape))
-        return real_batched(Ws, settings, evals=evals)
+        return real_batched(Ws, settings, evals=evals, **kw)
 
     monkeypatch.setattr(Checkpoint, "tensor", tensor)
     monkeypatch.setattr(Checkpoint, "rows", rows)

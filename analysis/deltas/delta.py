@@ -161,14 +161,16 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
                           spectral: bool = True,
                           agreement: bool = True,
                           truncation: bool = False,
-                          base_svd: SVD | None = None) -> list[dict[str, Any]]:
+                          base_svd: SVD | None = None,
+                          metrics: Any = None) -> list[dict[str, Any]]:
     """SPEC §4 metrics for each pair of a stack (B, m, n) (or one (m, n) pair → one-element list).
 
     Keys: unchanged, delta_frob, delta_rel, delta_cos, delta_rho, delta_rank_{90,95,99}, avg_max_{l,r}_agreement,
     a1_k, a1_noise_floor_{l,r}, with `truncation` the SPEC §5 `truncatable_fraction` (error ≤ 0.1) and, with
     `spectral`, every SPEC §3 metric of ΔW itself. Entries the target left bit-identical get `unchanged_row`
     and no decomposition at all; the others are computed together.
-    `base_svd` lets a caller reuse W₀'s decomposition across several targets.
+    `base_svd` lets a caller reuse W₀'s decomposition across several targets; `metrics` is the SPEC §8
+    metric set of the spectral columns (default `all`).
     """
     single = W0.dim() == 2
     W0, Wd, _ = upcast_pair(W0, Wd, dtype)
@@ -184,7 +186,8 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
         idx = torch.tensor(changed, device=W0.device)
         W0, Wd, base_svd = W0.index_select(0, idx), Wd.index_select(0, idx), _svd_rows(base_svd, idx)
     computed = _changed_delta_metrics(W0, Wd, Wd - W0, settings=settings, top_k=top_k, spectral=spectral,
-                                      agreement=agreement, truncation=truncation, base_svd=base_svd)
+                                      agreement=agreement, truncation=truncation, base_svd=base_svd,
+                                      metrics=metrics)
     for i, row in zip(changed, computed):
         rows[i] = {"unchanged": False, **row}
     return rows
@@ -192,7 +195,7 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
 
 def _changed_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor, *,
                            settings: "SpectralSettings | None", top_k: int | None, spectral: bool, agreement: bool,
-                           truncation: bool, base_svd: SVD | None) -> list[dict[str, Any]]:
+                           truncation: bool, base_svd: SVD | None, metrics: Any = None) -> list[dict[str, Any]]:
     """`batched_delta_metrics` of a (B, m, n) stack in the compute dtype whose every ΔW is non-zero."""
     m, n = W0.shape[-2], W0.shape[-1]
     M = min(m, n)
@@ -232,13 +235,16 @@ def _changed_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor,
         settings = settings or SpectralSettings()
         # one batched fit over the stack, on the float64-Gram ESD of ΔW computed above (λ = σ²/N); a ΔW whose
         # norm is not a positive number (a non-finite weight) has no spectrum to describe
+        from analysis.spectral.metric_sets import metric_set
+
         ok = [i for i, r in enumerate(rows) if r["delta_frob"] > 0]
+        wanted = metric_set(metrics)
         if ok:
             idx = torch.tensor(ok, device=dW.device)
             spectra = batched_spectral_metrics(dW.index_select(0, idx), settings,
-                                               evals=evals_d.index_select(0, idx) / max(m, n))
-            for i, metrics in zip(ok, spectra):
-                for key, value in metrics.items():
+                                               evals=evals_d.index_select(0, idx) / max(m, n), metrics=metrics)
+            for i, spectrum in zip(ok, spectra):
+                for key, value in wanted.project(spectrum).items():
                     rows[i].setdefault(key, value)
     return rows
 

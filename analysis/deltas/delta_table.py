@@ -50,6 +50,7 @@ class DeltaOptions:
     agreement_threshold: float | None = None
     magnitude_threshold: float | None = None
     settings: SpectralSettings = field(default_factory=SpectralSettings)
+    metrics: str = "all"                # SPEC §8 set of the spectral columns of ΔW (all, fit or a comma list)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
     per_target: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     failures: list[MatrixFailure] = []
     metric_kwargs = dict(settings=settings, dtype=dtype, top_k=options.top_k, spectral=options.spectral,
-                         truncation=True)
+                         truncation=True, metrics=options.metrics)
 
     # ---- whole matrices -------------------------------------------------------------------------
     for layer, module in modules:

@@ -18,6 +18,7 @@ import torch
 
 from analysis.errors import MatrixFailure
 from analysis.run.cache import Cache, decode_json_value, encode_json_value
+from analysis.spectral.metric_sets import ALL, MetricSet, metric_set
 from analysis.spectral.spectra import NUMERIC_ERRORS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,6 +127,7 @@ class _Context:
     dtype: torch.dtype
     device_kind: str
     settings_key: dict = field(default_factory=dict)
+    metrics: MetricSet = ALL       # SPEC §8 set: what rows report; NOT in the keys (entries hold whole groups)
 
     def key(self, fingerprint: Any, tensor: str, slc: Any, operation: str) -> str:
         return Cache.key(fingerprint=fingerprint, tensor=tensor, slice=slc,
@@ -189,29 +191,32 @@ def _clean(metrics: dict) -> dict:
     return decode_json_value(encode_json_value(dict(metrics)))
 
 
-def _weight_metrics(W: torch.Tensor, settings: "SpectralSettings") -> tuple[dict, np.ndarray]:
+def _weight_metrics(W: torch.Tensor, settings: "SpectralSettings",
+                    metrics_set: MetricSet = ALL) -> tuple[dict, np.ndarray]:
     from analysis.spectral.spectra import eigenvalues, spectral_metrics
 
     evals = eigenvalues(W, settings)
-    metrics = spectral_metrics(W, settings, evals=evals)
+    metrics = spectral_metrics(W, settings, evals=evals, metrics=metrics_set)
     return _clean(metrics), evals.detach().cpu().numpy()
 
 
-def _weight_batch_metrics(Ws: torch.Tensor, settings: "SpectralSettings") -> tuple[list[dict], np.ndarray]:
+def _weight_batch_metrics(Ws: torch.Tensor, settings: "SpectralSettings",
+                          metrics_set: MetricSet = ALL) -> tuple[list[dict], np.ndarray]:
     """All heads of one projection: ONE batched eigen call and ONE batched metrics call."""
     from analysis.spectral.spectra import batched_spectral_metrics, eigenvalues
 
     evals = eigenvalues(Ws, settings)
-    rows = batched_spectral_metrics(Ws, settings, evals=evals)
+    rows = batched_spectral_metrics(Ws, settings, evals=evals, metrics=metrics_set)
     return [_clean(r) for r in rows], evals.detach().cpu().numpy()
 
 
 def _delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, settings: "SpectralSettings",
-                   dtype: torch.dtype) -> list[dict]:
+                   dtype: torch.dtype, metrics_set: MetricSet = ALL) -> list[dict]:
     """SPEC §4 delta metrics (norms, ρ, energy ranks) and SPEC §3 metrics of ΔW, for a pair or a stack."""
     from analysis.deltas.delta import batched_delta_metrics
 
-    rows = batched_delta_metrics(W0, Wd, settings=settings, dtype=dtype, agreement=False, spectral=True)
+    rows = batched_delta_metrics(W0, Wd, settings=settings, dtype=dtype, agreement=False, spectral=True,
+                                 metrics=metrics_set)
     return [_clean(r) for r in rows]
 
 
@@ -231,12 +236,25 @@ def _id_row(ctx: _Context, item: _Item, *, tensor: str, module: str, kind: str, 
     }
 
 
-def _with_metrics(row: dict, metrics: dict) -> dict:
+def _with_metrics(row: dict, metrics: dict, metrics_set: MetricSet = ALL) -> dict:
+    """The identity row plus `metrics` cut to the set's columns (a cache entry may hold more groups)."""
     out = dict(row)
-    for k, v in metrics.items():
+    for k, v in metrics_set.project(metrics).items():
         if k not in out:
             out[k] = v
     return out
+
+
+def _usable(metrics: dict | None, metrics_set: MetricSet) -> dict | None:
+    """A cache entry when it holds every column the set reports (an `unchanged` delta row has none to hold)."""
+    if metrics is None or metrics.get("unchanged") or metrics_set.covered_by(metrics):
+        return metrics
+    return None
+
+
+def _merged(cached: dict | None, computed: dict) -> dict:
+    """A cache entry widened by newly computed groups: the same numbers at the same route, whatever the set."""
+    return computed if cached is None else {**cached, **computed}
 
 
 def _module_shape(m: "Module") -> tuple[int, int]:
@@ -300,39 +318,44 @@ def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], fail:
         key = ctx.key(fp, m.tensor, module_slice(m), item.operation)
         row = _id_row(ctx, item, tensor=m.tensor, module=m.name, kind=m.kind, head=None, kv_head=None,
                       shape=_module_shape(m))
-        metrics = cache.get_json(key) if cache is not None else None
+        entry = cache.get_json(key) if cache is not None else None
+        metrics = _usable(entry, ctx.metrics)
         if metrics is None:
             Wd = _matrix(readers[item.ckpt], m, ctx.dtype)
             W0 = _matrix(readers[0], m, ctx.dtype) if item.operation == DELTA else None
             try:
                 _require_finite(ctx, item, W0, Wd)
                 if W0 is None:
-                    metrics, evals = _weight_metrics(Wd, ctx.settings)
+                    metrics, evals = _weight_metrics(Wd, ctx.settings, ctx.metrics)
                 else:
-                    metrics, evals = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype)[0], None
+                    metrics, evals = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype, ctx.metrics)[0], None
             except NUMERIC_ERRORS as err:
                 fail(_failure(ctx, item, m.tensor, f"{_where(item)} {m.name}", err))
                 return []
+            metrics = _merged(entry, metrics)
             if cache is not None:
                 if evals is not None:
                     cache.put_array(key, evals)
                 cache.put_json(key, metrics)
-        return [_with_metrics(row, metrics)]
+        return [_with_metrics(row, metrics, ctx.metrics)]
 
     # all heads of one projection
     p = layout.projection(item.layer, item.proj)
     n = p.heads
     keys = [ctx.key(fp, p.tensor, head_slice_key(item.proj, j), item.operation) for j in range(n)]
-    cached = [cache.get_json(k) for k in keys] if cache is not None else [None] * n
+    entries = [cache.get_json(k) for k in keys] if cache is not None else [None] * n
+    cached = [_usable(e, ctx.metrics) for e in entries]
     if any(c is None for c in cached):
-        cached = _compute_heads(ctx, item, readers, layout, p.tensor, keys, fail)
-    return [_with_metrics(r, mt) for r, mt in zip(_head_rows(ctx, item, layout, n), cached) if mt is not None]
+        cached = _compute_heads(ctx, item, readers, layout, p.tensor, keys, fail, entries)
+    return [_with_metrics(r, mt, ctx.metrics) for r, mt in zip(_head_rows(ctx, item, layout, n), cached)
+            if mt is not None]
 
 
 def _compute_heads(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], layout: "ModelLayout",
-                   tensor: str, keys: list[str], fail: FailureFn) -> list[dict | None]:
+                   tensor: str, keys: list[str], fail: FailureFn,
+                   entries: list[dict | None]) -> list[dict | None]:
     """Metrics of every head of item.proj in ONE batched call over the finite heads (None for a failed
-    head, which goes to `fail`); computed entries are cached."""
+    head, which goes to `fail`); computed entries are cached, widening the `entries` already there."""
     from analysis.spectral.spectra import finite_matrices
 
     Wd = _heads(readers[item.ckpt], layout, item.layer, item.proj, ctx.dtype)
@@ -351,18 +374,18 @@ def _compute_heads(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], 
         Wd, W0 = Wd[good], None if W0 is None else W0[good]
     try:
         if W0 is None:
-            computed, evals = _weight_batch_metrics(Wd, ctx.settings)
+            computed, evals = _weight_batch_metrics(Wd, ctx.settings, ctx.metrics)
         else:
-            computed, evals = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype), None
+            computed, evals = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype, ctx.metrics), None
     except NUMERIC_ERRORS as err:
         fail(_failure(ctx, item, tensor, f"{_where(item)} {item.proj} heads", err))
         return out
     for i, j in enumerate(good.tolist()):
-        out[j] = computed[i]
+        out[j] = _merged(entries[j], computed[i])
         if ctx.cache is not None:
             if evals is not None:
                 ctx.cache.put_array(keys[j], evals[i])
-            ctx.cache.put_json(keys[j], computed[i])
+            ctx.cache.put_json(keys[j], out[j])
     return out
 
 
@@ -372,12 +395,13 @@ def _compute_heads(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], 
 
 
 def _context(checkpoints: Sequence["Checkpoint"], settings: "SpectralSettings", cache: Cache | None,
-             layouts: Sequence["ModelLayout"] | None = None) -> _Context:
+             layouts: Sequence["ModelLayout"] | None = None, metrics: "MetricSet | str | None" = None) -> _Context:
     from analysis.model.architecture import layout_of
     if layouts is None:
         layouts = [layout_of(c) for c in checkpoints]
     return _Context(checkpoints=list(checkpoints), layouts=list(layouts), settings=settings, cache=cache,
-                    dtype=settings.torch_dtype, device_kind=settings.torch_device.type, settings_key=settings.key())
+                    dtype=settings.torch_dtype, device_kind=settings.torch_device.type, settings_key=settings.key(),
+                    metrics=metric_set(metrics))
 
 
 def plan_size(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: bool = False,
@@ -393,7 +417,8 @@ def plan_size(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta
 
 def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: bool = False,
          settings: "SpectralSettings", cache: Cache | None, progress: ProgressFn | None = None,
-         cancel: CancelFn | None = None, on_failure: FailureFn | None = None) -> Iterator[dict]:
+         cancel: CancelFn | None = None, on_failure: FailureFn | None = None,
+         metrics: "MetricSet | str | None" = None) -> Iterator[dict]:
     """Yield one row per matrix (and head slice, and delta) of the checkpoints; the first is the base.
 
     Rows carry ID_COLUMNS plus every SPEC §3 metric (delta rows also SPEC §4's norms and ρ, and `unchanged`:
@@ -404,6 +429,9 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
     scan between items. `cache=None` computes everything and stores nothing. A matrix that cannot be
     computed (NaN/inf entries) is passed to `on_failure` as a MatrixFailure and the scan goes on; without
     `on_failure` it raises a NonFiniteError naming the checkpoint and tensor.
+    `metrics` is the SPEC §8 set (default `all`; `fit`; or a comma list): rows carry its §3 columns only and
+    only its groups are computed; cache entries are shared by every set (a hit holding the set's columns is
+    used as it is, a narrower one is widened by the missing groups).
     """
     fail = on_failure if on_failure is not None else _raise_failure
     checkpoints = list(checkpoints)
@@ -416,7 +444,7 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
         # a shared key with different shapes is an error naming both; deltas need one model (one line if not)
         report = (require_same_model if delta else align)(checkpoints)
         partial = partial_tensors(report) or None  # the column only where some checkpoint lacks a tensor
-    ctx = _context(checkpoints, settings, cache)
+    ctx = _context(checkpoints, settings, cache, metrics=metrics)
     groups: list[int | None] = list(range(max(l.num_layers for l in ctx.layouts))) + [None]
     plans = [_plan_layer(ctx, g, heads, delta) for g in groups]
     total = sum(len(p) for p in plans)
@@ -492,7 +520,8 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
         read = lambda c: head_slice(c, layout, layer, proj, head, ctx.dtype)  # noqa: E731
 
     key = ctx.key(fp, tensor, slc, operation)
-    metrics = cache.get_json(key) if cache is not None else None
+    entry = cache.get_json(key) if cache is not None else None
+    metrics = _usable(entry, ctx.metrics)    # a narrower entry (a `fit` scan's) is widened below
     evals = cache.get_array(key) if cache is not None else None
     if evals is None and metrics is not None and metrics.get("unchanged"):
         evals = np.empty(0)  # ΔW = 0 (a tensor the CPT left bit-identical): no spectrum, nothing to read
@@ -501,23 +530,24 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
         W0 = read(delta_against) if operation == DELTA else None
         try:
             _require_finite(ctx, item, W0, Wd)
-            metrics, evals = _node_compute(ctx, key, metrics, W0, Wd)
+            metrics, evals = _node_compute(ctx, key, metrics, W0, Wd, entry)
         except NUMERIC_ERRORS as err:
             what = f"{_where(item)} {row['module']}" + ("" if head is None else f" head {head}")
             _raise_failure(_failure(ctx, item, tensor, what, err))
-    out = _with_metrics(row, metrics)
+    out = _with_metrics(row, metrics, ctx.metrics)
     out["eigenvalues"] = evals
     return out
 
 
 def _node_compute(ctx: _Context, key: str, metrics: dict | None, W0: torch.Tensor | None,
-                  Wd: torch.Tensor) -> tuple[dict, np.ndarray]:
+                  Wd: torch.Tensor, entry: dict | None = None) -> tuple[dict, np.ndarray]:
     """`node_metrics`' (metrics, eigenvalues) of W_d (or of ΔW when W₀ is given), computing what is missing
-    and caching it (`metrics` when already cached)."""
+    and caching it (`metrics` when already cached; `entry` = a narrower cache entry to widen)."""
     cache = ctx.cache
     if W0 is None:
         if metrics is None:
-            metrics, evals = _weight_metrics(Wd, ctx.settings)
+            metrics, evals = _weight_metrics(Wd, ctx.settings, ctx.metrics)
+            metrics = _merged(entry, metrics)
             if cache is not None:
                 cache.put_json(key, metrics)
         else:
@@ -528,7 +558,7 @@ def _node_compute(ctx: _Context, key: str, metrics: dict | None, W0: torch.Tenso
         from analysis.deltas.delta import esd, upcast_pair
 
         if metrics is None:
-            metrics = _delta_metrics(W0, Wd, ctx.settings, ctx.dtype)[0]
+            metrics = _merged(entry, _delta_metrics(W0, Wd, ctx.settings, ctx.dtype, ctx.metrics)[0])
             if cache is not None:
                 cache.put_json(key, metrics)
         evals = (np.empty(0) if metrics.get("unchanged")    # ΔW = 0: no spectrum

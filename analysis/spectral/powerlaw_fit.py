@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import optimize, special, stats
 
 KS_BLOCK_BYTES = 64 << 20     # memory for one block of the (candidates × values) KS matrix
 LLR_SIGNIFICANCE = 0.05       # p below which the PL-vs-TPL log-likelihood ratio decides the shape
@@ -173,6 +172,8 @@ def _tpl_J(alpha: float, c):
     b ≤ 0 with tiny c, so those points are evaluated at α ± 1e-7 and averaged (J is smooth in α);
     c = 0 is the pure power law, J = 1/(α−1). Accepts a scalar or an array c.
     """
+    from scipy import special
+
     if isinstance(c, float):                       # scalar fast path (the optimiser's inner loop)
         if c <= 0.0:
             return 1.0 / (alpha - 1.0) if alpha > 1.0 else math.inf
@@ -232,6 +233,8 @@ _H_ALPHA = 1e-4                              # finite-difference step in α for 
 
 def _ln_J_alphas(alphas: np.ndarray, c: float) -> np.ndarray:
     """ln J(α, c) for several α at one c > 0 in ONE vectorised hyperu call (same NaN fix-up as `_tpl_J`)."""
+    from scipy import special
+
     b = 2.0 - alphas
     with np.errstate(all="ignore"):
         v = special.hyperu(1.0, b, c)
@@ -320,6 +323,8 @@ def _tpl_nelder_mead(t: np.ndarray, a0: float, nll) -> tuple[float, float, float
 
     Stage 1 searches (α, log10 c) from a cut-off at the largest value (c = 1/t_max); stage 2 polishes in
     linear (α, c/c₁), where the problem is convex."""
+    from scipy import optimize
+
     t_max = float(np.max(t))
     lc0 = min(5.0, max(-29.0, -math.log10(max(t_max, 1.0 + 1e-12))))
     stage1 = optimize.minimize(lambda p: nll((p[0], 10.0 ** p[1])), x0=[a0, lc0], method="Nelder-Mead",
@@ -387,6 +392,8 @@ def tpl_cdf(tail: np.ndarray, xmin: float, alpha: float, lam: float) -> np.ndarr
 def fit_tails(evals_sorted: np.ndarray, xmin: float, alpha: float) -> TailFits:
     """TPL + exponential fits at the power law's xmin, KS of each, and the nested LLR test
     (as `powerlaw.Fit.distribution_compare('power_law', 'truncated_power_law')`: nested → p from χ²₁)."""
+    from scipy import stats  # here, not at import: a `fit` scan has no tail fits and skips scipy.stats' import
+
     nan = math.nan
     if not (math.isfinite(xmin) and xmin > 0 and math.isfinite(alpha)):
         return TailFits(nan, nan, nan, nan, nan, nan, nan, nan, "undetermined")

@@ -27,6 +27,7 @@ import torch
 
 from analysis.spectral.backend import SpectralSettings, chunks, clamp_threads, memory_budget
 from analysis.errors import DiffractError
+from analysis.spectral.metric_sets import ALL, GROUPS, MetricSet, metric_set
 from analysis.spectral.powerlaw_fit import PowerLawFit, fit_power_law, fit_tails
 from analysis.spectral.rmt import marchenko_pastur, mp_density, permuted, tracy_widom, w1_rand_distance
 
@@ -108,7 +109,7 @@ def _eig_chunk_batched(X: torch.Tensor, route: str) -> torch.Tensor:
         tall = X if m >= n else X.transpose(-1, -2)          # MKL's wide SVD is pathological
         s = torch.linalg.svdvals(tall.to(torch.float64))
         return torch.flip(s * s, [-1])
-    work = torch.float64 if route == "gram64" else X.dtype
+    work = torch.float64 if route == "gram64" else torch.float32
     Y = X.to(work)
     G = Y @ Y.transpose(-1, -2) if m <= n else Y.transpose(-1, -2) @ Y
     return torch.linalg.eigvalsh(G)
@@ -197,11 +198,11 @@ def _norms_and_ranks(lam: np.ndarray, N: int, rtol: float) -> dict[str, Any]:
 
 
 def _fit_metrics(lam: np.ndarray, fit: PowerLawFit, b: int, settings: SpectralSettings) -> dict[str, Any]:
+    """The power-law group of one ESD: α, xmin, KS, tail size, α-weighted and the reliability verdict."""
     alpha = float(fit.alpha[b])
     xmin = float(fit.xmin[b])
     n_tail = int(fit.n_tail[b])
     lam_max = float(lam[-1])
-    tails = fit_tails(lam, xmin, alpha)
     reasons = []
     if lam.size < settings.fit_min_esd:
         reasons.append(f"ESD has {lam.size} eigenvalues (< {settings.fit_min_esd})")
@@ -219,6 +220,14 @@ def _fit_metrics(lam: np.ndarray, fit: PowerLawFit, b: int, settings: SpectralSe
         "pl_alpha_reliable": reliable,
         "fit_reliable": reliable,
         "fit_warning": "; ".join(reasons),
+    }
+
+
+def _tail_metrics(lam: np.ndarray, fit: PowerLawFit, b: int) -> dict[str, Any]:
+    """The tails group: truncated power law and exponential from the PL fit's xmin, and the PL-vs-TPL LLR."""
+    xmin, alpha = float(fit.xmin[b]), float(fit.alpha[b])
+    tails = fit_tails(lam, xmin, alpha)
+    return {
         "tpl_alpha": tails.tpl_alpha,
         "tpl_lambda": tails.tpl_lambda,
         "tpl_esd_xmin": xmin,
@@ -232,23 +241,41 @@ def _fit_metrics(lam: np.ndarray, fit: PowerLawFit, b: int, settings: SpectralSe
     }
 
 
-def _metrics_batch(Ws: torch.Tensor, lam: torch.Tensor, settings: SpectralSettings) -> list[dict[str, Any]]:
-    """Every SPEC §3 metric for a (B, m, n) stack whose ascending ESDs (B, M) are given."""
+def _metrics_batch(Ws: torch.Tensor, lam: torch.Tensor, settings: SpectralSettings,
+                   metrics: MetricSet = ALL) -> list[dict[str, Any]]:
+    """The SPEC §3 metric groups `metrics` needs, for a (B, m, n) stack whose ascending ESDs (B, M) are given.
+
+    Each group is computed from the ESD alone (and, for MP/TW/W₁, the permuted null's ESD, whose eigensolve
+    runs only when one of those is asked), so a number never depends on the set that asked for it."""
     m, n = Ws.shape[-2:]
     N, M = max(m, n), min(m, n)
+    groups = metrics.groups
     device = settings.torch_device
-    fit = fit_power_law(lam, xmin_rule=settings.xmin_rule)
-    null = _eigenvalues(permuted(Ws.to(device), settings.seed), null_settings(settings)).cpu().numpy()
-    lam_np = fit.evals.cpu().numpy()
-    var = _entry_variances(Ws, lam_np, N, settings)
+    fit = fit_power_law(lam, xmin_rule=settings.xmin_rule) if groups & {"pl", "tails"} else None
+    lam_np = fit.evals.cpu().numpy() if fit is not None else torch.sort(lam.to(torch.float64), dim=-1).values.numpy()
+    null = var = None
+    if metrics.needs_null:
+        null = _eigenvalues(permuted(Ws.to(device), settings.seed), null_settings(settings)).cpu().numpy()
+    if "mp" in groups:
+        var = _entry_variances(Ws, lam_np, N, settings)
     rows = []
     for b in range(lam_np.shape[0]):
-        row = _norms_and_ranks(lam_np[b], N, settings.rtol)
-        row.update(_fit_metrics(lam_np[b], fit, b, settings))
-        mp = marchenko_pastur(lam_np[b], null[b], float(var[b]), N, M)
-        row.update(mp)
-        row.update(tracy_widom(lam_np[b], mp["mp_bulk_var"], N, M))
-        row["w1_rand_distance"] = w1_rand_distance(lam_np[b], null[b])
+        row: dict[str, Any] = {}
+        if groups & {"norms", "ranks"}:
+            base = _norms_and_ranks(lam_np[b], N, settings.rtol)
+            row.update({k: v for g in ("norms", "ranks") if g in groups for k, v in base.items()
+                        if k in GROUPS[g]})
+        if "pl" in groups:
+            row.update(_fit_metrics(lam_np[b], fit, b, settings))
+        if "tails" in groups:
+            row.update(_tail_metrics(lam_np[b], fit, b))
+        if "mp" in groups:
+            mp = marchenko_pastur(lam_np[b], null[b], float(var[b]), N, M)
+            row.update(mp)
+            if "tw" in groups:
+                row.update(tracy_widom(lam_np[b], mp["mp_bulk_var"], N, M))
+        if "w1" in groups:
+            row["w1_rand_distance"] = w1_rand_distance(lam_np[b], null[b])
         rows.append(row)
     return rows
 
@@ -296,25 +323,28 @@ def _given_evals(evals, B: int, M: int) -> torch.Tensor:
 
 
 def batched_spectral_metrics(Ws: torch.Tensor, settings: SpectralSettings | None = None,
-                             evals=None) -> list[dict[str, Any]]:
+                             evals=None, metrics: "MetricSet | str | None" = None) -> list[dict[str, Any]]:
     """SPEC §3 metrics of every matrix of a (…, m, n) stack (e.g. all heads of one projection), using ONE
-    batched eigen call per memory chunk and one batched power-law scan; rows in flattened batch order."""
+    batched eigen call per memory chunk and one batched power-law scan; rows in flattened batch order.
+    `metrics` (default `all`) names the set: only its groups are computed (metric_sets.py)."""
     settings = settings or SpectralSettings()
     _check_matrix(Ws)
     m, n = Ws.shape[-2:]
     flat = Ws.reshape(-1, m, n)
     B, M = flat.shape[0], min(m, n)
     lam = _given_evals(evals, B, M) if evals is not None else eigenvalues(flat, settings).cpu()
-    return _metrics_batch(flat, lam, settings)
+    return _metrics_batch(flat, lam, settings, metric_set(metrics))
 
 
-def spectral_metrics(W: torch.Tensor, settings: SpectralSettings | None = None, evals=None) -> dict[str, Any]:
-    """SPEC §3 metrics of one (m × n) matrix; `evals` = its ESD when already computed (ascending or not)."""
+def spectral_metrics(W: torch.Tensor, settings: SpectralSettings | None = None, evals=None,
+                     metrics: "MetricSet | str | None" = None) -> dict[str, Any]:
+    """SPEC §3 metrics of one (m × n) matrix; `evals` = its ESD when already computed (ascending or not);
+    `metrics` = the set (default `all`)."""
     _check_matrix(W)
     if W.dim() != 2:
         raise DiffractError(f"spectral_metrics takes one matrix, got shape {tuple(W.shape)}",
                             hint="use batched_spectral_metrics for a stack")
-    return batched_spectral_metrics(W[None], settings, evals=None if evals is None else evals)[0]
+    return batched_spectral_metrics(W[None], settings, evals=None if evals is None else evals, metrics=metrics)[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import Annotated, Any, List, Optional
 
 import typer
 
-from diffract_tui.cli.scan import SERIES_HELP, STEPS_HELP, resolve_series
+from diffract_tui.cli.scan import (METRICS_HELP, ROUTE_HELP, SERIES_HELP, STEPS_HELP, metrics_option, resolve_series,
+                                   route_option)
 
 CACHE_DIR_HELP = "Cache folder for computed deltas (default: $DIFFRACT_TUI_CACHE_DIR, else the user cache folder)."
 
@@ -100,6 +101,8 @@ def delta_command(
     steps: Annotated[Optional[str], typer.Option("--steps", help=STEPS_HELP)] = None,
     previous: Annotated[bool, typer.Option(
         "--previous", help="Along a series: Δ of each step against the previous one, not the first.")] = False,
+    metrics: Annotated[str, typer.Option("--metrics", callback=metrics_option, help=METRICS_HELP)] = "all",
+    route: Annotated[str, typer.Option("--route", callback=route_option, help=ROUTE_HELP)] = "gram64",
 ) -> int:
     """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
     agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
@@ -132,8 +135,8 @@ def delta_command(
 
     options = DeltaOptions(heads=heads, top_k=top_k, a3_k=a3_k, spectral=spectral, exclude_kv=exclude_kv,
                            agreement_metric=agreement_metric, agreement_threshold=agreement_threshold,
-                           magnitude_threshold=magnitude_threshold,
-                           settings=SpectralSettings(device=device, dtype=dtype))
+                           magnitude_threshold=magnitude_threshold, metrics=metrics,
+                           settings=SpectralSettings(device=device, dtype=dtype, eig_route=route))
     options.settings.torch_device   # an unusable --device is one line before any work
     cache = None
     if not no_cache:

@@ -14,6 +14,32 @@ SERIES_HELP = "Recognise checkpoints of one run from step numbers in their names
 STEPS_HELP = "The step of each checkpoint, in argument order (e.g. 0,500,1000): makes the inputs a series."
 
 
+def metrics_option(value: str) -> str:
+    """--metrics: all, fit or a comma list of SPEC §3 names; an unknown name is a usage error (exit 2)."""
+    from analysis.errors import DiffractError
+    from analysis.spectral.metric_sets import metric_set
+
+    try:
+        return metric_set(value).name
+    except DiffractError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def route_option(value: str) -> str:
+    """--route: the eigen route (gram64, gram32 or svd); anything else is a usage error (exit 2)."""
+    from analysis.spectral.backend import EIG_ROUTES
+
+    if value not in EIG_ROUTES:
+        raise typer.BadParameter(f"unknown eigen route {value!r} — use {', '.join(EIG_ROUTES)}")
+    return value
+
+
+METRICS_HELP = ("Metric set: all (every spectral metric), fit (norms, ranks, power-law fit: WeightWatcher's "
+                "defaults) or a comma list of metric names (docs/reference.md).")
+ROUTE_HELP = ("Eigen route, shared by every metric set: gram64 (float64 Gram, exact), gram32 (float32 Gram: "
+              "faster, tail metrics only) or svd (float64 svdvals, the reference).")
+
+
 def resolve_series(paths: List[Path], series: bool, steps: Optional[str]) -> "Series | None":
     """The series the inputs form (SPEC §10) or None; a bad --steps is a usage error (exit 2)."""
     from analysis.run.series import detect_series, parse_steps_option
@@ -41,6 +67,8 @@ def scan_command(
         "--threads", min=1, help="Compute threads (default: $DIFFRACT_TUI_THREADS, else physical cores).")] = None,
     series: Annotated[bool, typer.Option("--series/--no-series", help=SERIES_HELP)] = True,
     steps: Annotated[Optional[str], typer.Option("--steps", help=STEPS_HELP)] = None,
+    metrics: Annotated[str, typer.Option("--metrics", callback=metrics_option, help=METRICS_HELP)] = "all",
+    route: Annotated[str, typer.Option("--route", callback=route_option, help=ROUTE_HELP)] = "gram64",
 ) -> int:
     """Scan checkpoints: one row per matrix (and head slice, and delta) with every spectral metric.
 
@@ -71,7 +99,7 @@ def scan_command(
     from analysis.run.tables import check_table_output, write_table
 
     apply_thread_policy(threads)
-    settings = SpectralSettings(device=device, dtype=dtype)
+    settings = SpectralSettings(device=device, dtype=dtype, eig_route=route)
     device_kind = resolve_device(device).type
     cache = None if no_cache else Cache(cache_dir)
     opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
@@ -84,13 +112,14 @@ def scan_command(
 
             require_same_model(opened)  # different models: one line before the progress bar
         rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan,
-                    on_failure=failures.append)
+                    on_failure=failures.append, metrics=metrics)
     finally:
         for c in opened:
             c.close()
     order = {c.label: i for i, c in enumerate(opened)}
     rows.sort(key=lambda r: (order[r["checkpoint"]], r["operation"] != "weight"))  # stable: layer order kept
-    metadata = provenance(opened, settings, device_kind=device_kind, command="scan", heads=heads, delta=delta)
+    metadata = provenance(opened, settings, device_kind=device_kind, command="scan", heads=heads, delta=delta,
+                          metrics=metrics)
     if run_series is not None:
         from analysis.run.series import annotate_rows
 
@@ -120,10 +149,11 @@ def report_failures(lines: list[str], what: str) -> int:
     return PARTIAL_EXIT
 
 
-def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure) -> list[dict]:
+def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure, metrics="all") -> list[dict]:
     """Collect the scan's rows with a rich progress bar on stderr (none with --quiet)."""
     if quiet:
-        return list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, on_failure=on_failure))
+        return list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, on_failure=on_failure,
+                         metrics=metrics))
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -136,6 +166,6 @@ def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure) -> l
             bar.update(task, completed=done, total=total, description=label[:60])
 
         rows = list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, progress=progress,
-                         on_failure=on_failure))
+                         on_failure=on_failure, metrics=metrics))
         bar.update(task, description="done")
     return rows
