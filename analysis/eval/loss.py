@@ -5,9 +5,10 @@ MLM loss over a seeded 15 % of positions (each replaced by the mask token)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,21 @@ def require_transformers() -> Any:
         raise DiffractError("evaluating a model needs transformers, which is not installed",
                             hint=f"run {INSTALL_HINT}") from None
     transformers.logging.set_verbosity_error()
-    try:
-        transformers.utils.logging.disable_progress_bar()
-    except AttributeError:  # pragma: no cover - older transformers
-        pass
     return transformers
+
+
+@contextlib.contextmanager
+def quiet_loading(transformers: Any) -> Iterator[None]:
+    """transformers' weight-loading bars off while a model loads, and back as they were after: switching them
+    off for good would also silence huggingface_hub's download progress elsewhere in the process."""
+    logging = transformers.utils.logging
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -116,7 +127,9 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype) ->
     tokenizer = load_tokenizer(folder)
     cls = transformers.AutoModelForMaskedLM if kind == "masked" else transformers.AutoModelForCausalLM
     try:
-        model, info = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True, output_loading_info=True)
+        with quiet_loading(transformers):
+            model, info = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                              output_loading_info=True)
     except Exception as err:  # any failure to build is one line (the contract of SPEC §9 / issue 11 item 7)
         raise DiffractError(f"transformers cannot build this model ({_one_line(err)})", path=folder,
                             hint="evaluate a causal LM, or a masked LM with its MLM head") from None
