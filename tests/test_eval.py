@@ -101,6 +101,18 @@ def test_loss_is_mean_next_token_nll_by_hand(family, target_lm):
     assert got.ppl == pytest.approx(math.exp(got.loss))
 
 
+def test_evaluation_reports_progress_through_the_engines_one_protocol(family, target_lm):
+    """progress(done, total, text) as every long engine call (analysis/progress.py): windows counted up to
+    their total, the text the time left."""
+    from analysis.eval.loss import evaluate
+
+    et = _et(target_lm, family.code_text, windows=3)
+    calls = []
+    evaluate(target_lm, et.windows, progress=lambda done, total, text: calls.append((done, total, text)))
+    assert calls and calls[-1][:2] == (3, 3) and [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert all(isinstance(text, str) and text.startswith("ETA ") for _, _, text in calls)
+
+
 def test_windows_are_the_first_n_consecutive_of_the_whole_text(family, target_lm):
     text = load_text(family.code_text)
     ids = target_lm.tokenizer(text.content, add_special_tokens=False)["input_ids"]

@@ -16,13 +16,20 @@ from typing import Any
 import torch
 
 from analysis.errors import DiffractError
+from analysis.progress import Progress
 from analysis.eval.windows import Windows, load_tokenizer, tokenizer_hash
 
 INSTALL_HINT = "pip install 'diffract-tui[eval]'"
 MLM_FRACTION = 0.15
 _ENCODERS = ("bert", "roberta", "xlm-roberta")
-# progress(done windows, total windows, seconds left or None)
-EvalProgress = Callable[[int, int, "float | None"], None]
+# the engine's one protocol (analysis/progress.py): progress(done, total, text); the text here is the time left
+EvalProgress = Progress
+
+
+def eta_text(start: float, done: int, total: int) -> str:
+    """'ETA n s' from the time since `start` after `done` of `total` steps (the text of an eval progress call)."""
+    left = (time.monotonic() - start) / done * (total - done) if done else 0.0
+    return f"ETA {left:.0f} s"
 
 
 def require_transformers() -> Any:
@@ -220,8 +227,7 @@ def evaluate(lm: LoadedModel, windows: Windows, *, seed: int = 0, progress: Eval
             total += window_losses(lm, x, mask[i:i + bs] if mask is not None else None)
             if progress is not None:
                 done = min(n, i + bs)
-                elapsed = time.monotonic() - start
-                progress(done, n, elapsed / done * (n - done) if done < n else 0.0)
+                progress(done, n, eta_text(start, done, n))
     nll = float(total)
     predicted = predicted_tokens(lm, windows, mask)
     return LossResult(loss=nll / predicted, nll=nll, predicted=predicted, windows=n, tokens=windows.tokens)

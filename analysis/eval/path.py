@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from analysis.errors import DiffractError
 from analysis.eval.evaluator import EvalText, Evaluator
-from analysis.eval.loss import EvalProgress
+from analysis.eval.loss import EvalProgress, eta_text
 from analysis.eval.patch import combination_description, load_combination
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,8 +80,7 @@ def loss_path(evaluator: Evaluator, texts: Sequence[EvalText], mode: str, alphas
                 rows.append({"mode": mode, "alpha": alpha, "text": et.name, "role": et.role, "loss": r.loss,
                              "ppl": r.ppl, "windows": r.windows, "tokens": r.tokens})
             if progress is not None:
-                elapsed = time.monotonic() - start
-                progress(i + 1, len(alphas), elapsed / (i + 1) * (len(alphas) - i - 1))
+                progress(i + 1, len(alphas), eta_text(start, i + 1, len(alphas)))
     finally:
         load_combination(model, Combination(((target, 1.0),), target, "checkpoint", {}))
     barriers = []

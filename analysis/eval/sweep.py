@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from analysis.errors import DiffractError
 from analysis.eval.evaluator import EvalText, Evaluator
-from analysis.eval.loss import EvalProgress, LossResult
+from analysis.eval.loss import EvalProgress, LossResult, eta_text
 from analysis.eval.patch import LivePatch, load_combination, rewind_description
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,9 +132,7 @@ def run_sweep(evaluator: Evaluator, patch: LivePatch, candidates: Sequence[Candi
         share = preview(c.plan, inputs).share_removed if inputs is not None else None
         rows += [_row(c.pattern, c.fraction, c.seed, len(c.plan.heads), et, r, share) for et, r in zip(texts, memo[key])]
         if progress is not None:
-            done = i + 1
-            elapsed = time.monotonic() - start
-            progress(done, len(candidates), elapsed / done * (len(candidates) - done))
+            progress(i + 1, len(candidates), eta_text(start, i + 1, len(candidates)))
     base = patch.base
     load_combination(patch.model, Combination(((base, 1.0),), base, "checkpoint", {}))
     try:

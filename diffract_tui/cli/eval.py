@@ -19,8 +19,8 @@ DTYPE_HELP = "bfloat16 | float32 (default: bfloat16 on a GPU, float32 on the CPU
 
 
 @contextmanager
-def eta_progress(description: str) -> Iterator[Callable[[int, int, Optional[float]], None]]:
-    """A rich bar on stderr with the time left; yields `progress(done, total, eta_seconds)`."""
+def eta_progress(description: str) -> Iterator[Callable[[int, Optional[int], str], None]]:
+    """A rich bar on stderr with the time left; yields the engine's `progress(done, total, text)`."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -30,8 +30,8 @@ def eta_progress(description: str) -> Iterator[Callable[[int, int, Optional[floa
                   disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=None, eta="")
 
-        def update(done: int, total: int, eta: Optional[float]) -> None:
-            bar.update(task, completed=done, total=total, eta="" if eta is None else f"ETA {eta:.0f} s")
+        def update(done: int, total: Optional[int], text: str) -> None:
+            bar.update(task, completed=done, total=total, eta=text)
 
         yield update
 
