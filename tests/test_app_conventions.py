@@ -4,8 +4,6 @@ view's tab switches to it, and help lists every key once with capitalised descri
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import inspect
 from pathlib import Path
 
@@ -13,16 +11,7 @@ import pytest
 
 from analysis.generate import write_family
 from analysis.run.session import ExplorerSession
-
-
-def sync(test):
-    """Run an async pilot test with asyncio.run (no async pytest plugin needed)."""
-
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return run
+from pilot import sync
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ slot; Esc names the cancelled table scan; a cold node does not show the previous
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import re
 import threading
 import time
@@ -19,6 +17,7 @@ import pytest
 from analysis.generate import write_family
 from analysis.run.session import ExplorerSession
 from diffract_tui.node import NodeRef
+from pilot import sync
 
 CONFIG = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2)
 LABELS = ("base", "math", "code")
@@ -36,16 +35,6 @@ def session(family, tmp_path: Path):
                              cache_dir=tmp_path / "cache")
     yield s
     s.close()
-
-
-def sync(test):
-    """Run an async pilot test with asyncio.run (no async pytest plugin needed)."""
-
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return run
 
 
 def make_app(session, notices: list[str] | None = None):

@@ -4,8 +4,6 @@ node of it and toggles from any of them, and applying onto an existing folder as
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hashlib
 from pathlib import Path
 
@@ -14,16 +12,7 @@ import pytest
 from analysis.generate import write_family
 from analysis.run.session import ExplorerSession
 from diffract_tui.node import NodeRef
-
-
-def sync(test):
-    """Run an async pilot test with asyncio.run (no async pytest plugin needed)."""
-
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return run
+from pilot import sync
 
 
 @pytest.fixture(scope="module")

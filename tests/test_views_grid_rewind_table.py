@@ -6,8 +6,6 @@ rewound checkpoint, and the table holds every node with the planted magnitudes, 
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import math
 import re
@@ -20,6 +18,7 @@ import torch
 from analysis.generate import write_family
 from analysis.run.session import ExplorerSession
 from diffract_tui.node import NodeRef
+from pilot import sync
 
 CONFIG = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2)
 L, H = 2, 4
@@ -37,16 +36,6 @@ def session(family, tmp_path: Path):
                              cache_dir=tmp_path / "cache")
     yield s
     s.close()
-
-
-def sync(test):
-    """Run an async pilot test with asyncio.run (no async pytest plugin needed)."""
-
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return run
 
 
 def make_app(session):
