@@ -1,4 +1,4 @@
-"""Quit with unsaved marks: export first, quit anyway, or stay."""
+"""The app's yes/no dialogs: quit with unsaved marks (export first, quit anyway, or stay) and confirm a replace."""
 
 from __future__ import annotations
 
@@ -9,7 +9,20 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Label
 
 
-class QuitScreen(ModalScreen[str]):
+class DialogScreen(ModalScreen):
+    """A small centred question with a row of buttons: the one look every yes/no dialog of the app shares."""
+
+    DEFAULT_CSS = """
+    DialogScreen { align: center middle; }
+    DialogScreen > Vertical { width: auto; max-width: 76; height: auto; border: round $warning;
+                              background: $surface; padding: 0 1; }
+    DialogScreen Label { width: auto; margin-bottom: 1; }
+    DialogScreen Horizontal { height: auto; width: auto; }
+    DialogScreen Button { margin-right: 1; min-width: 10; }
+    """
+
+
+class QuitScreen(DialogScreen):
     """Dismisses with "export", "quit" or "stay"."""
 
     BINDINGS = [
@@ -17,14 +30,6 @@ class QuitScreen(ModalScreen[str]):
         Binding("e", "choose('export')", "Export, then quit"),
         Binding("n,escape", "choose('stay')", "Stay"),
     ]
-    DEFAULT_CSS = """
-    QuitScreen { align: center middle; }
-    QuitScreen > Vertical { width: auto; max-width: 76; height: auto; border: round $warning;
-                            background: $surface; padding: 0 1; }
-    QuitScreen Label { width: auto; margin-bottom: 1; }
-    QuitScreen Horizontal { height: auto; width: auto; }
-    QuitScreen Button { margin-right: 1; min-width: 10; }
-    """
 
     def __init__(self, marked: int) -> None:
         super().__init__()
@@ -46,18 +51,10 @@ class QuitScreen(ModalScreen[str]):
         self.dismiss(choice)
 
 
-class ConfirmScreen(ModalScreen[bool]):
+class ConfirmScreen(DialogScreen):
     """A yes/no question (e.g. replace an existing folder); dismisses with True for yes."""
 
     BINDINGS = [Binding("y", "choose(True)", "Yes"), Binding("n,escape", "choose(False)", "No")]
-    DEFAULT_CSS = """
-    ConfirmScreen { align: center middle; }
-    ConfirmScreen > Vertical { width: auto; max-width: 76; height: auto; border: round $warning;
-                               background: $surface; padding: 0 1; }
-    ConfirmScreen Label { width: auto; margin-bottom: 1; }
-    ConfirmScreen Horizontal { height: auto; width: auto; }
-    ConfirmScreen Button { margin-right: 1; min-width: 10; }
-    """
 
     def __init__(self, question: str, yes: str = "Yes") -> None:
         super().__init__()
