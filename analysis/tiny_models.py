@@ -80,7 +80,8 @@ class SeriesRun:
 
 
 def require_training(tokenizers: bool) -> None:
-    """Fail with one line when transformers (and, for a tokenizer, tokenizers) cannot be imported."""
+    """Fail with one line when transformers (and, for a tokenizer, tokenizers) cannot be imported: the `eval`
+    extra; checked only when a model must be trained (a finished build opens without them)."""
     from analysis.eval.loss import INSTALL_HINT
 
     needed = ["transformers", "tokenizers"] if tokenizers else ["transformers"]
@@ -122,12 +123,15 @@ def _rename_into_place(work: Path, root: Path, stamp: dict[str, str]) -> None:
 
 
 def build_once(root: Path, stamp: dict[str, str], train: Callable[[Path], None],
-               announce: Announce | None = None) -> bool:
-    """Reuse `root` when its stamp matches, else `train(folder)` into a temp sibling, stamp it and rename it to
-    `root`; True when it trained. A failure or kill leaves no stamped folder, so nothing half-made is reused."""
+               announce: Announce | None = None, needs: Callable[[], None] | None = None) -> bool:
+    """Reuse `root` when its stamp matches, else check `needs()` (the dependencies), `train(folder)` into a temp
+    sibling, stamp it and rename it to `root`; True when it trained. A failure or kill leaves no stamped folder,
+    so nothing half-made is reused."""
     root = Path(root)
     if stamp_matches(root, stamp):
         return False
+    if needs is not None:
+        needs()
     root.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(root)
     if announce is not None:
@@ -184,9 +188,9 @@ def cpt_family_at(root: Path) -> Family:
 
 def build_cpt_family(root: str | Path, announce: Announce | None = None) -> Family:
     """Train (or reuse) the tiny CPT family under `root` (~10-40 s on one core the first time)."""
-    require_training(tokenizers=True)
     root = Path(root)
-    build_once(root, {"stamp": cpt_stamp()}, lambda work: _train_family(cpt_family_at(work)), announce)
+    build_once(root, {"stamp": cpt_stamp()}, lambda work: _train_family(cpt_family_at(work)), announce,
+               needs=lambda: require_training(tokenizers=True))
     return cpt_family_at(root)
 
 
@@ -281,9 +285,9 @@ def series_at(root: Path) -> SeriesRun:
 
 def build_series(root: str | Path, announce: Announce | None = None) -> SeriesRun:
     """Train (or reuse) the checkpoint series under `root` (seconds on one core the first time)."""
-    require_training(tokenizers=False)
     root = Path(root)
-    build_once(root, {"recipe": SERIES_RECIPE}, _train_series, announce)
+    build_once(root, {"recipe": SERIES_RECIPE}, _train_series, announce,
+               needs=lambda: require_training(tokenizers=False))
     return series_at(root)
 
 
