@@ -47,6 +47,22 @@ def _linked_cache(tmp_path: Path, folder: str, built: Path) -> Path:
     return cache
 
 
+@pytest.fixture
+def open_kwargs(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The keyword arguments of every `ExplorerSession.open` call (the session then opens as usual)."""
+    from analysis.run.session import ExplorerSession
+
+    calls: list[dict] = []
+    real = ExplorerSession.open
+
+    def recording(cls, *args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ExplorerSession, "open", classmethod(recording))
+    return calls
+
+
 # ------------------------------------------------------------------------------------------------ the build
 
 
@@ -142,7 +158,8 @@ def test_building_the_cpt_family_twice_trains_nothing_the_second_time(family, mo
 # ------------------------------------------------------------------------------------------------ the demo
 
 
-def test_demo_cpt_opens_the_family_with_its_held_out_texts(family, tmp_path: Path, capsys, no_screen) -> None:  # noqa: F811
+def test_demo_cpt_opens_the_family_with_its_held_out_texts(family, tmp_path: Path, capsys, no_screen,  # noqa: F811
+                                                           open_kwargs) -> None:
     """base + code + code2 under the cache folder, the held-out code as the domain text and the held-out prose as
     the general text; and it is a real CPT: the continued model's code loss is below the base's."""
     from analysis.eval.evaluator import Evaluator, prepare_text
@@ -155,26 +172,28 @@ def test_demo_cpt_opens_the_family_with_its_held_out_texts(family, tmp_path: Pat
     (session,) = no_screen
     assert session.labels == ["base", "code", "code2"]
     assert [Path(c.path) for c in session.checkpoints] == [family.base, family.code, family.code2]  # link resolved
-    assert session.texts == [cache / CPT_FOLDER / "code.txt"]
-    assert session.general_texts == [cache / CPT_FOLDER / "prose.txt"]
+    (kwargs,) = open_kwargs
+    assert kwargs["texts"] == [cache / CPT_FOLDER / "code.txt"]
+    assert kwargs["general_texts"] == [cache / CPT_FOLDER / "prose.txt"]
     assert session.cache.root == cache
 
     torch.set_num_threads(1)
     losses = {}
     for name in ("base", "code"):
         lm = load_model(cache / CPT_FOLDER / name, device=torch.device("cpu"), dtype=torch.float32)
-        losses[name] = Evaluator(lm, name).loss(prepare_text(lm, load_text(session.texts[0]), 64, 8)).loss
+        losses[name] = Evaluator(lm, name).loss(prepare_text(lm, load_text(kwargs["texts"][0]), 64, 8)).loss
     assert losses["code"] < losses["base"] - 0.1, losses
 
 
-def test_demo_series_opens_the_run_in_step_order(series_run, tmp_path: Path, no_screen) -> None:  # noqa: F811
+def test_demo_series_opens_the_run_in_step_order(series_run, tmp_path: Path, no_screen,  # noqa: F811
+                                                 open_kwargs) -> None:
     cache = _linked_cache(tmp_path, SERIES_FOLDER, series_run.root)
     assert main(["demo", "--family", "series", "--cache-dir", str(cache), "--device", "cpu"]) == 0
     (session,) = no_screen
     assert session.labels == [NAMES[s] for s in sorted(NAMES)]
     ordered, steps = session.series_order()
     assert steps == [0, 10, 20, 30, 40] and [c.label for c in ordered] == session.labels
-    assert session.texts == [] and session.general_texts == []
+    assert open_kwargs[0]["texts"] == [] and open_kwargs[0]["general_texts"] == []
 
 
 def test_demo_synthetic_flag_and_family_are_the_same(tmp_path: Path, no_screen) -> None:  # noqa: F811
