@@ -6,6 +6,7 @@ Evolution view (`series`), or a generated base + domain family with planted stru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -60,7 +61,7 @@ def synthetic_paths(cache_root: Path) -> list[Path]:
     return [manifest.base, *manifest.domains.values()]
 
 
-def _announce(what: str, seconds: str):
+def _announce(what: str, seconds: str) -> Callable[[Path], None]:
     """The one first-use line: what is trained, about how long it takes, and where it goes."""
     def say(root: Path) -> None:
         typer.echo(f"diffract-tui: first use: training {what} (~{seconds} on one CPU core) into {root} …", err=True)
