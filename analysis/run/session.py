@@ -188,12 +188,15 @@ class ExplorerSession:
     device: Any                                    # torch.device resolved from settings.device
     marks: set[tuple[int, int]] = field(default_factory=set)
     marks_saved: frozenset[tuple[int, int]] = frozenset()
+    texts: list[Path] = field(default_factory=list)          # held-out domain texts for the loss preview
+    general_texts: list[Path] = field(default_factory=list)  # general texts (abilities to keep)
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, paths: Sequence[str | Path], labels: Sequence[str | None] | None = None,
              device: str = "auto", cache_dir: str | Path | None = None,
-             settings: "SpectralSettings | None" = None) -> "ExplorerSession":
+             settings: "SpectralSettings | None" = None, texts: Sequence[str | Path] = (),
+             general_texts: Sequence[str | Path] = ()) -> "ExplorerSession":
         """Open base + CPT checkpoints (headers only), align them and detect the layout.
 
         Raises `DiffractError` (one line) for a missing path, an unreadable file, fewer than two
@@ -226,7 +229,8 @@ class ExplorerSession:
                 ckpt.close()
             raise
         return cls(checkpoints=checkpoints, layout=layout, alignment=alignment, settings=settings,
-                   cache=Cache(cache_dir), device=resolved_device)
+                   cache=Cache(cache_dir), device=resolved_device, texts=[Path(t) for t in texts],
+                   general_texts=[Path(t) for t in general_texts])
 
     def close(self) -> None:
         """Release the checkpoints' file handles."""
