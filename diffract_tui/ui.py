@@ -222,9 +222,14 @@ class DiffractApp(App):
             width += len(f" {tab.spec.key} {tab.spec.title} ")
         labels = self.session.labels
         room = self.size.width - width - 4
-        title = f"{labels[0]} → {', '.join(labels[1:])}"
+        series = self.session.series_info()
+        if series is not None:  # checkpoints of one run: a run of steps, not base → CPT
+            title, short = (f"series of {len(labels)} checkpoints · steps {series.steps[0]} … {series.steps[-1]}",
+                            f"{len(labels)} steps {series.steps[0]}…{series.steps[-1]}")
+        else:
+            title, short = f"{labels[0]} → {', '.join(labels[1:])}", f"{labels[0]} → {len(labels) - 1} CPT"
         if len(title) > room:  # e.g. at 80 columns with long names: say how many, not which
-            title = f"{labels[0]} → {len(labels) - 1} CPT"
+            title = short
         root.query_one("#viewbar-title", Label).update(Text("  " + title))
         root.query_one("#viewkeys", Label).update(self._view_keys_text())
 

@@ -151,9 +151,25 @@ async def test_median_alpha_summary_is_the_median_of_each_checkpoints_scan_rows(
 
 
 @sync
-async def test_esc_cancels_the_summary_and_s_twice_computes_it_again(session, tmp_path) -> None:
+async def test_esc_cancels_the_summary_and_s_twice_computes_it_again(session, tmp_path, monkeypatch) -> None:
+    import time
+
+    from analysis.progress import Cancelled
+
     fresh = ExplorerSession.open([str(c.path) for c in session.checkpoints], device="cpu",
-                                 cache_dir=tmp_path / "cache")   # an empty cache: the summary takes a while
+                                 cache_dir=tmp_path / "cache")
+    real, calls = fresh.alpha_summary, []
+
+    def held_until_cancelled(progress, cancelled):
+        """The first summary runs until esc cancels it (no race with a fast machine); later ones compute."""
+        calls.append(1)
+        if len(calls) > 1:
+            return real(progress, cancelled)
+        while not cancelled():
+            time.sleep(0.01)
+        raise Cancelled()
+
+    monkeypatch.setattr(fresh, "alpha_summary", held_until_cancelled)
     try:
         app = make_app(fresh)
         async with app.run_test(size=(120, 36)) as pilot:
@@ -170,7 +186,7 @@ async def test_esc_cancels_the_summary_and_s_twice_computes_it_again(session, tm
             assert view.summary_state == "cancelled"
             await pilot.press("s", "s")
             await settle(pilot)
-            assert view.summary_state == "done" and view.summary is not None
+            assert view.summary_state == "done" and view.summary is not None and len(calls) == 2
     finally:
         fresh.close()
 

@@ -338,17 +338,17 @@ class EvolutionView(NodeView):
 
     def _summary_title(self) -> None:
         state = self.summary_state
-        what = "median α per module kind vs step (whole model"
+        what = "median α per module kind vs step"
         if state == "done" and self.summary is not None:
             counts = sorted(set(self.summary.counts.values()))
-            per = f", {counts[0]} matrices each" if len(counts) == 1 else ""
-            text = f"{what}{per}) · s hide"
+            per = f" · whole model, {counts[0]} matrices each" if len(counts) == 1 else " · whole model"
+            text = f"{what} · s hide{per}"
         elif state == "running":
-            text = f"{what}) — computing… (esc cancels)"
+            text = f"{what} — computing… (esc cancels)"
         elif state == "cancelled":
-            text = f"{what}) — cancelled · s twice to compute again"
+            text = f"{what} — cancelled · s twice to compute again"
         else:
-            text = f"{what})"
+            text = what
         self._label("summary-title").update(text)
 
     # ---- the tree's sparklines -------------------------------------------------------------------
