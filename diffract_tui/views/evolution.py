@@ -27,8 +27,7 @@ from diffract_tui.views.worker import run_engine_call
 from diffract_tui.widgets.charts import chart_values, clear_plot, legend_key, series_color, series_marker
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.run.series import AlphaSummary, Series
-    from analysis.run.session import EvolutionResult, ExplorerSession
+    from analysis.run.session import AlphaSummary, EvolutionResult, ExplorerSession, Series  # the public surface
 
 SUMMARY_ID = "evolution-summary"   # the summary's worker group and progress slot
 X_LABELS_AT_MOST = 8               # step labels on the x axis at most (evenly thinned beyond)
