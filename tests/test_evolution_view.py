@@ -117,6 +117,13 @@ async def test_delta_from_previous_differs_from_delta_from_first(session) -> Non
             assert math.isclose(y, round(row["delta_rel"], 6), abs_tol=1e-12)
         first = session.evolution(node, "delta_rel").values[2:]
         assert all(abs(a - b) > 1e-3 for a, b in zip(ys[1:], first))
+        # x writes the same numbers at full precision, with step and tokens
+        export = view.export_table()
+        engine = session.evolution(node, "delta_rel", against="previous").values
+        assert [r["value"] for r in export.rows] == list(engine) and engine[0] is None
+        assert [(r["step"], r["tokens"], r["against"]) for r in export.rows] == [
+            (0, None, "previous"), (10, None, "previous"), (20, 10_000, "previous"), (30, None, "previous"),
+            (40, 20_000, "previous")]
 
 
 @sync
