@@ -64,6 +64,7 @@ def expected_plot(node: NodeRef, ev, steps) -> list[tuple[str, list[float], list
             for xs, ys in segments(steps, values)]
 
 
+@pytest.mark.slow
 @sync
 async def test_plotted_numbers_equal_the_engine_for_every_metric(session) -> None:
     from diffract_tui.views.evolution import METRICS
@@ -258,6 +259,7 @@ def test_sparkline_scales_from_smallest_to_largest() -> None:
     assert sparkline([None, None]) == ""
 
 
+@pytest.mark.slow
 @sync
 async def test_stepping_the_grid_shows_each_checkpoints_engine_alpha_grid(session) -> None:
     app = make_app(session)
