@@ -133,6 +133,7 @@ class DiffractApp(App):
         Binding("3", "view('heads')", "Heads grid view"),
         Binding("4", "view('rewind')", "Rewind view"),
         Binding("5", "view('table')", "Table view"),
+        Binding("6", "view('evolution')", "Evolution view (checkpoint series)"),
         Binding("escape", "cancel", "Cancel work / clear filter", key_display="esc"),
         Binding("space", "toggle_mark", "Mark / unmark head"),
         Binding("e", "export_rewind", "Export rewind list of marked heads"),
@@ -190,6 +191,7 @@ class DiffractApp(App):
             self.notify(f"Heads are not offered: {self.session.layout.heads_reason}", severity="warning",
                         timeout=8)
         tree.move_cursor(tree.root)
+        self.call_after_refresh(self.load_sparklines, tree.built_nodes())
 
     @work(thread=True, group="warm-up")
     def _warm_up(self) -> None:
@@ -220,9 +222,14 @@ class DiffractApp(App):
             width += len(f" {tab.spec.key} {tab.spec.title} ")
         labels = self.session.labels
         room = self.size.width - width - 4
-        title = f"{labels[0]} → {', '.join(labels[1:])}"
+        series = self.session.series_info()
+        if series is not None:  # checkpoints of one run: a run of steps, not base → CPT
+            title, short = (f"series of {len(labels)} checkpoints · steps {series.steps[0]} … {series.steps[-1]}",
+                            f"{len(labels)} steps {series.steps[0]}…{series.steps[-1]}")
+        else:
+            title, short = f"{labels[0]} → {', '.join(labels[1:])}", f"{labels[0]} → {len(labels) - 1} CPT"
         if len(title) > room:  # e.g. at 80 columns with long names: say how many, not which
-            title = f"{labels[0]} → {len(labels) - 1} CPT"
+            title = short
         root.query_one("#viewbar-title", Label).update(Text("  " + title))
         root.query_one("#viewkeys", Label).update(self._view_keys_text())
 
@@ -298,6 +305,14 @@ class DiffractApp(App):
         unknown = [c for c in children if c not in self.tree.badges]
         if unknown:
             self._load_badges(unknown)
+        self.load_sparklines(children)
+
+    def load_sparklines(self, nodes: list[NodeRef]) -> None:
+        """Sparklines of the Evolution view's metric beside `nodes`, from the cache (nothing without a series)."""
+        for view in self.query("#evolution"):
+            load = getattr(view, "load_sparklines", None)  # absent when the view is not in this build
+            if load is not None:
+                load(nodes)
 
     @work(thread=True, group="badges")
     def _load_badges(self, nodes: list[NodeRef]) -> None:
@@ -477,6 +492,7 @@ class DiffractApp(App):
 
     def _compute_all_done(self, count: int) -> None:
         self.notify(f"Computed {count} matrices and heads; the cache is full.", timeout=4)
+        self.load_sparklines(self.tree.built_nodes())
         for view in self.query(NodeView):
             if view.id == self.active_view_id:
                 view.refresh_node()

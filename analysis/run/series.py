@@ -132,3 +132,40 @@ def previous_step_deltas(paths_in_step_order: Sequence[str | Path], *, options: 
                           for t in tables]}
     return DeltaTable(rows=rows, summary=summary, metadata=metadata,
                       failures=[f for t in tables for f in t.failures])
+
+
+@dataclass(frozen=True)
+class AlphaSummary:
+    """Median power-law α of each module kind (q, k, v, o, gate, …: one value over every layer's matrix of that
+    name) per checkpoint in step order: "do power-law tails develop as training progresses" at a glance."""
+
+    labels: tuple[str, ...]                          # checkpoints in step order
+    steps: tuple[int | None, ...]                    # their steps (None: not a series)
+    kinds: tuple[str, ...]                           # module names, in the order the rows first give them
+    medians: dict[str, tuple[float | None, ...]]     # kind → median α per checkpoint (None: no fit there)
+    counts: dict[str, int]                           # kind → matrices per checkpoint that the median is over
+
+
+def median_alpha_by_kind(rows: Sequence[dict], labels_in_step_order: Sequence[str],
+                         steps: Sequence[int | None]) -> AlphaSummary:
+    """The AlphaSummary of scan rows: weight rows of whole layer matrices (no head slices, no globals, no deltas)
+    grouped by module name and checkpoint; an empty or NaN `pl_alpha` is left out of the median."""
+    import math
+    import statistics
+
+    values: dict[str, dict[str, list[float]]] = {}
+    matrices: dict[str, set[tuple]] = {}
+    for row in rows:
+        if (row.get("operation") != "weight" or row.get("layer") is None or row.get("head") is not None
+                or row.get("kv_head") is not None):
+            continue
+        kind = str(row.get("module"))
+        per_label = values.setdefault(kind, {})
+        matrices.setdefault(kind, set()).add((row.get("layer"), row.get("tensor")))
+        alpha = row.get("pl_alpha")
+        if alpha is not None and math.isfinite(float(alpha)):
+            per_label.setdefault(row.get("checkpoint"), []).append(float(alpha))
+    medians = {kind: tuple(statistics.median(v[label]) if v.get(label) else None for label in labels_in_step_order)
+               for kind, v in values.items()}
+    return AlphaSummary(labels=tuple(labels_in_step_order), steps=tuple(steps), kinds=tuple(values),
+                        medians=medians, counts={kind: len(m) for kind, m in matrices.items()})

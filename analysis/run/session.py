@@ -10,6 +10,7 @@ computation early.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
@@ -29,10 +30,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.edit.rewind import RewindInputs, RewindPreview  # result types the views receive
     from analysis.edit.rewind_list import RewindList
     from analysis.io.writer import WriteResult
+    from analysis.run.series import AlphaSummary, Series
 
 ProgressFn = Progress        # the names the views use
 CancelledFn = Cancel
 HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
+HEAD_R = "head_r"  # the evolution's name of the SPEC §4 head score r (not a scan column: from the head energies)
 AGREEMENT_KS_MAX = 24  # points on the agreement-vs-k curve (log-spaced k)
 UI_OPERATION_VERSION = 1  # bump when what the session stores under its cache keys changes
 
@@ -409,32 +412,47 @@ class ExplorerSession:
             return list(self.checkpoints), [None] * len(self.checkpoints)
         return series.reorder(self.checkpoints), list(series.steps)
 
-    def _row(self, ckpt: "Checkpoint", node: Node, against: "Checkpoint | None") -> dict[str, Any]:
-        """The scan row of a node in `ckpt` (of ΔW against `against` when given), through the cache."""
+    def _row(self, ckpt: "Checkpoint", node: Node, against: "Checkpoint | None", probe: bool = False
+             ) -> dict[str, Any]:
+        """The scan row of a node in `ckpt` (of ΔW against `against` when given), through the cache (with
+        `probe`, cache hits only: `CacheMiss` instead of computing)."""
         from analysis.run.scan import node_metrics
 
+        cache = ProbeCache(self.cache, metrics_only=True) if probe else self.cache
         row = node_metrics(ckpt, self.layout, node.layer, node.module, node.head, delta_against=against,
-                           settings=self.settings, cache=self.cache)
+                           settings=self.settings, cache=cache)
         row.pop("eigenvalues", None)
         return row
 
-    def _metric_along(self, ordered: Sequence["Checkpoint"], node: Node, metric: str) -> tuple[float | None, ...]:
-        """`metric` of the node in each checkpoint (a `delta_*` metric: of ΔW against the first; None there)."""
+    def _metric_along(self, ordered: Sequence["Checkpoint"], node: Node, metric: str, against: str = "first",
+                      probe: bool = False, cancelled: CancelledFn = _never) -> tuple[float | None, ...]:
+        """`metric` of the node in each checkpoint (a `delta_*` metric: of ΔW against the first, or with
+        `against="previous"` the one before; None at the first)."""
         delta = metric.startswith("delta_")
         having = {c.label for c in self._having(node, ordered)}
         out: list[float | None] = []
         for i, ckpt in enumerate(ordered):
+            if cancelled():
+                raise Cancelled()
             if ckpt.label not in having or (delta and i == 0):
                 out.append(None)
                 continue
-            value = self._row(ckpt, node, against=ordered[0] if delta else None).get(metric)
+            base = (ordered[i - 1] if against == "previous" else ordered[0]) if delta else None
+            value = self._row(ckpt, node, against=base, probe=probe).get(metric)
             out.append(None if value is None else float(value))
         return tuple(out)
 
-    def evolution(self, node: Node, metric: str) -> EvolutionResult:
-        """`metric` (a scan-row column: alpha, stable_rank, …, delta_rel, …) of the node against step, with one
-        line per head of a q/k/v/o projection, or per matrix of a layer node."""
+    def evolution(self, node: Node, metric: str, against: str = "first", progress: ProgressFn = _no_progress,
+                  cancelled: CancelledFn = _never) -> EvolutionResult:
+        """`metric` (a scan-row column: alpha, stable_rank, …, delta_rel, …; or HEAD_R, the head score r) of the
+        node against step, with one line per head of a q/k/v/o projection, or per matrix of a layer node; Δ
+        metrics against the first step, or the previous one with `against="previous"` (SPEC §10)."""
+        if against not in ("first", "previous"):
+            raise ValueError(f"against must be 'first' or 'previous', not {against!r}")
+        if metric == HEAD_R:
+            return self._head_r_evolution(node, against, progress, cancelled)
         ordered, steps = self.series_order()
+        along = partial(self._metric_along, ordered, metric=metric, against=against, cancelled=cancelled)
         title = f"{metric} · layer {node.layer}" if node.module is None else f"{metric} · {self.describe(node)}"
         values: tuple[float | None, ...] = ()
         lines: list[EvolutionLine] = []
@@ -443,17 +461,88 @@ class ExplorerSession:
             if reason and not (self.is_projection(node) and node.head is None):
                 raise DiffractError(reason)
             if not reason:
-                values = self._metric_along(ordered, node, metric)
+                values = along(node)
             if self.is_projection(node) and node.head is None:
                 count = self.layout.num_kv_heads if node.module in ("k", "v") else self.layout.num_heads
-                lines = [EvolutionLine(f"head {h}", self._metric_along(ordered, _replace_head(node, h), metric))
-                         for h in range(count)]
+                for h in range(count):
+                    progress(h, count, f"{metric} of head {h}")
+                    lines.append(EvolutionLine(f"head {h}", along(_replace_head(node, h))))
         elif node.layer is not None:
-            for m in self.layout.layers[node.layer].modules:
-                child = _replace_head(node, None, module=m.name)
-                if len(m.shape) == 2:
-                    lines.append(EvolutionLine(m.name, self._metric_along(ordered, child, metric)))
+            modules = [m for m in self.layout.layers[node.layer].modules if len(m.shape) == 2]
+            for i, m in enumerate(modules):
+                progress(i, len(modules), f"{metric} of {m.name}")
+                lines.append(EvolutionLine(m.name, along(_replace_head(node, None, module=m.name))))
         return EvolutionResult(title, metric, tuple(c.label for c in ordered), tuple(steps), values, tuple(lines))
+
+    def series_info(self) -> "Series | None":
+        """The series the checkpoints' paths form (steps and tokens in step order), or None when they are none."""
+        from analysis.run.series import detect_series
+
+        return detect_series([str(c.path) for c in self.checkpoints])
+
+    def known_along(self, node: Node, metric: str, against: str = "first") -> tuple[float | None, ...] | None:
+        """The node's own `metric` per checkpoint in step order from the cache only (the tree's sparklines), or
+        None when some value is not cached or the node has no own value (a layer, a fused projection, HEAD_R)."""
+        if metric == HEAD_R or node.module is None or self.unavailable(node):
+            return None
+        ordered, _ = self.series_order()
+        try:
+            return self._metric_along(ordered, node, metric, against, probe=True)
+        except CacheMiss:
+            return None
+
+    def _head_r_evolution(self, node: Node, against: str, progress: ProgressFn, cancelled: CancelledFn
+                          ) -> EvolutionResult:
+        """Head score r (SPEC §4) along the series: of a head (its projection's r, and the whole head's for a q/o
+        head), one line per head of a projection (its r) or of a layer (the whole head's r)."""
+        from types import SimpleNamespace
+
+        from analysis.run.grids import update_magnitude_grids
+
+        ordered, steps = self.series_order()
+        title = f"r · layer {node.layer}" if node.module is None else f"r · {self.describe(node)}"
+        if not self.layout.heads_available:
+            raise DiffractError(f"heads are not available for this model: {self.layout.heads_reason}")
+        if node.layer is None or (node.module is not None and node.module not in HEAD_PROJECTIONS):
+            raise DiffractError("the head score r is per head: select a layer, a q/k/v/o projection or a head")
+        grids: list[dict[str, np.ndarray] | None] = [None]
+        for i in range(1, len(ordered)):
+            base = ordered[i - 1] if against == "previous" else ordered[0]
+            pair = SimpleNamespace(checkpoints=[base, ordered[i]], layout=self.layout, settings=self.settings,
+                                   cache=self.cache)
+            progress(i - 1, len(ordered) - 1, f"head energies of {ordered[i].label}")
+            grids.append(update_magnitude_grids(pair, 0, cancel=cancelled).grids)
+
+        def along(proj: str, head: int) -> tuple[float | None, ...]:
+            return tuple(None if g is None else float(g[proj][node.layer, head]) for g in grids)
+
+        kv = node.module in ("k", "v")
+        first_query = (lambda g: self.layout.query_heads_of(g)[0]) if kv else (lambda h: h)
+        values: tuple[float | None, ...] = ()
+        lines: list[EvolutionLine] = []
+        if node.module is None:
+            lines = [EvolutionLine(f"head {h}", along(WHOLE, h)) for h in range(self.layout.num_heads)]
+        elif node.head is None:
+            count = self.layout.num_kv_heads if kv else self.layout.num_heads
+            lines = [EvolutionLine(f"head {h}", along(node.module, first_query(h))) for h in range(count)]
+        else:
+            values = along(node.module, first_query(node.head))
+            if not kv:
+                lines = [EvolutionLine("whole head", along(WHOLE, node.head))]
+        return EvolutionResult(title, HEAD_R, tuple(c.label for c in ordered), tuple(steps), values, tuple(lines))
+
+    def alpha_summary(self, progress: ProgressFn = _no_progress, cancelled: CancelledFn = _never) -> "AlphaSummary":
+        """Median α of each module kind per checkpoint in step order (`series.median_alpha_by_kind`) from a scan
+        of the matrices (no heads, no deltas) through the cache; `Cancelled` when `cancelled()` turned True."""
+        from analysis.run.scan import scan
+        from analysis.run.series import median_alpha_by_kind
+
+        ordered, steps = self.series_order()
+        rows = list(scan(ordered, heads=False, delta=False, settings=self.settings, cache=self.cache,
+                         progress=progress, cancel=cancelled))
+        if cancelled():
+            raise Cancelled()
+        return median_alpha_by_kind(rows, [c.label for c in ordered], steps)
 
     # ---- deltas ----------------------------------------------------------------------------
     def _curve_key(self, target: "Checkpoint", node: Node) -> str:

@@ -41,6 +41,7 @@ VIEW_SPECS: tuple[ViewSpec, ...] = (
     ViewSpec("3", "heads", "Heads", "diffract_tui.views.heads_grid"),
     ViewSpec("4", "rewind", "Rewind", "diffract_tui.views.rewind"),
     ViewSpec("5", "table", "Table", "diffract_tui.views.table"),
+    ViewSpec("6", "evolution", "Evolution", "diffract_tui.views.evolution"),
 )
 
 

@@ -3,8 +3,10 @@
 Metrics (`m` cycles): update magnitude r (SPEC §4 head score), A1 singular-vector agreement of W₀ and W_d,
 A2 delta-cosine and A3 subspace agreement of two domains' deltas (≥ 2 CPT checkpoints), and the power-law α
 of each head slice. `d` cycles what is compared (base→target, a domain pair, or a checkpoint for α), `p`
-the projection (whole head or q/k/v/o), `z` a log colour scale. Arrows/hjkl move over cells once the grid
-has focus (tab), Enter opens the head in the tree, space marks it.
+the projection (whole head or q/k/v/o), `z` a log colour scale; `,` / `.` step the checkpoint (α) or the target
+(r, A1) back / forward along a checkpoint series in step order (argument order when the inputs are no series), and
+the bar shows which step is displayed. Arrows/hjkl move over cells once the grid has focus (tab), Enter opens the
+head in the tree, space marks it.
 
 The grids come from the engine through the session (`ExplorerSession.magnitude_grids`, `a1_grid`,
 `agreement_grids`, `alpha_grid`, computed in `analysis.run.grids` and kept in the session's persistent cache);
@@ -33,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.run.session import ExplorerSession
 
 KEY_HINT = "keys: m metric · d pair · p proj · z log · tab grid⇄tree · enter open · space mark"
+SERIES_KEY_HINT = ", . step back / forward along the series"
+STEPPED_METRICS: tuple[str, ...] = ("r", "a1", "alpha")   # a checkpoint (or base→checkpoint) each
 
 METRICS: tuple[str, ...] = ("r", "a1", "a2", "a3", "alpha")
 METRIC_TITLES = {
@@ -73,6 +77,10 @@ class HeadsGridView(EngineWork, NodeView):
         Binding("d", "cycle_source", "Next pair / domain / checkpoint"),
         Binding("p", "cycle_projection", "Next projection (all, q, k, v, o)"),
         Binding("z", "toggle_log", "Log / linear colour scale"),
+        Binding("comma", "step_checkpoint(-1)", "Series: previous step (α: checkpoint, r/A1: target)",
+                key_display=",", show=False),
+        Binding("full_stop", "step_checkpoint(1)", "Series: next step (α: checkpoint, r/A1: target)",
+                key_display=".", show=False),
         Binding("tab", "focus_grid", "Grid ⇄ tree focus (grid: arrows/hjkl move, enter opens, space marks)",
                 show=False),
     ]
@@ -145,6 +153,30 @@ class HeadsGridView(EngineWork, NodeView):
             return f"{labels[i + 1]} vs {labels[j + 1]} (Δ from {labels[0]})"
         return labels[c.source]
 
+    def checkpoint_of(self, c: GridChoice) -> int | None:
+        """The session index of the checkpoint a stepped choice displays (α: its checkpoint, r/A1: its target)."""
+        if c.metric == "alpha":
+            return c.source
+        return c.source + 1 if c.metric in ("r", "a1") else None
+
+    def step_order(self) -> list[int]:
+        """Session indices of the checkpoints `,` / `.` step through: step order for a series, else as given."""
+        ordered, _ = self.session.series_order()
+        position = {id(ckpt): i for i, ckpt in enumerate(self.session.checkpoints)}
+        return [position[id(ckpt)] for ckpt in ordered]
+
+    def step_label(self, c: GridChoice) -> str:
+        """`step 20 (3/5)` for the checkpoint a stepped choice displays in a series, else ""."""
+        index = self.checkpoint_of(c)
+        series = self.session.series_info()
+        if index is None or series is None:
+            return ""
+        order = self.step_order()
+        position = order.index(index)
+        tokens = series.tokens[position]
+        return (f"step {series.steps[position]}" + (f" · {tokens:,} tokens" if tokens is not None else "")
+                + f" ({position + 1}/{len(order)})")
+
     def projection_label(self, c: GridChoice) -> str:
         return "whole head (q,k,v,o)" if c.projection == WHOLE else f"{c.projection} slices"
 
@@ -174,7 +206,9 @@ class HeadsGridView(EngineWork, NodeView):
         if c is None:
             text = f"{METRIC_SHORT[self.metric]}  ·  m metric  d pair  p projection"
         else:
-            text = f"{METRIC_SHORT[c.metric]} · {self.source_label(c)} · {self.projection_label(c)}"
+            step = self.step_label(c)
+            text = (f"{METRIC_SHORT[c.metric]} · {self.source_label(c)}" + (f" · {step}" if step else "")
+                    + f" · {self.projection_label(c)}")
         self.query_one("#grid-bar", Label).update(text)
 
     def refresh_grid(self) -> None:
@@ -258,7 +292,8 @@ class HeadsGridView(EngineWork, NodeView):
         self.heatmap.set_data(grid, title=METRIC_TITLES[c.metric], log=self.log_scale, unchanged=same)
         self._fill_export_table(c, grid)
         self.heatmap.set_marks(self.session.marks)
-        self.query_one("#grid-info", Label).update((note + "\n" if note else "") + KEY_HINT)
+        hint = KEY_HINT + (SERIES_KEY_HINT if self.session.series_info() is not None else "")
+        self.query_one("#grid-info", Label).update((note + "\n" if note else "") + hint)
 
     def _fill_export_table(self, c: GridChoice, grid: np.ndarray) -> None:
         """The shown grid as rows (layer, metric, source, projection, h0 … h{H-1}) for `x`, full precision."""
@@ -287,6 +322,25 @@ class HeadsGridView(EngineWork, NodeView):
         """p: the next projection (whole head, q, k, v, o)."""
         n = len(self.projections(self.metric))
         self.projection_index[self.metric] = (self.projection_index.get(self.metric, 0) + 1) % n
+        self.pending = None
+        self.refresh_grid()
+
+    def action_step_checkpoint(self, delta: int) -> None:
+        """, / .: the previous / next checkpoint in step order (α), or target (r, A1); stops at the ends."""
+        metric = self.metric
+        c = self.choice()
+        if metric not in STEPPED_METRICS or c is None:
+            self.app.notify("Steps are for α (a checkpoint), r and A1 (base → a target); A2/A3 compare domain "
+                            "pairs (d).", severity="warning", timeout=3)
+            return
+        order = [i for i in self.step_order() if metric == "alpha" or i != 0]  # r, A1: targets only
+        position = order.index(self.checkpoint_of(c)) + delta
+        if not 0 <= position < len(order):
+            self.app.notify(f"Already at the {'first' if delta < 0 else 'last'} step.", timeout=2)
+            return
+        index = order[position]
+        source = index if metric == "alpha" else index - 1
+        self.source_index[metric] = self.sources(metric).index(source)
         self.pending = None
         self.refresh_grid()
 

@@ -1,13 +1,15 @@
 """The model tree: model → layers → modules → heads, built lazily from the layout (headers only).
 
 Vim keys move the cursor; `/` filters by words (e.g. `L3 q`, `h5`, `down`); badges (α, relative update)
-appear on a node once its metrics are known. Moving the cursor posts `NodeSelected`.
+appear on a node once its metrics are known; with a checkpoint series, a sparkline of the Evolution view's metric
+along the steps follows them (values from the engine or the cache, never computed here). Moving the cursor posts
+`NodeSelected`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from rich.text import Text
 from textual.binding import Binding
@@ -25,6 +27,7 @@ HEAD_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 FILTER_MATCH_LIMIT = 2000  # nodes shown at most for one filter (a 70B model has ~10k heads)
 ONLY_IN_MARK = "◌"         # a node whose tensor only some checkpoints hold (SPEC §1), before "only in: …"
 UNCHANGED_MARK = "Δ="      # a node the first CPT checkpoint left bit-identical to the base (ΔW = 0)
+SPARK_BARS = "▁▂▃▄▅▆▇█"
 OnlyInFn = Callable[[NodeRef], "tuple[str, ...] | None"]
 
 
@@ -55,6 +58,25 @@ def badge_from_metrics(metrics: dict[str, Any]) -> Badge:
                  alpha_reliable=bool(metrics.get("pl_alpha_reliable", True)),
                  delta_rel=None if metrics.get("delta_rel") is None else float(metrics["delta_rel"]),
                  unchanged=bool(metrics.get("unchanged")))
+
+
+def sparkline(values: Sequence[float | None]) -> str:
+    """One bar per value, scaled from the smallest to the largest (a constant line sits mid-height); a space
+    where a value is undefined (a Δ metric at the first step)."""
+    known = [float(v) for v in values if v is not None and v == v]
+    if not known:
+        return ""
+    lo, hi = min(known), max(known)
+    top = len(SPARK_BARS) - 1
+    out = []
+    for v in values:
+        if v is None or v != v:
+            out.append(" ")
+        elif hi == lo:
+            out.append(SPARK_BARS[top // 2])
+        else:
+            out.append(SPARK_BARS[round((float(v) - lo) / (hi - lo) * top)])
+    return "".join(out)
 
 
 def module_names(layout: "ModelLayout", layer: int) -> list[str]:
@@ -111,6 +133,7 @@ class ModelTree(Tree[NodeRef]):
         self.model_layout = layout
         self.only_in: OnlyInFn = only_in or (lambda ref: None)  # which checkpoints hold a node's tensor
         self.badges: dict[NodeRef, Badge] = {}
+        self.sparklines: dict[NodeRef, str] = {}   # the Evolution view's metric along a series, where known
         self.marks: frozenset[tuple[int, int]] = frozenset()
         self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
         self.filter_words: list[str] = []
@@ -151,7 +174,8 @@ class ModelTree(Tree[NodeRef]):
             self._add(node, ref, leaf=leaf)
 
     def on_tree_node_expanded(self, event: Tree.NodeExpanded[NodeRef]) -> None:
-        event.stop()
+        """Build the children; the event goes on to the app, which loads their badges and sparklines from the
+        cache (it was stopped here, so cached badges never appeared on expanding a layer)."""
         if not self.filter_words:
             self._ensure_children(event.node)
 
@@ -177,6 +201,9 @@ class ModelTree(Tree[NodeRef]):
                 text.append(f" {UNCHANGED_MARK}", style="dim")
             elif badge.delta_rel is not None:
                 text.append(f" Δ{fmt(badge.delta_rel, 2)}", style="")
+        spark = self.sparklines.get(ref)
+        if spark:
+            text.append(f" {spark}")
         owners = self.only_in(ref) if ref.module is not None else None
         if owners:
             text.append(f" {ONLY_IN_MARK} only in: {', '.join(owners)}", style="dim italic")
@@ -205,6 +232,25 @@ class ModelTree(Tree[NodeRef]):
         node = self._by_ref.get(ref)
         if node is not None:
             node.set_label(self._label(ref))
+
+    def set_sparkline(self, ref: NodeRef, values: Sequence[float | None]) -> None:
+        """Show `values` (one per step) as a sparkline beside `ref` and relabel the node if it is built."""
+        self.sparklines[ref] = sparkline(values)
+        node = self._by_ref.get(ref)
+        if node is not None:
+            node.set_label(self._label(ref))
+
+    def clear_sparklines(self) -> None:
+        """Drop every sparkline (the metric changed) and relabel the nodes that had one."""
+        refs, self.sparklines = list(self.sparklines), {}
+        for ref in refs:
+            node = self._by_ref.get(ref)
+            if node is not None:
+                node.set_label(self._label(ref))
+
+    def built_nodes(self) -> list[NodeRef]:
+        """The nodes built so far (shown or under a collapsed parent), in no particular order."""
+        return list(self._by_ref)
 
     def set_marks(self, marks: frozenset[tuple[int, int]]) -> None:
         """Show a dot on every projection node (q, k, v, o) of a marked head: it is one mark per head."""
