@@ -18,6 +18,23 @@ def isolated_user_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     return folder
 
 
+@pytest.fixture(autouse=True)
+def toasts_stay_in_snapshots(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In snapshot modules every toast stays up until the screenshot: a 2 s toast on a loaded machine was
+    sometimes already gone when the SVG was taken, so the same keys gave two pictures."""
+    if not request.module.__name__.rsplit(".", 1)[-1].startswith("test_app_snapshots_"):
+        return
+    from textual.app import App
+
+    notify = App.notify
+
+    def lasting(self, *args, **kwargs):
+        kwargs["timeout"] = 3600
+        return notify(self, *args, **kwargs)
+
+    monkeypatch.setattr(App, "notify", lasting)
+
+
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> Path:
     """Write `tensors` (any dtype, made contiguous) to one safetensors file."""
     from safetensors.torch import save_file
