@@ -240,7 +240,8 @@ class ExplorerSession:
                    cache=Cache(cache_dir), device=resolved_device, eval_texts=eval_texts)
 
     def close(self) -> None:
-        """Release the checkpoints' file handles."""
+        """Release the checkpoints' file handles (and the loss's loaded model)."""
+        self._previewer = None
         for ckpt in self.checkpoints:
             ckpt.close()
 
