@@ -1,5 +1,5 @@
 """The ctrl+p palette: go to a layer or head by typing its address, compute all, export (and choose the export
-folder), switch views. Textual's own Screenshot command writes into the export folder too
+folder), add a domain or general text for the loss (asked in the Rewind view), switch views. Textual's own Screenshot command writes into the export folder too
 (`DiffractApp.deliver_screenshot`)."""
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ def parse_address(text: str, layout: "ModelLayout") -> NodeRef | None:
     return NodeRef(layer, module, head)
 
 
+def add_text(app: object, role: str) -> None:
+    """Switch to the Rewind view and ask there for a domain or general text file of the loss."""
+    from diffract_tui.views.rewind import RewindView
+
+    app.action_view("rewind")  # type: ignore[attr-defined]
+    app.query_one(RewindView).ask_text(role)  # type: ignore[attr-defined]
+
+
 class DiffractCommands(Provider):
     """Commands of the explorer; a typed node address becomes a "Go to" hit."""
 
@@ -60,6 +68,10 @@ class DiffractCommands(Provider):
              app.action_export_table),
             ("Export folder…", "Choose the folder exports and screenshots go to (remembered across runs)",
              app.action_choose_export_folder),
+            ("Add domain text…", "A text of the CPT's domain for the Rewind view's loss (like --text FILE)",
+             partial(add_text, app, "domain")),
+            ("Add general text…", "A text of an ability to keep, for the loss and the trade-off (like "
+             "--general-text FILE)", partial(add_text, app, "general")),
             ("Cancel work", "Stop running computations (esc)", app.action_cancel),
             ("Toggle tree", "Hide or show the model tree (t)", app.action_toggle_tree),
             ("Help", "Show the keys (?)", app.action_help),

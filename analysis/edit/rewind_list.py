@@ -23,6 +23,7 @@ SCORES = ("rel_frob", "frob", "agreement", "taylor")  # agreement: A2 delta_cos 
 # most_agreeing); taylor: the first-order predicted loss change of rewinding (SPEC §9)
 PROJECTIONS = ("q", "k", "v", "o")
 KV = ("k", "v")
+LOSS_ROLES = ("domain", "general")  # the text roles of SPEC §9
 _REQUIRED = ("format", "base", "target", "architecture", "pattern", "heads")
 
 
@@ -79,8 +80,28 @@ class HeadEntry:
 
 
 @dataclass(frozen=True)
+class LossEntry:
+    """The measured loss of the list's plan on one text (SPEC §9), with the base and target levels: the optional
+    `losses` field the explorer writes when it measured this plan."""
+
+    text: str
+    role: str                 # domain | general
+    text_sha256: str
+    loss: float
+    base: float
+    target: float
+    windows: int
+    tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "role": self.role, "text_sha256": self.text_sha256, "loss": self.loss,
+                "base": self.base, "target": self.target, "windows": self.windows, "tokens": self.tokens}
+
+
+@dataclass(frozen=True)
 class RewindList:
-    """A validated rewind list; `settings` holds extra provenance (SPEC §8), additive to the SPEC §6 keys."""
+    """A validated rewind list; `settings` holds extra provenance (SPEC §8), additive to the SPEC §6 keys;
+    `losses` the measured losses of this plan per text, when they were measured (optional)."""
 
     base: CheckpointRef
     target: CheckpointRef
@@ -90,6 +111,7 @@ class RewindList:
     heads: tuple[HeadEntry, ...]
     created_by: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+    losses: tuple[LossEntry, ...] = ()
 
     def rewound_kv_groups(self, proj: str) -> set[tuple[int, int]]:
         """(layer, kv group) pairs whose ``proj`` (k or v) rows go back to the base."""
@@ -122,6 +144,8 @@ class RewindList:
         }
         if self.settings:
             out["settings"] = dict(self.settings)
+        if self.losses:
+            out["losses"] = [e.to_dict() for e in self.losses]
         return out
 
 
@@ -248,7 +272,39 @@ def rewind_list_from_dict(data: Any, source: str | Path | None = None) -> Rewind
     settings = top.get("settings") or {}
     _obj(settings, source, "settings")
     return RewindList(base=base, target=target, reference=reference, architecture=arch, pattern=pattern,
-                      heads=tuple(heads), created_by=created_by, settings=dict(settings))
+                      heads=tuple(heads), created_by=created_by, settings=dict(settings),
+                      losses=_losses(top.get("losses"), source))
+
+
+def _finite(value: Any, source: Any, where: str) -> float:
+    v = _number(value, source, where)
+    if not math.isfinite(v):
+        raise _fail(source, where, f"expected a finite number, got {value!r}")
+    return v
+
+
+def _losses(value: Any, source: Any) -> tuple[LossEntry, ...]:
+    """The optional `losses` field: absent or null → none; else a list of per-text measured losses."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _fail(source, "losses", f"expected a list, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"losses[{i}]"
+        obj = _obj(item, source, where)
+        role = _str(_key(obj, "role", source, where), source, f"{where}.role")
+        if role not in LOSS_ROLES:
+            raise _fail(source, f"{where}.role", f"{role!r} is not one of {', '.join(LOSS_ROLES)}")
+        out.append(LossEntry(
+            text=_str(_key(obj, "text", source, where), source, f"{where}.text"), role=role,
+            text_sha256=_str(_key(obj, "text_sha256", source, where), source, f"{where}.text_sha256"),
+            loss=_finite(_key(obj, "loss", source, where), source, f"{where}.loss"),
+            base=_finite(_key(obj, "base", source, where), source, f"{where}.base"),
+            target=_finite(_key(obj, "target", source, where), source, f"{where}.target"),
+            windows=_int(_key(obj, "windows", source, where), source, f"{where}.windows", 1),
+            tokens=_int(_key(obj, "tokens", source, where), source, f"{where}.tokens", 2)))
+    return tuple(out)
 
 
 def _check_gqa(heads: Iterable[HeadEntry], arch: Architecture, policy: str, source: Any) -> None:
@@ -314,7 +370,7 @@ def read_rewind_list(path: str | Path) -> RewindList:
 
     return RewindList(base=anchored(rl.base), target=anchored(rl.target), reference=anchored(rl.reference),
                       architecture=rl.architecture, pattern=rl.pattern, heads=rl.heads, created_by=rl.created_by,
-                      settings=rl.settings)
+                      settings=rl.settings, losses=rl.losses)
 
 
 def list_inputs(rl: RewindList) -> list[Path]:

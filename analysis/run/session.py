@@ -19,6 +19,7 @@ import numpy as np
 from analysis.errors import DiffractError
 from analysis.progress import Cancel, Cancelled, Progress, never as _never, no_progress as _no_progress
 from analysis.run.grids import MEAN, WHOLE, AgreementGrids, HeadGrid, MagnitudeGrids, unchanged_cells  # result types
+from analysis.run.loss_preview import PREVIEW_WINDOWS, REFINED_WINDOWS  # the loss's window counts, for the view
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.edit.rewind_list import RewindList
     from analysis.io.writer import WriteResult
     from analysis.run.series import AlphaSummary, Series
+    from analysis.run.loss_preview import Curve, LossPreview, NamedText, PlanLoss, TradeoffPoint
 
 ProgressFn = Progress        # the names the views use
 CancelledFn = Cancel
@@ -191,8 +193,9 @@ class ExplorerSession:
     device: Any                                    # torch.device resolved from settings.device
     marks: set[tuple[int, int]] = field(default_factory=set)
     marks_saved: frozenset[tuple[int, int]] = frozenset()
-    texts: list[Path] = field(default_factory=list)          # held-out domain texts for the loss preview
-    general_texts: list[Path] = field(default_factory=list)  # general texts (abilities to keep)
+    eval_texts: list["NamedText"] = field(default_factory=list)   # (text, domain | general) for the loss
+    eval_tokens: int | None = None                               # T of the loss (None: 512, or the context)
+    _previewer: Any = field(default=None, repr=False, compare=False)
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -200,11 +203,15 @@ class ExplorerSession:
              device: str = "auto", cache_dir: str | Path | None = None,
              settings: "SpectralSettings | None" = None, texts: Sequence[str | Path] = (),
              general_texts: Sequence[str | Path] = ()) -> "ExplorerSession":
-        """Open base + CPT checkpoints (headers only), align them and detect the layout.
+        """Open base + CPT checkpoints (headers only), align them and detect the layout; read the domain and
+        general `texts` of the loss (SPEC §9; named by file).
 
         Raises `DiffractError` (one line) for a missing path, an unreadable file, fewer than two
-        checkpoints, or checkpoints that cannot be compared — before any screen opens.
+        checkpoints, checkpoints that cannot be compared, or a missing, binary or empty text — before any
+        screen opens.
         """
+        from analysis.run.loss_preview import named_texts
+
         from analysis.io.alignment import require_same_model
         from analysis.model.architecture import layout_of
         from analysis.spectral.backend import SpectralSettings
@@ -218,6 +225,7 @@ class ExplorerSession:
         labels = list(labels) if labels is not None else [None] * len(paths)
         if len(labels) != len(paths):
             raise ValueError("one label (or None) per path")
+        eval_texts = named_texts(list(texts or ()), list(general_texts or ()))
         settings = settings or SpectralSettings(device=device)
         resolved_device = settings.torch_device   # resolved once, carried by the settings
         checkpoints: list[Checkpoint] = []
@@ -232,11 +240,11 @@ class ExplorerSession:
                 ckpt.close()
             raise
         return cls(checkpoints=checkpoints, layout=layout, alignment=alignment, settings=settings,
-                   cache=Cache(cache_dir), device=resolved_device, texts=[Path(t) for t in texts],
-                   general_texts=[Path(t) for t in general_texts])
+                   cache=Cache(cache_dir), device=resolved_device, eval_texts=eval_texts)
 
     def close(self) -> None:
-        """Release the checkpoints' file handles."""
+        """Release the checkpoints' file handles (and the loss's loaded model)."""
+        self._previewer = None
         for ckpt in self.checkpoints:
             ckpt.close()
 
@@ -772,6 +780,38 @@ class ExplorerSession:
             progress(done, total, text)
 
         return apply_rewind(rl, out_dir, force=force, progress=step)
+
+    # ---- the loss (analysis.run.loss_preview; SPEC §9) ----------------------------------------
+    def add_eval_text(self, path: str | Path, role: str = "domain") -> str:
+        """Add a domain or general text of the loss; returns its name (a bad file is one DiffractError)."""
+        from analysis.run.loss_preview import add_text
+
+        self.eval_texts = add_text(self.eval_texts, path, role)
+        return next(t.name for t, r in reversed(self.eval_texts) if r == role)
+
+    def loss_previewer(self) -> Any:
+        """The one `LossPreviewer` of the session (a target model loaded on first use)."""
+        from analysis.run.loss_preview import LossPreviewer
+
+        if self._previewer is None:
+            self._previewer = LossPreviewer(self.cache, self.device)
+        return self._previewer
+
+    def loss_preview(self, inputs: "RewindInputs", target_index: int, reference_index: int | None = None, *,
+                     windows: int, gqa_policy: str = "group", progress: ProgressFn = _no_progress,
+                     cancelled: CancelledFn = _never) -> "LossPreview":
+        """Loss vs fraction of every pattern on every text for one target, with base / target levels."""
+        ref = self.targets[reference_index] if reference_index is not None else None
+        return self.loss_previewer().preview(self.base, self.targets[target_index], ref, self.layout, inputs,
+                                             self.eval_texts, windows=windows, tokens=self.eval_tokens,
+                                             gqa_policy=gqa_policy, progress=progress, cancelled=cancelled)
+
+    def plan_loss(self, rl: "RewindList", target_index: int, *, windows: int, progress: ProgressFn = _no_progress,
+                  cancelled: CancelledFn = _never) -> "PlanLoss":
+        """The measured loss of one plan (the marked heads, the current pattern) on every text."""
+        return self.loss_previewer().plan(self.base, self.targets[target_index], self.layout, rl, self.eval_texts,
+                                          windows=windows, tokens=self.eval_tokens, progress=progress,
+                                          cancelled=cancelled)
 
     # ---- marks and export ------------------------------------------------------------------
     def toggle_mark(self, layer: int, head: int) -> bool:

@@ -50,15 +50,9 @@ def eval_device(device: str, dtype: Optional[str], threads: Optional[int]) -> It
 
 def load_texts(domain: List[Path], general: Optional[List[Path]] = None) -> list[tuple[Any, str]]:
     """(Text, role) for every --text (domain) and --general-text (general) file; bad files fail first."""
-    import dataclasses
+    from analysis.run.loss_preview import named_texts
 
-    from analysis.eval.texts import load_text
-    from analysis.io.labels import unique_labels
-
-    paths = [*domain, *(general or [])]
-    roles = ["domain"] * len(domain) + ["general"] * len(general or [])
-    names = unique_labels(paths, [p.name for p in paths])  # two texts named alike: their trailing paths
-    return [(dataclasses.replace(load_text(p), name=name), role) for p, name, role in zip(paths, names, roles)]
+    return named_texts(domain, general or [])
 
 
 def prepare_all(lm: Any, texts: list[tuple[Any, str]], tokens: int, windows: int) -> list[Any]:

@@ -37,12 +37,18 @@ def open_command(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir",
                                                       help="Spectra cache folder (default: $DIFFRACT_TUI_CACHE_DIR, "
                                                            "else the user cache folder).")] = None,
+    text: Annotated[Optional[list[Path]], typer.Option(
+        "--text", metavar="FILE", help="Domain text of the Rewind view's loss (UTF-8, or .jsonl with a \"text\" "
+                                       "field; repeatable, named by file).")] = None,
+    general_text: Annotated[Optional[list[Path]], typer.Option(
+        "--general-text", metavar="FILE", help="General text (an ability to keep) of the loss and the trade-off "
+                                               "(repeatable).")] = None,
 ) -> None:
     """Open the explorer: walk layers and heads, see spectra and deltas, mark heads, export a rewind list."""
     from analysis.run.session import ExplorerSession, parse_labels
 
     session = ExplorerSession.open(checkpoints, labels=parse_labels(label or [], checkpoints), device=device,
-                                   cache_dir=cache_dir)
+                                   cache_dir=cache_dir, texts=list(text or []), general_texts=list(general_text or []))
     run_explorer(session)
 
 

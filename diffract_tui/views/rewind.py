@@ -4,9 +4,15 @@ Settings: pattern (`p`: manual = the marked heads, greedy = the ⌊f·L·H⌋ lo
 reference = ranked by a reference domain), fraction f (`+`/`-` by 0.05, `>`/`<` by 0.01), target (`d`),
 reference (`r`) and its variant (`v`), GQA policy for k/v (`c`). Every change re-plans in a worker
 (`analysis.edit.rewind.plan_from_inputs` + `preview` on the cached head energies): the share of the attention ‖Δ‖²
-removed, a panel (`b` cycles: the plan's layers × heads mask, heads per layer as bars, the loss panel that comes
-with the evaluation, and on narrow views the list) and the list with scores. `e` writes the list (atomically, through
-`analysis.edit.rewind_list`), `A` applies it into a new folder (`analysis.edit.rewind.apply_rewind`, with progress).
+removed, a panel (`b` cycles: the plan's layers × heads mask, heads per layer as bars, the loss, the trade-off, and
+on narrow views the list) and the list with scores. `e` writes the list (atomically, through
+`analysis.edit.rewind_list`; with the plan's measured losses when `m` measured them), `A` applies it into a new
+folder (`analysis.edit.rewind.apply_rewind`, with progress).
+
+The loss (SPEC §9, through `ExplorerSession.loss_preview` / `plan_loss`, in a worker of its own with progress;
+esc cancels): `L` measures loss vs fraction of every pattern on every text (domain and general) with the base and
+CPT levels, and the trade-off (gain kept vs forgetting recovered, one point per candidate); `m` measures the
+current plan (the marked heads with pattern manual); `w` switches between few windows (fast) and the CLI's 64.
 """
 
 from __future__ import annotations
@@ -17,19 +23,22 @@ from typing import TYPE_CHECKING, Any
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Input, Label, Static
 from textual.worker import get_current_worker
+from textual_plotext import PlotextPlot
 
-from analysis.run.session import Cancelled
+from analysis.run.session import PREVIEW_WINDOWS, REFINED_WINDOWS, Cancelled
 from diffract_tui.messages import MarksChanged
 from diffract_tui.node import NodeRef
 from diffract_tui.views import NodeView
 from diffract_tui.views.worker import CancelledFn, EngineWork, ProgressFn
+from diffract_tui.widgets.charts import clear_plot
+from diffract_tui.widgets.loss_charts import draw_loss_curves, draw_tradeoff, plan_numbers
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.run.session import ExplorerSession, RewindInputs, RewindList, RewindPreview
+    from analysis.run.session import ExplorerSession, LossPreview, PlanLoss, RewindInputs, RewindList, RewindPreview
 
 PATTERNS: tuple[str, ...] = ("greedy", "manual", "reference")
 GQA_POLICIES: tuple[str, ...] = ("group", "never", "any")
@@ -37,6 +46,7 @@ VARIANTS: tuple[str, ...] = ("lowest", "most_agreeing")
 DEFAULT_FRACTION = 0.15      # SPEC §6's example fraction
 BIG_STEP, SMALL_STEP = 0.05, 0.01
 APPLY_GROUP = "rewind-apply"
+LOSS_GROUP = "rewind-loss"   # the loss's worker: a replan does not cancel it, nor it a replan
 
 
 def safe_name(text: str) -> str:
@@ -44,8 +54,9 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-.") or "target"
 
 
-PANELS: tuple[str, ...] = ("mask", "bars", "loss")
-PANEL_TITLES = {"mask": "mask", "bars": "bars", "loss": "loss", "list": "list"}
+PANELS: tuple[str, ...] = ("mask", "bars", "loss", "tradeoff")
+PANEL_TITLES = {"mask": "mask", "bars": "bars", "loss": "loss", "tradeoff": "trade-off", "list": "list"}
+CHART_PANELS: tuple[str, ...] = ("loss", "tradeoff")
 WIDE_MIN = 72  # view columns from which the list stands beside the panel; narrower, it is a panel of its own
 NOT_REWOUND, REWOUND, REWOUND_KV = "·", "■", "◆"
 
@@ -131,7 +142,7 @@ class RewindView(EngineWork, NodeView):
     VIEW_ID = "rewind"
     BINDINGS = [
         Binding("p", "cycle_pattern", "Pattern: greedy / manual (marked heads) / reference"),
-        Binding("b", "cycle_panel", "Panel: mask / per-layer bars / loss (coming with eval)"),
+        Binding("b", "cycle_panel", "Panel: mask / per-layer bars / loss vs fraction / trade-off"),
         Binding("plus,equals_sign", "fraction(0.05)", "Fraction +0.05", key_display="+"),
         Binding("minus", "fraction(-0.05)", "Fraction −0.05", key_display="-"),
         Binding("greater_than_sign", "fraction(0.01)", "Fraction +0.01", key_display=">", show=False),
@@ -142,6 +153,9 @@ class RewindView(EngineWork, NodeView):
         Binding("c", "cycle_gqa", "GQA policy for k/v: group / never / any"),
         Binding("e", "export", "Export this rewind list (JSON)"),
         Binding("A", "apply", "Apply: write the rewound checkpoint"),
+        Binding("L", "loss_preview", "Loss: measure loss vs fraction of every pattern on every text"),
+        Binding("m", "measure_plan", "Measure: the loss of this plan (the marked heads with pattern manual)"),
+        Binding("w", "refine_windows", f"Windows: {PREVIEW_WINDOWS} (fast) / {REFINED_WINDOWS} per text, re-measured"),
     ]
     DEFAULT_CSS = """
     RewindView { layout: vertical; }
@@ -152,6 +166,9 @@ class RewindView(EngineWork, NodeView):
     RewindView > #rewind-panel-title { color: $text-muted; }
     RewindView #rewind-panel-body { width: 1fr; height: auto; }
     RewindView #rewind-list { width: 26; height: 1fr; }
+    RewindView #rewind-chart { width: 1fr; height: 1fr; display: none; }
+    RewindView #rewind-chart > Label { height: auto; max-height: 2; width: 1fr; }
+    RewindView #rewind-plot { width: 1fr; height: 1fr; min-height: 5; }
     RewindView > #rewind-prompt-label { height: 1; display: none; }
     RewindView > PromptInput, RewindView > PromptInput:focus { height: 1; border: none; padding: 0 1; display: none; }
     RewindView.-prompt > #rewind-prompt-label { display: block; }
@@ -173,6 +190,10 @@ class RewindView(EngineWork, NodeView):
         self._planned_marks: frozenset[tuple[int, int]] = frozenset()
         self._applying = False
         self.panel = PANELS[0]
+        self.loss_windows = PREVIEW_WINDOWS
+        self.loss_preview: "LossPreview | None" = None
+        self.plan_loss: "PlanLoss | None" = None
+        self.loss_note = f"L measures the loss ({PREVIEW_WINDOWS} windows per text; w: {REFINED_WINDOWS})"
 
     def compose(self) -> ComposeResult:
         yield Label("", id="rewind-settings", classes="rewind-line")
@@ -181,6 +202,10 @@ class RewindView(EngineWork, NodeView):
         with Horizontal(id="rewind-body"):
             with VerticalScroll(id="rewind-panel"):
                 yield Static("", id="rewind-panel-body")
+            with Vertical(id="rewind-chart"):
+                yield Label("", id="rewind-loss-numbers")
+                yield Label("", id="rewind-loss-legend")
+                yield PlotextPlot(id="rewind-plot")
             yield DataTable(id="rewind-list", cursor_type="row", zebra_stripes=True)
         yield Label("", id="rewind-marks", classes="rewind-line")
         yield Label("", id="rewind-prompt-label")
@@ -371,7 +396,8 @@ class RewindView(EngineWork, NodeView):
             self.panel = PANELS[0]
         narrow = self.size.width < WIDE_MIN
         self.query_one("#rewind-list", DataTable).display = not narrow or self.panel == "list"
-        self.query_one("#rewind-panel").display = self.panel != "list"
+        self.query_one("#rewind-panel").display = self.panel != "list" and self.panel not in CHART_PANELS
+        self.query_one("#rewind-chart").display = self.panel in CHART_PANELS
         title = "  ".join(f"[{PANEL_TITLES[p]}]" if p == self.panel else PANEL_TITLES[p] for p in self.panels())
         self.query_one("#rewind-panel-title", Label).update(Text(f"panel {title}  (b)"))
 
@@ -385,9 +411,9 @@ class RewindView(EngineWork, NodeView):
         width, height = max(10, width), max(4, self.query_one("#rewind-body").size.height)
         color = not getattr(self.app, "no_color", False)
         layout = self.session.layout
-        if self.panel == "loss":
-            body.update(Text("Loss curves of the rewound checkpoint and the loss vs ‖Δ‖²-removed trade-off: "
-                             "coming with the evaluation (issue 8).", style="dim"))
+        if self.panel in CHART_PANELS:
+            body.update("")
+            self._draw_loss()
         elif pv is None or self.plan is None:
             body.update("")
         elif self.panel == "mask":
@@ -399,8 +425,145 @@ class RewindView(EngineWork, NodeView):
     def on_resize(self) -> None:
         self.call_after_refresh(self._draw_chart, self.preview)
 
+    # ---- the loss (SPEC §9) ------------------------------------------------------------------
+    def _current_preview(self) -> "LossPreview | None":
+        """The measured sweep when it is of the current target, else None."""
+        pv = self.loss_preview
+        fp = self._targets()[self.target_index].fingerprint
+        return pv if pv is not None and pv.target_fingerprint == fp else None
+
+    def _current_plan_loss(self) -> "PlanLoss | None":
+        """The measured loss of the plan shown, when it was measured for exactly this plan."""
+        pl = self.plan_loss
+        return pl if pl is not None and self.plan is not None and pl.matches(self.plan) else None
+
+    def _plan_label(self) -> str:
+        rl = self.plan
+        if rl is None:
+            return "plan"
+        what = "marked" if rl.pattern.name == "manual" else f"{rl.pattern.name} f {rl.pattern.fraction:g}"
+        return f"plan {what}, {len(rl.heads)} head{'s' if len(rl.heads) != 1 else ''}"
+
+    def _draw_loss(self) -> None:
+        """The loss or trade-off panel from the measured results (nothing is computed here)."""
+        plot = self.query_one("#rewind-plot", PlotextPlot)
+        clear_plot(plot)
+        numbers = self.query_one("#rewind-loss-numbers", Label)
+        legend = self.query_one("#rewind-loss-legend", Label)
+        pv, pl = self._current_preview(), self._current_plan_loss()
+        windows = f"{pv.windows} windows × {pv.tokens} tokens" if pv is not None else ""
+        numbers.update(plan_numbers(pl, self._plan_label(), windows) if pl is not None or pv is not None
+                       else Text(self.loss_note, style="dim"))
+        if pv is None:
+            stale = self.loss_preview is not None
+            legend.update(Text(f"measured for {self.loss_preview.target}: L measures this target" if stale
+                               else "loss vs fraction of every pattern: L measures it", style="dim"))
+            plot.refresh()
+            return
+        plt = plot.plt
+        point = pl.point if pl is not None else None
+        if self.panel == "loss":
+            fraction = self.plan.pattern.fraction if self.plan is not None else None
+            legend.update(draw_loss_curves(plt, pv, fraction))
+        else:
+            legend.update(draw_tradeoff(plt, pv, point))
+        plot.refresh()
+
+    def _status_line(self, text: str) -> None:
+        """One line in the status bar (what to install, a bad text) and in the loss panel."""
+        from diffract_tui.widgets.status import StatusBar
+
+        self.loss_note = text
+        for bar in self.app.query(StatusBar):
+            bar.set_text(Text(text))  # not markup: "[eval]" in an install hint is text
+        if self.panel in CHART_PANELS:
+            self._draw_loss()
+
+    def _show_loss_panel(self) -> None:
+        if self.panel not in CHART_PANELS:
+            self.panel = "loss"
+        self._draw_chart(self.preview)
+
+    def action_loss_preview(self) -> None:
+        """L: measure loss vs fraction of every pattern on every text, and the current plan (in a worker)."""
+        self._start_loss(sweep=True)
+
+    def action_measure_plan(self) -> None:
+        """m: measure the loss of the current plan (the marked heads with pattern manual)."""
+        if self.plan is None:
+            self.app.notify("No plan yet: wait for the preview, or mark heads.", severity="warning")
+            return
+        self._start_loss(sweep=False)
+
+    def action_refine_windows(self) -> None:
+        """w: few windows (fast) ⇄ the CLI's default; what was measured is measured again."""
+        self.loss_windows = REFINED_WINDOWS if self.loss_windows == PREVIEW_WINDOWS else PREVIEW_WINDOWS
+        self.loss_note = f"windows per text: {self.loss_windows} (L / m measure)"
+        if self.loss_preview is not None or self.plan_loss is not None:
+            self._start_loss(sweep=self.loss_preview is not None)
+        else:
+            self._show_loss_panel()
+
+    def _start_loss(self, *, sweep: bool) -> None:
+        """Run the loss work for the current target, plan and window count in the loss worker."""
+        if not self.session.eval_texts:
+            self._show_loss_panel()
+            self._status_line("loss: no text to evaluate on — pass --text FILE (--general-text FILE) at launch, "
+                              "or ctrl+p Add text")
+            return
+        target_index, windows, rl, gqa = self.target_index, self.loss_windows, self.plan, self.gqa_policy
+        reference_index = self._reference()
+
+        def work(progress: ProgressFn, cancelled: CancelledFn) -> tuple[Any, Any]:
+            pv = None
+            if sweep:
+                inputs = self.inputs_for(target_index, reference_index, progress)
+                pv = self.session.loss_preview(inputs, target_index, reference_index, windows=windows,
+                                               gqa_policy=gqa, progress=progress, cancelled=cancelled)
+            pl = None
+            if rl is not None and rl.target.fingerprint == self._targets()[target_index].fingerprint:
+                pl = self.session.plan_loss(rl, target_index, windows=windows, progress=progress,
+                                            cancelled=cancelled)
+            return pv, pl
+
+        self.loss_note = f"measuring the loss ({windows} windows per text)…"
+        self._show_loss_panel()
+        self.start_work("loss", work, self._loss_done, fail=self._loss_failed, group=LOSS_GROUP)
+
+    def _loss_done(self, result: tuple["LossPreview | None", "PlanLoss | None"]) -> None:
+        pv, pl = result
+        if pv is not None:
+            self.loss_preview = pv
+        if pl is not None:
+            self.plan_loss = pl
+        self.loss_note = "measured"
+        self._show_loss_panel()
+
+    def _loss_failed(self, message: str) -> None:
+        self._status_line(message)
+
+    def ask_text(self, role: str) -> None:
+        """Ask for a domain or general text file (the palette's Add text commands)."""
+        self._ask(f"text-{role}", f"Add a {role} text for the loss (UTF-8 or JSONL; enter adds, esc cancels):", "")
+
+    def add_text(self, path: Path, role: str) -> str | None:
+        """Add a text to the session: a bad file is one line in the status bar; results for the old texts go."""
+        from analysis.errors import DiffractError
+
+        try:
+            name = self.session.add_eval_text(path, role)
+        except DiffractError as err:
+            self._status_line(str(err).splitlines()[0])
+            return None
+        self.loss_preview = self.plan_loss = None
+        self.loss_note = f"added {name} ({role}): L measures the loss"
+        self.app.notify(f"Added {name} as a {role} text.", title="loss", timeout=4, markup=False)
+        if self.panel in CHART_PANELS:
+            self._draw_loss()
+        return name
+
     def action_cycle_panel(self) -> None:
-        """b: the next panel (mask → per-layer bars → loss, and the list on a narrow view)."""
+        """b: the next panel (mask → per-layer bars → loss → trade-off, and the list on a narrow view)."""
         panels = self.panels()
         self.panel = panels[(panels.index(self.panel) + 1) % len(panels)] if self.panel in panels else PANELS[0]
         self._draw_chart(self.preview)
@@ -469,20 +632,25 @@ class RewindView(EngineWork, NodeView):
         event.stop()
         action, value = self.prompt_action, event.value.strip()
         self._close_prompt()
-        if not value or self.plan is None:
+        if not value or (self.plan is None and not (action or "").startswith("text-")):
             return
-        if action == "export":
+        if action in ("text-domain", "text-general"):
+            self.add_text(Path(value).expanduser(), action.removeprefix("text-"))
+        elif action == "export":
             self.export_to(Path(value).expanduser())
         elif action == "apply":
             self.apply_into(Path(value).expanduser())
 
     def export_to(self, path: Path) -> Path | None:
-        """Write the current list atomically (SPEC §6 JSON); marks count as saved for the manual pattern."""
+        """Write the current list atomically (SPEC §6 JSON), with its measured losses when `m` (or `L`) measured
+        this plan; marks count as saved for the manual pattern."""
         from analysis.errors import DiffractError
 
         rl = self.plan
         if rl is None:
             return None
+        if self.plan_loss is not None:
+            rl = self.plan_loss.attach(rl)
         problem = self.app.export_problem(path.parent, path.name)
         if problem:  # inside an input checkpoint: ask again instead of writing
             self._ask("export", f"{problem}. Write the rewind list to another folder:", str(path))
@@ -554,6 +722,12 @@ class RewindView(EngineWork, NodeView):
         """Esc: stop the preview and a running apply (its output folder appears only when complete)."""
         super().cancel_work()
         self.workers.cancel_group(self, APPLY_GROUP)
+        if any(w.group == LOSS_GROUP and w.is_running for w in self.workers):
+            self.loss_note = "loss: cancelled — L or m measures again"
+            if self.panel in CHART_PANELS:
+                self._draw_loss()
+        self.workers.cancel_group(self, LOSS_GROUP)
+        self.app.work_done(LOSS_GROUP)
 
     def deactivate(self) -> None:
         """Switched away: stop the preview only; an apply keeps writing in the background."""

@@ -29,11 +29,13 @@ def status_of(done: int, total: int | None, text: str) -> tuple[float | None, st
 
 
 def run_engine_call(view: Any, title: str, fn: Callable[[ProgressFn, CancelledFn], Any], *, start: str,
-                    on_result: Callable[[Any], None], on_error: Callable[[Exception], None]) -> None:
-    """Body of a thread worker of `view` (its VIEW_ID names the progress slot): fn(progress, cancelled),
-    then on_result(result) or on_error(err) on the UI thread, unless the worker was cancelled meanwhile."""
+                    on_result: Callable[[Any], None], on_error: Callable[[Exception], None],
+                    source: str | None = None) -> None:
+    """Body of a thread worker of `view` (`source`, default its VIEW_ID, names the progress slot): fn(progress,
+    cancelled), then on_result(result) or on_error(err) on the UI thread, unless the worker was cancelled."""
     worker = get_current_worker()
     app = view.app
+    source = source or view.VIEW_ID
 
     def cancelled() -> bool:
         return worker.is_cancelled
@@ -42,7 +44,7 @@ def run_engine_call(view: Any, title: str, fn: Callable[[ProgressFn, CancelledFn
         if worker.is_cancelled:
             raise Cancelled()
         fraction, line = status_of(done, total, text)
-        app.call_from_thread(app.report_progress, view.VIEW_ID, fraction, f"{title}: {line}")
+        app.call_from_thread(app.report_progress, source, fraction, f"{title}: {line}")
 
     try:
         progress(0, 1, start)
@@ -55,26 +57,29 @@ def run_engine_call(view: Any, title: str, fn: Callable[[ProgressFn, CancelledFn
         return
     finally:
         if not worker.is_cancelled:
-            app.call_from_thread(app.work_done, view.VIEW_ID)
+            app.call_from_thread(app.work_done, source)
     if not worker.is_cancelled:
         app.call_from_thread(on_result, result)
 
 
 class EngineWork:
     """Mixin for a `NodeView` whose work is not per node: `start_work(fn, deliver)` runs fn(progress, cancelled)
-    in the view's exclusive worker group (Esc and a newer request cancel it) and hands the result to `deliver`.
+    in the view's exclusive worker group (Esc and a newer request cancel it; `group` names another, with its own
+    progress slot, for work that must not cancel the view's own) and hands the result to `deliver`.
     (A plain mixin, not a Widget, so the app's view lookup finds only the view class in each module.)"""
 
     VIEW_ID: str
 
     def start_work(self, title: str, fn: Callable[[ProgressFn, CancelledFn], Any],
-                   deliver: Callable[[Any], None], *, fail: Callable[[str], None] | None = None) -> None:
+                   deliver: Callable[[Any], None], *, fail: Callable[[str], None] | None = None,
+                   group: str | None = None) -> None:
         report = fail or self.show_message
+        group = group or self.VIEW_ID
 
         def on_error(err: Exception) -> None:
             report(f"{title} failed: {first_line(err)}")
 
         self.run_worker(lambda: run_engine_call(self, title, fn, start="starting", on_result=deliver,
-                                                on_error=on_error),
-                        thread=True, exclusive=True, group=self.VIEW_ID, name=f"{self.VIEW_ID}:{title}",
+                                                on_error=on_error, source=group),
+                        thread=True, exclusive=True, group=group, name=f"{group}:{title}",
                         exit_on_error=False)
