@@ -112,6 +112,20 @@ def cache_key(
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def cached_json(cache: "Cache | None", key_parts: dict[str, Any] | None, compute: Callable[[], Any]) -> Any:
+    """`compute()` through `cache` under `cache_key(**key_parts)` (a JSON entry; a corrupt one is a miss);
+    computed as it is when there is no cache or no key."""
+    if cache is None or key_parts is None:
+        return compute()
+    key = cache_key(**key_parts)
+    hit = cache.get_json(key)
+    if hit is not None:
+        return hit
+    value = compute()
+    cache.put_json(key, value)
+    return value
+
+
 def encode_json_value(value: Any) -> Any:
     """JSON-safe copy of a metrics value: non-finite floats become {"$float": "nan"|"inf"|"-inf"}."""
     if isinstance(value, dict):
