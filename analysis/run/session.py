@@ -229,9 +229,12 @@ class ExplorerSession:
                    cache=Cache(cache_dir), device=resolved_device)
 
     def close(self) -> None:
-        """Release the checkpoints' file handles."""
+        """Release the checkpoints' file handles and write the cache entries still staged (a pack)."""
         for ckpt in self.checkpoints:
             ckpt.close()
+        flush = getattr(self.cache, "flush", None)
+        if flush is not None:
+            flush()
 
     @property
     def base(self) -> "Checkpoint":
