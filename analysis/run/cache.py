@@ -335,6 +335,7 @@ class Cache:
         self._pending_since = 0.0
         self._index: dict[tuple[str, str], _PackedAt] = {}
         self._bodies: dict[str, tuple[int, int]] = {}       # pack → (body offset, compressed length)
+        self._entries: dict[str, dict[tuple[str, str], _PackedAt]] = {}   # pack → its entries
         self._seen: set[str] = set()                         # pack names indexed (or found corrupt)
         self._packs_mtime: int | None = None
         self._loaded: OrderedDict[str, bytes] = OrderedDict()  # decompressed bodies, least recently used first
@@ -405,6 +406,7 @@ class Cache:
             except (OSError, ValueError):
                 continue
             self._bodies[name] = (body_offset, body_len)
+            self._entries[name] = entries
             self._index.update(entries)
         return bool(names)
 
@@ -428,9 +430,13 @@ class Cache:
         return body
 
     def _forget_pack(self, pack: str) -> None:
+        """Stop using a pack whose body is gone or corrupt; its keys fall back to copies in other packs."""
         self._bodies.pop(pack, None)
+        lost = self._entries.pop(pack, {})
         for k in [k for k, at in self._index.items() if at.pack == pack]:
             del self._index[k]
+        for entries in self._entries.values():
+            self._index.update((k, at) for k, at in entries.items() if k in lost and k not in self._index)
 
     def _small(self, key: str, suffix: str) -> bytes | None:
         """The bytes of a staged or packed entry, or None (packs written since the last look are indexed first)."""
@@ -443,10 +449,12 @@ class Cache:
             at = self._index.get((key, suffix))
             if at is None and self._scan_packs(only_if_changed=True):
                 at = self._index.get((key, suffix))
-            if at is None:
-                return None
-            body = self._body(at.pack)
-            return None if body is None else body[at.offset:at.offset + at.length]
+            while at is not None:
+                body = self._body(at.pack)
+                if body is not None:
+                    return body[at.offset:at.offset + at.length]
+                at = self._index.get((key, suffix))   # that pack was corrupt: a copy in another one, if any
+            return None
 
     def _drop_small(self, key: str, suffix: str) -> None:
         """Forget a staged or packed entry that turned out unreadable (a miss from now on)."""
@@ -494,6 +502,7 @@ class Cache:
             header = len(PACK_MAGIC) + _PACK_HEADER.size
             index_len = _PACK_HEADER.unpack(data[len(PACK_MAGIC):header])[0]
             self._bodies[name] = (header + index_len, len(data) - header - index_len)
+            self._entries[name] = {k: self._index[k] for k, _ in items}
             self._seen.add(name)
 
     def close(self) -> None:
@@ -699,6 +708,7 @@ class Cache:
             self._pending_bytes = 0
             self._index.clear()
             self._bodies.clear()
+            self._entries.clear()
             self._seen.clear()
             self._loaded.clear()
             self._loaded_bytes = 0
