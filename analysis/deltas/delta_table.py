@@ -438,7 +438,8 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                 hits = [_lookup(cache, k, options, wanted) for k in keys]
                 other = int(base.info(tensor).shape[1 - proj.axis])  # what projection_heads stacks per head
                 head_shape = (other, layout.head_dim) if p == "o" else (layout.head_dim, other)
-                b = None if all(h.complete for h in hits) else projection_heads(base, layout, layer, p, dtype).to(device)
+                b = (None if all(h.complete for h in hits)        # every target cached: the base is not read
+                     else projection_heads(base, layout, layer, p, dtype).to(device))
                 bsvd_h: SVD | None = None
                 for i, target in enumerate(targets):
                     hit = hits[i]
