@@ -302,3 +302,20 @@ def test_cache_clear_removes_packs_and_only_them(trio, tmp_path, capsys):
     assert "removed 16 entries" in capsys.readouterr().out
     assert _packs(tmp_path / "c") == [] and Cache(tmp_path / "c").info().entries == 0
     assert (tmp_path / "c" / PACK_DIR / "notes.txt").read_text() == "mine"
+
+
+def test_a_command_leaves_its_entries_packed_for_the_next_one(trio, tmp_path, capsys, monkeypatch):
+    # each CLI command ends by flushing every Cache of the process: a second command in it reuses the packs
+    import analysis.spectral.spectra as spectra
+
+    args = ["scan", str(trio[0]), "--device", "cpu", "--quiet", "--metrics", "fit", "--cache-dir", str(tmp_path / "c")]
+    assert main([*args, "--out", str(tmp_path / "a.csv")]) == 0
+    assert len(_packs(tmp_path / "c")) == 1
+
+    def no_eigen(*a, **k):
+        raise AssertionError("the second command recomputed")
+
+    monkeypatch.setattr(spectra, "_eigenvalues", no_eigen)
+    assert main([*args, "--out", str(tmp_path / "b.csv")]) == 0
+    capsys.readouterr()
+    assert _sha(tmp_path / "a.csv") == _sha(tmp_path / "b.csv")

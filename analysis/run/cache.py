@@ -738,11 +738,12 @@ class Cache:
         return removed
 
 
-def _flush_live_caches() -> None:
-    """At interpreter exit: write what every Cache still has staged (a failure only warns)."""
+def flush_all_caches() -> None:
+    """Write what every Cache of this process still has staged (at the end of a command and at interpreter exit;
+    a failure only warns)."""
     for cache in list(_LIVE):
         with contextlib.suppress(Exception):
             cache.flush()
 
 
-atexit.register(_flush_live_caches)
+atexit.register(flush_all_caches)
