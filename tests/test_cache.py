@@ -65,6 +65,7 @@ def test_miss_then_hit_calls_the_function_once(tmp_path):
     assert cache.get_or_compute(key, compute) == {"pl_alpha": 3.25, "hard_rank": 64}
     assert cache.get_or_compute(key, compute) == {"pl_alpha": 3.25, "hard_rank": 64}
     assert len(calls) == 1
+    cache.flush()  # small entries land in a pack at the end of a run (issue 13)
     # a fresh Cache object on the same folder (another process, later) also hits
     assert Cache(tmp_path / "c").get_or_compute(key, compute)["pl_alpha"] == 3.25
     assert len(calls) == 1
@@ -73,7 +74,8 @@ def test_miss_then_hit_calls_the_function_once(tmp_path):
 def test_array_round_trip_is_bit_exact_and_lives_in_a_fanout_folder(tmp_path):
     cache = Cache(tmp_path)
     key = cache_key(**BASE_PARTS)
-    values = np.array([0.0, 1e-30, 2.5, np.nan, np.inf], dtype=np.float64)
+    # big enough to be its own file (small arrays are packed: tests/test_cache_packs.py)
+    values = np.concatenate([[0.0, 1e-30, 2.5, np.nan, np.inf], np.arange(10_000.0)])
     cache.put_array(key, values)
     back = cache.get_array(key)
     assert back.dtype == np.float64
@@ -86,7 +88,7 @@ def test_nan_and_inf_round_trip_through_strict_json(tmp_path):
     cache = Cache(tmp_path)
     key = cache_key(**BASE_PARTS)
     metrics = {"pl_alpha": float("nan"), "tpl_lambda": float("inf"), "x": float("-inf"), "ok": 1.5, "flag": True,
-               "fit_warning": "n_tail < 50", "nested": [float("nan"), 2]}
+               "fit_warning": "n_tail < 50", "nested": [float("nan"), 2], "pad": "x" * 70_000}  # a file
     cache.put_json(key, metrics)
     # the file is strict JSON (no NaN/Infinity tokens), so any JSON reader accepts it
     raw = (tmp_path / key[:2] / f"{key}.json").read_text()
@@ -100,7 +102,7 @@ def test_nan_and_inf_round_trip_through_strict_json(tmp_path):
 def test_truncated_npy_is_a_miss_removed_and_recomputed(tmp_path):
     cache = Cache(tmp_path)
     key = cache_key(**BASE_PARTS)
-    cache.put_array(key, np.arange(1000, dtype=np.float64))
+    cache.put_array(key, np.arange(10_000, dtype=np.float64))  # a big array: its own file
     path = tmp_path / key[:2] / f"{key}.npy"
     path.write_bytes(path.read_bytes()[:300])  # header intact, data cut short
     assert cache.get_array(key) is None
@@ -115,7 +117,7 @@ def test_garbage_and_foreign_json_are_misses(tmp_path):
     cache = Cache(tmp_path)
     key = cache_key(**BASE_PARTS)
     other = cache_key(**{**BASE_PARTS, "tensor": "other"})
-    cache.put_json(key, {"a": 1})
+    cache.put_json(key, {"a": 1, "pad": "x" * 70_000})  # big: a single-file entry (packs: test_cache_packs.py)
     path = tmp_path / key[:2] / f"{key}.json"
     path.write_bytes(b'{"format": "diffract-cache/1", "key": "')  # truncated JSON
     assert cache.get_json(key) is None and not path.exists()
@@ -123,7 +125,7 @@ def test_garbage_and_foreign_json_are_misses(tmp_path):
     path.write_bytes(b"\xff\xfe garbage")
     assert cache.get_json(key) is None
     # an entry copied under the wrong name (its key does not match) is not trusted
-    cache.put_json(other, {"a": 2})
+    cache.put_json(other, {"a": 2, "pad": "x" * 70_000})
     path.write_bytes((tmp_path / other[:2] / f"{other}.json").read_bytes())
     assert cache.get_json(key) is None
     assert cache.get_or_compute(key, lambda: {"a": 3}) == {"a": 3}
@@ -154,6 +156,7 @@ def test_info_and_clear_touch_only_cache_files(tmp_path):
     for i in range(5):
         cache.put_json(cache_key(**{**BASE_PARTS, "tensor": f"t{i}"}), {"i": i})
     cache.put_array(cache_key(**BASE_PARTS), np.zeros(10))
+    cache.flush()
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "ab").mkdir(exist_ok=True)
     (tmp_path / "ab" / "keep.me").write_text("mine too")
@@ -172,6 +175,7 @@ def test_unwritable_root_warns_once_and_is_only_read(tmp_path, capsys):
     cache = Cache(blocker / "cache")  # a folder cannot be created under a file
     cache.put_json(cache_key(**BASE_PARTS), {"a": 1})
     cache.put_array(cache_key(**BASE_PARTS), np.arange(3.0))
+    cache.flush()  # small entries are written (and fail) when the pack is flushed
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("diffract-tui: warning: cannot write the cache (Not a directory)")
     assert "going on without caching" in err and cache.write_error == "Not a directory"
@@ -183,11 +187,12 @@ def _hammer(root: str, worker: int, rounds: int, queue) -> None:
     """Write and read one key many times; report any read that was neither a miss nor whole."""
     cache = Cache(root)
     key = cache_key(**BASE_PARTS)
-    expected = np.arange(4096, dtype=np.float64)
+    expected = np.arange(16384, dtype=np.float64)  # big: a single file; the JSON goes through a pack
     bad = 0
     for _ in range(rounds):
         cache.put_array(key, expected)
         cache.put_json(key, {"pl_alpha": float("nan"), "n": 4096})
+        cache.flush()
         got = cache.get_array(key)
         if got is not None and not np.array_equal(got, expected):
             bad += 1
@@ -217,6 +222,7 @@ def test_cli_cache_info_and_clear(tmp_path, capsys, monkeypatch):
     cache = Cache(tmp_path / "c")
     for i in range(3):
         cache.put_json(cache_key(**{**BASE_PARTS, "tensor": f"t{i}"}), {"i": i})
+    cache.flush()
     assert main(["cache", "info", "--cache-dir", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "entries: 3" in out and str(tmp_path / "c") in out
@@ -230,7 +236,8 @@ def test_cli_cache_info_and_clear(tmp_path, capsys, monkeypatch):
     assert cache.info().entries == 0
     # the environment variable is honoured when --cache-dir is absent
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "env"))
-    Cache(tmp_path / "env").put_json(cache_key(**BASE_PARTS), {"a": 1})
+    with Cache(tmp_path / "env") as env_cache:  # closing flushes
+        env_cache.put_json(cache_key(**BASE_PARTS), {"a": 1})
     assert main(["cache", "info"]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "env") in out and "entries: 1" in out

@@ -148,9 +148,12 @@ def test_cache_reuses_results(family, tmp_path, capsys):
         assert code == 0, err
         outs.append(read_table(out)[0])
     assert outs[0] == outs[1]
-    entries = [p for p in cache_dir.rglob("*.json")]
-    # one entry per matrix (16) and per (layer, projection) head batch (8)
-    assert len(entries) == MATRIX_ROWS + 8
+    from analysis.run.cache import Cache
+
+    # one entry per matrix (16), per (layer, projection) head batch (8) and the target's head scores (1, issue 13:
+    # a rerun reads no tensor), all small, so they are packed (a single pack: one writer, one flush)
+    info = Cache(cache_dir).info()
+    assert info.entries == MATRIX_ROWS + 8 + 1 and info.packs == 1
 
 
 def test_help_is_fast_and_lists_the_options():

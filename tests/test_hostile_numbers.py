@@ -258,7 +258,14 @@ def uncached(family, tmp_path_factory) -> list[dict]:
     return read_table(out)[0]
 
 
-def test_cache_cleared_while_the_scan_writes_is_made_again(family, uncached, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def single_file_entries(monkeypatch):
+    """Every cache entry as its own file (the layout these tests forge; packs: tests/test_cache_packs.py)."""
+    monkeypatch.setattr("analysis.run.cache.SMALL_ENTRY_BYTES", -1)
+
+
+def test_cache_cleared_while_the_scan_writes_is_made_again(family, uncached, tmp_path, capsys, monkeypatch,
+                                                             single_file_entries):
     # `cache clear` removes the fan-out folder a writer has just made, before its temp file is created: that
     # was "cannot write a cache entry (No such file or directory) — free some space", exit 1
     import analysis.io.atomic as atomic
@@ -321,7 +328,8 @@ def _forge_shapes(root: Path, shape: str) -> int:
 
 
 @pytest.mark.parametrize("shape", ["(1000000000000,)", "(3,)", "(1000000, 1000000)"])
-def test_npy_whose_header_claims_another_shape_is_recomputed(family, uncached, tmp_path, capsys, shape):
+def test_npy_whose_header_claims_another_shape_is_recomputed(family, uncached, tmp_path, capsys, shape,
+                                                             single_file_entries):
     # before: np.load allocated what the header claimed: MemoryError for (10¹²,)
     from analysis.model.architecture import layout_of
     from analysis.run.cache import Cache
@@ -340,7 +348,7 @@ def test_npy_whose_header_claims_another_shape_is_recomputed(family, uncached, t
     assert _forge_shapes(root, shape) == len(uncached)   # node_metrics replaced its forged entry with a good one
 
 
-def test_npy_with_an_object_dtype_or_short_data_is_a_miss(tmp_path):
+def test_npy_with_an_object_dtype_or_short_data_is_a_miss(tmp_path, single_file_entries):
     from analysis.run.cache import Cache
 
     cache, key = Cache(tmp_path), "ab" * 32

@@ -299,6 +299,7 @@ def test_engine_version_and_touched_file_miss(tiny, tmp_path, monkeypatch):
 
 
 def test_corrupt_entries_are_recomputed(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr("analysis.run.cache.SMALL_ENTRY_BYTES", -1)  # single files (corrupt packs: test_cache_packs)
     cache = Cache(tmp_path / "c")
     first = _rows([tiny], cache)
     metrics_entries = sorted((tmp_path / "c").rglob("*.json"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from analysis.progress import Cancel, Progress, check
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from analysis.model.architecture import ModelLayout
     from analysis.io.checkpoint import Checkpoint
+    from analysis.run.cache import Cache
 
 DEFAULT_A3_K = 8          # top-k left singular vectors for A3 (clamped to the matrix's smaller side)
 CLASSES: tuple[str, ...] = ("agnostic", "specific", "inert")
@@ -226,14 +227,80 @@ def _per_query(values: torch.Tensor, proj: str, layout: "ModelLayout") -> torch.
     return values.index_select(0, groups).cpu()
 
 
+AGREEMENT_CACHE_VERSION = 1   # bump when what a cached agreement layer holds changes
+
+
+def _layer_key(base: "Checkpoint", targets: Sequence["Checkpoint"], layer: int | str, projs: tuple[str, ...],
+               k: int, dtype: torch.dtype, device_kind: str) -> dict[str, Any]:
+    """Cache-key parts of one layer's agreement grids (or, with layer "spearman", of the score correlation)."""
+    return dict(fingerprint=[base.fingerprint, *(t.fingerprint for t in targets)], tensor="attention",
+                slice={"layer": layer, "projections": list(projs)},
+                operation=f"delta/agreement/v{AGREEMENT_CACHE_VERSION}", settings={"k": int(k)},
+                dtype=str(dtype).removeprefix("torch."), device_kind=device_kind)
+
+
+def _grid_names(projs: tuple[str, ...], N: int, pairs: list[tuple[int, int]]) -> list[tuple[Any, ...]]:
+    """The order of the (H,) rows of one layer's cached grids: energies, then per-projection and whole-head A2/A3."""
+    names: list[tuple[Any, ...]] = [("de", t, p) for t in range(N) for p in projs] + [("be", p) for p in projs]
+    names += [(m, pr, p) for pr in pairs for p in projs for m in ("a2p", "a3p")]
+    return names + [(m, pr) for pr in pairs for m in ("a2h", "a3h")]
+
+
+def _layer_grids(base: "Checkpoint", targets: Sequence["Checkpoint"], layout: "ModelLayout", layer: int,
+                 projs: tuple[str, ...], pairs: list[tuple[int, int]], k: int, dtype: torch.dtype,
+                 device: torch.device | str | None) -> dict[str, Any]:
+    """One layer's head energies and A2/A3 grids, read and computed (one batched read per projection and
+    checkpoint): {"k": k of the whole-head stack, "rows": its row count, "grids": {name: (H,) list}}."""
+    from analysis.model.heads import projection_heads
+
+    H, N = layout.num_heads, len(targets)
+    out: dict[tuple[Any, ...], torch.Tensor] = {}
+    deltas: list[dict[str, torch.Tensor]] = [dict() for _ in range(N)]
+    for p in projs:
+        b = projection_heads(base, layout, layer, p, dtype)
+        b = b if device is None else b.to(device)
+        for t_i, target in enumerate(targets):
+            t = projection_heads(target, layout, layer, p, dtype)
+            t = t if device is None else t.to(device)
+            if t.shape != b.shape:
+                raise AlignmentError(
+                    f"layer {layer} {p}-projection heads have shapes {tuple(b.shape)} and {tuple(t.shape)}",
+                    path=getattr(target, "path", None), hint="compare checkpoints of the same architecture")
+            d = t - b
+            deltas[t_i][p] = d
+            e_d, e_b = head_energies(d, b, p, H)
+            out[("de", t_i, p)] = e_d.cpu()
+            if t_i == 0:
+                out[("be", p)] = e_b.cpu()
+        subspaces = [left_subspace(deltas[t_i][p], k) for t_i in range(N)]
+        for (i, j) in pairs:
+            out[("a2p", (i, j), p)] = _per_query(a2_cosine(deltas[i][p], deltas[j][p]), p, layout)
+            ov = subspace_overlap(subspaces[i], subspaces[j])
+            zero = torch.isnan(a2_cosine(deltas[i][p], deltas[j][p]))
+            out[("a3p", (i, j), p)] = _per_query(torch.where(zero, torch.full_like(ov, math.nan), ov), p, layout)
+    stacks = [head_stack(deltas[t_i], layout) for t_i in range(N)]
+    heads_sub = [left_subspace(s, k) for s in stacks]
+    for (i, j) in pairs:
+        out[("a2h", (i, j))] = a2 = a2_cosine(stacks[i], stacks[j]).cpu()
+        ov = subspace_overlap(heads_sub[i], heads_sub[j]).cpu()
+        out[("a3h", (i, j))] = torch.where(torch.isnan(a2), torch.full_like(ov, math.nan), ov)
+    names = _grid_names(projs, N, pairs)
+    return {"k": effective_k(stacks[0].shape, k), "rows": int(stacks[0].shape[1]),
+            "grids": [out[name].to(torch.float64).tolist() for name in names]}
+
+
 def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout: "ModelLayout", *,
                      k: int = DEFAULT_A3_K, dtype: torch.dtype = torch.float32, exclude_kv: bool = False,
                      agreement_metric: str = "a2", agreement_threshold: float | None = None,
                      magnitude_threshold: float | None = None,
                      device: torch.device | str | None = None,
-                     progress: "Progress | None" = None, cancel: "Cancel | None" = None) -> DomainAgreement:
-    """Walk every layer once (one batched read per projection and checkpoint) and compare all domain pairs."""
-    from analysis.model.heads import projection_heads
+                     progress: "Progress | None" = None, cancel: "Cancel | None" = None,
+                     cache: "Cache | None" = None) -> DomainAgreement:
+    """Walk every layer once (one batched read per projection and checkpoint) and compare all domain pairs.
+
+    With a `cache`, each layer's grids (and the score correlation) are cached under the checkpoints'
+    fingerprints, so a rerun reads no tensor; the classification (thresholds, metric) is redone from them."""
+    from analysis.run.cache import cached_json
 
     if len(targets) < 2:
         raise DiffractError("cross-domain agreement needs at least two CPT checkpoints of the same base",
@@ -246,58 +313,35 @@ def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout
     projs = tuple(p for p in PROJECTIONS if not (exclude_kv and p in KV_PROJECTIONS))
     L, H, N = layout.num_layers, layout.num_heads, len(targets)
     pairs = [(i, j) for i in range(N) for j in range(i + 1, N)]
-    grid = lambda: torch.full((L, H), math.nan, dtype=torch.float64)  # noqa: E731
-    de = [{p: torch.zeros(L, H, dtype=torch.float64) for p in projs} for _ in range(N)]
-    be = {p: torch.zeros(L, H, dtype=torch.float64) for p in projs}
-    a2p = {pr: {p: grid() for p in projs} for pr in pairs}
-    a3p = {pr: {p: grid() for p in projs} for pr in pairs}
-    a2h = {pr: grid() for pr in pairs}
-    a3h = {pr: grid() for pr in pairs}
+    device_kind = torch.device(device).type if device is not None else "cpu"
+    names = _grid_names(projs, N, pairs)
+    grids: dict[tuple[Any, ...], torch.Tensor] = {
+        name: torch.full((L, H), 0.0 if name[0] in ("de", "be") else math.nan, dtype=torch.float64)
+        for name in names}
     k_head = 0
     stack_rows = 0
     for layer in range(L):
-        deltas: list[dict[str, torch.Tensor]] = [dict() for _ in range(N)]
-        for p in projs:
-            b = projection_heads(base, layout, layer, p, dtype)
-            b = b if device is None else b.to(device)
-            for t_i, target in enumerate(targets):
-                t = projection_heads(target, layout, layer, p, dtype)
-                t = t if device is None else t.to(device)
-                if t.shape != b.shape:
-                    raise AlignmentError(
-                        f"layer {layer} {p}-projection heads have shapes {tuple(b.shape)} and {tuple(t.shape)}",
-                        path=getattr(target, "path", None), hint="compare checkpoints of the same architecture")
-                d = t - b
-                deltas[t_i][p] = d
-                e_d, e_b = head_energies(d, b, p, H)
-                de[t_i][p][layer] = e_d.cpu()
-                if t_i == 0:
-                    be[p][layer] = e_b.cpu()
-            subspaces = [left_subspace(deltas[t_i][p], k) for t_i in range(N)]
-            for (i, j) in pairs:
-                a2p[(i, j)][p][layer] = _per_query(a2_cosine(deltas[i][p], deltas[j][p]), p, layout)
-                ov = subspace_overlap(subspaces[i], subspaces[j])
-                zero = torch.isnan(a2_cosine(deltas[i][p], deltas[j][p]))
-                a3p[(i, j)][p][layer] = _per_query(torch.where(zero, torch.full_like(ov, math.nan), ov), p, layout)
-        stacks = [head_stack(deltas[t_i], layout) for t_i in range(N)]
-        stack_rows = stacks[0].shape[1]
-        k_head = effective_k(stacks[0].shape, k)
-        heads_sub = [left_subspace(s, k) for s in stacks]
-        for (i, j) in pairs:
-            a2h[(i, j)][layer] = a2_cosine(stacks[i], stacks[j]).cpu()
-            ov = subspace_overlap(heads_sub[i], heads_sub[j]).cpu()
-            a3h[(i, j)][layer] = torch.where(torch.isnan(a2h[(i, j)][layer]), torch.full_like(ov, math.nan), ov)
+        key = None if cache is None else _layer_key(base, targets, layer, projs, k, dtype, device_kind)
+        entry = cached_json(cache, key, lambda layer=layer: _layer_grids(base, targets, layout, layer, projs,
+                                                                          pairs, k, dtype, device))
+        k_head, stack_rows = int(entry["k"]), int(entry["rows"])
+        for name, values in zip(names, entry["grids"]):
+            grids[name][layer] = torch.tensor(values, dtype=torch.float64)
         if progress is not None:
             progress(layer + 1, L, f"A2/A3 of the domains, layer {layer}")
         check(cancel)
+    be = {p: grids[("be", p)] for p in projs}
     base_energy = sum(be.values(), torch.zeros(L, H, dtype=torch.float64))
     scores = []
     for t_i in range(N):
-        delta_energy = sum(de[t_i].values(), torch.zeros(L, H, dtype=torch.float64))
+        de = {p: grids[("de", t_i, p)] for p in projs}
+        delta_energy = sum(de.values(), torch.zeros(L, H, dtype=torch.float64))
         scores.append(HeadScores(scores=scores_from_energies(delta_energy, base_energy), delta_energy=delta_energy,
-                                 base_energy=base_energy, projection_delta_energy=de[t_i],
+                                 base_energy=base_energy, projection_delta_energy=de,
                                  projection_base_energy=be, exclude_kv=exclude_kv, projections=projs))
-    pair_results = [PairAgreement(pair=pr, a2=a2h[pr], a3=a3h[pr], a2_projection=a2p[pr], a3_projection=a3p[pr])
+    pair_results = [PairAgreement(pair=pr, a2=grids[("a2h", pr)], a3=grids[("a3h", pr)],
+                                  a2_projection={p: grids[("a2p", pr, p)] for p in projs},
+                                  a3_projection={p: grids[("a3p", pr, p)] for p in projs})
                     for pr in pairs]
     mean_a2 = torch.stack([p.a2 for p in pair_results]).nanmean(0)
     mean_a3 = torch.stack([p.a3 for p in pair_results]).nanmean(0)
@@ -305,9 +349,15 @@ def domain_agreement(base: "Checkpoint", targets: Sequence["Checkpoint"], layout
     cls = classify(mean_a2 if agreement_metric == "a2" else mean_a3, magnitude,
                    agreement_threshold=agreement_threshold, magnitude_threshold=magnitude_threshold,
                    agreement_metric=agreement_metric)
-    rho = torch.eye(N, dtype=torch.float64)
-    for (i, j) in pairs:
-        rho[i, j] = rho[j, i] = spearman(scores[i].scores, scores[j].scores)
+
+    def correlations() -> list[list[float]]:
+        rho = torch.eye(N, dtype=torch.float64)
+        for (i, j) in pairs:
+            rho[i, j] = rho[j, i] = spearman(scores[i].scores, scores[j].scores)
+        return rho.tolist()
+
+    key = None if cache is None else _layer_key(base, targets, "spearman", projs, k, dtype, device_kind)
+    rho = torch.tensor(cached_json(cache, key, correlations), dtype=torch.float64)
     labels = tuple(getattr(t, "label", str(i)) for i, t in enumerate(targets))
     return DomainAgreement(labels=labels, k=k_head, head_scores=scores, pairs=pair_results, mean_a2=mean_a2,
                            mean_a3=mean_a3, magnitude=magnitude, classification=cls, spearman=rho,

@@ -26,6 +26,7 @@ from analysis.deltas.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_m
 from analysis.errors import DiffractError, MatrixFailure
 from analysis.progress import Progress
 from analysis.spectral.backend import SpectralSettings
+from analysis.spectral.metric_sets import MetricSet, metric_set
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from analysis.model.architecture import ModelLayout, Module
@@ -33,7 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from analysis.io.checkpoint import Checkpoint
 
 ID_COLUMNS = ("checkpoint", "tensor", "layer", "module", "head", "kv_head", "rows", "cols")
-DELTA_TABLE_VERSION = 2  # bump when what the table caches per matrix changes (2: `unchanged` rows)
+DELTA_TABLE_VERSION = 3  # bump when what the table caches per matrix changes (2: `unchanged` rows;
+                         # 3: a core and a spectral entry, shared by every metric set)
+AGREEMENT_VERSION = 1    # per-matrix A2/A3 and head-score entries
 
 
 @dataclass(frozen=True)
@@ -82,17 +85,140 @@ def _settings_key(options: DeltaOptions) -> dict[str, Any]:
 
 def _cached(cache: "Cache | None", key_parts: dict[str, Any] | None, compute: Callable[[], Any]) -> Any:
     """`compute()` through the cache when one is given (JSON entries; a corrupt one is a miss)."""
-    if cache is None or key_parts is None:
-        return compute()
+    from analysis.run.cache import cached_json
+
+    return cached_json(cache, key_parts, compute)
+
+
+def _row_keys(base: "Checkpoint", target: "Checkpoint", tensor: str, slc: dict[str, Any], kind: str,
+              options: DeltaOptions, device_kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Cache-key parts of the (core, spectral) entries of one matrix or head batch of one target.
+
+    The core entry (norms, ρ, ranks, A1, truncation) does not depend on the spectral settings and neither
+    entry on the metric set: the spectral entry holds whole groups and is shared (and widened) by every set."""
+    common = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=tensor, slice=slc,
+                  dtype=options.settings.dtype, device_kind=device_kind)
+    return (dict(common, operation=f"delta/{kind}/core/v{DELTA_TABLE_VERSION}", settings={"top_k": options.top_k}),
+            dict(common, operation=f"delta/{kind}/spectral/v{DELTA_TABLE_VERSION}",
+                 settings=options.settings.key()))
+
+
+def _has_spectrum(core: dict[str, Any]) -> bool:
+    """True when a row gets spectral columns of ΔW: changed, with a positive ‖ΔW‖ (as batched_delta_metrics)."""
+    frob = core.get("delta_frob")
+    return not core.get("unchanged") and isinstance(frob, (int, float)) and frob > 0
+
+
+@dataclass
+class _Hit:
+    """What the cache holds for one matrix or head batch of one target."""
+
+    core: list[dict[str, Any]] | None = None
+    spectral: list[dict[str, Any]] | None = None
+    complete: bool = False        # every column the table reports is there: no tensor needs reading
+
+
+def _rows_entry(value: Any) -> list[dict[str, Any]] | None:
+    """A cached list of row dicts, or None when the entry has another shape (a miss)."""
+    if isinstance(value, list) and all(isinstance(r, dict) for r in value):
+        return value
+    return None
+
+
+def _lookup(cache: "Cache | None", keys: tuple[dict[str, Any], dict[str, Any]], options: DeltaOptions,
+            wanted: MetricSet) -> _Hit:
+    """The cached entries of one matrix or head batch; `complete` when they hold the set's columns."""
+    if cache is None:
+        return _Hit()
     from analysis.run.cache import cache_key
 
-    key = cache_key(**key_parts)
-    hit = cache.get_json(key)
-    if hit is not None:
-        return hit
-    value = compute()
-    cache.put_json(key, value)
-    return value
+    core = _rows_entry(cache.get_json(cache_key(**keys[0])))
+    if core is None:
+        return _Hit()
+    if not options.spectral:
+        return _Hit(core, None, True)
+    spectral = _rows_entry(cache.get_json(cache_key(**keys[1])))
+    if spectral is None or len(spectral) != len(core):
+        return _Hit(core, None, False)
+    ok = all(wanted.covered_by(s) for c, s in zip(core, spectral) if _has_spectrum(c))
+    return _Hit(core, spectral, ok)
+
+
+def _assemble(core: list[dict[str, Any]], spectral: list[dict[str, Any]] | None,
+              wanted: MetricSet | None) -> list[dict[str, Any]]:
+    """Rows as the table reports them: the core columns, then the set's SPEC §3 columns of ΔW."""
+    out = []
+    for i, c in enumerate(core):
+        row = dict(c)
+        if wanted is not None and spectral is not None:
+            for k, v in wanted.project(spectral[i]).items():
+                row.setdefault(k, v)
+        out.append(row)
+    return out
+
+
+def _fill(cache: "Cache | None", keys: tuple[dict[str, Any], dict[str, Any]], hit: _Hit, options: DeltaOptions,
+          wanted: MetricSet, full: Callable[[], list[dict[str, Any]]],
+          spectral_only: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of one matrix or head batch whose cache entries are missing or narrower than the set: `full()`
+    when there is no core entry, else only `spectral_only()` (no SVD for A1); the entries are written, the
+    spectral one widened by the groups now computed."""
+    from analysis.run.cache import cache_key
+    from analysis.spectral.metric_sets import METRIC_COLUMNS
+
+    spectral_cols = frozenset(METRIC_COLUMNS)
+    if hit.core is None:
+        rows = full()
+        core = [{k: v for k, v in r.items() if k not in spectral_cols} for r in rows]
+        if cache is not None:
+            cache.put_json(cache_key(**keys[0]), core)
+    else:
+        core, rows = hit.core, spectral_only()
+    if not options.spectral:
+        return _assemble(core, None, None)
+    fresh = [{k: v for k, v in r.items() if k in spectral_cols} for r in rows]
+    spectral = [{**old, **new} for old, new in zip(hit.spectral or [{}] * len(fresh), fresh)]
+    if cache is not None:
+        cache.put_json(cache_key(**keys[1]), spectral)
+    return _assemble(core, spectral, wanted)
+
+
+def _agreement_hit(cache: "Cache | None", key_parts: dict[str, Any] | None, n: int) -> list[list[Any]] | None:
+    """A cached per-matrix [A2, A3] partner mean per target, or None when absent or malformed (a miss)."""
+    if cache is None or key_parts is None:
+        return None
+    from analysis.run.cache import cache_key
+
+    value = cache.get_json(cache_key(**key_parts))
+    if isinstance(value, list) and len(value) == n and all(isinstance(v, list) and len(v) == 2 for v in value):
+        return value
+    return None
+
+
+def _cached_head_scores(base: "Checkpoint", target: "Checkpoint", layout: "ModelLayout", options: DeltaOptions,
+                        device: torch.device, cache: "Cache | None") -> HeadScores:
+    """`head_scores` of one target through the cache (its per-projection energy grids), so a rerun reads nothing."""
+    from analysis.deltas.delta import KV_PROJECTIONS, scores_from_energies
+
+    def compute() -> dict[str, Any]:
+        hs = head_scores(base, target, layout, exclude_kv=options.exclude_kv, dtype=options.settings.torch_dtype,
+                         device=device)
+        return {"delta": {p: g.tolist() for p, g in hs.projection_delta_energy.items()},
+                "base": {p: g.tolist() for p, g in hs.projection_base_energy.items()}}
+
+    key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor="attention", slice={"heads": "scores"},
+               operation=f"delta/head-scores/v{AGREEMENT_VERSION}", settings={"exclude_kv": options.exclude_kv},
+               dtype=options.settings.dtype, device_kind=device.type)
+    entry = _cached(cache, key if cache is not None else None, compute)
+    projs = tuple(p for p in PROJECTIONS if not (options.exclude_kv and p in KV_PROJECTIONS))
+    L, H = layout.num_layers, layout.num_heads
+    pde = {p: torch.tensor(entry["delta"][p], dtype=torch.float64).reshape(L, H) for p in projs}
+    pbe = {p: torch.tensor(entry["base"][p], dtype=torch.float64).reshape(L, H) for p in projs}
+    delta_energy = sum(pde.values(), torch.zeros(L, H, dtype=torch.float64))
+    base_energy = sum(pbe.values(), torch.zeros(L, H, dtype=torch.float64))
+    return HeadScores(scores=scores_from_energies(delta_energy, base_energy), delta_energy=delta_energy,
+                      base_energy=base_energy, projection_delta_energy=pde, projection_base_energy=pbe,
+                      exclude_kv=options.exclude_kv, projections=projs)
 
 
 def _finite_rows(failures: list[MatrixFailure], failure: Callable[[str, str], MatrixFailure],
@@ -201,7 +327,29 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                          truncation=True, metrics=options.metrics)
 
     # ---- whole matrices -------------------------------------------------------------------------
+    wanted = metric_set(options.metrics)
+    spectral_kwargs = dict(settings=settings, dtype=dtype, spectral=True, agreement=False, truncation=False,
+                           metrics=options.metrics)
     for layer, module in modules:
+        slc = {"module": module.name, "segments": [list(s) for s in module.segments], "transpose": module.transpose}
+        keys = [_row_keys(base, t, module.tensor, slc, "matrix", options, device.type) for t in targets]
+        hits = [_lookup(cache, k, options, wanted) for k in keys]
+        akey = (dict(fingerprint=[base.fingerprint, *(t.fingerprint for t in targets)], tensor=module.tensor,
+                     slice=slc, operation=f"delta/matrix/a2a3/v{AGREEMENT_VERSION}", settings={"a3_k": options.a3_k},
+                     dtype=options.settings.dtype, device_kind=device.type) if n >= 2 else None)
+        a_hit = _agreement_hit(cache, akey, n)
+        where = f"{'globals' if layer is None else f'layer {layer}'} {module.name}"
+        r, c = module.shape[0], module.shape[1]
+        shape = (c, r) if module.transpose else (r, c)
+        if all(h.complete for h in hits) and (n < 2 or a_hit is not None):   # a rerun: no tensor is read
+            for i, h in enumerate(hits):
+                per_target[i].append({"checkpoint": labels[i], "tensor": module.tensor, "layer": layer,
+                                      "module": module.name, "head": None, "kv_head": None, "rows": int(shape[0]),
+                                      "cols": int(shape[1]), **_assemble(h.core, h.spectral, wanted)[0]})
+                if n >= 2:
+                    per_target[i][-1]["a2_agreement"], per_target[i][-1]["a3_agreement"] = a_hit[i]
+            tick(f"{module.tensor} ({module.name})")
+            continue
         W0 = module_matrix(base, module, dtype).to(device)
         bsvd: SVD | None = None
         deltas: list[torch.Tensor] = []
@@ -214,17 +362,14 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                     bsvd = top_svd(W0.unsqueeze(0), options.top_k)  # shared by every target of this matrix
                 return batched_delta_metrics(W0.unsqueeze(0), Wd.unsqueeze(0), base_svd=bsvd, **metric_kwargs)
 
-            key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=module.tensor,
-                       slice={"module": module.name, "segments": [list(s) for s in module.segments],
-                              "transpose": module.transpose},
-                       operation=f"delta/metrics/v{DELTA_TABLE_VERSION}", settings=skey, dtype=options.settings.dtype,
-                       device_kind=device.type)
-            where = f"{'globals' if layer is None else f'layer {layer}'} {module.name}"
-            metrics = _finite_rows(
+            hit = hits[i]
+            metrics = (_assemble(hit.core, hit.spectral, wanted) if hit.complete else _finite_rows(
                 failures, lambda part, reason, i=i, where=where: MatrixFailure(
                     labels[i], str(targets[i].path), "delta", module.tensor, where + part, reason),
                 [(report.labels[0], W0.unsqueeze(0)), (labels[i], Wd.unsqueeze(0))],
-                lambda _index, key=key, compute=compute: _cached(cache, key, compute))[0]
+                lambda _index, keys=keys[i], hit=hit, compute=compute, W0=W0, Wd=Wd: _fill(
+                    cache, keys, hit, options, wanted, compute,
+                    lambda: batched_delta_metrics(W0.unsqueeze(0), Wd.unsqueeze(0), **spectral_kwargs))))[0]
             if metrics is None:
                 continue
             row = {"checkpoint": labels[i], "tensor": module.tensor, "layer": layer, "module": module.name,
@@ -233,13 +378,17 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
             if n >= 2:
                 deltas.append(Wd - W0)
         if n >= 2 and len(deltas) == n:      # agreement needs every domain's ΔW of this matrix
-            still = [bool(per_target[i][-1]["unchanged"]) for i in range(n)]
-            pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if not (still[a] or still[b])]
-            a2 = {pr: float(a2_cosine(deltas[pr[0]], deltas[pr[1]])) for pr in pairs}
-            a3 = {pr: float(a3_subspace(deltas[pr[0]], deltas[pr[1]], options.a3_k)) for pr in pairs}
-            for i, (m2, m3) in enumerate(zip(_partner_means(a2, n), _partner_means(a3, n))):
-                per_target[i][-1]["a2_agreement"] = None if still[i] else m2  # ΔW = 0 agrees with nothing
-                per_target[i][-1]["a3_agreement"] = None if still[i] else m3
+            def agreement_means() -> list[list[float | None]]:
+                still = [bool(per_target[i][-1]["unchanged"]) for i in range(n)]
+                pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if not (still[a] or still[b])]
+                a2 = {pr: float(a2_cosine(deltas[pr[0]], deltas[pr[1]])) for pr in pairs}
+                a3 = {pr: float(a3_subspace(deltas[pr[0]], deltas[pr[1]], options.a3_k)) for pr in pairs}
+                return [[None if still[i] else m2, None if still[i] else m3]   # ΔW = 0 agrees with nothing
+                        for i, (m2, m3) in enumerate(zip(_partner_means(a2, n), _partner_means(a3, n)))]
+
+            for i, (m2, m3) in enumerate(a_hit if a_hit is not None else _cached(cache, akey, agreement_means)):
+                per_target[i][-1]["a2_agreement"] = m2
+                per_target[i][-1]["a3_agreement"] = m3
         tick(f"{module.tensor} ({module.name})")
 
     # ---- cross-domain agreement and head scores -------------------------------------------------
@@ -253,7 +402,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                 agreement = domain_agreement(
                     base, targets, layout, k=options.a3_k, dtype=dtype, exclude_kv=options.exclude_kv,
                     agreement_metric=options.agreement_metric, agreement_threshold=options.agreement_threshold,
-                    magnitude_threshold=options.magnitude_threshold, device=device,
+                    magnitude_threshold=options.magnitude_threshold, device=device, cache=cache,
                     progress=lambda l, L, text: tick(f"agreement, layer {l - 1}"))
             except NUMERIC_ERRORS as err:     # a NaN/inf head somewhere: no agreement columns, the rest stays
                 failures.append(MatrixFailure(
@@ -267,8 +416,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
             for layer_i in range(layout.num_layers if n == 1 else 0):
                 tick(f"head scores, layer {layer_i}")
             for i, target in enumerate(targets):
-                scores[labels[i]] = head_scores(base, target, layout, exclude_kv=options.exclude_kv, dtype=dtype,
-                                                device=device)
+                scores[labels[i]] = _cached_head_scores(base, target, layout, options, device, cache)
 
     # ---- head slices ----------------------------------------------------------------------------
     if heads_on:
@@ -283,29 +431,37 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
         for layer in range(layout.num_layers):
             for p in PROJECTIONS:
-                tensor = layout.projection(layer, p).tensor
-                b = projection_heads(base, layout, layer, p, dtype).to(device)
+                proj = layout.projection(layer, p)
+                tensor = proj.tensor
+                slc = {"proj": p, "layer": layer, "heads": "all", "head_dim": layout.head_dim}
+                keys = [_row_keys(base, t, tensor, slc, "heads", options, device.type) for t in targets]
+                hits = [_lookup(cache, k, options, wanted) for k in keys]
+                other = int(base.info(tensor).shape[1 - proj.axis])  # what projection_heads stacks per head
+                head_shape = (other, layout.head_dim) if p == "o" else (layout.head_dim, other)
+                b = (None if all(h.complete for h in hits)        # every target cached: the base is not read
+                     else projection_heads(base, layout, layer, p, dtype).to(device))
                 bsvd_h: SVD | None = None
                 for i, target in enumerate(targets):
-                    t = projection_heads(target, layout, layer, p, dtype).to(device)
+                    hit = hits[i]
+                    if hit.complete:                 # a rerun: the cached rows, no tensor read
+                        head_rows: list[dict[str, Any] | None] = _assemble(hit.core, hit.spectral, wanted)
+                    else:
+                        t = projection_heads(target, layout, layer, p, dtype).to(device)
 
-                    def compute_heads(b=b, t=t) -> list[dict[str, Any]]:
-                        nonlocal bsvd_h
-                        if bsvd_h is None and not torch.equal(b, t):  # all heads unchanged: no decomposition
-                            bsvd_h = top_svd(b, options.top_k)
-                        return batched_delta_metrics(b, t, base_svd=bsvd_h, **metric_kwargs)
+                        def compute_heads(b=b, t=t) -> list[dict[str, Any]]:
+                            nonlocal bsvd_h
+                            if bsvd_h is None and not torch.equal(b, t):  # all heads unchanged: no decomposition
+                                bsvd_h = top_svd(b, options.top_k)
+                            return batched_delta_metrics(b, t, base_svd=bsvd_h, **metric_kwargs)
 
-                    key = dict(fingerprint=[base.fingerprint, target.fingerprint], tensor=tensor,
-                               slice={"proj": p, "layer": layer, "heads": "all", "head_dim": layout.head_dim},
-                               operation=f"delta/head-metrics/v{DELTA_TABLE_VERSION}", settings=skey, dtype=options.settings.dtype,
-                               device_kind=device.type)
-                    head_rows = _finite_rows(
-                        failures, lambda part, reason, i=i, tensor=tensor, where=f"layer {layer} {p}": MatrixFailure(
-                            labels[i], str(targets[i].path), "delta", tensor, where + part, reason),
-                        [(report.labels[0], b), (labels[i], t)],
-                        lambda index, key=key, compute_heads=compute_heads, b=b, t=t: _cached(
-                            cache, key, compute_heads) if index is None
-                        else batched_delta_metrics(b[index], t[index], **metric_kwargs))  # finite heads, uncached
+                        head_rows = _finite_rows(
+                            failures, lambda part, reason, i=i, tensor=tensor, where=f"layer {layer} {p}": MatrixFailure(
+                                labels[i], str(targets[i].path), "delta", tensor, where + part, reason),
+                            [(report.labels[0], b), (labels[i], t)],
+                            lambda index, keys=keys[i], hit=hit, compute_heads=compute_heads, b=b, t=t: _fill(
+                                cache, keys, hit, options, wanted, compute_heads,
+                                lambda: batched_delta_metrics(b, t, **spectral_kwargs)) if index is None
+                            else batched_delta_metrics(b[index], t[index], **metric_kwargs))  # finite heads, uncached
                     hs = scores[labels[i]]
                     for j, metrics in enumerate(head_rows):
                         if metrics is None:
@@ -315,7 +471,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                         else:
                             head, kv_head, qh = j, layout.kv_group(j), j
                         row = {"checkpoint": labels[i], "tensor": tensor, "layer": layer, "module": p,
-                               "head": head, "kv_head": kv_head, "rows": int(b.shape[1]), "cols": int(b.shape[2]),
+                               "head": head, "kv_head": kv_head, "rows": head_shape[0], "cols": head_shape[1],
                                **metrics}
                         if p not in ("k", "v") or per == 1:
                             row["head_score"] = float(hs.scores[layer, qh])
@@ -379,17 +535,38 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *, options: DeltaOptions = DeltaOptions(),
-                   cache: "Cache | None" = None, progress: "Progress | None" = None) -> DeltaTable:
-    """Open the checkpoints (headers only) and build the table; checkpoints are closed afterwards."""
+def open_checkpoints(paths: Sequence[str | Path]) -> list["Checkpoint"]:
+    """Open every checkpoint once (headers only) under its unique label; on an error those opened are closed."""
     from analysis.io.checkpoint import open_checkpoint
     from analysis.io.labels import unique_labels
 
-    paths = [base_path, *target_paths]
-    opened = [open_checkpoint(p, label=lab) for p, lab in zip(paths, unique_labels(paths))]
-    base, targets = opened[0], opened[1:]
+    opened: list[Checkpoint] = []
     try:
-        return build_delta_table(base, targets, options=options, cache=cache, progress=progress)
-    finally:
-        for c in (base, *targets):
+        for p, lab in zip(paths, unique_labels(list(paths))):
+            opened.append(open_checkpoint(p, label=lab))
+    except BaseException:
+        for c in opened:
             c.close()
+        raise
+    return opened
+
+
+def build_and_close(opened: Sequence["Checkpoint"], *, options: DeltaOptions = DeltaOptions(),
+                    cache: "Cache | None" = None, progress: "Progress | None" = None) -> DeltaTable:
+    """The table of opened checkpoints (the first is the base); they are closed and the cache flushed afterwards
+    (also on an error or Ctrl-C, so what was computed is kept)."""
+    try:
+        return build_delta_table(opened[0], list(opened[1:]), options=options, cache=cache, progress=progress)
+    finally:
+        for c in opened:
+            c.close()
+        flush = getattr(cache, "flush", None)
+        if flush is not None:
+            flush()
+
+
+def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *, options: DeltaOptions = DeltaOptions(),
+                   cache: "Cache | None" = None, progress: "Progress | None" = None) -> DeltaTable:
+    """Open the checkpoints (headers only) and build the table; checkpoints are closed afterwards."""
+    return build_and_close(open_checkpoints([base_path, *target_paths]), options=options, cache=cache,
+                           progress=progress)

@@ -2,24 +2,44 @@
 
 A key is the sha256 of the canonical JSON of everything that changes a number (SPEC §1, §8):
 checkpoint fingerprint(s), tensor, slice, operation, settings, compute dtype, device kind and
-the engine version. Entries are written atomically (unique temp file in the same folder, then
-`os.replace`), so concurrent writers of one key both succeed and readers never see half a file;
-an unreadable entry is a miss and is removed. Nothing is ever pickled. Entries are not fsynced: a
-cache needs atomicity, not durability — after a crash an entry is either whole, absent or torn, and a
-torn one fails its read checks and is recomputed; the fsync cost ~50 ms per entry (two per matrix).
+the engine version. Small entries (JSON values, arrays ≤ SMALL_ENTRY_BYTES) are staged in memory and
+written together as one PACK file per writer and flush (`packs/<host>-<pid>-<random>-<n>.pack`): a
+checkpoint of 25k tiny tensors made 50k files (203 MB of 4 KiB blocks) when every entry was a file. Big
+arrays stay one file each (`<key[:2]>/<key>.npy`). Packs and files are written atomically (unique temp
+file in the same folder, then `os.replace`, analysis/io/atomic.py), so readers never see half a file and
+writers never share one: each pack has one writer (host + pid + random in its name), which is what lets
+Ray workers on several hosts fill one cache on a shared filesystem (no SQLite, no shared append, no
+locks). Readers index every pack; a torn or corrupt pack (bad magic, size or CRC) is ignored and its
+entries recomputed, as an unreadable single-file entry is (that one is removed). Nothing is ever pickled.
+
+Nothing is fsynced (`durable=False`; the per-entry fsync was dropped earlier, it cost ~50 ms per entry):
+a cache needs atomicity, not durability — after a crash an entry or pack is whole, absent or torn, and
+a torn one fails its checks and is recomputed. Staged entries are flushed by `Cache.flush()` (the table
+builders call it at the end of a run, a Ray task at its end), when the stage exceeds PACK_MAX_ENTRIES or
+PACK_MAX_BYTES or is older than PACK_MAX_AGE_SECONDS, on `close()` and at interpreter exit.
+The format is described in docs/architecture.md ("Cache").
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
 import re
+import secrets
+import socket
+import struct
 import sys
 import threading
 import time
+import weakref
+import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +60,24 @@ _TAG_TEXT = (
     "# See https://bford.info/cachedir/\n"
 )
 _ENTRY_RE = re.compile(r"^[0-9a-f]{64}\.(json|npy)$")
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
 _FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
 _STALE_TMP_SECONDS = 3600.0
 _WRITE_ATTEMPTS = 3               # a write whose folder vanished is retried this often, then caching stops
 _NONFINITE_TAG = "$float"
 _WARN_LOCK = threading.Lock()
+
+PACK_DIR = "packs"
+PACK_MAGIC = b"diffract-pack/1\n"            # 16 bytes, then the fixed header below
+_PACK_HEADER = struct.Struct("<QQII")          # compressed index length, compressed body length, their CRC32s
+_PACK_RE = re.compile(r"^[A-Za-z0-9_-]+\.pack$")
+SMALL_ENTRY_BYTES = 64 * 1024                  # JSON values and arrays up to this size are packed
+PACK_MAX_ENTRIES = 8192                        # a stage bigger than this (or PACK_MAX_BYTES) is flushed
+PACK_MAX_BYTES = 32 * 1024 * 1024
+PACK_MAX_AGE_SECONDS = 30.0                    # … and so is one older than this (a long-lived app session)
+_MAX_PACK_RAW = 4 * PACK_MAX_BYTES             # a pack claiming more (index or body) is corrupt
+_BODY_CACHE_BYTES = 128 * 1024 * 1024          # decompressed pack bodies kept in memory by one Cache
+_LIVE: "weakref.WeakSet[Cache]" = weakref.WeakSet()   # caches with staged entries, flushed at exit
 
 
 def default_cache_root() -> Path:
@@ -112,6 +145,20 @@ def cache_key(
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def cached_json(cache: "Cache | None", key_parts: dict[str, Any] | None, compute: Callable[[], Any]) -> Any:
+    """`compute()` through `cache` under `cache_key(**key_parts)` (a JSON entry; a corrupt one is a miss);
+    computed as it is when there is no cache or no key."""
+    if cache is None or key_parts is None:
+        return compute()
+    key = cache_key(**key_parts)
+    hit = cache.get_json(key)
+    if hit is not None:
+        return hit
+    value = compute()
+    cache.put_json(key, value)
+    return value
+
+
 def encode_json_value(value: Any) -> Any:
     """JSON-safe copy of a metrics value: non-finite floats become {"$float": "nan"|"inf"|"-inf"}."""
     if isinstance(value, dict):
@@ -147,7 +194,7 @@ def decode_json_value(value: Any) -> Any:
     return value
 
 
-def _read_npy(handle: IO[bytes]) -> np.ndarray:
+def _read_npy(handle: IO[bytes], size: int | None = None) -> np.ndarray:
     """The array of an open `.npy` file, its header checked against the file before anything is allocated.
 
     A header is only a claim: one saying shape (10¹²,) made `np.load` raise MemoryError. Here shape ×
@@ -164,7 +211,7 @@ def _read_npy(handle: IO[bytes]) -> np.ndarray:
     if dtype.hasobject or dtype.kind not in "biuf" or dtype.itemsize == 0:
         raise ValueError(f"not a plain numeric dtype: {dtype}")
     nbytes = math.prod(shape) * dtype.itemsize
-    data_bytes = os.fstat(handle.fileno()).st_size - handle.tell()
+    data_bytes = (os.fstat(handle.fileno()).st_size if size is None else size) - handle.tell()
     if nbytes != data_bytes:
         raise ValueError(f"header claims {nbytes} bytes of data, the file has {data_bytes}")
     buffer = bytearray(nbytes)
@@ -181,29 +228,148 @@ class CacheInfo:
     entries: int
     bytes: int
     exists: bool
+    packs: int = 0          # pack files among them (their entries are counted in `entries`)
+
+
+def _writer_name() -> str:
+    """host-pid of this process, as a file-name part (letters, digits, '_' and '-' only)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:64] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class _PackedAt:
+    """Where a packed entry lives: pack file name, offset and length in its decompressed body."""
+
+    pack: str
+    offset: int
+    length: int
+
+
+def _pack_bytes(items: list[tuple[tuple[str, str], bytes]], writer: str) -> bytes:
+    """One pack file's bytes: magic, header, zlib(index JSON), zlib(body) (see docs/architecture.md)."""
+    entries, offset = [], 0
+    for (key, suffix), data in items:
+        entries.append([key, suffix, offset, len(data)])
+        offset += len(data)
+    body = zlib.compress(b"".join(data for _, data in items), 6)
+    index = zlib.compress(json.dumps({"format": PACK_MAGIC.decode().strip(), "writer": writer, "raw_body": offset,
+                                      "entries": entries}, separators=(",", ":")).encode("utf-8"), 6)
+    return (PACK_MAGIC + _PACK_HEADER.pack(len(index), len(body), zlib.crc32(index), zlib.crc32(body))
+            + index + body)
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """zlib-decompressed `data`, at most `limit` bytes and all of it (ValueError otherwise: a corrupt pack)."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, limit)
+    except zlib.error as err:
+        raise ValueError(f"not zlib data ({err})") from None
+    if d.unconsumed_tail or not d.eof:
+        raise ValueError("compressed data is truncated or too large")
+    return out
+
+
+def _read_pack_index(path: Path) -> tuple[dict[tuple[str, str], _PackedAt], int, int]:
+    """A pack's entries, its body's offset in the file and its compressed length; ValueError/OSError when
+    it is torn or corrupt (wrong magic, size, CRC, or an index that does not describe the body)."""
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        head = handle.read(len(PACK_MAGIC) + _PACK_HEADER.size)
+        if len(head) != len(PACK_MAGIC) + _PACK_HEADER.size or not head.startswith(PACK_MAGIC):
+            raise ValueError("not a diffract pack")
+        index_len, body_len, index_crc, _ = _PACK_HEADER.unpack(head[len(PACK_MAGIC):])
+        if size != len(head) + index_len + body_len:
+            raise ValueError(f"the header claims {len(head) + index_len + body_len} bytes, the file has {size}")
+        compressed = handle.read(index_len)
+    if zlib.crc32(compressed) != index_crc:
+        raise ValueError("index checksum mismatch")
+    try:
+        index = parse_json(_inflate(compressed, _MAX_PACK_RAW), path)
+    except DiffractError as err:
+        raise ValueError(str(err)) from None
+    raw_body = index.get("raw_body") if isinstance(index, dict) else None
+    rows = index.get("entries") if isinstance(index, dict) else None
+    if not isinstance(raw_body, int) or not isinstance(rows, list) or not 0 <= raw_body <= _MAX_PACK_RAW:
+        raise ValueError("not a diffract pack index")
+    out: dict[tuple[str, str], _PackedAt] = {}
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str) and _KEY_RE.fullmatch(row[0])
+                and row[1] in (".json", ".npy") and all(isinstance(v, int) and v >= 0 for v in row[2:])
+                and row[2] + row[3] <= raw_body):
+            raise ValueError("a pack index entry is malformed")
+        out[(row[0], row[1])] = _PackedAt(path.name, row[2], row[3])
+    return out, len(head) + index_len, body_len
+
+
+def _read_pack_body(path: Path, offset: int, length: int) -> bytes:
+    """A pack's decompressed body, its CRC checked (ValueError/OSError when torn or corrupt)."""
+    with open_regular(path) as handle:
+        head = handle.read(len(PACK_MAGIC) + _PACK_HEADER.size)
+        body_crc = _PACK_HEADER.unpack(head[len(PACK_MAGIC):])[3]
+        handle.seek(offset)
+        compressed = handle.read(length)
+    if len(compressed) != length or zlib.crc32(compressed) != body_crc:
+        raise ValueError("body checksum mismatch")
+    return _inflate(compressed, _MAX_PACK_RAW)
 
 
 class Cache:
     """Spectra cache rooted at `root` (else `$DIFFRACT_TUI_CACHE_DIR`, else the user cache folder).
 
-    Entries live at `root/<key[:2]>/<key>.npy|.json`. The folder is created on the first write. A cache
-    that cannot be written is warned about once and then only read (`write_error` says why).
+    Big arrays live at `root/<key[:2]>/<key>.npy`; small entries in `root/packs/*.pack` (module docstring),
+    and entries of older versions at `root/<key[:2]>/<key>.json` are still read. The folder is created on
+    the first write. A cache that cannot be written is warned about once and then only read (`write_error`
+    says why). Thread-safe (the app's workers share one); a pickled Cache (a Ray task's) is a fresh writer.
     """
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root not in (None, "") else default_cache_root()
         self.write_error: str | None = None     # set (and warned once) when entries can no longer be written
+        self._lock = threading.RLock()
+        self._token = secrets.token_hex(4)      # with host and pid: a pack name no other writer uses
+        self._seq = itertools.count()
+        self._pending: dict[tuple[str, str], bytes] = {}
+        self._pending_bytes = 0
+        self._pending_since = 0.0
+        self._index: dict[tuple[str, str], _PackedAt] = {}
+        self._bodies: dict[str, tuple[int, int]] = {}       # pack → (body offset, compressed length)
+        self._entries: dict[str, dict[tuple[str, str], _PackedAt]] = {}   # pack → its entries
+        self._seen: set[str] = set()                         # pack names indexed (or found corrupt)
+        self._packs_mtime: int | None = None
+        self._loaded: OrderedDict[str, bytes] = OrderedDict()  # decompressed bodies, least recently used first
+        self._loaded_bytes = 0
 
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the folder (and a write error) travel: the receiver is a writer of its own."""
+        return {"root": self.root, "write_error": self.write_error}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"])
+        self.write_error = state.get("write_error")
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     key = staticmethod(cache_key)
 
     # ---- paths -------------------------------------------------------------------------------
     def _path(self, key: str, suffix: str) -> Path:
-        if not re.fullmatch(r"[0-9a-f]{64}", key):
+        if not _KEY_RE.fullmatch(key):
             raise ValueError(f"not a cache key (64 hex digits): {key!r}")
         return self.root / key[:2] / f"{key}{suffix}"
+
+    @property
+    def pack_dir(self) -> Path:
+        """The folder of the pack files."""
+        return self.root / PACK_DIR
 
     def _ensure_root(self) -> None:
         """Create the cache folder and its CACHEDIR.TAG (OSError when it cannot be)."""
@@ -217,10 +383,142 @@ class Cache:
         with contextlib.suppress(OSError):
             path.unlink()
 
+    # ---- packs -------------------------------------------------------------------------------
+    def _scan_packs(self, only_if_changed: bool = False) -> bool:
+        """Index the packs not indexed yet (with `only_if_changed`, only when the folder changed since the last
+        look); True when new packs were indexed. A torn or corrupt pack is ignored (its entries are misses)."""
+        folder = self.pack_dir
+        try:
+            mtime = folder.stat().st_mtime_ns
+        except OSError:
+            return False
+        if only_if_changed and mtime == self._packs_mtime:
+            return False
+        self._packs_mtime = mtime
+        try:
+            names = sorted(n for n in os.listdir(folder) if _PACK_RE.match(n) and n not in self._seen)
+        except OSError:
+            return False
+        for name in names:
+            self._seen.add(name)
+            try:
+                entries, body_offset, body_len = _read_pack_index(folder / name)
+            except (OSError, ValueError):
+                continue
+            self._bodies[name] = (body_offset, body_len)
+            self._entries[name] = entries
+            self._index.update(entries)
+        return bool(names)
+
+    def _body(self, pack: str) -> bytes | None:
+        """The decompressed body of one pack (kept in a bounded LRU), or None when it is gone or corrupt —
+        then every entry of that pack is forgotten, so each is recomputed and staged again."""
+        body = self._loaded.get(pack)
+        if body is not None:
+            self._loaded.move_to_end(pack)
+            return body
+        try:
+            body = _read_pack_body(self.pack_dir / pack, *self._bodies[pack])
+        except (OSError, ValueError, KeyError):
+            self._forget_pack(pack)
+            return None
+        self._loaded[pack] = body
+        self._loaded_bytes += len(body)
+        while self._loaded_bytes > _BODY_CACHE_BYTES and len(self._loaded) > 1:
+            _, old = self._loaded.popitem(last=False)
+            self._loaded_bytes -= len(old)
+        return body
+
+    def _forget_pack(self, pack: str) -> None:
+        """Stop using a pack whose body is gone or corrupt; its keys fall back to copies in other packs."""
+        self._bodies.pop(pack, None)
+        lost = self._entries.pop(pack, {})
+        for k in [k for k, at in self._index.items() if at.pack == pack]:
+            del self._index[k]
+        for entries in self._entries.values():
+            self._index.update((k, at) for k, at in entries.items() if k in lost and k not in self._index)
+
+    def _small(self, key: str, suffix: str) -> bytes | None:
+        """The bytes of a staged or packed entry, or None (packs written since the last look are indexed first)."""
+        with self._lock:
+            data = self._pending.get((key, suffix))
+            if data is not None:
+                return data
+            if self._packs_mtime is None:
+                self._scan_packs()
+            at = self._index.get((key, suffix))
+            if at is None and self._scan_packs(only_if_changed=True):
+                at = self._index.get((key, suffix))
+            while at is not None:
+                body = self._body(at.pack)
+                if body is not None:
+                    return body[at.offset:at.offset + at.length]
+                at = self._index.get((key, suffix))   # that pack was corrupt: a copy in another one, if any
+            return None
+
+    def _drop_small(self, key: str, suffix: str) -> None:
+        """Forget a staged or packed entry that turned out unreadable (a miss from now on)."""
+        with self._lock:
+            data = self._pending.pop((key, suffix), None)
+            if data is not None:
+                self._pending_bytes -= len(data)
+            self._index.pop((key, suffix), None)
+
+    def _stage(self, key: str, suffix: str, data: bytes) -> None:
+        """Queue a small entry for the next pack; flush when the stage is full or old."""
+        if self.write_error is not None:
+            return
+        with self._lock:
+            if not self._pending:
+                self._pending_since = time.monotonic()
+                _LIVE.add(self)
+            old = self._pending.get((key, suffix))
+            self._pending_bytes += len(data) - (len(old) if old is not None else 0)
+            self._pending[(key, suffix)] = data
+            full = (len(self._pending) >= PACK_MAX_ENTRIES or self._pending_bytes >= PACK_MAX_BYTES
+                    or time.monotonic() - self._pending_since > PACK_MAX_AGE_SECONDS)
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the staged entries as ONE new pack (atomically; a failure warns once and turns writing off).
+        Safe to call at any time and from any thread; a no-op when nothing is staged."""
+        with self._lock:
+            if not self._pending:
+                return
+            items = list(self._pending.items())
+            name = f"{_writer_name()}-{self._token}-{next(self._seq)}.pack"
+            data = _pack_bytes(items, f"{_writer_name()}-{self._token}")
+            self._write(self.pack_dir / name, lambda handle: handle.write(data))
+            self._pending.clear()
+            self._pending_bytes = 0
+            _LIVE.discard(self)
+            if self.write_error is not None:
+                return
+            offset = 0
+            for k, entry in items:
+                self._index[k] = _PackedAt(name, offset, len(entry))
+                offset += len(entry)
+            header = len(PACK_MAGIC) + _PACK_HEADER.size
+            index_len = _PACK_HEADER.unpack(data[len(PACK_MAGIC):header])[0]
+            self._bodies[name] = (header + index_len, len(data) - header - index_len)
+            self._entries[name] = {k: self._index[k] for k, _ in items}
+            self._seen.add(name)
+
+    def close(self) -> None:
+        """Flush what is staged (the cache stays usable)."""
+        self.flush()
+
     # ---- arrays ------------------------------------------------------------------------------
     def get_array(self, key: str) -> np.ndarray | None:
         """The stored array, or None when absent or unreadable (an unreadable entry is removed)."""
         path = self._path(key, ".npy")
+        packed = self._small(key, ".npy")
+        if packed is not None:
+            try:
+                return _read_npy(io.BytesIO(packed), len(packed))
+            except (ValueError, EOFError):
+                self._drop_small(key, ".npy")
         try:
             with open_regular(path) as handle:  # a FIFO entry is corrupt, never read (it would block)
                 array = _read_npy(handle)
@@ -235,25 +533,23 @@ class Cache:
         return array
 
     def put_array(self, key: str, array: np.ndarray) -> None:
-        """Store a numeric array atomically."""
+        """Store a numeric array atomically (a small one in the next pack, a big one as its own file)."""
         array = np.ascontiguousarray(np.asarray(array))
         if array.dtype.kind not in "biuf":
             raise TypeError(f"only numeric arrays are cached, got dtype {array.dtype}")
-        self._write(self._path(key, ".npy"), lambda handle: np.save(handle, array, allow_pickle=False))
+        path = self._path(key, ".npy")
+        if array.nbytes <= SMALL_ENTRY_BYTES:
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            self._stage(key, ".npy", buffer.getvalue())
+            return
+        self._write(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
     # ---- JSON --------------------------------------------------------------------------------
-    def get_json(self, key: str) -> Any | None:
-        """The stored JSON value (NaN/±inf restored), or None when absent or unreadable."""
-        path = self._path(key, ".json")
+    def _decode_entry(self, data: bytes, key: str, where: Path) -> tuple[bool, Any]:
+        """(True, value) of a JSON entry's bytes, or (False, None) when they are not this key's entry."""
         try:
-            data = read_regular_bytes(path, MAX_JSON_BYTES)  # a FIFO or huge entry is corrupt, never read
-        except FileNotFoundError:
-            return None
-        except OSError:
-            self._discard(path)
-            return None
-        try:
-            envelope = parse_json(data, path)  # bad UTF-8, bad syntax or hostile nesting: one DiffractError
+            envelope = parse_json(data, where)  # bad UTF-8, bad syntax or hostile nesting: one DiffractError
             if (
                 not isinstance(envelope, dict)
                 or envelope.get("format") != ENTRY_FORMAT
@@ -262,16 +558,41 @@ class Cache:
             ):
                 raise ValueError("not a diffract cache entry")
         except (ValueError, DiffractError):
+            return False, None
+        return True, decode_json_value(envelope["value"])
+
+    def get_json(self, key: str) -> Any | None:
+        """The stored JSON value (NaN/±inf restored), or None when absent or unreadable."""
+        path = self._path(key, ".json")
+        packed = self._small(key, ".json")
+        if packed is not None:
+            ok, value = self._decode_entry(packed, key, self.pack_dir)
+            if ok:
+                return value
+            self._drop_small(key, ".json")
+        try:
+            data = read_regular_bytes(path, MAX_JSON_BYTES)  # a FIFO or huge entry is corrupt, never read
+        except FileNotFoundError:
+            return None
+        except OSError:
             self._discard(path)
             return None
-        return decode_json_value(envelope["value"])
+        ok, value = self._decode_entry(data, key, path)
+        if not ok:
+            self._discard(path)
+            return None
+        return value
 
     def put_json(self, key: str, value: Any) -> None:
         """Store a JSON-able value atomically; NaN/±inf survive the round trip, and so does the order of a
         dict's keys (a scan served from the cache writes its columns in the order a cold scan does)."""
         envelope = {"format": ENTRY_FORMAT, "key": key, "value": encode_json_value(value)}
-        data = json.dumps(envelope, allow_nan=False).encode("utf-8")
-        self._write(self._path(key, ".json"), lambda handle: handle.write(data))
+        data = json.dumps(envelope, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        path = self._path(key, ".json")
+        if len(data) <= SMALL_ENTRY_BYTES:
+            self._stage(key, ".json", data)
+            return
+        self._write(path, lambda handle: handle.write(data))
 
     def _write(self, path: Path, write: Callable[[IO], Any]) -> None:
         """Write one entry atomically; a cache that cannot be written never fails the computation.
@@ -329,7 +650,13 @@ class Cache:
         return value
 
     def contains(self, key: str) -> bool:
-        """True when an entry file exists for `key` (it may still turn out unreadable)."""
+        """True when an entry exists for `key`, staged, packed or as a file (it may still turn out unreadable)."""
+        with self._lock:
+            if self._packs_mtime is None:
+                self._scan_packs()
+            self._scan_packs(only_if_changed=True)
+            if any((key, suffix) in self._pending or (key, suffix) in self._index for suffix in (".json", ".npy")):
+                return True
         return self._path(key, ".npy").exists() or self._path(key, ".json").exists()
 
     # ---- maintenance -------------------------------------------------------------------------
@@ -342,37 +669,64 @@ class Cache:
                     if _ENTRY_RE.match(path.name) and path.name.startswith(sub.name):
                         yield path
 
+    def _pack_files(self) -> list[Path]:
+        """Every pack file (readable or not) in the pack folder."""
+        folder = self.pack_dir
+        if not folder.is_dir() or folder.is_symlink():
+            return []
+        return sorted(p for p in folder.iterdir() if _PACK_RE.match(p.name))
+
+    def _stored(self) -> tuple[set[tuple[str, str]], list[Path], list[Path]]:
+        """(distinct (key, suffix) entries on disk, entry files, pack files); a torn or corrupt pack holds none."""
+        files = list(self._entry_files())
+        packs = self._pack_files()
+        entries = {(f.name[:64], f.suffix) for f in files}
+        for path in packs:
+            with contextlib.suppress(OSError, ValueError):
+                entries.update(_read_pack_index(path)[0])
+        return entries, files, packs
+
     def info(self) -> CacheInfo:
-        """Number of entries and their total size in bytes."""
-        entries = 0
+        """Number of distinct entries (single files and packed ones) and the bytes of all their files."""
+        entries, files, packs = self._stored()
         total = 0
-        for path in self._entry_files():
+        for path in [*files, *packs]:
             with contextlib.suppress(OSError):
                 total += path.stat().st_size
-                entries += 1
-        return CacheInfo(root=self.root, entries=entries, bytes=total, exists=self.root.is_dir())
+        return CacheInfo(root=self.root, entries=len(entries), bytes=total, exists=self.root.is_dir(),
+                         packs=len(packs))
 
     def clear(self) -> int:
-        """Remove every entry (and stale temp files); returns how many entries were removed.
+        """Remove every entry and pack (and stale temp files); returns how many distinct entries were removed.
 
         Only files this cache wrote are touched, so a --cache-dir pointing at a folder with other
-        content leaves that content alone.
+        content leaves that content alone. What this Cache has staged is dropped too.
         """
-        removed = 0
-        for path in list(self._entry_files()):
+        entries, files, packs = self._stored()
+        with self._lock:
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._index.clear()
+            self._bodies.clear()
+            self._entries.clear()
+            self._seen.clear()
+            self._loaded.clear()
+            self._loaded_bytes = 0
+            self._packs_mtime = None
+        for path in [*files, *packs]:
             try:
                 path.unlink()
-                removed += 1
             except FileNotFoundError:
                 pass
             except OSError as err:
                 raise DiffractError(
                     f"cannot remove a cache entry ({err.strerror or err})", path=path, hint="check permissions"
                 ) from err
+        removed = len(entries)
         if self.root.is_dir():
             now = time.time()
             for sub in self.root.iterdir():
-                if not (sub.is_dir() and _FANOUT_RE.match(sub.name)) or sub.is_symlink():
+                if not (sub.is_dir() and (_FANOUT_RE.match(sub.name) or sub.name == PACK_DIR)) or sub.is_symlink():
                     continue
                 for path in sub.iterdir():
                     if path.name.startswith(TMP_PREFIX):
@@ -382,3 +736,14 @@ class Cache:
                 with contextlib.suppress(OSError):
                     sub.rmdir()  # only succeeds when empty
         return removed
+
+
+def flush_all_caches() -> None:
+    """Write what every Cache of this process still has staged (at the end of a command and at interpreter exit;
+    a failure only warns)."""
+    for cache in list(_LIVE):
+        with contextlib.suppress(Exception):
+            cache.flush()
+
+
+atexit.register(flush_all_caches)

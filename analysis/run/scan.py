@@ -451,26 +451,31 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
     done = 0
     if progress is not None:
         progress(0, total, "starting")
-    for plan in plans:
-        readers = {i: _TensorMemo(c, ctx.dtype) for i, c in enumerate(checkpoints)}
-        try:
-            previous = 0
-            for item in plan:
-                if cancel is not None and cancel():
-                    return
-                if item.ckpt != previous and previous != 0:
-                    readers[previous].release()  # done with that checkpoint's layer; the base's stays
-                previous = item.ckpt
-                for row in _run_item(ctx, item, readers, fail):
-                    if partial is not None:
-                        row["present_in"] = partial.get(row["tensor"])
-                    yield row
-                done += 1
-                if progress is not None:
-                    progress(done, total, item.label)
-        finally:
-            for r in readers.values():
-                r.release()
+    try:
+        for plan in plans:
+            readers = {i: _TensorMemo(c, ctx.dtype) for i, c in enumerate(checkpoints)}
+            try:
+                previous = 0
+                for item in plan:
+                    if cancel is not None and cancel():
+                        return
+                    if item.ckpt != previous and previous != 0:
+                        readers[previous].release()  # done with that checkpoint's layer; the base's stays
+                    previous = item.ckpt
+                    for row in _run_item(ctx, item, readers, fail):
+                        if partial is not None:
+                            row["present_in"] = partial.get(row["tensor"])
+                        yield row
+                    done += 1
+                    if progress is not None:
+                        progress(done, total, item.label)
+            finally:
+                for r in readers.values():
+                    r.release()
+    finally:  # staged cache entries land in a pack at the end of the scan (also when it is cancelled)
+        flush = getattr(cache, "flush", None)
+        if flush is not None:
+            flush()
 
 
 def _raise_failure(failure: MatrixFailure) -> NoReturn:

@@ -243,10 +243,14 @@ class ExplorerSession:
                    cache=Cache(cache_dir), device=resolved_device, eval_texts=eval_texts)
 
     def close(self) -> None:
-        """Release the checkpoints' file handles (and the loss's loaded model)."""
+        """Release the checkpoints' file handles and the loss's loaded model; write the cache entries still
+        staged (a pack)."""
         self._previewer = None
         for ckpt in self.checkpoints:
             ckpt.close()
+        flush = getattr(self.cache, "flush", None)
+        if flush is not None:
+            flush()
 
     @property
     def base(self) -> "Checkpoint":

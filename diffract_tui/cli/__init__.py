@@ -181,7 +181,12 @@ def _invoke(args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; engine errors become one line on stderr and exit 1, usage errors exit 2."""
     args = list(sys.argv[1:] if argv is None else argv)
-    code = _invoke(args)
+    try:
+        code = _invoke(args)
+    finally:  # staged cache entries land in packs when a command ends (the next command in this process sees them)
+        cache = sys.modules.get("analysis.run.cache")
+        if cache is not None:
+            cache.flush_all_caches()
     # A group given no command is a usage error whichever click prints its help: click ≥ 8.2 exits 2, older 0.
     return 2 if code == 0 and _names_only_a_group(args) else code
 

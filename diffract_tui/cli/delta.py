@@ -113,9 +113,9 @@ def delta_command(
     Exit code 3 is a partial result: the table is written, but matrices with NaN/inf weights have no row
     (each is named on stderr)."""
 
-    from analysis.deltas.delta_table import DeltaOptions, open_and_build
+    from analysis.deltas.delta_table import DeltaOptions, build_and_close, open_checkpoints
     from analysis.errors import DiffractError
-    from analysis.io.guard import checkpoint_inputs
+    from analysis.io.guard import checkpoint_files, checkpoint_inputs
     from analysis.run.tables import check_table_output, write_table
 
     run_series = resolve_series([base, *cpts], series, steps)
@@ -124,20 +124,32 @@ def delta_command(
     elif previous:
         raise typer.BadParameter("needs checkpoints of one run (step numbers in their names, or --steps)",
                                  param_hint="--previous")
-    inputs = checkpoint_inputs([base, *cpts])
-    check_table_output(out, inputs)  # bad suffix or an output on/in/around an input → one line, before any work
-    if agreement_metric not in ("a2", "a3"):
-        raise DiffractError(f"unknown agreement metric {agreement_metric!r}", hint="use --agreement a2 or a3")
-    from analysis.spectral.backend import apply_thread_policy
+    opened, open_error = None, None
+    if not previous:  # each checkpoint opened once: its files protect the output, then the same objects are read
+        try:
+            opened = open_checkpoints([base, *cpts])
+        except DiffractError as err:     # reported where the build would report it (after the usage checks)
+            open_error = err
+    inputs = ([f for c in opened for f in checkpoint_files(c)] if opened is not None
+              else checkpoint_inputs([base, *cpts]))
+    try:
+        check_table_output(out, inputs)  # bad suffix or an output on/in/around an input → one line, before any work
+        if agreement_metric not in ("a2", "a3"):
+            raise DiffractError(f"unknown agreement metric {agreement_metric!r}", hint="use --agreement a2 or a3")
+        from analysis.spectral.backend import apply_thread_policy
 
-    apply_thread_policy(threads)
-    from analysis.spectral.backend import SpectralSettings
+        apply_thread_policy(threads)
+        from analysis.spectral.backend import SpectralSettings
 
-    options = DeltaOptions(heads=heads, top_k=top_k, a3_k=a3_k, spectral=spectral, exclude_kv=exclude_kv,
-                           agreement_metric=agreement_metric, agreement_threshold=agreement_threshold,
-                           magnitude_threshold=magnitude_threshold, metrics=metrics,
-                           settings=SpectralSettings(device=device, dtype=dtype, eig_route=route))
-    options.settings.torch_device   # an unusable --device is one line before any work
+        options = DeltaOptions(heads=heads, top_k=top_k, a3_k=a3_k, spectral=spectral, exclude_kv=exclude_kv,
+                               agreement_metric=agreement_metric, agreement_threshold=agreement_threshold,
+                               magnitude_threshold=magnitude_threshold, metrics=metrics,
+                               settings=SpectralSettings(device=device, dtype=dtype, eig_route=route))
+        options.settings.torch_device   # an unusable --device is one line before any work
+    except BaseException:
+        for c in opened or ():  # a usage error after the opening: nothing stays mapped
+            c.close()
+        raise
     cache = None
     if not no_cache:
         from analysis.run.cache import Cache
@@ -161,8 +173,10 @@ def delta_command(
             from analysis.run.series import previous_step_deltas
 
             result = previous_step_deltas([base, *cpts], options=options, cache=cache, progress=progress)
+        elif open_error is not None:
+            raise open_error
         else:
-            result = open_and_build(base, cpts, options=options, cache=cache, progress=progress)
+            result = build_and_close(opened, options=options, cache=cache, progress=progress)
     metadata = {**result.metadata, "summary": result.summary}   # provenance: analysis.run.provenance
     if run_series is not None:
         from analysis.run.series import annotate_rows
