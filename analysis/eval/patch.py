@@ -81,9 +81,9 @@ class LivePatch:
     def _source(self, name: str, axis: int, runs: list[tuple[int, int]]) -> list[torch.Tensor]:
         """The base's values of each run along `axis`, as stored (views of one read). Rows are read alone
         (`Checkpoint.rows`: their covering range once, or run by run when the runs fill under half of it);
-        other axes read the base tensor once."""
-        if axis != 0:
-            whole = self.base.tensor(name, dtype=None)
+        other axes borrow the stored tensor once (`Checkpoint.borrow`)."""
+        if axis != 0:  # copied from at once by the caller, so the reader's own memory serves: no whole copy
+            whole = self.base.borrow(name)
             return [whole.narrow(axis, a, n) for a, n in runs]
         lo, hi = runs[0][0], runs[-1][0] + runs[-1][1]
         if 2 * sum(n for _, n in runs) < hi - lo:
