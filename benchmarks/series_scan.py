@@ -12,7 +12,7 @@ Times are wall and CPU seconds (the ratios use CPU time: a shared machine's wall
 cache's computed entries are counted by wrapping `Cache.put_json` (one per computed matrix row). One thread.
 One JSON object on stdout.
 
-Measured 2026-12-01 on a shared 2-core machine under `nice` (other agents' load; wall times noisy, CPU times used):
+Latest figures (135M-shaped, n = 10, --sizes 2,5,10): benchmarks/README.md. Earlier, measured 2026-12-01 on a shared 2-core machine under `nice` (other agents' load; wall times noisy, CPU times used):
 135M-shaped, n=2: 32.4 CPU s for 1 checkpoint, 61.7 for 2 (0.95 of linear); the re-scan after adding a 3rd computed
 211 rows (one checkpoint's), read 422 from the cache, 30.7 CPU s (0.95 of one cold checkpoint); warm re-scan 0.14 s.
 small shape, n=10: 1.82 / 8.75 / 17.36 CPU s for 1 / 5 / 10 (0.96, 0.95 of linear); re-scan with an 11th computed
