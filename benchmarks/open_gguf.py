@@ -38,21 +38,23 @@ OPEN = COMMON + """
 from analysis.io.checkpoint import open_checkpoint
 from analysis.model.architecture import layout_of
 from diffract_tui.cli.info import checkpoint_summary
-r0, t0 = rss(), time.perf_counter()
+r0, t0, c0 = rss(), time.perf_counter(), time.process_time()
 ckpt = open_checkpoint(PATH)
 t1 = time.perf_counter()
 summary = checkpoint_summary(ckpt, layout_of(ckpt))
-t2, r1 = time.perf_counter(), rss()
-print(json.dumps({"open_s": t1 - t0, "open_layout_info_s": t2 - t0, "rss_growth_mb": (r1 - r0) / 2**20,
+t2, c2, r1 = time.perf_counter(), time.process_time(), rss()
+print(json.dumps({"open_s": t1 - t0, "open_layout_info_s": t2 - t0, "open_layout_info_cpu_s": c2 - c0,
+                  "rss_growth_mb": (r1 - r0) / 2**20,
                   "gguf_imported": "gguf" in sys.modules, "tensors": summary["tensors"]}))
 """
 
 READER = COMMON + """
 import gguf
-r0, t0 = rss(), time.perf_counter()
+r0, t0, c0 = rss(), time.perf_counter(), time.process_time()
 reader = gguf.GGUFReader(PATH)
-t1, r1 = time.perf_counter(), rss()
-print(json.dumps({"open_s": t1 - t0, "rss_growth_mb": (r1 - r0) / 2**20, "tensors": len(reader.tensors)}))
+t1, c1, r1 = time.perf_counter(), time.process_time(), rss()
+print(json.dumps({"open_s": t1 - t0, "cpu_s": c1 - c0, "rss_growth_mb": (r1 - r0) / 2**20,
+                  "tensors": len(reader.tensors)}))
 """
 
 DEQUANT = COMMON + """
@@ -112,9 +114,11 @@ def main() -> None:
     print(f"{path} ({os.path.getsize(path) / 2**20:.1f} MiB, {best['tensors']} tensors)")
     runs = ", ".join(f"{r['open_layout_info_s'] * 1e3:.0f}" for r in opens)
     print(f"open_checkpoint + layout + info summary: {best['open_layout_info_s'] * 1e3:.0f} ms "
-          f"(open alone {best['open_s'] * 1e3:.0f} ms; best of {args.runs}: {runs} ms), "
+          f"(open alone {best['open_s'] * 1e3:.0f} ms; best of {args.runs}: {runs} ms; CPU "
+          f"{best['open_layout_info_cpu_s'] * 1e3:.0f} ms), "
           f"RSS +{best['rss_growth_mb']:.1f} MB, gguf imported: {best['gguf_imported']}   [goal < 500 ms, < 100 MB]")
-    print(f"gguf.GGUFReader on the same file: {reader['open_s'] * 1e3:.0f} ms, RSS +{reader['rss_growth_mb']:.1f} MB")
+    print(f"gguf.GGUFReader on the same file: {reader['open_s'] * 1e3:.0f} ms (CPU {reader['cpu_s'] * 1e3:.0f} ms), "
+          f"RSS +{reader['rss_growth_mb']:.1f} MB")
     print(f"{'tensor':40} {'type':5} {'shape':>12} {'ours ms':>8} {'floor ms':>9} {'ratio':>6} {'rows[64:128] ms':>16}")
     for name, r in deq.items():
         shape = "×".join(map(str, r["shape"]))

@@ -12,7 +12,7 @@ Times are wall and CPU seconds (the ratios use CPU time: a shared machine's wall
 cache's computed entries are counted by wrapping `Cache.put_json` (one per computed matrix row). One thread.
 One JSON object on stdout.
 
-Measured 2026-12-01 on a shared 2-core machine under `nice` (other agents' load; wall times noisy, CPU times used):
+Latest figures (135M-shaped, n = 10, --sizes 2,5,10): benchmarks/README.md. Earlier, measured 2026-12-01 on a shared 2-core machine under `nice` (other agents' load; wall times noisy, CPU times used):
 135M-shaped, n=2: 32.4 CPU s for 1 checkpoint, 61.7 for 2 (0.95 of linear); the re-scan after adding a 3rd computed
 211 rows (one checkpoint's), read 422 from the cache, 30.7 CPU s (0.95 of one cold checkpoint); warm re-scan 0.14 s.
 small shape, n=10: 1.82 / 8.75 / 17.36 CPU s for 1 / 5 / 10 (0.96, 0.95 of linear); re-scan with an 11th computed
@@ -90,6 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="135m")
     parser.add_argument("--n", type=int, default=10, help="checkpoints in the series before the added one")
+    parser.add_argument("--sizes", default=None,
+                        help="series lengths of the cold scans, e.g. 2,5,10 (default: 1, n/2 and n)")
     parser.add_argument("--root", type=Path, default=None, help="work folder (default: a temp folder)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -100,18 +102,22 @@ def main() -> None:
                  for k in range(args.n + 1)]
         write_s = time.perf_counter() - t0
         series, added = paths[:args.n], paths[args.n]
-        sizes = sorted({1, max(1, args.n // 2), args.n})
+        sizes = (sorted({int(k) for k in args.sizes.split(",")}) if args.sizes
+                 else sorted({1, max(1, args.n // 2), args.n}))
+        if args.n not in sizes:
+            parser.error("--sizes must include --n (the re-scan adds to the n-checkpoint cache)")
         cold = [scan_series(series[:k], root / f"cache-{k}") for k in sizes]
         rescan = scan_series([added, *series[::-1]], root / f"cache-{args.n}")  # shuffled: the series orders it
         warm = scan_series(series, root / f"cache-{args.n}")
-        one = cold[0]["cpu_seconds"]
+        one = cold[0]["cpu_seconds"] / cold[0]["checkpoints"]  # CPU seconds per checkpoint of the smallest scan
         print(json.dumps({
             "shape": args.shape, "dtype": "bfloat16", "threads": 1, "write_seconds": round(write_s, 1),
             "cold": cold,
-            # CPU seconds per checkpoint over the first scan's (1.0 = linear; CPU time, as the machine is shared)
+            # CPU seconds per checkpoint over the smallest scan's (1.0 = linear; CPU time, as the machine is shared)
             "linearity": [round(c["cpu_seconds"] / (one * c["checkpoints"]), 2) for c in cold],
             "rescan_after_adding_one": rescan,
             "rescan_relative_to_one_cold_checkpoint": round(rescan["cpu_seconds"] / one, 2),
+            "rescan_computed_over_one_checkpoints_rows": round(rescan["computed"] / (cold[0]["computed"] / cold[0]["checkpoints"]), 2),
             "warm_rescan_of_the_series": warm,
         }, indent=1))
 

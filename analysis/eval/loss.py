@@ -17,7 +17,7 @@ import torch
 
 from analysis.errors import DiffractError
 from analysis.progress import Progress
-from analysis.eval.windows import Windows, load_tokenizer, tokenizer_hash
+from analysis.eval.windows import Windows, gguf_tokenizer_hash, load_gguf_tokenizer, load_tokenizer, tokenizer_hash
 
 INSTALL_HINT = "pip install 'diffract-tui[eval]'"
 MLM_FRACTION = 0.15
@@ -78,7 +78,7 @@ class LoadedModel:
 
     model: Any
     kind: str                 # "causal" | "masked"
-    folder: Path
+    folder: Path              # the checkpoint folder, or the GGUF file
     tokenizer: Any
     tokenizer_hash: str
     context: int | None
@@ -117,41 +117,63 @@ def _one_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
+def _gguf_file(ck: Any) -> Path | None:
+    """The GGUF weight file of a checkpoint opened from one (its config comes from GGUF metadata), else None."""
+    if "gguf" not in ck.config:
+        return None
+    files = {ck.info(k).file for k in ck.keys()}
+    return next(iter(files)) if len(files) == 1 else None
+
+
+def _build(cls: Any, folder: Path, transformers: Any, *, dtype: torch.dtype, where: Path, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(folder, …)` with every failure one line, and no weight the model needs missing."""
+    try:
+        with quiet_loading(transformers):
+            model, info = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                              output_loading_info=True, **kwargs)
+    except Exception as err:  # any failure to build is one line (the contract of SPEC §9 / issue 11 item 7)
+        raise DiffractError(f"transformers cannot build this model ({_one_line(err)})", path=where,
+                            hint="evaluate a causal LM, or a masked LM with its MLM head") from None
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise DiffractError(f"the checkpoint lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}), "
+                            "so its loss would be that of random weights", path=where,
+                            hint="evaluate a checkpoint with all its weights, language-model head included")
+    return model
+
+
 def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Build the model of a checkpoint folder with transformers (eval mode, on `device` in `dtype`)."""
+    """Build the model of a checkpoint folder with transformers (eval mode, on `device` in `dtype`); a GGUF file
+    (or a folder holding one) is built by transformers' GGUF loader, its tokenizer from the GGUF metadata."""
     from analysis.io.checkpoint import open_checkpoint
 
     transformers = require_transformers()
     ck = open_checkpoint(path)
     folder = ck.path if ck.path.is_dir() else ck.path.parent
     try:
-        if not (folder / "config.json").is_file():
+        gguf = _gguf_file(ck)
+        if gguf is None and not (folder / "config.json").is_file():
             raise DiffractError("no config.json in the checkpoint folder, so transformers cannot build the model",
                                 path=folder, hint="evaluate a Hugging Face model folder")
-        kind = _model_kind(ck.config, set(ck.keys()), folder)
+        kind = "causal" if gguf is not None else _model_kind(ck.config, set(ck.keys()), folder)
     finally:
         ck.close()
-    tokenizer = load_tokenizer(folder)
-    cls = transformers.AutoModelForMaskedLM if kind == "masked" else transformers.AutoModelForCausalLM
-    try:
-        with quiet_loading(transformers):
-            model, info = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
-                                              output_loading_info=True)
-    except Exception as err:  # any failure to build is one line (the contract of SPEC §9 / issue 11 item 7)
-        raise DiffractError(f"transformers cannot build this model ({_one_line(err)})", path=folder,
-                            hint="evaluate a causal LM, or a masked LM with its MLM head") from None
-    missing = list(info.get("missing_keys") or [])
-    if missing:
-        raise DiffractError(f"the checkpoint lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}), "
-                            "so its loss would be that of random weights", path=folder,
-                            hint="evaluate a checkpoint with all its weights, language-model head included")
+    if gguf is not None:  # llama.cpp files hold causal LMs only
+        tokenizer = load_gguf_tokenizer(gguf)
+        model = _build(transformers.AutoModelForCausalLM, gguf.parent, transformers, dtype=dtype, where=gguf,
+                       gguf_file=gguf.name)
+        tok_hash = gguf_tokenizer_hash(gguf)
+    else:
+        tokenizer = load_tokenizer(folder)
+        cls = transformers.AutoModelForMaskedLM if kind == "masked" else transformers.AutoModelForCausalLM
+        model = _build(cls, folder, transformers, dtype=dtype, where=folder)
+        tok_hash = tokenizer_hash(folder)
     model.to(device).eval()
     if kind == "masked" and tokenizer.mask_token_id is None:
         raise DiffractError("the tokenizer has no mask token, which a masked LM's loss needs", path=folder,
                             hint="use the model's own tokenizer")
-    return LoadedModel(model=model, kind=kind, folder=folder, tokenizer=tokenizer,
-                       tokenizer_hash=tokenizer_hash(folder), context=_context(model.config), device=device,
-                       dtype=dtype)
+    return LoadedModel(model=model, kind=kind, folder=gguf or folder, tokenizer=tokenizer, tokenizer_hash=tok_hash,
+                       context=_context(model.config), device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,33 @@ def rewind_description(rl: "RewindList") -> dict[str, Any]:
             "heads": [[e.layer, e.head, list(e.projections)] for e in sorted(rl.heads, key=lambda e: (e.layer, e.head))]}
 
 
-def _span(index: torch.Tensor) -> tuple[int, int] | None:
-    """(start, length) when the positions are one increasing run start, start+1, …; else None."""
-    n = int(index.numel())
-    if n == 0:
-        return None
-    start = int(index[0])
-    return (start, n) if torch.equal(index, torch.arange(start, start + n, dtype=index.dtype)) else None
+def _slot_runs(index: torch.Tensor) -> list[tuple[int, int]]:
+    """A slot's positions as runs (start, length): one run when they are start, start+1, … (every head
+    slot of a layout is), else one run per position."""
+    pos = index.tolist()
+    if pos and pos == list(range(pos[0], pos[0] + len(pos))):
+        return [(pos[0], len(pos))]
+    return [(x, 1) for x in pos]
+
+
+def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs sorted and merged where they touch or overlap, so each position is in exactly one."""
+    out: list[tuple[int, int]] = []
+    for a, n in sorted(runs):
+        if out and a <= out[-1][0] + out[-1][1]:
+            start = out[-1][0]
+            out[-1] = (start, max(out[-1][1], a + n - start))
+        else:
+            out.append((a, n))
+    return out
+
+
+def _merged(slots: list["Slot"]) -> dict[int, list[tuple[int, int]]]:
+    """Axis → the runs all of a tensor's slots cover along it (adjacent heads are one run; overlaps merged)."""
+    by_axis: dict[int, list[tuple[int, int]]] = {}
+    for s in slots:
+        by_axis.setdefault(s.axis, []).extend(_slot_runs(s.index))
+    return {axis: _merge_runs(runs) for axis, runs in by_axis.items() if runs}
 
 
 class LivePatch:
@@ -58,10 +78,25 @@ class LivePatch:
                                  path=self.base.path, hint="rewind needs the base and target of one architecture")
         return p
 
+    def _source(self, name: str, axis: int, runs: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The base's values of each run along `axis`, as stored (views of one read). Rows are read alone
+        (`Checkpoint.rows`: their covering range once, or run by run when the runs fill under half of it);
+        other axes borrow the stored tensor once (`Checkpoint.borrow`)."""
+        if axis != 0:  # copied from at once by the caller, so the reader's own memory serves: no whole copy
+            whole = self.base.borrow(name)
+            return [whole.narrow(axis, a, n) for a, n in runs]
+        lo, hi = runs[0][0], runs[-1][0] + runs[-1][1]
+        if 2 * sum(n for _, n in runs) < hi - lo:
+            return [self.base.rows(name, a, a + n, dtype=None) for a, n in runs]
+        block = self.base.rows(name, lo, hi, dtype=None)
+        return [block.narrow(0, a - lo, n) for a, n in runs]
+
     def apply(self, edits: dict[str, list["Slot"]]) -> list[tuple[Any, ...]]:
-        """Copy the slots from the base into the live parameters; returns what restores them. Row blocks are
-        read alone from the base (`Checkpoint.rows`); other slots read the base tensor once."""
-        saved = []
+        """Copy the slots from the base into the live parameters; returns what restores them. Per tensor and
+        axis the slots are merged into runs of consecutive positions (adjacent heads are one run), the base is
+        read once, and each run is saved and written through a narrow view (copy_ casts to the live dtype; no
+        gather/scatter, which costs several times more on the CPU)."""
+        saved: list[tuple[Any, ...]] = []
         with torch.no_grad():
             for name, slots in edits.items():
                 p = self._param(name)
@@ -69,26 +104,14 @@ class LivePatch:
                 if shape != tuple(p.shape):
                     raise AlignmentError(f"tensor {name} has shape {shape} in the base and {tuple(p.shape)} "
                                          "in the model", path=self.base.path, hint="rewind needs the same architecture")
-                whole: torch.Tensor | None = None
-                for s in slots:
-                    span = _span(s.index)
-                    if span is not None and s.axis == 0:  # a head's rows: read just them, copy views
-                        src = self.base.rows(name, span[0], span[0] + span[1], dtype=None)
-                        live = p.data.narrow(0, *span)
-                        saved.append((live, None, None, live.clone()))
-                        live.copy_(src.to(device=p.device, dtype=p.dtype))
-                        continue
-                    if whole is None:
-                        whole = self.base.tensor(name, dtype=None).to(device=p.device, dtype=p.dtype)
-                    if span is not None:  # a head's columns: one block, no gather
-                        live = p.data.narrow(s.axis, *span)
-                        saved.append((live, None, None, live.clone()))
-                        live.copy_(whole.narrow(s.axis, *span))
-                    else:
-                        idx = s.index.to(p.device)
-                        saved.append((p.data, s.axis, idx, p.data.index_select(s.axis, idx).clone()))
-                        p.data.index_copy_(s.axis, idx, whole.index_select(s.axis, idx))
-                del whole
+                data = p.data
+                plans = list(_merged(slots).items())
+                views = [[data.narrow(axis, a, n) for a, n in runs] for axis, runs in plans]
+                # save every run before writing any, so that restoring in reverse is exact
+                saved += [(live, None, None, live.clone()) for group in views for live in group]
+                for (axis, runs), group in zip(plans, views):
+                    for live, src in zip(group, self._source(name, axis, runs)):
+                        live.copy_(src)
         return saved
 
     @staticmethod

@@ -57,6 +57,33 @@ def load_tokenizer(folder: Path) -> Any:
     return tok
 
 
+def gguf_tokenizer_hash(file: Path) -> str:
+    """sha256 of a GGUF file's header, metadata and tensor table: its tokenizer lives in that metadata."""
+    from analysis.io.readers.gguf_file import GGUFFile
+
+    return hashlib.sha256(GGUFFile(file).fingerprint_bytes()).hexdigest()
+
+
+def load_gguf_tokenizer(file: Path) -> Any:
+    """The tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`), built by transformers (gguf_file=)."""
+    from analysis.eval.loss import require_transformers
+    from analysis.io.readers.gguf_file import GGUFFile
+
+    transformers = require_transformers()
+    if "tokenizer.ggml.model" not in GGUFFile(file).metadata:
+        raise DiffractError("the GGUF file holds no tokenizer (no tokenizer.ggml.* metadata)", path=file,
+                            hint="evaluate a GGUF converted with its tokenizer, or the model's Hugging Face folder")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name,
+                                                         local_files_only=True)
+    except Exception as err:  # transformers raises many kinds; one line is the contract
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DiffractError(f"transformers cannot build the GGUF file's tokenizer ({msg[:160]})", path=file,
+                            hint="evaluate the model's Hugging Face folder instead") from None
+    tok.model_max_length = 1 << 62  # we window ourselves
+    return tok
+
+
 @dataclass(frozen=True)
 class Windows:
     """The evaluation windows of one text: ids (n × T), how many were asked for and the text's token count."""

@@ -133,6 +133,12 @@ class Checkpoint:
         info = self.info(name)
         return _owned(self._readers[info.file].tensor(info.raw_name), dtype)
 
+    def borrow(self, name: str) -> torch.Tensor:
+        """The whole tensor as stored, possibly a view of the reader's memory (a memory map): for a caller that
+        copies what it needs at once and neither keeps nor modifies it (the in-memory rewind's column reads)."""
+        info = self.info(name)
+        return self._readers[info.file].tensor(info.raw_name)
+
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Rows [start, stop) along dim 0; safetensors reads only those rows."""
         info = self.info(name)
