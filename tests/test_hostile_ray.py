@@ -87,3 +87,16 @@ def test_a_ray_address_without_executor_ray_is_a_usage_error(pair, tmp_path, cap
     assert main(["scan", *map(str, pair), "--out", str(out), "--ray-address", "10.0.0.1:6379"]) == 2
     assert "only with --executor ray" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_explorer_rejects_an_unknown_executor_before_the_screen(pair, capsys):
+    assert main(["open", *map(str, pair), "--executor", "dask"]) == 2
+    assert "unknown executor 'dask'" in capsys.readouterr().err
+
+
+def test_rewind_sweep_rejects_an_unknown_executor(pair, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    assert main(["rewind", "sweep", *map(str, pair), "--text", str(text), "--out", str(tmp_path / "s.csv"),
+                 "--executor", "dask"]) == 2
+    assert "unknown executor 'dask'" in capsys.readouterr().err

@@ -153,6 +153,31 @@ def test_a_worker_that_cannot_read_a_checkpoint_names_the_path_and_host(cluster,
     assert not out.exists() and sha_tree(*trio) == before
 
 
+def test_the_explorers_compute_all_through_ray_caches_what_a_local_session_reads(cluster, trio, tmp_path,
+                                                                                 monkeypatch):
+    from analysis.run.session import ExplorerSession
+    import analysis.run.scan as scan_module
+
+    cache = tmp_path / "cache"
+    session = ExplorerSession.open([str(p) for p in trio], device="cpu", cache_dir=cache)
+    session.executor = executors.RayExecutor()
+    try:
+        count = session.compute_all()
+    finally:
+        session.close()   # the executor found Ray up: it leaves the module's cluster running
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a spectrum was recomputed although compute-all's Ray tasks cached it")
+
+    for name in ("_weight_metrics", "_weight_batch_metrics", "_delta_metrics"):
+        monkeypatch.setattr(scan_module, name, no_compute)
+    again = ExplorerSession.open([str(p) for p in trio], device="cpu", cache_dir=cache)
+    try:
+        assert again.compute_all() == count > 0
+    finally:
+        again.close()
+
+
 # ---- cancelling (kills workers: last) ------------------------------------------------------------
 
 

@@ -188,6 +188,7 @@ class ExplorerSession:
     device: Any                                    # torch.device resolved from settings.device
     marks: set[tuple[int, int]] = field(default_factory=set)
     marks_saved: frozenset[tuple[int, int]] = frozenset()
+    executor: Any = None                           # where compute-all runs (analysis.run.executors; None: here)
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -229,9 +230,11 @@ class ExplorerSession:
                    cache=Cache(cache_dir), device=resolved_device)
 
     def close(self) -> None:
-        """Release the checkpoints' file handles."""
+        """Release the checkpoints' file handles (and stop a Ray the executor started)."""
         for ckpt in self.checkpoints:
             ckpt.close()
+        if self.executor is not None:
+            self.executor.close()
 
     @property
     def base(self) -> "Checkpoint":
@@ -568,7 +571,8 @@ class ExplorerSession:
         count = 0
         failures: list = []  # a NaN/inf matrix is skipped (its node shows the error), the rest still cached
         for row in scan(self.checkpoints, heads=self.layout.heads_available, delta=True, settings=self.settings,
-                        cache=self.cache, progress=progress, cancel=cancelled, on_failure=failures.append):
+                        cache=self.cache, progress=progress, cancel=cancelled, on_failure=failures.append,
+                        executor=self.executor):
             count += 1
             if on_node is None:
                 continue
