@@ -178,6 +178,16 @@ def test_the_explorers_compute_all_through_ray_caches_what_a_local_session_reads
         again.close()
 
 
+@pytest.mark.slow
+def test_real_rxnfp_checkpoints_scan_to_the_same_bytes_through_ray(cluster, rxnfp_dirs, tmp_path):
+    pair = [str(rxnfp_dirs["bert_pretrained"]), str(rxnfp_dirs["bert_ft"])]
+    local, remote = tmp_path / "local.csv", tmp_path / "ray.csv"
+    common = ["scan", *pair, "--threads", "1", "-q", "--no-cache", "--metrics", "fit"]
+    assert main([*common, "--out", str(local)]) == 0
+    assert main([*common, "--out", str(remote), "--executor", "ray"]) == 0
+    assert remote.read_bytes() == local.read_bytes()
+
+
 # ---- cancelling (kills workers: last) ------------------------------------------------------------
 
 

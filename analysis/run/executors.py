@@ -125,7 +125,7 @@ class RayExecutor:
     cpus_per_task: float = 1.0
     local = False
     name = "ray"
-    started: bool = field(default=False, init=False)     # this executor started (and will stop) Ray
+    started: bool = field(default=False, init=False)     # this executor called ray.init (and will shut it down)
     cancelled: list = field(default_factory=list, init=False)   # refs cancelled by the last run
 
     def start(self) -> None:
@@ -148,12 +148,13 @@ class RayExecutor:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise DiffractError(f"cannot start or reach {where}: {first}",
                                 hint="check --ray-address / $RAY_ADDRESS, or use --executor local") from None
-        self.started = not address
+        self.started = True
 
     def close(self) -> None:
-        """Stop the Ray this executor started (a cluster it joined is only disconnected from)."""
+        """Stop the local Ray this executor started, or disconnect from the cluster it joined (a cluster keeps
+        running); a Ray that was already up in this process is left as it was."""
         ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized() and (self.started or self.address or os.environ.get("RAY_ADDRESS")):
+        if self.started and ray is not None and ray.is_initialized():
             ray.shutdown()
         self.started = False
 
