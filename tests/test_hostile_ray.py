@@ -51,7 +51,7 @@ def test_an_unknown_executor_is_a_usage_error(pair, tmp_path, capsys, command):
 
 
 def test_an_unreachable_ray_address_fails_fast_in_one_line(pair, tmp_path, capsys, monkeypatch):
-    ray = pytest.importorskip("ray")
+    import ray
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
     def no_init(*args, **kwargs):
@@ -67,7 +67,7 @@ def test_an_unreachable_ray_address_fails_fast_in_one_line(pair, tmp_path, capsy
 
 
 def test_ray_init_failing_is_one_line(pair, tmp_path, capsys, monkeypatch):
-    ray = pytest.importorskip("ray")
+    import ray
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
     def refused(*args, **kwargs):
