@@ -218,8 +218,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
 
     dtype = options.settings.torch_dtype
     plan = plan_delta(base, targets, options)
-    report, layout, modules, heads_on, heads_reason, total = (plan.report, plan.layout, plan.modules, plan.heads_on,
-                                                              plan.heads_reason, plan.total)
+    report, layout, modules, heads_on, total = plan.report, plan.layout, plan.modules, plan.heads_on, plan.total
     if part is not None:
         modules = [] if part.heads else modules[part.start:part.stop]
         heads_on = heads_on and part.heads
