@@ -11,6 +11,7 @@ and cancels every pending task (`ray.cancel(force=True)`) on cancel, Ctrl-C or a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -138,9 +139,12 @@ class RayExecutor:
         try:
             if address:
                 _check_reachable(address)
-                ray.init(address=address, **common)
+                with _quiet_stderr():   # Ray's C++ core logs each failed retry there; the error is our one line
+                    ray.init(address=address, **common)
             else:
-                ray.init(num_cpus=self.num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+                with _quiet_stderr():
+                    ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count() or 1,  # never a stray cluster
+                             include_dashboard=False, **common)
         except DiffractError:
             raise
         except Exception as err:  # ConnectionError, RuntimeError, TimeoutError …: Ray's many ways to say "no"
@@ -236,6 +240,22 @@ class RayExecutor:
         if isinstance(result, TaskError):
             raise DiffractError(result.line)
         return result
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null for the block: Ray's native code writes its retry warnings there,
+    past Python's sys.stderr (a failure still ends as the project's one line)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _first_line(err: BaseException) -> str:
