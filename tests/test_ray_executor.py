@@ -23,8 +23,9 @@ from tests.test_hostile_writers import one_line_error, sha_tree  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local Ray for the module (an executor finding Ray up uses it and leaves it running)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    """One new local Ray for the module, never a cluster already on the machine (an executor finding Ray up uses
+    it and leaves it running)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env=executors._runtime_env())
     yield
     ray.shutdown()
