@@ -289,35 +289,75 @@ def _partner_means(values: dict[tuple[int, int], float], n: int) -> list[float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
-                      options: DeltaOptions = DeltaOptions(), cache: "Cache | None" = None,
-                      progress: "Progress | None" = None) -> DeltaTable:
-    """Every shared matrix and (optionally) every head slice of each target against `base` (SPEC §4)."""
+@dataclass(frozen=True)
+class DeltaPart:
+    """One executor task's share of a table (analysis.run.executors): the whole matrices [start, stop) of
+    `matrix_modules`, or (heads=True) the agreement, head scores and head slices."""
+
+    start: int
+    stop: int
+    heads: bool = False
+
+
+@dataclass
+class DeltaPlan:
+    """What a table covers, known from the headers: alignment, layout, matrices, whether heads are analysed."""
+
+    report: Any
+    layout: "ModelLayout"
+    modules: list[tuple[int | None, "Module"]]
+    heads_on: bool
+    heads_reason: str | None
+    total: int                       # progress steps: matrices, then agreement layers and head projections
+
+    @property
+    def matrices(self) -> int:
+        return len(self.modules)
+
+
+def plan_delta(base: "Checkpoint", targets: Sequence["Checkpoint"], options: DeltaOptions) -> DeltaPlan:
+    """The table's plan; different models → one-line AlignmentError before any work."""
     from analysis.io.alignment import require_same_model
     from analysis.model.architecture import layout_of
-    from analysis.model.heads import module_matrix, projection_heads
 
     if not targets:
         raise DiffractError("delta needs a base checkpoint and at least one CPT checkpoint",
                             hint="run: diffract-tui delta BASE CPT [CPT …] --out FILE")
-    dtype = options.settings.torch_dtype
-    report = require_same_model([base, *targets])  # different models → one-line AlignmentError before any work
+    report = require_same_model([base, *targets])
     shared = set(report.shared)
-    labels = list(report.labels[1:])      # unique display labels of the targets (analysis.io.labels rule)
     layout = layout_of(base)
-    device = options.settings.torch_device
-    settings = options.settings if options.spectral else None
-    skey = _settings_key(options)
     modules = matrix_modules(layout, shared)
-    n = len(targets)
     heads_on, heads_reason = _heads_ok(layout, shared) if options.heads else (False, "heads not requested")
     total = len(modules) + (layout.num_layers * len(PROJECTIONS) if heads_on else 0) \
         + (layout.num_layers if heads_on else 0)
-    done = 0
+    return DeltaPlan(report, layout, modules, heads_on, heads_reason, total)
+
+
+def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
+                      options: DeltaOptions = DeltaOptions(), cache: "Cache | None" = None,
+                      progress: "Progress | None" = None, part: DeltaPart | None = None) -> DeltaTable:
+    """Every shared matrix and (optionally) every head slice of each target against `base` (SPEC §4).
+
+    `part` (an executor task's share) limits the work to some matrices or to the heads; such a partial table
+    has no summary or metadata (`assemble` joins the parts)."""
+    from analysis.model.heads import module_matrix, projection_heads
+
+    dtype = options.settings.torch_dtype
+    plan = plan_delta(base, targets, options)
+    report, layout, modules, heads_on, total = plan.report, plan.layout, plan.modules, plan.heads_on, plan.total
+    if part is not None:
+        modules = [] if part.heads else modules[part.start:part.stop]
+        heads_on = heads_on and part.heads
+    labels = list(report.labels[1:])      # unique display labels of the targets (analysis.io.labels rule)
+    device = options.settings.torch_device
+    settings = options.settings if options.spectral else None
+    skey = _settings_key(options)
+    n = len(targets)
+    done, last = 0, ""
 
     def tick(what: str) -> None:
-        nonlocal done
-        done += 1
+        nonlocal done, last
+        done, last = done + 1, what
         if progress is not None:
             progress(done, total, what)
 
@@ -487,13 +527,42 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                 tick(f"heads, layer {layer} {p}")
 
     rows = [r for rs in per_target for r in rs]
-    summary = _summary(report.labels[0], labels, scores, agreement, report, layout, heads_on, heads_reason, rows)
+    if part is not None:   # an executor task's share: the driver assembles the table
+        return DeltaTable(rows=rows, summary={"ticks": done, "last": last}, metadata={}, head_scores=scores,
+                          agreement=agreement, layout=layout, failures=failures)
+    return _finish(base, targets, options, plan, rows, scores, agreement, failures)
+
+
+def _finish(base: "Checkpoint", targets: Sequence["Checkpoint"], options: DeltaOptions, plan: DeltaPlan,
+            rows: list[dict[str, Any]], scores: dict[str, HeadScores], agreement: DomainAgreement | None,
+            failures: list[MatrixFailure]) -> DeltaTable:
+    """The table from its rows: the summary and the provenance."""
+    report, layout = plan.report, plan.layout
+    device = options.settings.torch_device
+    summary = _summary(report.labels[0], list(report.labels[1:]), scores, agreement, report, layout, plan.heads_on,
+                       plan.heads_reason, rows)
     entries = [checkpoint_entry(c) | {"label": lab} for c, lab in zip([base, *targets], report.labels)]
-    metadata = provenance([base, *targets], {**skey, "device_kind": device.type}, device_kind=device.type,
-                          command="delta", base=entries[0], targets=entries[1:], architecture=layout.describe())
+    metadata = provenance([base, *targets], {**_settings_key(options), "device_kind": device.type},
+                          device_kind=device.type, command="delta", base=entries[0], targets=entries[1:],
+                          architecture=layout.describe())
     metadata["checkpoints"] = entries   # the alignment's labels, which the rows carry
     return DeltaTable(rows=rows, summary=summary, metadata=metadata, head_scores=scores, agreement=agreement,
                       layout=layout, failures=failures)
+
+
+def assemble(base: "Checkpoint", targets: Sequence["Checkpoint"], options: DeltaOptions, plan: DeltaPlan,
+             parts: Sequence[DeltaTable]) -> DeltaTable:
+    """The table of `build_delta_table` from its parts (matrix batches in order, then the heads): rows target
+    by target as the local build orders them, failures in the parts' order."""
+    labels = list(plan.report.labels[1:])
+    rows = [r for label in labels for p in parts for r in p.rows if r["checkpoint"] == label]
+    scores: dict[str, HeadScores] = {}
+    agreement: DomainAgreement | None = None
+    for p in parts:
+        scores.update(p.head_scores)
+        agreement = p.agreement if p.agreement is not None else agreement
+    failures = [f for p in parts for f in p.failures]
+    return _finish(base, targets, options, plan, rows, scores, agreement, failures)
 
 
 def _summary(base_label: str, labels: Sequence[str], scores: dict[str, HeadScores],
@@ -552,11 +621,19 @@ def open_checkpoints(paths: Sequence[str | Path]) -> list["Checkpoint"]:
 
 
 def build_and_close(opened: Sequence["Checkpoint"], *, options: DeltaOptions = DeltaOptions(),
-                    cache: "Cache | None" = None, progress: "Progress | None" = None) -> DeltaTable:
-    """The table of opened checkpoints (the first is the base); they are closed and the cache flushed afterwards
-    (also on an error or Ctrl-C, so what was computed is kept)."""
+                    cache: "Cache | None" = None, progress: "Progress | None" = None, executor: Any = None,
+                    cancel: Any = None) -> DeltaTable:
+    """The table of opened checkpoints (the first is the base), built here or as `executor`'s Ray tasks (the same
+    table); they are closed and the cache flushed afterwards (also on an error or Ctrl-C, so what was computed
+    is kept)."""
+    base, targets = opened[0], list(opened[1:])
     try:
-        return build_delta_table(opened[0], list(opened[1:]), options=options, cache=cache, progress=progress)
+        if executor is not None and not getattr(executor, "local", True):
+            from analysis.run.executors import delta_remote
+
+            return delta_remote(executor, base, targets, options=options, cache=cache, progress=progress,
+                                cancel=cancel)
+        return build_delta_table(base, targets, options=options, cache=cache, progress=progress)
     finally:
         for c in opened:
             c.close()
@@ -566,7 +643,8 @@ def build_and_close(opened: Sequence["Checkpoint"], *, options: DeltaOptions = D
 
 
 def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *, options: DeltaOptions = DeltaOptions(),
-                   cache: "Cache | None" = None, progress: "Progress | None" = None) -> DeltaTable:
-    """Open the checkpoints (headers only) and build the table; checkpoints are closed afterwards."""
+                   cache: "Cache | None" = None, progress: "Progress | None" = None, executor: Any = None,
+                   cancel: Any = None) -> DeltaTable:
+    """Open the checkpoints (headers only) and build the table (here or on `executor`); closed afterwards."""
     return build_and_close(open_checkpoints([base_path, *target_paths]), options=options, cache=cache,
-                           progress=progress)
+                           progress=progress, executor=executor, cancel=cancel)

@@ -411,14 +411,13 @@ def plan_size(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta
 
     layouts = list(layouts) if layouts is not None else [layout_of(c) for c in checkpoints]
     ctx = _Context(list(checkpoints), layouts, None, None, torch.float32, "cpu")  # type: ignore[arg-type]
-    groups = list(range(max(l.num_layers for l in layouts))) + [None]
-    return sum(len(_plan_layer(ctx, g, heads, delta)) for g in groups)
+    return sum(len(_plan_layer(ctx, g, heads, delta)) for g in layer_groups(layouts))
 
 
 def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: bool = False,
          settings: "SpectralSettings", cache: Cache | None, progress: ProgressFn | None = None,
          cancel: CancelFn | None = None, on_failure: FailureFn | None = None,
-         metrics: "MetricSet | str | None" = None) -> Iterator[dict]:
+         metrics: "MetricSet | str | None" = None, executor: Any = None) -> Iterator[dict]:
     """Yield one row per matrix (and head slice, and delta) of the checkpoints; the first is the base.
 
     Rows carry ID_COLUMNS plus every SPEC §3 metric (delta rows also SPEC §4's norms and ρ, and `unchanged`:
@@ -432,6 +431,8 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
     `metrics` is the SPEC §8 set (default `all`; `fit`; or a comma list): rows carry its §3 columns only and
     only its groups are computed; cache entries are shared by every set (a hit holding the set's columns is
     used as it is, a narrower one is widened by the missing groups).
+    `executor` (analysis.run.executors; None = in this process) may run the work as Ray tasks per (layer
+    group, checkpoint): the rows and their order are the same.
     """
     fail = on_failure if on_failure is not None else _raise_failure
     checkpoints = list(checkpoints)
@@ -445,37 +446,63 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
         report = (require_same_model if delta else align)(checkpoints)
         partial = partial_tensors(report) or None  # the column only where some checkpoint lacks a tensor
     ctx = _context(checkpoints, settings, cache, metrics=metrics)
-    groups: list[int | None] = list(range(max(l.num_layers for l in ctx.layouts))) + [None]
+    groups = layer_groups(ctx.layouts)
     plans = [_plan_layer(ctx, g, heads, delta) for g in groups]
     total = sum(len(p) for p in plans)
-    done = 0
     if progress is not None:
         progress(0, total, "starting")
+    if executor is not None and not getattr(executor, "local", True):   # tasks per (layer group, checkpoint)
+        from analysis.run.executors import scan_remote
+
+        rows: Iterator[dict] = scan_remote(executor, ctx, groups, plans, heads=heads, delta=delta,
+                                           progress=progress, cancel=cancel, fail=fail)
+    else:
+        rows = _scan_local(ctx, plans, total, progress=progress, cancel=cancel, fail=fail)
     try:
-        for plan in plans:
-            readers = {i: _TensorMemo(c, ctx.dtype) for i, c in enumerate(checkpoints)}
-            try:
-                previous = 0
-                for item in plan:
-                    if cancel is not None and cancel():
-                        return
-                    if item.ckpt != previous and previous != 0:
-                        readers[previous].release()  # done with that checkpoint's layer; the base's stays
-                    previous = item.ckpt
-                    for row in _run_item(ctx, item, readers, fail):
-                        if partial is not None:
-                            row["present_in"] = partial.get(row["tensor"])
-                        yield row
-                    done += 1
-                    if progress is not None:
-                        progress(done, total, item.label)
-            finally:
-                for r in readers.values():
-                    r.release()
+        for row in rows:
+            if partial is not None:
+                row["present_in"] = partial.get(row["tensor"])
+            yield row
     finally:  # staged cache entries land in a pack at the end of the scan (also when it is cancelled)
         flush = getattr(cache, "flush", None)
         if flush is not None:
             flush()
+
+
+def layer_groups(layouts: Sequence["ModelLayout"]) -> list[int | None]:
+    """The scan's work groups in order: every layer index, then the globals (None)."""
+    return list(range(max(l.num_layers for l in layouts))) + [None]
+
+
+def _scan_local(ctx: _Context, plans: list[list[_Item]], total: int, *, progress: ProgressFn | None,
+                cancel: CancelFn | None, fail: FailureFn) -> Iterator[dict]:
+    """The in-process scan: the plans' items in order, progress after each, `cancel` polled between them."""
+    done = 0
+    for plan in plans:
+        for item, rows in run_plan(ctx, plan, fail, cancel):
+            yield from rows
+            done += 1
+            if progress is not None:
+                progress(done, total, item.label)
+
+
+def run_plan(ctx: _Context, plan: Sequence[_Item], fail: FailureFn,
+             cancel: CancelFn | None = None) -> Iterator[tuple[_Item, list[dict]]]:
+    """(item, rows) of each item of one layer group's plan, reading each stored tensor once (the base's kept
+    for the deltas); stops between items when `cancel()` turns True. Shared by the local scan and Ray tasks."""
+    readers = {i: _TensorMemo(c, ctx.dtype) for i, c in enumerate(ctx.checkpoints)}
+    try:
+        previous = 0
+        for item in plan:
+            if cancel is not None and cancel():
+                return
+            if item.ckpt != previous and previous != 0:
+                readers[previous].release()  # done with that checkpoint's layer; the base's stays
+            previous = item.ckpt
+            yield item, _run_item(ctx, item, readers, fail)
+    finally:
+        for r in readers.values():
+            r.release()
 
 
 def _raise_failure(failure: MatrixFailure) -> NoReturn:

@@ -196,6 +196,7 @@ class ExplorerSession:
     eval_texts: list["NamedText"] = field(default_factory=list)   # (text, domain | general) for the loss
     eval_tokens: int | None = None                               # T of the loss (None: 512, or the context)
     _previewer: Any = field(default=None, repr=False, compare=False)
+    executor: Any = None                           # where compute-all runs (analysis.run.executors; None: here)
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -243,11 +244,13 @@ class ExplorerSession:
                    cache=Cache(cache_dir), device=resolved_device, eval_texts=eval_texts)
 
     def close(self) -> None:
-        """Release the checkpoints' file handles and the loss's loaded model; write the cache entries still
-        staged (a pack)."""
+        """Release the checkpoints' file handles, the loss's loaded model and a Ray the executor started;
+        write the cache entries still staged (a pack)."""
         self._previewer = None
         for ckpt in self.checkpoints:
             ckpt.close()
+        if self.executor is not None:
+            self.executor.close()
         flush = getattr(self.cache, "flush", None)
         if flush is not None:
             flush()
@@ -673,7 +676,8 @@ class ExplorerSession:
         count = 0
         failures: list = []  # a NaN/inf matrix is skipped (its node shows the error), the rest still cached
         for row in scan(self.checkpoints, heads=self.layout.heads_available, delta=True, settings=self.settings,
-                        cache=self.cache, progress=progress, cancel=cancelled, on_failure=failures.append):
+                        cache=self.cache, progress=progress, cancel=cancelled, on_failure=failures.append,
+                        executor=self.executor):
             count += 1
             if on_node is None:
                 continue

@@ -3,15 +3,16 @@ and head by head (SPEC §4), with cross-domain agreement when two or more CPT ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, List, Optional
+from typing import Annotated, Any, Iterator, List, Optional
 
 import typer
 
-from diffract_tui.cli.scan import (METRICS_HELP, ROUTE_HELP, SERIES_HELP, STEPS_HELP, metrics_option, resolve_series,
-                                   route_option)
+from diffract_tui.cli.scan import (EXECUTOR_HELP, METRICS_HELP, RAY_ADDRESS_HELP, ROUTE_HELP, SERIES_HELP, STEPS_HELP,
+                                   executor_option, metrics_option, open_executor, resolve_series, route_option)
 
 CACHE_DIR_HELP = "Cache folder for computed deltas (default: $DIFFRACT_TUI_CACHE_DIR, else the user cache folder)."
 
@@ -103,6 +104,8 @@ def delta_command(
         "--previous", help="Along a series: Δ of each step against the previous one, not the first.")] = False,
     metrics: Annotated[str, typer.Option("--metrics", callback=metrics_option, help=METRICS_HELP)] = "all",
     route: Annotated[str, typer.Option("--route", callback=route_option, help=ROUTE_HELP)] = "gram64",
+    executor: Annotated[str, typer.Option("--executor", callback=executor_option, help=EXECUTOR_HELP)] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help=RAY_ADDRESS_HELP)] = None,
 ) -> int:
     """Per matrix and per head: ‖ΔW‖, relative and cosine change, ρ, spectra of ΔW, singular-vector
     agreement; with ≥ 2 CPT checkpoints also cross-domain agreement (A2, A3) and head classes.
@@ -156,12 +159,16 @@ def delta_command(
 
         cache = Cache(cache_dir)
 
+    if previous and executor != "local":
+        typer.echo("diffract-tui: note: --previous runs in this process (--executor ray covers a delta against one "
+                   "base)", err=True)
+    runner = open_executor("local", None) if previous else open_executor(executor, ray_address)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
 
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with runner_closed(runner), Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), transient=True, console=console,
                   disable=not console.is_terminal) as bar:  # a log or a pipe gets no bar, only messages
         task = bar.add_task("delta", total=None)
@@ -176,7 +183,7 @@ def delta_command(
         elif open_error is not None:
             raise open_error
         else:
-            result = build_and_close(opened, options=options, cache=cache, progress=progress)
+            result = build_and_close(opened, options=options, cache=cache, progress=progress, executor=runner)
     metadata = {**result.metadata, "summary": result.summary}   # provenance: analysis.run.provenance
     if run_series is not None:
         from analysis.run.series import annotate_rows
@@ -191,6 +198,15 @@ def delta_command(
     from diffract_tui.cli.scan import report_failures
 
     return report_failures([f.line() for f in result.failures], what=f"{len(result.rows)} rows in {out}")
+
+
+@contextlib.contextmanager
+def runner_closed(runner: Any) -> Iterator[Any]:
+    """The executor, closed (a Ray it started is stopped) when the block ends, however it ends."""
+    try:
+        yield runner
+    finally:
+        runner.close()
 
 
 def register(app: typer.Typer) -> None:

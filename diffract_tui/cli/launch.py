@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from diffract_tui.cli.scan import EXECUTOR_HELP, RAY_ADDRESS_HELP, executor_option, open_executor
+
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.run.session import ExplorerSession
 
@@ -43,12 +45,20 @@ def open_command(
     general_text: Annotated[Optional[list[Path]], typer.Option(
         "--general-text", metavar="FILE", help="General text (an ability to keep) of the loss and the trade-off "
                                                "(repeatable).")] = None,
+    executor: Annotated[str, typer.Option("--executor", callback=executor_option,
+                                          help=EXECUTOR_HELP + " Used by compute-all.")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help=RAY_ADDRESS_HELP)] = None,
 ) -> None:
     """Open the explorer: walk layers and heads, see spectra and deltas, mark heads, export a rewind list."""
     from analysis.run.session import ExplorerSession, parse_labels
 
     session = ExplorerSession.open(checkpoints, labels=parse_labels(label or [], checkpoints), device=device,
                                    cache_dir=cache_dir, texts=list(text or []), general_texts=list(general_text or []))
+    try:
+        session.executor = open_executor(executor, ray_address)   # a bad address or no Ray: one line, no screen
+    except BaseException:
+        session.close()
+        raise
     run_explorer(session)
 
 

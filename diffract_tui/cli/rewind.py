@@ -10,6 +10,8 @@ from typing import Annotated, Any, Callable, Iterator, List, Optional
 
 import typer
 
+from diffract_tui.cli.scan import executor_option
+
 @contextmanager
 def stderr_progress(description: str, unit_bytes: bool = False) -> Iterator[Callable[[int, "int | None", str], None]]:
     """A rich progress bar on stderr; yields the engine's `progress(done, total, text)` callback (`analysis.progress`)."""
@@ -193,6 +195,10 @@ def rewind_sweep(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache folder.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Read and write no cache.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Compute threads.")] = None,
+    executor: Annotated[str, typer.Option("--executor", callback=executor_option,
+        help="local or ray; the sweep itself runs in this process (one model, patched in place).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address",
+        help="Accepted for symmetry with scan/delta; the sweep runs in this process.")] = None,
 ) -> None:
     """Loss of every candidate rewind (pattern × fraction × seed) on every text, in memory.
 
@@ -211,6 +217,9 @@ def rewind_sweep(
     from diffract_tui.cli.eval import eta_progress, eval_device, load_texts, make_cache, prepare_all, eval_provenance
 
     table_format(out)
+    if executor != "local" or ray_address:
+        typer.echo("diffract-tui: note: rewind sweep runs in this process (--executor ray is not used: every "
+                   "candidate patches the one loaded model)", err=True)
     inputs_paths = [base, target, *text, *(general_text or [])] + ([reference] if reference else [])
     refuse_input_overlap(out, inputs_paths, option="--out")
     pattern_list = [p.strip() for p in patterns.split(",") if p.strip()]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
 
@@ -32,6 +32,30 @@ def route_option(value: str) -> str:
     if value not in EIG_ROUTES:
         raise typer.BadParameter(f"unknown eigen route {value!r} — use {', '.join(EIG_ROUTES)}")
     return value
+
+
+def executor_option(value: str) -> str:
+    """--executor: local or ray; anything else is a usage error (exit 2)."""
+    from analysis.run.executors import EXECUTORS
+
+    if value not in EXECUTORS:
+        raise typer.BadParameter(f"unknown executor {value!r} — use {' or '.join(EXECUTORS)}")
+    return value
+
+
+EXECUTOR_HELP = ("Where the work runs: local (this process) or ray (Ray tasks on --ray-address, else a local Ray "
+                 "started for the run; needs the `ray` extra).")
+RAY_ADDRESS_HELP = ("Ray cluster to run on with --executor ray (default: $RAY_ADDRESS, else a local Ray); its workers "
+                    "need diffract-tui installed and the checkpoints at the same paths.")
+
+
+def open_executor(name: str, address: Optional[str]) -> Any:
+    """The executor of --executor/--ray-address, connected now (bad address or no Ray: one line, before any work)."""
+    from analysis.run.executors import make_executor
+
+    if name != "ray" and address:
+        raise typer.BadParameter("only with --executor ray", param_hint="--ray-address")
+    return make_executor(name, address=address)
 
 
 METRICS_HELP = ("Metric set: all (every spectral metric), fit (norms, ranks, power-law fit: WeightWatcher's "
@@ -69,6 +93,8 @@ def scan_command(
     steps: Annotated[Optional[str], typer.Option("--steps", help=STEPS_HELP)] = None,
     metrics: Annotated[str, typer.Option("--metrics", callback=metrics_option, help=METRICS_HELP)] = "all",
     route: Annotated[str, typer.Option("--route", callback=route_option, help=ROUTE_HELP)] = "gram64",
+    executor: Annotated[str, typer.Option("--executor", callback=executor_option, help=EXECUTOR_HELP)] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help=RAY_ADDRESS_HELP)] = None,
 ) -> int:
     """Scan checkpoints: one row per matrix (and head slice, and delta) with every spectral metric.
 
@@ -106,14 +132,18 @@ def scan_command(
     inputs = [f for c in opened for f in checkpoint_files(c)]
     check_table_output(out, inputs)  # refuse an output on, in or around an input before any work
     failures: list = []
+    runner = None
     try:
         if delta:
             from analysis.io.alignment import require_same_model
 
             require_same_model(opened)  # different models: one line before the progress bar
+        runner = open_executor(executor, ray_address)
         rows = _run(opened, heads=heads, delta=delta, settings=settings, cache=cache, quiet=quiet, scan=scan,
-                    on_failure=failures.append, metrics=metrics)
+                    on_failure=failures.append, metrics=metrics, executor=runner)
     finally:
+        if runner is not None:
+            runner.close()
         for c in opened:
             c.close()
     order = {c.label: i for i, c in enumerate(opened)}
@@ -149,11 +179,12 @@ def report_failures(lines: list[str], what: str) -> int:
     return PARTIAL_EXIT
 
 
-def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure, metrics="all") -> list[dict]:
+def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure, metrics="all",
+         executor=None) -> list[dict]:
     """Collect the scan's rows with a rich progress bar on stderr (none with --quiet)."""
     if quiet:
         return list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, on_failure=on_failure,
-                         metrics=metrics))
+                         metrics=metrics, executor=executor))
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -166,6 +197,6 @@ def _run(opened, *, heads, delta, settings, cache, quiet, scan, on_failure, metr
             bar.update(task, completed=done, total=total, description=label[:60])
 
         rows = list(scan(opened, heads=heads, delta=delta, settings=settings, cache=cache, progress=progress,
-                         on_failure=on_failure, metrics=metrics))
+                         on_failure=on_failure, metrics=metrics, executor=executor))
         bar.update(task, description="done")
     return rows

@@ -1,0 +1,125 @@
+"""The Ray executor's cost (issue 13, performance): a scan through Ray against the same scan in this process.
+
+    nice python benchmarks/ray_overhead.py --case 1b      # Llama-1B-shaped layers: Ray (1 CPU) vs local (goal ≤ 1.3×)
+    nice python benchmarks/ray_overhead.py --case series  # 10 checkpoints of a 135M-shaped model: 1 vs 2 workers
+    nice python benchmarks/ray_overhead.py --case both --layers 2
+
+Random checkpoints written by `analysis.generate.write_checkpoint` into a temp folder (bf16 for the series,
+float32 for the 1B case); `--layers` keeps the widths of the shape but fewer layers (the per-matrix work and
+the per-task overhead are what the ratio compares; the full depth only multiplies both). Every scan is cold
+(no cache), default metrics, one torch thread per process (the local scan and each Ray task). The local Ray is
+started per case with `num_cpus` = the workers; its start-up is reported apart (`ray_start_s`); the Ray scan's
+wall time includes the workers' first import of torch and the engine (cold workers), as a real run pays it.
+Wall seconds (the work runs in other processes, so CPU time of this one says nothing): on a shared machine
+they are noisy. Rows of the two executors are checked equal. One JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {  # analysis.model.families.family_config overrides
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+               vocab_size=32000, tie_word_embeddings=True),      # Llama-3.2-1B widths, a 32k vocabulary
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                 vocab_size=49152, tie_word_embeddings=True),    # SmolLM2-135M
+}
+
+
+def _scan(paths: list[Path], executor) -> tuple[float, list[dict]]:  # noqa: ANN001
+    """Wall seconds and rows of a cold scan of `paths` (no cache) on `executor` (None: this process)."""
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.run.scan import scan
+    from analysis.spectral.backend import SpectralSettings
+
+    opened = [open_checkpoint(p) for p in paths]
+    start = time.perf_counter()
+    try:
+        rows = list(scan(opened, settings=SpectralSettings(device="cpu"), cache=None, executor=executor))
+    finally:
+        for c in opened:
+            c.close()
+    return time.perf_counter() - start, rows
+
+
+def _on_ray(paths: list[Path], workers: int) -> dict:
+    """A scan on a local Ray of `workers` CPUs: its start-up and scan seconds, and the rows."""
+    import ray
+
+    from analysis.run.executors import RayExecutor
+
+    start = time.perf_counter()
+    executor = RayExecutor(num_cpus=workers)
+    executor.start()
+    started = time.perf_counter() - start
+    try:
+        seconds, rows = _scan(paths, executor)
+    finally:
+        executor.close()
+    assert not ray.is_initialized()
+    return {"workers": workers, "ray_start_s": round(started, 1), "scan_s": round(seconds, 1), "rows": rows}
+
+
+def _write(root: Path, shape: str, n: int, layers: int | None, dtype: str) -> list[Path]:
+    from analysis.generate import write_checkpoint
+
+    config = dict(SHAPES[shape], **({"num_layers": layers} if layers else {}))
+    return [write_checkpoint(root / f"step-{k * 1000}", "llama", seed=k, dtype=dtype, **config) for k in range(n)]
+
+
+def case_1b(root: Path, layers: int | None) -> dict:
+    """One 1B-shaped checkpoint: local vs Ray with one worker (the same compute, plus Ray's cost)."""
+    paths = _write(root / "1b", "1b", 1, layers, "float32")
+    local_s, local_rows = _scan(paths, None)
+    ray = _on_ray(paths, 1)
+    assert ray.pop("rows") == local_rows, "Ray rows differ from the local rows"
+    return {"shape": "1b", "layers": layers or SHAPES["1b"]["num_layers"], "matrices": len(local_rows),
+            "local_s": round(local_s, 1), "ray": ray, "ray_over_local": round(ray["scan_s"] / local_s, 2),
+            "ray_with_start_over_local": round((ray["scan_s"] + ray["ray_start_s"]) / local_s, 2)}
+
+
+def case_series(root: Path, layers: int | None, n: int) -> dict:
+    """n checkpoints of a 135M-shaped model: local, then Ray with 1 and with 2 workers."""
+    paths = _write(root / "series", "135m", n, layers, "bfloat16")
+    local_s, local_rows = _scan(paths, None)
+    runs = []
+    for workers in (1, 2):
+        run = _on_ray(paths, workers)
+        assert run.pop("rows") == local_rows, "Ray rows differ from the local rows"
+        runs.append(run)
+    return {"shape": "135m", "checkpoints": n, "layers": layers or SHAPES["135m"]["num_layers"],
+            "rows": len(local_rows), "local_s": round(local_s, 1), "ray": runs,
+            "one_worker_over_local": round(runs[0]["scan_s"] / local_s, 2),
+            "two_over_one_worker": round(runs[1]["scan_s"] / runs[0]["scan_s"], 2)}
+
+
+def main() -> None:
+    """Write the checkpoints, run the cases, print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=("1b", "series", "both"), default="both")
+    parser.add_argument("--layers", type=int, default=None, help="layers of each model (default: the shape's)")
+    parser.add_argument("--n", type=int, default=10, help="checkpoints of the series")
+    parser.add_argument("--root", type=Path, default=None, help="work folder (default: a temp folder)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out: dict = {"threads_per_process": 1}
+    with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:
+        root = args.root or Path(tmp)
+        if args.case in ("1b", "both"):
+            out["1b"] = case_1b(root, args.layers)
+        if args.case in ("series", "both"):
+            out["series"] = case_series(root, args.layers, args.n)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
