@@ -70,6 +70,19 @@ def test_numpy_gram_equals_torch_gram_to_round_off_on_real_matrices(rxnfp_dirs):
             assert abs(x - y) <= 1e-9 * abs(y), (name, field, x, y)
 
 
+def test_large_grams_keep_torchs_eigensolver_and_equal_the_old_route():
+    """From TORCH_EIG_FROM up the Gram is numpy's syrk and the eigensolve torch's: still round-off only."""
+    from analysis.spectral.spectra import TORCH_EIG_FROM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        W = torch.distributions.StudentT(3.0).sample((TORCH_EIG_FROM, TORCH_EIG_FROM + 64)) * 0.02  # heavy-tailed
+    exact = _torch_gram_eigvalsh(W, torch.float64)
+    ours = _gram_eigvalsh_numpy(W, torch.float64)
+    assert ours.dtype == torch.float64 and ours.shape == exact.shape
+    assert float((ours - exact).abs().max()) <= 1e-13 * float(exact[-1])
+
+
 def test_numpy_gram_takes_stacks_and_equals_the_matrix_by_matrix_result():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(5, 48, 200, generator=g, dtype=torch.float64)

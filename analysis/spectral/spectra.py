@@ -86,6 +86,9 @@ def finite_matrices(Ws: torch.Tensor) -> torch.Tensor:
 
 SAFE_EXPONENT = 16    # max|W| in [2^-17, 2^16): a float32 Gram neither overflows nor underflows, no rescaling
 CPU_LOOP_FROM = 512   # from this min(m, n) up, CPU eigen calls go one 2-D matrix at a time (see _eig_chunk)
+# from this Gram size up torch's (MKL) eigvalsh beats numpy's (OpenBLAS) on the CPU: measured, 1 thread, float64,
+# CPU s numpy/torch: 768² 0.069/0.088, 1024² 0.176/0.232, 1536² 0.633/0.588, 2048² 1.61/1.30
+TORCH_EIG_FROM = 1280
 
 
 def _eig_chunk(X: torch.Tensor, route: str) -> torch.Tensor:
@@ -124,12 +127,15 @@ def _gram_eigvalsh_numpy(X: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     gemm torch makes), and its OpenBLAS syevd beats torch's MKL here (AMD EPYC, 1 thread, float64:
     576×1536 Gram 63 → 25 ms, 49152×576 2.45 → 1.29 s, eigvalsh 576² 40 → 31 ms). Same float64 Gram
     and LAPACK eigensolver as before, so eigenvalues move by round-off only (≤ 1e-14 relative on the
-    Gram's entries); numpy's BLAS threads follow the engine's policy (`backend.set_numpy_blas_threads`).
+    Gram's entries); from TORCH_EIG_FROM up the eigensolve stays torch's (faster there). numpy's BLAS
+    threads follow the engine's policy (`backend.set_numpy_blas_threads`).
     """
     m, n = X.shape[-2:]
     Y = X.detach().numpy().astype(np.float64 if work == torch.float64 else np.float32, copy=False)
     Yt = Y.swapaxes(-1, -2)
     G = Y @ Yt if m <= n else Yt @ Y
+    if min(m, n) >= TORCH_EIG_FROM:
+        return torch.linalg.eigvalsh(torch.from_numpy(G))
     return torch.from_numpy(np.linalg.eigvalsh(G))
 
 
