@@ -20,6 +20,13 @@ scan's per-item timings, so both tools are compared on the same matrices. Genera
 
     python benchmarks/scan_vs_weightwatcher.py                  # bert_ft + generated 1B (ww on 4 layers)
     python benchmarks/scan_vs_weightwatcher.py --quick          # small generated model, a smoke run
+
+`--processes` compares WHOLE PROCESSES instead (start-up imports, checkpoint open, everything), both ratios per
+model in one run: `diffract-tui scan --metrics fit` vs WeightWatcher `analyze()` at its defaults, and
+`diffract-tui scan` (all) vs `analyze(randomize=True, mp_fit=True)`, on rxnfp `bert_pretrained`, the real
+SmolLM2-135M GGUF and a generated Llama with the 1B's layer shapes (`--proc-llama-layers` of them):
+
+    python benchmarks/scan_vs_weightwatcher.py --processes [--rounds 1] [--skip-equal]
 """
 
 from __future__ import annotations
@@ -386,8 +393,129 @@ def print_table(results: list[dict]) -> None:
     print("med|Δα| = median |α_ours − α_WW| (defaults run) over matrices where both chose the same tail (same n_tail).")
 
 
+# ------------------------------------------------------------------------------------------------
+# Whole processes (--processes): our CLI vs a WeightWatcher process, both ratios per model
+# ------------------------------------------------------------------------------------------------
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+              "DIFFRACT_TUI_THREADS": "1"}
+
+# WeightWatcher's process: the same 2-D matrices read through our reader (the fastest load it could have: no
+# transformers model build, a GGUF already dequantised) as nn.Linear layers, then analyze(**argv[2])
+WW_SCRIPT = """
+import json, logging, sys, warnings
+import torch
+torch.set_num_threads(1)
+from analysis.io.checkpoint import open_checkpoint
+warnings.simplefilter("ignore")
+import weightwatcher as ww
+logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+ckpt = open_checkpoint(sys.argv[1])
+model = torch.nn.ModuleList()
+for name in ckpt.keys():
+    if len(ckpt.info(name).shape) == 2 and min(ckpt.info(name).shape) > 0:
+        W = ckpt.tensor(name, torch.float32)
+        layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+        layer.weight.data = W
+        model.append(layer)
+details = ww.WeightWatcher(model=model).analyze(**json.loads(sys.argv[2]))
+print(len(details), file=sys.stderr)
+"""
+
+# (label, command maker, what it is compared with): ours `fit` vs WW defaults, ours `all` vs WW at equal settings
+PROCESS_PAIRS = (("fit", "ww_defaults", {}), ("all", "ww_equal", WW_SETTINGS["equal"]))
+
+
+def timed_process(cmd: list[str]) -> tuple[float, float]:
+    """(wall s, CPU s = user + sys) of one `nice`d child process with one compute thread: on a shared machine the
+    CPU time is the steadier figure (the wall time also counts the other tenants' share of the cores)."""
+    import resource
+    import subprocess
+
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(["nice", *cmd], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-1500:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def our_scan_cmd(path: Path, metrics: str, out: Path) -> list[str]:
+    """Our whole process: the CLI, no cache, no progress bar, one thread, on the CPU."""
+    return [sys.executable, "-m", "diffract_tui", "scan", str(path), "--metrics", metrics, "--no-cache", "--quiet",
+            "--threads", "1", "--device", "cpu", "--out", str(out)]
+
+
+def process_models(work: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """The --processes models: rxnfp bert_pretrained, the SmolLM2-135M GGUF (when installed), a generated Llama."""
+    from analysis.realmodels import rxnfp_checkpoints
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from gguf_models import real_gguf
+
+    out: dict[str, Path] = {}
+    if not args.skip_bert:
+        out["rxnfp bert_pretrained"] = rxnfp_checkpoints()["bert_pretrained"]
+    gguf = real_gguf()
+    if gguf is not None and not args.skip_smollm2:
+        out["SmolLM2-135M Q4_1 GGUF"] = gguf
+    if not args.skip_llama:
+        n = args.proc_llama_layers
+        t0 = time.perf_counter()
+        out[f"Llama {n} L × {args.hidden}, ff {args.intermediate}, vocab {args.vocab}"] = generate_llama(
+            work / "llama", n, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab)
+        print(f"[llama] generated {n} layers in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def bench_processes(args: argparse.Namespace) -> int:
+    """Both whole-process ratios per model, rounds interleaved (ours, then WW, per pair), medians of CPU time."""
+    work = Path(tempfile.mkdtemp(prefix="diffract-bench-", dir=args.workdir))
+    results: dict[str, dict] = {}
+    pairs = PROCESS_PAIRS[:1] if args.skip_equal else PROCESS_PAIRS
+    load = os.getloadavg()
+    print(f"whole processes, one thread, {args.rounds} round(s); load average {load[0]:.1f} {load[1]:.1f} "
+          f"{load[2]:.1f}", flush=True)
+    try:
+        for label, path in process_models(work, args).items():
+            cpu: dict[str, list[float]] = {}
+            wall: dict[str, list[float]] = {}
+            for _ in range(args.rounds):
+                for ours, theirs, options in pairs:
+                    for key, cmd in ((ours, our_scan_cmd(path, ours, work / f"{ours}.csv")),
+                                     (theirs, [sys.executable, "-c", WW_SCRIPT, str(path), json.dumps(options)])):
+                        w, c = timed_process(cmd)
+                        wall.setdefault(key, []).append(w)
+                        cpu.setdefault(key, []).append(c)
+                        print(f"  [{label}] {key}: {c:.1f} s CPU, {w:.1f} s wall", flush=True)
+            med = {k: statistics.median(v) for k, v in cpu.items()}
+            row = {"cpu": cpu, "wall": wall, "median_cpu": med, "load_after": os.getloadavg()}
+            for ours, theirs, _ in pairs:
+                row[f"{theirs}_over_{ours}"] = med[theirs] / med[ours]
+            results[label] = row
+            ratios = ", ".join(f"{theirs}/{ours} {row[f'{theirs}_over_{ours}']:.2f}×" for ours, theirs, _ in pairs)
+            print(f"{label}: CPU s " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f" → {ratios}", flush=True)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"load_before": load, "results": results}, indent=1) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--processes", action="store_true",
+                   help="whole processes: scan --metrics fit vs WW defaults and scan (all) vs WW equal settings")
+    p.add_argument("--rounds", type=int, default=1, help="--processes: interleaved rounds (median)")
+    p.add_argument("--skip-equal", action="store_true", help="--processes: only fit vs WW defaults")
+    p.add_argument("--skip-smollm2", action="store_true", help="--processes: not the SmolLM2 GGUF")
+    p.add_argument("--proc-llama-layers", type=int, default=2,
+                   help="--processes: layers of the generated Llama (default 2 of the 1B's 16: WW at equal "
+                        "settings takes ~25 s per 2048 × 5632 matrix)")
     p.add_argument("--quick", action="store_true", help="small generated model only (smoke run, < 1 min)")
     p.add_argument("--skip-bert", action="store_true")
     p.add_argument("--skip-llama", action="store_true")
@@ -406,11 +534,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="where our scan and the floor run: cpu (default; one thread), cuda or cuda:N on a GPU box "
                         "(WeightWatcher then uses the GPU too, as it does whenever torch sees CUDA)")
     p.add_argument("--workdir", type=Path, default=None, help="where to write the generated model and caches")
-    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "out" / "scan_vs_weightwatcher.json")
+    p.add_argument("--json", type=Path, default=None,
+                   help="results file (default benchmarks/out/scan_vs_weightwatcher[_processes].json)")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads = 2, 256, 704, 1000, 4, 4
-        args.skip_bert, args.ww_layers = True, 0
+        args.skip_bert, args.skip_smollm2, args.ww_layers, args.proc_llama_layers = True, True, 0, 2
+    if args.json is None:
+        suffix = "_processes" if args.processes else ""
+        args.json = REPO / "benchmarks" / "out" / f"scan_vs_weightwatcher{suffix}.json"
+    if args.processes:
+        return bench_processes(args)
 
     from analysis.spectral.backend import resolve_device
     from analysis.errors import DiffractError

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 KS_BLOCK_BYTES = 64 << 20     # memory for one block of the (candidates × values) KS matrix
+KS_TRIANGLE_FROM = 512        # from this ESD size the KS matrix goes in row blocks over its upper triangle only
 LLR_SIGNIFICANCE = 0.05       # p below which the PL-vs-TPL log-likelihood ratio decides the shape
 
 
@@ -82,6 +83,8 @@ def power_law_curves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     ks = torch.full_like(x, math.nan)
     rows_per_block = max(1, KS_BLOCK_BYTES // max(1, 8 * 3 * B * n))
+    if n >= KS_TRIANGLE_FROM:   # ≥ 4 row blocks: each spans only columns j ≥ its first row, ~5/8 of the square
+        rows_per_block = min(rows_per_block, -(-n // 4))
     for start in range(0, n, rows_per_block):
         stop = min(n, start + rows_per_block)
         # only values j ≥ start can be in a tail of candidates i ∈ [start, stop): the upper triangle
@@ -91,8 +94,8 @@ def power_law_curves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         j = torch.arange(start, n, device=x.device, dtype=torch.float64)
         rel = j[None, :] - i[:, None]                                                # (r, n−start): j − i
         diff = cols[:, None, :] - logx[:, start:stop, None]                          # ln(λ_j/λ_i)
-        diff.mul_((1.0 - a)[..., None]).expm1_().neg_()                              # fitted CDF 1 − (λ_j/λ_i)^(1−α)
-        diff.sub_((rel / n_t[start:stop, None])[None]).abs_()                        # − empirical (j−i)/n_t
+        diff.mul_((1.0 - a)[..., None]).expm1_()                      # −(fitted CDF 1 − (λ_j/λ_i)^(1−α))
+        diff.add_((rel / n_t[start:stop, None])[None]).abs_()         # |fitted − empirical (j−i)/n_t|, same bits
         valid = (rel >= 0)[None] & first[:, None, start:]
         diff.masked_fill_(~valid, 0.0)
         ks[:, start:stop] = torch.where(torch.isnan(a), a, diff.amax(-1))
