@@ -94,8 +94,7 @@ def test_numpy_gram_takes_stacks_and_equals_the_matrix_by_matrix_result():
 
 def test_numpy_blas_threads_follow_the_thread_policy():
     """numpy's OpenBLAS starts one thread per vCPU; after the policy it uses the engine's count (read back
-    through threadpoolctl, which WeightWatcher's scikit-learn brings with the bench extra)."""
-    pytest.importorskip("threadpoolctl")
+    through threadpoolctl, the dependency that sets it)."""
     code = """
 import json
 from threadpoolctl import threadpool_info

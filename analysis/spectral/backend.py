@@ -158,36 +158,6 @@ def compute_threads() -> int:
     return physical_cores()
 
 
-# the thread setters of the OpenBLAS builds numpy ships (scipy-openblas64 in numpy 2, plain OpenBLAS before)
-_OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads")
-
-
-@functools.lru_cache(maxsize=1)
-def _numpy_openblas() -> tuple:
-    """The `set_num_threads` functions of the OpenBLAS libraries loaded in this process (read once from
-    /proc/self/maps after numpy's import); empty where there is none (MKL/Accelerate numpy, non-Linux)."""
-    import ctypes
-
-    import numpy  # noqa: F401 — loads numpy's BLAS, so that it is in the map
-
-    try:
-        paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-                 if "openblas" in line.lower() and line.split()[-1].startswith("/")}
-    except OSError:
-        return ()
-    setters = []
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        fn = next((getattr(lib, name) for name in _OPENBLAS_SETTERS if hasattr(lib, name)), None)
-        if fn is not None:
-            setters.append(fn)
-    return tuple(setters)
-
-
 _numpy_threads_set: list[int] = []
 
 
@@ -197,8 +167,12 @@ def set_numpy_blas_threads(n: int) -> None:
     9× slower (0.35 s vs 0.04 s). Set once per change, not per call."""
     if _numpy_threads_set == [n]:
         return
-    for fn in _numpy_openblas():
-        fn(n)
+    import numpy  # noqa: F401 — loads numpy's BLAS, so that threadpoolctl finds it
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:   # a bare engine install (e.g. the GPU check's machine): BLAS keeps its own count
+        return
+    threadpool_limits(limits=n, user_api="blas")   # kept (not a context): the process's BLAS pools, every build
     _numpy_threads_set[:] = [n]
 
 
