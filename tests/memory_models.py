@@ -135,10 +135,11 @@ sys.exit(code)
 """
 
 
-def delta_peak_rss(base, targets, out, *extra: str, threads: int = 1, timeout: float | None = None
-                   ) -> tuple[int, int, str]:
+def delta_peak_rss(base, targets, out, *extra: str, threads: int = 1, timeout: float | None = None,
+                   pythonpath: str | None = None) -> tuple[int, int, str]:
     """(exit code, peak resident bytes = VmHWM at exit, stderr) of `diffract-tui delta BASE T… --out OUT`
-    run in a fresh Python process with `threads` compute threads and no cache."""
+    run in a fresh Python process with `threads` compute threads and no cache (`pythonpath`: run another
+    checkout of the project, e.g. the code before a change)."""
     import os
     import subprocess
     import sys
@@ -149,8 +150,12 @@ def delta_peak_rss(base, targets, out, *extra: str, threads: int = 1, timeout: f
         peak_file = Path(tmp) / "peak"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "OPENBLAS_NUM_THREADS": str(threads)}
+        # the code run is exactly `pythonpath` (default: this checkout), and the working directory is the
+        # temp folder, so `python -c`'s '' entry on sys.path cannot shadow it with the caller's folder
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath or str(Path(__file__).resolve().parents[1]),
+                                             env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         args = [sys.executable, "-c", _PEAK_RUNNER, str(peak_file), "delta", str(base), *map(str, targets),
                 "--out", str(out), "--no-cache", "--threads", str(threads), *extra]
-        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
         peak = int(peak_file.read_text()) if peak_file.exists() else -1
     return proc.returncode, peak, proc.stderr
