@@ -98,8 +98,8 @@ def _count(monkeypatch) -> dict[str, int]:
     import analysis.deltas.agreement as agreement
     import analysis.deltas.delta_table as table
 
-    counts = {"top_svd": 0, "agreement_layers": 0, "full_rows": 0, "spectral_rows": 0}
-    top_svd, layer_grids, rows = table.top_svd, agreement._layer_grids, table.batched_delta_metrics
+    counts = {"top_svd": 0, "agreement_layers": 0, "full_rows": 0, "spectral_rows": 0}   # top_svd: the A1 route
+    top_svd, layer_grids, rows = table.narrow_svd, agreement._layer_grids, table.batched_delta_metrics
 
     def counted_svd(*a, **k):
         counts["top_svd"] += 1
@@ -113,7 +113,7 @@ def _count(monkeypatch) -> dict[str, int]:
         counts["full_rows" if k.get("agreement", True) else "spectral_rows"] += 1
         return rows(*a, **k)
 
-    monkeypatch.setattr(table, "top_svd", counted_svd)
+    monkeypatch.setattr(table, "narrow_svd", counted_svd)
     monkeypatch.setattr(agreement, "_layer_grids", counted_layer)
     monkeypatch.setattr(table, "batched_delta_metrics", counted_rows)
     return counts

@@ -21,6 +21,7 @@ import torch
 
 from analysis.deltas.delta import (KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies,
                             top_svd)
+from analysis.deltas.svd import frob_inner, sq_frob
 from analysis.errors import AlignmentError, DiffractError, LayoutError
 from analysis.progress import Cancel, Progress, check
 
@@ -43,10 +44,8 @@ def a2_cosine(d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
     """A2 = ⟨Δ1, Δ2⟩_F / (‖Δ1‖_F ‖Δ2‖_F) over the last two dims (…,), float64; NaN when a delta is zero."""
     if d1.shape != d2.shape:
         raise AlignmentError(f"cannot compare deltas of shapes {tuple(d1.shape)} and {tuple(d2.shape)}")
-    a = d1.to(torch.float64)
-    b = d2.to(torch.float64)
-    inner = (a * b).sum(dim=(-2, -1))
-    n = (a.pow(2).sum(dim=(-2, -1)) * b.pow(2).sum(dim=(-2, -1))).sqrt()
+    inner = frob_inner(d1, d2)          # float64 sums slab by slab: no float64 copy of either delta
+    n = (sq_frob(d1) * sq_frob(d2)).sqrt()
     return torch.where(n > 0, inner / n.clamp_min(torch.finfo(torch.float64).tiny),
                        torch.full_like(inner, math.nan)).clamp(-1.0, 1.0)
 
@@ -76,9 +75,41 @@ def a3_subspace(d1: torch.Tensor, d2: torch.Tensor, k: int = DEFAULT_A3_K) -> to
     """A3 = ‖U_{Δ1,k}ᵀ U_{Δ2,k}‖²_F / k over the last two dims (…,); NaN where a delta is zero."""
     if d1.shape != d2.shape:
         raise AlignmentError(f"cannot compare deltas of shapes {tuple(d1.shape)} and {tuple(d2.shape)}")
-    out = subspace_overlap(left_subspace(d1, k), left_subspace(d2, k))
-    zero = (d1.to(torch.float64).pow(2).sum(dim=(-2, -1)) == 0) | (d2.to(torch.float64).pow(2).sum(dim=(-2, -1)) == 0)
-    return torch.where(zero, torch.full_like(out, math.nan), out)
+    return _a3_of(left_subspace(d1, k), left_subspace(d2, k), sq_frob(d1) == 0, sq_frob(d2) == 0)
+
+
+def _a3_of(U1: torch.Tensor, U2: torch.Tensor, zero1: torch.Tensor, zero2: torch.Tensor) -> torch.Tensor:
+    """A3 from two deltas' top-k left subspaces, NaN where either delta is zero."""
+    out = subspace_overlap(U1, U2)
+    return torch.where(zero1 | zero2, torch.full_like(out, math.nan), out)
+
+
+def pairwise_agreement(delta_of: Callable[[int], torch.Tensor], pairs: Sequence[tuple[int, int]],
+                       k: int = DEFAULT_A3_K) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float]]:
+    """A2 and A3 of each pair (i < j) of the domains' ΔW of one matrix, holding at most two ΔW at a time.
+
+    `delta_of(i)` makes domain i's ΔW afresh (a re-read), and only each domain's top-k left subspace
+    (rows × k) is kept between pairs: memory is two deltas whatever the number of domains (issue 13), and
+    the numbers are those of `a2_cosine` / `a3_subspace` on the same deltas."""
+    a2: dict[tuple[int, int], float] = {}
+    a3: dict[tuple[int, int], float] = {}
+    sub: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def subspace(i: int, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if i not in sub:
+            sub[i] = (left_subspace(d, k), sq_frob(d) == 0)
+        return sub[i]
+
+    for i in sorted({a for a, _ in pairs}):
+        di = delta_of(i)
+        for j in sorted(b for a, b in pairs if a == i):
+            dj = delta_of(j)
+            a2[(i, j)] = float(a2_cosine(di, dj))
+            (U1, z1), (U2, z2) = subspace(i, di), subspace(j, dj)
+            a3[(i, j)] = float(_a3_of(U1, U2, z1, z2))
+            del dj
+        del di
+    return a2, a3
 
 
 def a3_random_level(k: int, d: int) -> float:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from analysis.deltas.svd import SVD, gram_eigenvalues, rank_for_energy, singular_values, top_svd  # noqa: F401
+from analysis.deltas.svd import (SVD, NarrowSVD, cross_gram, frob_inner, gram, gram_eigenvalues,  # noqa: F401
+                                 long_side_overlap, narrow_svd, rank_for_energy, singular_values, sq_frob, top_svd)
 from analysis.deltas.truncation import DEFAULT_TOLERANCE, truncatable_fraction
 from analysis.errors import AlignmentError, LayoutError
 
@@ -43,9 +44,7 @@ def upcast_pair(W0: torch.Tensor, Wd: torch.Tensor, dtype: torch.dtype = torch.f
     return W0, Wd, Wd - W0
 
 
-def _sq_frob(W: torch.Tensor) -> torch.Tensor:
-    """Σ w² over the last two dims, accumulated in float64."""
-    return W.to(torch.float64).pow(2).sum(dim=(-2, -1))
+_sq_frob = sq_frob   # Σ w² in float64, slab by slab (no float64 copy of the whole matrix)
 
 
 def delta_norms(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor | None = None
@@ -56,7 +55,7 @@ def delta_norms(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor | None = No
     n0 = _sq_frob(W0).sqrt()
     nd = _sq_frob(Wd).sqrt()
     nD = _sq_frob(dW).sqrt()
-    inner = (W0.to(torch.float64) * Wd.to(torch.float64)).sum(dim=(-2, -1))
+    inner = frob_inner(W0, Wd)
     tiny = torch.finfo(torch.float64).tiny
     rel = torch.where(n0 > 0, nD / n0.clamp_min(tiny), torch.full_like(nD, math.nan))
     cos = torch.where((n0 > 0) & (nd > 0), inner / (n0 * nd).clamp_min(tiny), torch.full_like(nD, math.nan))
@@ -74,12 +73,12 @@ def esd(W: torch.Tensor) -> torch.Tensor:
 
 
 def delta_rho(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor | None = None,
-              sigma0: torch.Tensor | None = None) -> torch.Tensor:
+              sigma0: torch.Tensor | None = None, sigma_d: torch.Tensor | None = None) -> torch.Tensor:
     """ρ = ‖σ(W_d) − σ(W₀)‖₂ / ‖ΔW‖_F ∈ [0, 1] (Mirsky): 1 for a pure rescaling, ≈ 0 for a pure rotation."""
     if dW is None:
         dW = Wd - W0
     s0 = singular_values(W0) if sigma0 is None else sigma0
-    sd = singular_values(Wd)
+    sd = singular_values(Wd) if sigma_d is None else sigma_d
     num = (sd - s0).pow(2).sum(-1).sqrt()
     den = _sq_frob(dW).sqrt()
     rho = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny),
@@ -109,6 +108,17 @@ def a1_agreement(base: SVD, target: SVD) -> dict[str, torch.Tensor]:
     """A1: `avg_max_l_agreement` (left vectors U) and `avg_max_r_agreement` (right vectors V), shape (…)."""
     return {"avg_max_l_agreement": avg_max_agreement(base.U, target.U),
             "avg_max_r_agreement": avg_max_agreement(base.V, target.V)}
+
+
+def a1_agreement_narrow(base: NarrowSVD, target: NarrowSVD, W0: torch.Tensor, Wd: torch.Tensor
+                        ) -> dict[str, torch.Tensor]:
+    """`a1_agreement` from the narrow sides only: the narrow vectors directly, the long side's |A₀ᵀA_d|
+    through the (M × M) cross-Gram of W₀ and W_d (`long_side_overlap`) — the same numbers to rounding,
+    without the (long × M) float64 bases a full SVD of an embedding holds (issue 13)."""
+    narrow = avg_max_agreement(base.X, target.X)
+    long_ = long_side_overlap(base, target, cross_gram(W0, Wd)).amax(dim=-1).mean(dim=-1)
+    left, right = (narrow, long_) if base.wide else (long_, narrow)
+    return {"avg_max_l_agreement": left, "avg_max_r_agreement": right}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,14 +154,11 @@ def unchanged_row(*, agreement: bool = True, truncation: bool = False) -> dict[s
     return row
 
 
-def _svd_rows(s: SVD | None, idx: torch.Tensor) -> SVD | None:
-    """The decompositions of the stack entries `idx` of a batched SVD (None stays None)."""
-    if s is None:
-        return None
-    if s.S.dim() == 1:
-        s = SVD(s.U.unsqueeze(0), s.S.unsqueeze(0), s.V.unsqueeze(0))
-    idx = idx.to(s.S.device)
-    return SVD(s.U.index_select(0, idx), s.S.index_select(0, idx), s.V.index_select(0, idx))
+def _batched_svd(s: NarrowSVD | None) -> NarrowSVD | None:
+    """A one-matrix decomposition as a stack of one (None stays None)."""
+    if s is None or s.S.dim() > 1:
+        return s
+    return NarrowSVD(s.S.unsqueeze(0), s.X.unsqueeze(0), s.inv.unsqueeze(0), s.wide)
 
 
 def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
@@ -161,7 +168,7 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
                           spectral: bool = True,
                           agreement: bool = True,
                           truncation: bool = False,
-                          base_svd: SVD | None = None,
+                          base_svd: NarrowSVD | None = None,
                           metrics: Any = None) -> list[dict[str, Any]]:
     """SPEC §4 metrics for each pair of a stack (B, m, n) (or one (m, n) pair → one-element list).
 
@@ -169,11 +176,11 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
     a1_k, a1_noise_floor_{l,r}, with `truncation` the SPEC §5 `truncatable_fraction` (error ≤ 0.1) and, with
     `spectral`, every SPEC §3 metric of ΔW itself. Entries the target left bit-identical get `unchanged_row`
     and no decomposition at all; the others are computed together.
-    `base_svd` lets a caller reuse W₀'s decomposition across several targets; `metrics` is the SPEC §8
-    metric set of the spectral columns (default `all`).
+    `base_svd` (`narrow_svd(W₀, top_k)`) lets a caller reuse W₀'s decomposition across several targets;
+    `metrics` is the SPEC §8 metric set of the spectral columns (default `all`).
     """
     single = W0.dim() == 2
-    W0, Wd, _ = upcast_pair(W0, Wd, dtype)
+    W0, Wd, dW = upcast_pair(W0, Wd, dtype)
     if single:
         W0, Wd = W0.unsqueeze(0), Wd.unsqueeze(0)
     same = unchanged_mask(W0, Wd).tolist()
@@ -182,10 +189,14 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
     changed = [i for i, s in enumerate(same) if not s]
     if not changed:
         return rows
+    if single:
+        dW = dW.unsqueeze(0)
     if len(changed) < len(same):
         idx = torch.tensor(changed, device=W0.device)
-        W0, Wd, base_svd = W0.index_select(0, idx), Wd.index_select(0, idx), _svd_rows(base_svd, idx)
-    computed = _changed_delta_metrics(W0, Wd, Wd - W0, settings=settings, top_k=top_k, spectral=spectral,
+        base_svd = _batched_svd(base_svd)
+        W0, Wd, dW = W0.index_select(0, idx), Wd.index_select(0, idx), dW.index_select(0, idx)
+        base_svd = None if base_svd is None else base_svd.select(idx)
+    computed = _changed_delta_metrics(W0, Wd, dW, settings=settings, top_k=top_k, spectral=spectral,
                                       agreement=agreement, truncation=truncation, base_svd=base_svd,
                                       metrics=metrics)
     for i, row in zip(changed, computed):
@@ -195,29 +206,33 @@ def batched_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, *,
 
 def _changed_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor, *,
                            settings: "SpectralSettings | None", top_k: int | None, spectral: bool, agreement: bool,
-                           truncation: bool, base_svd: SVD | None, metrics: Any = None) -> list[dict[str, Any]]:
-    """`batched_delta_metrics` of a (B, m, n) stack in the compute dtype whose every ΔW is non-zero."""
+                           truncation: bool, base_svd: NarrowSVD | None, metrics: Any = None
+                           ) -> list[dict[str, Any]]:
+    """`batched_delta_metrics` of a (B, m, n) stack in the compute dtype whose every ΔW is non-zero.
+
+    Memory: besides W₀, W_d and ΔW (the caller's) only (M × M) float64 Grams and one slab are held (svd.py);
+    W_d's one Gram serves both σ(W_d) for ρ and its narrow vectors for A1."""
     m, n = W0.shape[-2], W0.shape[-1]
     M = min(m, n)
     cols: dict[str, torch.Tensor] = dict(delta_norms(W0, Wd, dW))
     k = M if top_k is None else max(1, min(int(top_k), M))
     if base_svd is None and agreement:
-        base_svd = top_svd(W0, k)
-    if base_svd is not None and base_svd.S.dim() == 1:
-        base_svd = SVD(base_svd.U.unsqueeze(0), base_svd.S.unsqueeze(0), base_svd.V.unsqueeze(0))
+        base_svd = narrow_svd(W0, k)
+    base_svd = _batched_svd(base_svd)
     full_base = base_svd is not None and base_svd.S.shape[-1] == M
     sigma0 = base_svd.S if full_base else singular_values(W0)
-    cols["delta_rho"] = delta_rho(W0, Wd, dW, sigma0=sigma0)
+    G_d = gram(Wd)
+    cols["delta_rho"] = delta_rho(W0, Wd, dW, sigma0=sigma0,
+                                  sigma_d=torch.linalg.eigvalsh(G_d).clamp_min(0.0).flip(-1).sqrt())
     evals_d = gram_eigenvalues(dW)  # ascending σ² of ΔW
     sigma_d = evals_d.flip(-1).sqrt()
     for name, level in ENERGY_LEVELS:
         cols[name] = rank_for_energy(sigma_d, level)
     extra: dict[str, Any] = {}
     if agreement:
-        bs = base_svd if base_svd.S.shape[-1] == k else SVD(base_svd.U[..., :k], base_svd.S[..., :k],
-                                                            base_svd.V[..., :k])
-        cols.update(a1_agreement(bs, top_svd(Wd, k)))
+        cols.update(a1_agreement_narrow(base_svd.top(k), narrow_svd(Wd, k, G=G_d), W0, Wd))
         extra = {"a1_k": k, "a1_noise_floor_l": noise_floor(k, m), "a1_noise_floor_r": noise_floor(k, n)}
+    del G_d
     rows: list[dict[str, Any]] = [dict() for _ in range(W0.shape[0])]
     for name, values in cols.items():
         vals = values.tolist()
@@ -241,8 +256,10 @@ def _changed_delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, dW: torch.Tensor,
         wanted = metric_set(metrics)
         if ok:
             idx = torch.tensor(ok, device=dW.device)
-            spectra = batched_spectral_metrics(dW.index_select(0, idx), settings,
-                                               evals=evals_d.index_select(0, idx) / max(m, n), metrics=metrics)
+            some = len(ok) < dW.shape[0]        # all of them: ΔW itself, not a copy (issue 13)
+            spectra = batched_spectral_metrics(dW.index_select(0, idx) if some else dW, settings,
+                                               evals=(evals_d.index_select(0, idx) if some else evals_d) / max(m, n),
+                                               metrics=metrics)
             for i, spectrum in zip(ok, spectra):
                 for key, value in wanted.project(spectrum).items():
                     rows[i].setdefault(key, value)

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from analysis.run.provenance import checkpoint_entry, provenance
-from analysis.deltas.agreement import (DEFAULT_A3_K, DomainAgreement, a2_cosine, a3_subspace, domain_agreement)
-from analysis.deltas.delta import (PROJECTIONS, SVD, HeadScores, batched_delta_metrics, head_concentration, head_scores,
-                            top_svd)
+from analysis.deltas.agreement import DEFAULT_A3_K, DomainAgreement, domain_agreement, pairwise_agreement
+from analysis.deltas.delta import (PROJECTIONS, HeadScores, NarrowSVD, batched_delta_metrics, head_concentration,
+                                   head_scores, narrow_svd)
 from analysis.errors import DiffractError, MatrixFailure
 from analysis.progress import Progress
 from analysis.spectral.backend import SpectralSettings
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from analysis.io.checkpoint import Checkpoint
 
 ID_COLUMNS = ("checkpoint", "tensor", "layer", "module", "head", "kv_head", "rows", "cols")
+RELEASE_MAPS_BYTES = 64 << 20   # after a matrix this big (compute dtype), the checkpoints' maps are released
 DELTA_TABLE_VERSION = 3  # bump when what the table caches per matrix changes (2: `unchanged` rows;
                          # 3: a core and a spectral entry, shared by every metric set)
 AGREEMENT_VERSION = 1    # per-matrix A2/A3 and head-score entries
@@ -251,6 +252,18 @@ def _finite_rows(failures: list[MatrixFailure], failure: Callable[[str, str], Ma
     return out
 
 
+def _read_matrix(ckpt: "Checkpoint", module: "Module", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A module's matrix on the compute device; after a big one (≥ RELEASE_MAPS_BYTES) the checkpoint's
+    memory maps are released, so the file pages it touched leave the resident set (issue 13: three mapped
+    embeddings are 1.5× one float32 copy of bf16 weights, 3× of float32 ones). Files reopen on demand."""
+    from analysis.model.heads import module_matrix
+
+    W = module_matrix(ckpt, module, dtype).to(device)
+    if W.numel() * W.element_size() >= RELEASE_MAPS_BYTES and hasattr(ckpt, "close"):
+        ckpt.close()
+    return W
+
+
 def matrix_modules(layout: "ModelLayout", shared: set[str]) -> list[tuple[int | None, "Module"]]:
     """(layer, module) of every ≥ 2-D module whose tensor all checkpoints share, layers first, then globals."""
     out: list[tuple[int | None, Module]] = []
@@ -390,16 +403,16 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                     per_target[i][-1]["a2_agreement"], per_target[i][-1]["a3_agreement"] = a_hit[i]
             tick(f"{module.tensor} ({module.name})")
             continue
-        W0 = module_matrix(base, module, dtype).to(device)
-        bsvd: SVD | None = None
-        deltas: list[torch.Tensor] = []
+        W0 = _read_matrix(base, module, dtype, device)
+        bsvd: NarrowSVD | None = None
+        with_rows = 0
         for i, target in enumerate(targets):
-            Wd = module_matrix(target, module, dtype).to(device)
+            Wd = _read_matrix(target, module, dtype, device)
 
             def compute(W0=W0, Wd=Wd) -> list[dict[str, Any]]:
                 nonlocal bsvd
                 if bsvd is None and not torch.equal(W0, Wd):  # an unchanged matrix needs no decomposition
-                    bsvd = top_svd(W0.unsqueeze(0), options.top_k)  # shared by every target of this matrix
+                    bsvd = narrow_svd(W0.unsqueeze(0), options.top_k)  # shared by every target of this matrix
                 return batched_delta_metrics(W0.unsqueeze(0), Wd.unsqueeze(0), base_svd=bsvd, **metric_kwargs)
 
             hit = hits[i]
@@ -415,14 +428,15 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
             row = {"checkpoint": labels[i], "tensor": module.tensor, "layer": layer, "module": module.name,
                    "head": None, "kv_head": None, "rows": int(W0.shape[0]), "cols": int(W0.shape[1]), **metrics}
             per_target[i].append(row)
-            if n >= 2:
-                deltas.append(Wd - W0)
-        if n >= 2 and len(deltas) == n:      # agreement needs every domain's ΔW of this matrix
+            with_rows += 1
+        Wd = compute = None   # the last target's matrix is not held through the agreement pass (issue 13)
+        if n >= 2 and with_rows == n:      # agreement needs every domain's ΔW of this matrix
             def agreement_means() -> list[list[float | None]]:
                 still = [bool(per_target[i][-1]["unchanged"]) for i in range(n)]
                 pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if not (still[a] or still[b])]
-                a2 = {pr: float(a2_cosine(deltas[pr[0]], deltas[pr[1]])) for pr in pairs}
-                a3 = {pr: float(a3_subspace(deltas[pr[0]], deltas[pr[1]], options.a3_k)) for pr in pairs}
+                a2, a3 = pairwise_agreement(  # ≤ 2 deltas at a time, each re-read, instead of all n held
+                    lambda t, W0=W0, module=module: _read_matrix(targets[t], module, dtype, device) - W0,
+                    pairs, options.a3_k)
                 return [[None if still[i] else m2, None if still[i] else m3]   # ΔW = 0 agrees with nothing
                         for i, (m2, m3) in enumerate(zip(_partner_means(a2, n), _partner_means(a3, n)))]
 
@@ -480,7 +494,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                 head_shape = (other, layout.head_dim) if p == "o" else (layout.head_dim, other)
                 b = (None if all(h.complete for h in hits)        # every target cached: the base is not read
                      else projection_heads(base, layout, layer, p, dtype).to(device))
-                bsvd_h: SVD | None = None
+                bsvd_h: NarrowSVD | None = None
                 for i, target in enumerate(targets):
                     hit = hits[i]
                     if hit.complete:                 # a rerun: the cached rows, no tensor read
@@ -491,7 +505,7 @@ def build_delta_table(base: "Checkpoint", targets: Sequence["Checkpoint"], *,
                         def compute_heads(b=b, t=t) -> list[dict[str, Any]]:
                             nonlocal bsvd_h
                             if bsvd_h is None and not torch.equal(b, t):  # all heads unchanged: no decomposition
-                                bsvd_h = top_svd(b, options.top_k)
+                                bsvd_h = narrow_svd(b, options.top_k)
                             return batched_delta_metrics(b, t, base_svd=bsvd_h, **metric_kwargs)
 
                         head_rows = _finite_rows(
