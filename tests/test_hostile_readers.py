@@ -156,7 +156,8 @@ def test_fifo_rewind_list_is_refused(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npy"])
-def test_fifo_cache_entry_is_recomputed_not_read(tmp_path, suffix):
+def test_fifo_cache_entry_is_recomputed_not_read(tmp_path, suffix, monkeypatch):
+    monkeypatch.setattr("analysis.run.cache.SMALL_ENTRY_BYTES", -1)  # single-file entries (packs: test_cache_packs)
     cache = Cache(tmp_path / "cache")
     key = "ab" * 32
     fifo = _fifo(tmp_path / "cache" / key[:2] / f"{key}{suffix}")
