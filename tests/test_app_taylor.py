@@ -173,3 +173,36 @@ async def test_help_lists_the_score_key(family, tmp_path) -> None:
             assert rows["s"].startswith("Score: rel_frob (r) / taylor")
     finally:
         session.close()
+
+
+@sync
+async def test_esc_cancels_the_taylor_worker_and_the_score_stays(family, tmp_path, monkeypatch) -> None:
+    import time
+
+    import analysis.eval.taylor as taylor
+    from diffract_tui.ui import DiffractApp
+
+    real = taylor.taylor_scores
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)  # the pass on a real model takes this long or more
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(taylor, "taylor_scores", slow)
+    session = open_session(family, tmp_path / "cache")
+    try:
+        app = DiffractApp(session)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("4")
+            await settle(pilot)
+            view = app.query_one("#rewind")
+            await pilot.press("s")
+            await pilot.pause(0.3)
+            assert any(w.group == "rewind-taylor" and w.is_running for w in view.workers)
+            await pilot.press("escape")
+            await settle(pilot)
+            assert not any(w.group == "rewind-taylor" and w.is_running for w in view.workers)
+            assert view.score == "rel_frob" and view.plan.pattern.score == "rel_frob" and session._taylor == {}
+            assert "taylor score: cancelled" in str(view.query_one("#rewind-summary").render())
+    finally:
+        session.close()
