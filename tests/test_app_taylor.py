@@ -206,3 +206,40 @@ async def test_esc_cancels_the_taylor_worker_and_the_score_stays(family, tmp_pat
             assert "taylor score: cancelled" in str(view.query_one("#rewind-summary").render())
     finally:
         session.close()
+
+
+def cli_heads(family, tmp_path, name: str, *text_args: str) -> list[tuple[int, int]]:
+    """The heads of `rewind plan --score taylor --fraction 0.25` with the given text options (T, N as here)."""
+    out = tmp_path / name
+    assert main(["rewind", "plan", str(family.base), str(family.code), "--score", "taylor", "--fraction", "0.25",
+                 *text_args, "--tokens", str(T), "--windows", str(N), "--device", "cpu", "--out", str(out)]) == 0
+    return [(h["layer"], h["head"]) for h in json.loads(out.read_text(encoding="utf-8"))["heads"]]
+
+
+@sync
+async def test_a_general_text_added_under_taylor_re_ranks_on_it(family, tmp_path, capsys) -> None:
+    from diffract_tui.ui import DiffractApp
+
+    domain = cli_heads(family, tmp_path, "domain.json", "--text", str(family.code_text))
+    general = cli_heads(family, tmp_path, "general.json", "--text", str(family.code_text),
+                        "--general-text", str(family.prose_text))
+    capsys.readouterr()
+    assert domain != general  # the test can tell which text the gradient was taken on
+    session = ExplorerSession.open([family.base, family.code], device="cpu", cache_dir=tmp_path / "cache",
+                                   texts=[family.code_text])
+    session.eval_tokens = T
+    try:
+        app = DiffractApp(session)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("4")
+            await settle(pilot)
+            view = app.query_one("#rewind")
+            await pilot.press("plus", "plus", "s")
+            await settle(pilot)
+            assert view.plan.pattern.score == "taylor" and [(e.layer, e.head) for e in view.plan.heads] == domain
+            assert view.add_text(family.prose_text, "general") == "prose.txt"
+            await settle(pilot)
+            assert view.plan.pattern.score == "taylor" and [(e.layer, e.head) for e in view.plan.heads] == general
+            assert len(session._taylor) == 2
+    finally:
+        session.close()

@@ -616,6 +616,8 @@ class RewindView(EngineWork, NodeView):
         self.app.notify(f"Added {name} as a {role} text.", title="loss", timeout=4, markup=False)
         if self.panel in CHART_PANELS:
             self._draw_loss()
+        if self.score == "taylor":  # the gradient's texts changed: re-rank on them
+            self._changed()
         return name
 
     def action_cycle_panel(self) -> None:
