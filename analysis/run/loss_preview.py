@@ -79,6 +79,11 @@ def add_text(texts: Sequence[NamedText], path: str | Path, role: str) -> list[Na
     return named_texts(domain, general)
 
 
+def taylor_texts(texts: Sequence[NamedText]) -> list[NamedText]:
+    """The texts the Taylor score's gradient is taken on (SPEC §9): the general ones when any, else all."""
+    return [t for t in texts if t[1] == "general"] or list(texts)
+
+
 # ------------------------------------------------------------------------------------------------
 # results
 # ------------------------------------------------------------------------------------------------
@@ -319,6 +324,24 @@ class LossPreviewer:
                      "windows": r["windows"], "tokens": r["tokens"]} for r in mine)
         return PlanLoss(description=rewind_description(rl), target_fingerprint=target.fingerprint, rows=out,
                         point=_point("plan", rl.pattern.fraction, None, mine))
+
+    def taylor(self, base: "Checkpoint", target: "Checkpoint", layout: "ModelLayout", texts: Sequence[NamedText],
+               *, windows: int = PREVIEW_WINDOWS, tokens: int | None = None, progress: Progress = no_progress,
+               cancelled: Cancel = never) -> "torch.Tensor":
+        """The (L × H) Taylor grid (SPEC §9) of the loaded target, on `taylor_texts(texts)` (one model in memory:
+        the preview's; one forward/backward pass)."""
+        from analysis.eval.taylor import taylor_scores
+
+        with self._lock:
+            check(cancelled)
+            progress(0, None, f"loading {target.label}")
+            lm, _, _ = self._load(base, target, layout)
+            ets = self._prepare(lm, taylor_texts(texts), tokens, windows)
+            check(cancelled)
+            progress(0, None, "taylor score: one forward/backward pass")
+            grid = taylor_scores(lm, base, layout, ets)
+        check(cancelled)
+        return grid
 
     @staticmethod
     def _run(ev: "Evaluator", patch: "LivePatch", cands: Sequence[Any], ets: Sequence["EvalText"],

@@ -196,6 +196,7 @@ class ExplorerSession:
     eval_texts: list["NamedText"] = field(default_factory=list)   # (text, domain | general) for the loss
     eval_tokens: int | None = None                               # T of the loss (None: 512, or the context)
     _previewer: Any = field(default=None, repr=False, compare=False)
+    _taylor: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)  # Taylor grids by key
     executor: Any = None                           # where compute-all runs (analysis.run.executors; None: here)
 
     # ---- opening ---------------------------------------------------------------------------
@@ -759,14 +760,15 @@ class ExplorerSession:
 
     def rewind_plan(self, inputs: "RewindInputs", target_index: int, reference_index: int | None, *,
                     pattern: str, fraction: float | None, heads: Sequence[tuple[int, int]] | None,
-                    gqa_policy: str, variant: str) -> tuple["RewindList", "RewindPreview"]:
-        """The SPEC §6 list a pattern chooses from `inputs` (score `rel_frob`), and its preview."""
+                    gqa_policy: str, variant: str, score: str = "rel_frob") -> tuple["RewindList", "RewindPreview"]:
+        """The SPEC §6 list a pattern chooses from `inputs` (by `score`; taylor needs `inputs.taylor`), and its
+        preview."""
         from analysis.edit.rewind import checkpoint_ref, plan_from_inputs, preview
 
         reference = self.targets[reference_index] if reference_index is not None else None
         rl = plan_from_inputs(inputs, base=checkpoint_ref(self.base), target=checkpoint_ref(self.targets[target_index]),
                               reference=checkpoint_ref(reference) if reference is not None else None,
-                              pattern=pattern, fraction=fraction, heads=heads, score="rel_frob",
+                              pattern=pattern, fraction=fraction, heads=heads, score=score,
                               gqa_policy=gqa_policy, variant=variant)
         return rl, preview(rl, inputs)
 
@@ -820,6 +822,21 @@ class ExplorerSession:
         return self.loss_previewer().plan(self.base, self.targets[target_index], self.layout, rl, self.eval_texts,
                                           windows=windows, tokens=self.eval_tokens, progress=progress,
                                           cancelled=cancelled)
+
+    def taylor_grid(self, target_index: int, *, windows: int, progress: ProgressFn = _no_progress,
+                    cancelled: CancelledFn = _never) -> "torch.Tensor":
+        """The target's (L × H) Taylor scores (SPEC §9) on the general texts, else the domain texts, with
+        N = `windows`; cached per (target, base, texts, T, N) for the session."""
+        from analysis.run.loss_preview import taylor_texts
+
+        target = self.targets[target_index]
+        texts = tuple((t.sha256, t.name, r) for t, r in taylor_texts(self.eval_texts))
+        key = (target.fingerprint, self.base.fingerprint, texts, self.eval_tokens, windows)
+        if key not in self._taylor:
+            self._taylor[key] = self.loss_previewer().taylor(
+                self.base, target, self.layout, self.eval_texts, windows=windows, tokens=self.eval_tokens,
+                progress=progress, cancelled=cancelled)
+        return self._taylor[key]
 
     # ---- marks and export ------------------------------------------------------------------
     def toggle_mark(self, layer: int, head: int) -> bool:

@@ -13,6 +13,10 @@ The loss (SPEC §9, through `ExplorerSession.loss_preview` / `plan_loss`, in a w
 esc cancels): `L` measures loss vs fraction of every pattern on every text (domain and general) with the base and
 CPT levels, and the trade-off (gain kept vs forgetting recovered, one point per candidate); `m` measures the
 current plan (the marked heads with pattern manual); `w` switches between few windows (fast) and the CLI's 64.
+`s` switches the ranking score between rel_frob (r, the weights' update) and taylor (SPEC §9: the first-order
+change of the loss when a head is rewound, on the general texts, else the domain texts, with the current window
+count; computed in a worker of its own through `ExplorerSession.taylor_grid`, cached); the reference pattern
+always ranks by the reference's update.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ DEFAULT_FRACTION = 0.15      # SPEC §6's example fraction
 BIG_STEP, SMALL_STEP = 0.05, 0.01
 APPLY_GROUP = "rewind-apply"
 LOSS_GROUP = "rewind-loss"   # the loss's worker: a replan does not cancel it, nor it a replan
+TAYLOR_GROUP = "rewind-taylor"  # the Taylor grid's first computation (then replans read the session's cache)
+SCORES: tuple[str, ...] = ("rel_frob", "taylor")
+SCORE_COLUMNS = {"rel_frob": "score r", "taylor": "score s"}
 
 
 def safe_name(text: str) -> str:
@@ -156,6 +163,7 @@ class RewindView(EngineWork, NodeView):
         Binding("L", "loss_preview", "Loss: measure loss vs fraction of every pattern on every text"),
         Binding("m", "measure_plan", "Measure: the loss of this plan (the marked heads with pattern manual)"),
         Binding("w", "refine_windows", f"Windows: {PREVIEW_WINDOWS} (fast) / {REFINED_WINDOWS} per text, re-measured"),
+        Binding("s", "cycle_score", "Score: rel_frob (r) / taylor (the loss's predicted change, on the texts)"),
     ]
     DEFAULT_CSS = """
     RewindView { layout: vertical; }
@@ -183,6 +191,7 @@ class RewindView(EngineWork, NodeView):
         self.reference_index: int | None = None
         self.variant = VARIANTS[0]
         self.gqa_policy = GQA_POLICIES[0]
+        self.score = SCORES[0]
         self.plan: "RewindList | None" = None
         self.preview: "RewindPreview | None" = None
         self.prompt_action: str | None = None
@@ -273,7 +282,13 @@ class RewindView(EngineWork, NodeView):
             ref = self._reference()
             parts.append(f"ref {labels[ref] if ref is not None else '—'} ({self.variant})")
         parts.append(f"gqa {self.gqa_policy}")
+        if self.score != SCORES[0]:  # the default (r) is named by the list's "score r" column
+            parts.append(f"score {self._plan_score(self.pattern)}")
         return " · ".join(parts)
+
+    def _plan_score(self, pattern: str) -> str:
+        """The score a pattern ranks by: the chosen one, except reference (ranked by the reference's update)."""
+        return SCORES[0] if pattern == "reference" else self.score
 
     def _changed(self) -> None:
         self.replan()
@@ -342,11 +357,18 @@ class RewindView(EngineWork, NodeView):
         if pattern == "manual" and not marks:
             raise DiffractError("no heads are marked", hint="press space on a head in the tree or the grid")
         inputs = self.inputs_for(target_index, reference_index, progress)
+        score, windows = self._plan_score(pattern), self.loss_windows
+        if score == "taylor":
+            import dataclasses
+
+            inputs = dataclasses.replace(inputs, taylor=s.taylor_grid(target_index, windows=windows,
+                                                                      progress=progress, cancelled=cancelled))
         if cancelled():
             raise Cancelled()
         return s.rewind_plan(inputs, target_index, reference_index, pattern=pattern,
                              fraction=None if pattern == "manual" else fraction,
-                             heads=marks if pattern == "manual" else None, gqa_policy=gqa, variant=variant)
+                             heads=marks if pattern == "manual" else None, gqa_policy=gqa, variant=variant,
+                             score=score)
 
     def replan(self) -> None:
         """Recompute the plan and preview for the current settings in the worker."""
@@ -381,6 +403,7 @@ class RewindView(EngineWork, NodeView):
         self._draw_chart(pv)
         table = self.query_one("#rewind-list", DataTable)
         table.clear()
+        table.columns["score"].label = Text(SCORE_COLUMNS.get(rl.pattern.score, "score r"))
         for layer, head, projs, score in pv.rows:
             table.add_row(str(layer), str(head), "".join(projs), "—" if score is None else f"{score:.4g}",
                           key=f"{layer}:{head}")
@@ -499,10 +522,43 @@ class RewindView(EngineWork, NodeView):
         """w: few windows (fast) ⇄ the CLI's default; what was measured is measured again."""
         self.loss_windows = REFINED_WINDOWS if self.loss_windows == PREVIEW_WINDOWS else PREVIEW_WINDOWS
         self.loss_note = f"windows per text: {self.loss_windows} (L / m measure)"
+        if self.score == "taylor":  # the Taylor grid is taken on these windows: re-rank
+            self._changed()
         if self.loss_preview is not None or self.plan_loss is not None:
             self._start_loss(sweep=self.loss_preview is not None)
         else:
             self._show_loss_panel()
+
+    def action_cycle_score(self) -> None:
+        """s: rank by rel_frob ⇄ taylor; taylor's grid is computed first (in its worker), then the view re-plans;
+        without a text it is one status line and the score stays."""
+        if self.score == "taylor":
+            self.score = SCORES[0]
+            self.workers.cancel_group(self, TAYLOR_GROUP)
+            self._changed()
+            return
+        if not self.session.eval_texts:
+            self._status_line("taylor score: no text to take the loss gradient on — pass --text FILE "
+                              "(--general-text FILE) at launch, or ctrl+p Add text")
+            return
+        target_index, windows = self.target_index, self.loss_windows
+
+        def work(progress: ProgressFn, cancelled: CancelledFn) -> Any:
+            return self.session.taylor_grid(target_index, windows=windows, progress=progress, cancelled=cancelled)
+
+        self.show_message(f"taylor score: one forward/backward pass ({windows} windows per text)…")
+        self.start_work("taylor score", work, self._taylor_done, fail=self._taylor_failed, group=TAYLOR_GROUP)
+
+    def _taylor_done(self, grid: Any) -> None:
+        """The grid is in the session's cache: rank by it."""
+        self.score = "taylor"
+        self._changed()
+
+    def _taylor_failed(self, message: str) -> None:
+        """No grid (no transformers, a bad text): one status line; the score stays rel_frob."""
+        self._status_line(message)
+        if self.plan is not None and self.preview is not None:
+            self._draw(self.plan, self.preview)
 
     def _start_loss(self, *, sweep: bool) -> None:
         """Run the loss work for the current target, plan and window count in the loss worker."""
@@ -560,6 +616,8 @@ class RewindView(EngineWork, NodeView):
         self.app.notify(f"Added {name} as a {role} text.", title="loss", timeout=4, markup=False)
         if self.panel in CHART_PANELS:
             self._draw_loss()
+        if self.score == "taylor":  # the gradient's texts changed: re-rank on them
+            self._changed()
         return name
 
     def action_cycle_panel(self) -> None:
@@ -728,6 +786,10 @@ class RewindView(EngineWork, NodeView):
                 self._draw_loss()
         self.workers.cancel_group(self, LOSS_GROUP)
         self.app.work_done(LOSS_GROUP)
+        if any(w.group == TAYLOR_GROUP and w.is_running for w in self.workers):
+            self.show_message("taylor score: cancelled — s computes it again")
+        self.workers.cancel_group(self, TAYLOR_GROUP)
+        self.app.work_done(TAYLOR_GROUP)
 
     def deactivate(self) -> None:
         """Switched away: stop the preview only; an apply keeps writing in the background."""
