@@ -11,7 +11,7 @@ import pytest
 
 from analysis.generate import write_family
 from analysis.run.session import ExplorerSession
-from pilot import sync
+from pilot import settle, sync
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,6 @@ def session(family, tmp_path: Path):
                              cache_dir=tmp_path / "cache")
     yield s
     s.close()
-
-
-async def settle(pilot) -> None:
-    for _ in range(3):
-        await pilot.pause(0.1)
-        await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
 
 
 def test_ui_overrides_no_private_textual_api() -> None:

@@ -12,7 +12,7 @@ import pytest
 from analysis.generate import write_family
 from analysis.run.session import ExplorerSession
 from diffract_tui.node import NodeRef
-from pilot import sync
+from pilot import settle, sync
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +45,6 @@ def make_app(session: ExplorerSession, notes: list[str]):
 
     app.notify = notify  # type: ignore[method-assign]
     return app
-
-
-async def settle(pilot) -> None:
-    """Let timers fire and every worker finish, then let the UI draw the results."""
-    for _ in range(3):
-        await pilot.pause(0.1)
-        await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
 
 
 def sha256s(folder: Path) -> dict[str, str]:

@@ -19,7 +19,7 @@ pytest.importorskip("tokenizers")
 from analysis.edit.rewind_list import read_rewind_list  # noqa: E402
 from analysis.run.session import ExplorerSession  # noqa: E402
 from diffract_tui.cli import main  # noqa: E402
-from tests.pilot import sync  # noqa: E402
+from tests.pilot import settle, status_text, sync  # noqa: E402
 from tiny_cpt import family  # noqa: E402,F401  (the session fixture)
 
 T = 64
@@ -40,19 +40,6 @@ def open_session(family, cache: Path, texts=True) -> ExplorerSession:
                              general_texts=[family.prose_text] if texts else [])
     s.eval_tokens = T
     return s
-
-
-async def settle(pilot) -> None:
-    for _ in range(3):
-        await pilot.pause(0.1)
-        await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-
-
-def status_text(app) -> str:
-    from textual.widgets import Label
-
-    return str(app.query_one("#status-text", Label).render())
 
 
 @sync

@@ -16,7 +16,7 @@ import torch
 
 from analysis.run.session import ExplorerSession
 from diffract_tui.node import NodeRef
-from pilot import sync
+from pilot import settle, sync
 from series_run import NAMES, series_run  # noqa: F401 — the session fixture
 
 SHUFFLED = (20, 0, 40, 10, 30)   # the argument order: the series is put in step order by the engine
@@ -40,14 +40,6 @@ def make_app(session):
     from diffract_tui.ui import DiffractApp
 
     return DiffractApp(session)
-
-
-async def settle(pilot) -> None:
-    """Let timers fire and every worker finish, then let the UI draw the results."""
-    for _ in range(3):
-        await pilot.pause(0.1)
-        await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
 
 
 async def open_node(pilot, node: NodeRef) -> None:

@@ -18,7 +18,7 @@ import torch
 from analysis.generate import write_family
 from analysis.run.session import ExplorerSession
 from diffract_tui.node import NodeRef
-from pilot import sync
+from pilot import settle, sync
 
 CONFIG = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2)
 L, H = 2, 4
@@ -42,15 +42,6 @@ def make_app(session):
     from diffract_tui.ui import DiffractApp
 
     return DiffractApp(session)
-
-
-async def settle(pilot) -> None:
-    """Let timers fire and every worker finish, then let the UI draw the results."""
-    app = pilot.app
-    for _ in range(3):
-        await pilot.pause(0.1)
-        await app.workers.wait_for_complete()
-    await pilot.pause()
 
 
 def render_text(widget) -> str:
