@@ -651,9 +651,9 @@ def build_and_close(opened: Sequence["Checkpoint"], *, options: DeltaOptions = D
     finally:
         for c in opened:
             c.close()
-        flush = getattr(cache, "flush", None)
-        if flush is not None:
-            flush()
+        from analysis.run.cache import flush_cache
+
+        flush_cache(cache)
 
 
 def open_and_build(base_path: str | Path, target_paths: Sequence[str | Path], *, options: DeltaOptions = DeltaOptions(),

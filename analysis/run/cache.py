@@ -80,6 +80,13 @@ _BODY_CACHE_BYTES = 128 * 1024 * 1024          # decompressed pack bodies kept i
 _LIVE: "weakref.WeakSet[Cache]" = weakref.WeakSet()   # caches with staged entries, flushed at exit
 
 
+def flush_cache(cache: Any) -> None:
+    """Write out the entries `cache` still stages in memory (a pack); nothing for None or a cache without packs."""
+    flush = getattr(cache, "flush", None)
+    if callable(flush):
+        flush()
+
+
 def default_cache_root() -> Path:
     """`$DIFFRACT_TUI_CACHE_DIR` when set and non-empty, else the platform's user cache folder."""
     env = os.environ.get(CACHE_ENV_VAR, "").strip()

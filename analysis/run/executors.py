@@ -312,13 +312,6 @@ class ScanResult:
     label: str
 
 
-def _flush(cache: "Cache | None") -> None:
-    """Write out what the cache keeps in memory (packs of small entries), where the cache does that."""
-    flush = getattr(cache, "flush", None)
-    if callable(flush):
-        flush()
-
-
 def _open_on_worker(paths: Sequence[str], labels: Sequence[str]) -> "list[Checkpoint] | TaskError":
     """The checkpoints opened on this worker, or the line naming the path and host it cannot read."""
     from analysis.io.checkpoint import open_checkpoint
@@ -366,7 +359,7 @@ class ScanTask:
 
 def scan_task(task: ScanTask) -> "ScanResult | TaskError":
     """Runs on a worker: the rows of the last checkpoint of `task.paths` in one layer group."""
-    from analysis.run.cache import Cache
+    from analysis.run.cache import Cache, flush_cache
     from analysis.run.scan import _context, _plan_layer, run_plan
 
     _worker_setup(task.threads)
@@ -380,7 +373,7 @@ def scan_task(task: ScanTask) -> "ScanResult | TaskError":
         plan = [it for it in _plan_layer(ctx, task.group, task.heads, task.delta) if it.ckpt == mine]
         failures: list[MatrixFailure] = []
         rows = [row for _, item_rows in run_plan(ctx, plan, failures.append) for row in item_rows]
-        _flush(cache)
+        flush_cache(cache)
     except OSError as err:
         return TaskError(f"a Ray worker on host {socket.gethostname()} cannot read "
                          f"{err.filename or task.paths[-1]} ({err.strerror or err}) — {SHARED_FS_HINT}")
@@ -458,7 +451,7 @@ class DeltaTask:
 def delta_task(task: DeltaTask) -> "DeltaTable | TaskError":
     """Runs on a worker: the rows (and, for the heads part, head scores and agreement) of one share."""
     from analysis.deltas.delta_table import build_delta_table
-    from analysis.run.cache import Cache
+    from analysis.run.cache import Cache, flush_cache
 
     _worker_setup(task.threads)
     opened = _open_on_worker(task.paths, task.labels)
@@ -467,7 +460,7 @@ def delta_task(task: DeltaTask) -> "DeltaTable | TaskError":
     cache = Cache(task.cache_root) if task.cache_root is not None else None
     try:
         table = build_delta_table(opened[0], opened[1:], options=task.options, cache=cache, part=task.part)
-        _flush(cache)
+        flush_cache(cache)
     except OSError as err:
         return TaskError(f"a Ray worker on host {socket.gethostname()} cannot read "
                          f"{err.filename or task.paths[0]} ({err.strerror or err}) — {SHARED_FS_HINT}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from analysis.errors import MatrixFailure
-from analysis.run.cache import Cache, decode_json_value, encode_json_value
+from analysis.run.cache import Cache, decode_json_value, encode_json_value, flush_cache
 from analysis.spectral.metric_sets import ALL, MetricSet, metric_set
 from analysis.spectral.spectra import NUMERIC_ERRORS
 
@@ -464,9 +464,7 @@ def scan(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: boo
                 row["present_in"] = partial.get(row["tensor"])
             yield row
     finally:  # staged cache entries land in a pack at the end of the scan (also when it is cancelled)
-        flush = getattr(cache, "flush", None)
-        if flush is not None:
-            flush()
+        flush_cache(cache)
 
 
 def layer_groups(layouts: Sequence["ModelLayout"]) -> list[int | None]:

@@ -252,9 +252,9 @@ class ExplorerSession:
             ckpt.close()
         if self.executor is not None:
             self.executor.close()
-        flush = getattr(self.cache, "flush", None)
-        if flush is not None:
-            flush()
+        from analysis.run.cache import flush_cache
+
+        flush_cache(self.cache)
 
     @property
     def base(self) -> "Checkpoint":
