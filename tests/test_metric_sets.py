@@ -283,6 +283,9 @@ sys.meta_path.insert(0, Block())
 def test_engine_imports_and_scans_without_the_app_packages(pair, tmp_path):
     code = BLOCKER + f"""
 import analysis.run.scan, analysis.deltas.delta_table, analysis.io.checkpoint, analysis.generate
+# what benchmarks/gpu_bench.py's sweep stage loads (rewind sweep's engine; transformers is on the GPU machine)
+import analysis.edit.rewind, analysis.eval.evaluator, analysis.eval.loss, analysis.eval.patch, analysis.eval.sweep
+import analysis.eval.texts, analysis.eval.windows, analysis.model.architecture, analysis.tiny_models
 from analysis.io.checkpoint import open_checkpoint
 from analysis.run.cache import Cache
 from analysis.run.scan import scan

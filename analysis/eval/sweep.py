@@ -107,6 +107,17 @@ def add_tradeoff(rows: list[dict[str, Any]]) -> None:
             r["forgetting_recovered"] = _ratio(lc - r["loss"], lc - lb)
 
 
+def plan_losses(evaluator: Evaluator, patch: LivePatch, plan: "RewindList",
+                texts: Sequence[EvalText]) -> list[LossResult]:
+    """One sweep point: the loss on every text with `plan`'s heads rewound in the live model, restored after
+    (an empty plan is the target itself, bit for bit); what `run_sweep` does per candidate and the GPU bench times."""
+    if not plan.heads:
+        return [evaluator.loss(et) for et in texts]
+    desc = rewind_description(plan)
+    with patch.rewound(plan):
+        return [evaluator.loss(et, desc) for et in texts]
+
+
 def run_sweep(evaluator: Evaluator, patch: LivePatch, candidates: Sequence[Candidate], texts: Sequence[EvalText], *,
               target: "Checkpoint", inputs: "RewindInputs | None" = None, progress: EvalProgress | None = None,
               cancelled: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
@@ -121,14 +132,9 @@ def run_sweep(evaluator: Evaluator, patch: LivePatch, candidates: Sequence[Candi
     for i, c in enumerate(candidates):
         if cancelled is not None and cancelled():
             break
-        desc = rewind_description(c.plan)
-        key = repr(desc)
+        key = repr(rewind_description(c.plan))
         if key not in memo:
-            if not c.plan.heads:
-                memo[key] = [evaluator.loss(et) for et in texts]  # f = 0: the target itself, bit for bit
-            else:
-                with patch.rewound(c.plan):
-                    memo[key] = [evaluator.loss(et, desc) for et in texts]
+            memo[key] = plan_losses(evaluator, patch, c.plan, texts)
         share = preview(c.plan, inputs).share_removed if inputs is not None else None
         rows += [_row(c.pattern, c.fraction, c.seed, len(c.plan.heads), et, r, share) for et, r in zip(texts, memo[key])]
         if progress is not None:
