@@ -125,11 +125,13 @@ def write_sweep_base(target: Path, state: dict[str, torch.Tensor], folder: Path,
         for k in names:
             t = state[k]
             if k in keys:
-                t = (t.to(device, torch.float32) + scale * student_t(tuple(t.shape), gen, device)).to(torch.bfloat16).cpu()
+                moved = t.to(device, torch.float32) + scale * student_t(tuple(t.shape), gen, device)
+                t = moved.to(torch.bfloat16).cpu()
             part[k] = t.contiguous()
         save_file(part, str(folder / shard), metadata={"format": "pt", "diffract_bench": "sweep base"})
         written += (folder / shard).stat().st_size
-    return {"layers": layers, "bytes_written": written, "shards_written": sum(bool(keys & set(v)) for v in by_shard.values())}
+    return {"layers": layers, "bytes_written": written,
+            "shards_written": sum(bool(keys & set(v)) for v in by_shard.values())}
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -264,7 +266,8 @@ def timed_sweep(target: Path, base: Path, *, device: str, tokens: int, windows: 
             "pattern": cand.pattern, "fraction": cand.fraction, "heads": len(cand.plan.heads),
             "heads_rewound": rewind_description(cand.plan)["heads"],
             "windows": et.windows.count, "tokens": et.windows.tokens, "ids_seed": 0,
-            "loss_candidate": first.loss, "loss_candidate_repeats_equal": all(r[0].loss == first.loss for _, r in points),
+            "loss_candidate": first.loss,
+            "loss_candidate_repeats_equal": all(r[0].loss == first.loss for _, r in points),
             "loss_target": targets[0][1].loss,
             "live_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
             "tokens_per_s": round(n_tok / point_s),
