@@ -263,12 +263,12 @@ async def test_stepping_the_grid_shows_each_checkpoints_engine_alpha_grid(sessio
         grid = app.query_one("#heads")
         assert grid.metric == "alpha"
         bar = app.query_one("#grid-bar")
-        # the first argument is step 20, the third of five steps
-        assert "step 20 · 10,000 tokens (3/5)" in str(bar.render())
+        # the shuffled arguments open in step order: the first checkpoint is step 0, the base
+        assert session.labels[0] == "step-0" and "step 0 (1/5)" in str(bar.render())
         seen = []
-        for key, label, step, position in ((",", "checkpoint-10", 10, 2), (",", "step-0", 0, 1),
-                                           (",", "step-0", 0, 1), (".", "checkpoint-10", 10, 2),
-                                           (".", "stage1-step20-tokens10K", 20, 3), (".", "global_step30", 30, 4)):
+        for key, label, step, position in ((".", "checkpoint-10", 10, 2), (".", "stage1-step20-tokens10K", 20, 3),
+                                           (",", "checkpoint-10", 10, 2), (",", "step-0", 0, 1),
+                                           (",", "step-0", 0, 1), (".", "checkpoint-10", 10, 2)):
             await pilot.press({",": "comma", ".": "full_stop"}[key])
             await settle(pilot)
             c = grid.choice()
@@ -283,9 +283,10 @@ async def test_stepping_the_grid_shows_each_checkpoints_engine_alpha_grid(sessio
         await pilot.press("m")                   # α → r: stepping walks the targets (base → target)
         await pilot.press("full_stop")
         await settle(pilot)
-        # targets in step order: step-0 (the first target) → checkpoint-10
-        assert grid.metric == "r" and grid.choice().source + 1 == session.labels.index("checkpoint-10")
-        assert "step 10 (2/5)" in str(bar.render())
+        # targets in step order against the first step: checkpoint-10 (the first target) → stage1-step20
+        assert grid.metric == "r" and grid.choice().source + 1 == session.labels.index("stage1-step20-tokens10K")
+        assert "step-0→stage1-step20-tokens10K" in str(bar.render()) and "step 20 · 10,000 tokens (3/5)" in \
+            str(bar.render())
 
 
 @sync

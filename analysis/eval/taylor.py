@@ -1,7 +1,10 @@
 """The Taylor head score (SPEC §9): s_h = g_hᵀ(θ₀,h − θ_d,h), the first-order predicted change of the loss
 when head h is rewound, from one forward/backward pass at θ_d. The slots are those a rewind writes (q rows
 and o columns of h, their q bias entries) plus 1/G of its kv group's k/v rows and biases, as the head score
-splits them. Memory: the model plus one gradient of the attention projections."""
+splits them. Memory: the model plus one gradient of the attention projections. The pass goes one window at a
+time, with the engine's one protocol (`analysis.progress`): `progress` after each window, `cancel` polled
+before each, so a cancel stops it within one window; the model's weights are never written, and its gradients
+and `requires_grad` flags are restored on every way out."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from analysis.eval.evaluator import EvalText
-from analysis.eval.loss import LoadedModel, batch_size, mlm_mask, predicted_tokens, window_losses
+from analysis.eval.loss import LoadedModel, mlm_mask, predicted_tokens, window_losses
 from analysis.eval.patch import parameter_map
+from analysis.progress import Cancel, Progress, check, never, no_progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.io.checkpoint import Checkpoint
@@ -31,11 +35,14 @@ def _attention_tensors(layout: "ModelLayout") -> set[str]:
     return names
 
 
-def loss_gradient(lm: LoadedModel, texts: Sequence[EvalText], names: set[str], seed: int = 0
-                  ) -> dict[str, torch.Tensor]:
-    """∂/∂θ of the mean of the texts' losses, for the named parameters only (one backward per batch)."""
+def loss_gradient(lm: LoadedModel, texts: Sequence[EvalText], names: set[str], seed: int = 0,
+                  progress: Progress = no_progress, cancel: Cancel = never) -> dict[str, torch.Tensor]:
+    """∂/∂θ of the mean of the texts' losses, for the named parameters only (one backward per window, so that
+    `cancel` is honoured within one window; `progress(done, total, "windows …")` counts windows)."""
     params = parameter_map(lm.model)
     flags = {n: p.requires_grad for n, p in params.items()}
+    total = sum(et.windows.count for et in texts)
+    done = 0
     try:
         for n, p in params.items():
             p.requires_grad_(n in names)
@@ -44,10 +51,13 @@ def loss_gradient(lm: LoadedModel, texts: Sequence[EvalText], names: set[str], s
             for et in texts:
                 mask = mlm_mask(et.windows.ids, seed) if lm.kind == "masked" else None
                 denom = predicted_tokens(lm, et.windows, mask) * len(texts)
-                bs = batch_size(lm, et.windows.tokens)
-                for i in range(0, et.windows.count, bs):
-                    part = window_losses(lm, et.windows.ids[i:i + bs], mask[i:i + bs] if mask is not None else None)
+                for i in range(et.windows.count):
+                    check(cancel)
+                    part = window_losses(lm, et.windows.ids[i:i + 1], mask[i:i + 1] if mask is not None else None)
                     (part / denom).backward()
+                    done += 1
+                    progress(done, total, "windows of the gradient pass")
+        check(cancel)
         return {n: params[n].grad.detach().clone() for n in names if params[n].grad is not None}
     finally:
         for n, p in params.items():
@@ -56,12 +66,13 @@ def loss_gradient(lm: LoadedModel, texts: Sequence[EvalText], names: set[str], s
 
 
 def taylor_scores(lm: LoadedModel, base: "Checkpoint", layout: "ModelLayout", texts: Sequence[EvalText],
-                  seed: int = 0) -> torch.Tensor:
-    """(L × H) float64 grid of s_h = Σ over h's rewind slots of g·(θ₀ − θ_d) (k/v shared 1/G per query head)."""
+                  seed: int = 0, progress: Progress = no_progress, cancel: Cancel = never) -> torch.Tensor:
+    """(L × H) float64 grid of s_h = Σ over h's rewind slots of g·(θ₀ − θ_d) (k/v shared 1/G per query head);
+    `Cancelled` within one window (or one layer of the products) once `cancel()` says stop."""
     from analysis.model.heads import head_slots
 
     names = _attention_tensors(layout)
-    grads = loss_gradient(lm, texts, names, seed)
+    grads = loss_gradient(lm, texts, names, seed, progress, cancel)
     params = parameter_map(lm.model)
     L, H, G = layout.num_layers, layout.num_heads, layout.num_heads // layout.num_kv_heads
     scores = torch.zeros(L, H, dtype=torch.float64)
@@ -81,6 +92,7 @@ def taylor_scores(lm: LoadedModel, base: "Checkpoint", layout: "ModelLayout", te
         return total
 
     for layer in range(L):
+        check(cancel)
         for proj in ("q", "o", "k", "v"):
             n = layout.num_kv_heads if proj in ("k", "v") else H
             for h in range(n):

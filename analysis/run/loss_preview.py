@@ -329,7 +329,7 @@ class LossPreviewer:
                *, windows: int = PREVIEW_WINDOWS, tokens: int | None = None, progress: Progress = no_progress,
                cancelled: Cancel = never) -> "torch.Tensor":
         """The (L × H) Taylor grid (SPEC §9) of the loaded target, on `taylor_texts(texts)` (one model in memory:
-        the preview's; one forward/backward pass)."""
+        the preview's; one forward/backward pass, window by window: `cancelled` stops it within one window)."""
         from analysis.eval.taylor import taylor_scores
 
         with self._lock:
@@ -339,7 +339,7 @@ class LossPreviewer:
             ets = self._prepare(lm, taylor_texts(texts), tokens, windows)
             check(cancelled)
             progress(0, None, "taylor score: one forward/backward pass")
-            grid = taylor_scores(lm, base, layout, ets)
+            grid = taylor_scores(lm, base, layout, ets, progress=_stepper(progress, cancelled), cancel=cancelled)
         check(cancelled)
         return grid
 

@@ -84,6 +84,10 @@ class Series:
         """Row columns keyed by the checkpoint labels (given in step order)."""
         return {label: self.columns(i) for i, label in enumerate(labels_in_step_order)}
 
+    def in_step_order(self) -> "Series":
+        """The same series for its inputs once put in step order (`reorder`): its order is then the identity."""
+        return Series(order=tuple(range(len(self.steps))), steps=self.steps, tokens=self.tokens)
+
 
 def detect_series(labels_or_paths: Sequence[str | Path], explicit_steps: Sequence[int] | None = None,
                   enabled: bool = True) -> Series | None:

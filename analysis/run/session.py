@@ -176,6 +176,17 @@ def parse_labels(pairs: Sequence[str], paths: Sequence[str | Path]) -> list[str 
     return labels
 
 
+def _resolve_series(paths: Sequence[str | Path], series: "Series | bool") -> "Series | None":
+    """The series `paths` form in input order: the one given, recognised from the names (True), or none."""
+    from analysis.run.series import Series, detect_series
+
+    if isinstance(series, Series):
+        if len(series.steps) != len(paths):
+            raise ValueError("one step per path")
+        return series
+    return detect_series([str(p) for p in paths]) if series else None
+
+
 # ------------------------------------------------------------------------------------------------
 # The session
 # ------------------------------------------------------------------------------------------------
@@ -198,15 +209,21 @@ class ExplorerSession:
     _previewer: Any = field(default=None, repr=False, compare=False)
     _taylor: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)  # Taylor grids by key
     executor: Any = None                           # where compute-all runs (analysis.run.executors; None: here)
+    series: "Series | None" = None                 # the checkpoints' series (they are in its step order), or None
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, paths: Sequence[str | Path], labels: Sequence[str | None] | None = None,
              device: str = "auto", cache_dir: str | Path | None = None,
              settings: "SpectralSettings | None" = None, texts: Sequence[str | Path] = (),
-             general_texts: Sequence[str | Path] = ()) -> "ExplorerSession":
+             general_texts: Sequence[str | Path] = (), series: "Series | bool" = True) -> "ExplorerSession":
         """Open base + CPT checkpoints (headers only), align them and detect the layout; read the domain and
         general `texts` of the loss (SPEC §9; named by file).
+
+        `series`: the series the caller resolved for `paths` (the CLI's --steps / --series), True to recognise
+        one from the names, False for none. A series opens the checkpoints in its step order, so the base is
+        its first step (SPEC §10: Δ along a series is against the first checkpoint) and every view reads that
+        one order from `self.series`.
 
         Raises `DiffractError` (one line) for a missing path, an unreadable file, fewer than two
         checkpoints, checkpoints that cannot be compared, or a missing, binary or empty text — before any
@@ -227,6 +244,9 @@ class ExplorerSession:
         labels = list(labels) if labels is not None else [None] * len(paths)
         if len(labels) != len(paths):
             raise ValueError("one label (or None) per path")
+        run = _resolve_series(paths, series)
+        if run is not None:
+            paths, labels = run.reorder(list(paths)), run.reorder(labels)
         eval_texts = named_texts(list(texts or ()), list(general_texts or ()))
         settings = settings or SpectralSettings(device=device)
         resolved_device = settings.torch_device   # resolved once, carried by the settings
@@ -242,7 +262,8 @@ class ExplorerSession:
                 ckpt.close()
             raise
         return cls(checkpoints=checkpoints, layout=layout, alignment=alignment, settings=settings,
-                   cache=Cache(cache_dir), device=resolved_device, eval_texts=eval_texts)
+                   cache=Cache(cache_dir), device=resolved_device, eval_texts=eval_texts,
+                   series=run.in_step_order() if run is not None else None)
 
     def close(self) -> None:
         """Release the checkpoints' file handles, the loss's loaded model and a Ray the executor started;
@@ -420,13 +441,10 @@ class ExplorerSession:
 
     # ---- evolution along a series (SPEC §10) --------------------------------------------------
     def series_order(self) -> tuple[list["Checkpoint"], list[int | None]]:
-        """The checkpoints in step order and their steps, when their paths name a series; else as opened."""
-        from analysis.run.series import detect_series
-
-        series = detect_series([str(c.path) for c in self.checkpoints])
-        if series is None:
+        """The checkpoints in step order and their steps for a series (the session's own order); else as opened."""
+        if self.series is None:
             return list(self.checkpoints), [None] * len(self.checkpoints)
-        return series.reorder(self.checkpoints), list(series.steps)
+        return self.series.reorder(self.checkpoints), list(self.series.steps)
 
     def _row(self, ckpt: "Checkpoint", node: Node, against: "Checkpoint | None", probe: bool = False
              ) -> dict[str, Any]:
@@ -491,10 +509,8 @@ class ExplorerSession:
         return EvolutionResult(title, metric, tuple(c.label for c in ordered), tuple(steps), values, tuple(lines))
 
     def series_info(self) -> "Series | None":
-        """The series the checkpoints' paths form (steps and tokens in step order), or None when they are none."""
-        from analysis.run.series import detect_series
-
-        return detect_series([str(c.path) for c in self.checkpoints])
+        """The session's series (steps and tokens in step order, resolved once at open), or None."""
+        return self.series
 
     def known_along(self, node: Node, metric: str, against: str = "first") -> tuple[float | None, ...] | None:
         """The node's own `metric` per checkpoint in step order from the cache only (the tree's sparklines), or

@@ -41,6 +41,21 @@ class DefaultCommandGroup(TyperGroup):
         """Route to the default command, then parse as any group does."""
         return super().parse_args(ctx, self.route(list(args)))
 
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 — click's Context, the command's result
+        """Invoke as any group does, with Ctrl-C (and SIGTERM's `Terminated`) passed on as `Interrupted`:
+        typer's main turns a KeyboardInterrupt into a silent exit 130, so `main` could not say so."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            raise Interrupted() from err
+
+
+class Interrupted(Exception):
+    """A command stopped by Ctrl-C or SIGTERM (its cleanup already ran), on its way to `main`'s one line."""
+
+
+INTERRUPTED_LINE = "diffract-tui: interrupted"
+
 
 app = typer.Typer(
     cls=DefaultCommandGroup,
@@ -162,8 +177,8 @@ def _invoke(args: list[str]) -> int:
         return int(getattr(err, "exit_code", 1))
     except _EXITS as err:
         return int(getattr(err, "exit_code", 0))
-    except KeyboardInterrupt:
-        typer.echo("diffract-tui: interrupted", err=True)
+    except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: one raised outside a command's invocation
+        typer.echo(INTERRUPTED_LINE, err=True)
         return 130
     except SystemExit as err:  # typer calls sys.exit(1) itself on a closed pipe, even when not standalone
         if isinstance(err.code, str):

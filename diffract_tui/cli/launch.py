@@ -1,5 +1,7 @@
 """`diffract-tui BASE CPT [CPT …]` (the `open` command): open checkpoints in the explorer.
 
+Checkpoints of one run (SPEC §10: steps in their names, or `--steps`; `--no-series` turns recognition off) are
+resolved into a series here, once, as `scan` and `delta` do, and the session opens them in its step order.
 The checkpoints are opened, aligned and their layout detected BEFORE the screen opens, so a missing path or
 incompatible checkpoints end with the engine's one-line message and exit status 1.
 """
@@ -11,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from diffract_tui.cli.scan import EXECUTOR_HELP, RAY_ADDRESS_HELP, executor_option, open_executor
+from diffract_tui.cli.scan import (EXECUTOR_HELP, RAY_ADDRESS_HELP, SERIES_HELP, STEPS_HELP, executor_option,
+                                  open_executor, resolve_series)
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.run.session import ExplorerSession
@@ -48,12 +51,19 @@ def open_command(
     executor: Annotated[str, typer.Option("--executor", callback=executor_option,
                                           help=EXECUTOR_HELP + " Used by compute-all.")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help=RAY_ADDRESS_HELP)] = None,
+    series: Annotated[bool, typer.Option("--series/--no-series", help=SERIES_HELP + " The first step is then the "
+                                                                                   "base.")] = True,
+    steps: Annotated[Optional[str], typer.Option("--steps", help=STEPS_HELP)] = None,
 ) -> None:
-    """Open the explorer: walk layers and heads, see spectra and deltas, mark heads, export a rewind list."""
+    """Open the explorer: walk layers and heads, see spectra and deltas, mark heads, export a rewind list.
+
+    Checkpoints of one run (steps in their names, or --steps) open in step order, the first step as the base."""
     from analysis.run.session import ExplorerSession, parse_labels
 
+    run_series = resolve_series(checkpoints, series, steps)  # the one order every view uses (SPEC §10)
     session = ExplorerSession.open(checkpoints, labels=parse_labels(label or [], checkpoints), device=device,
-                                   cache_dir=cache_dir, texts=list(text or []), general_texts=list(general_text or []))
+                                   cache_dir=cache_dir, texts=list(text or []), general_texts=list(general_text or []),
+                                   series=run_series if run_series is not None else False)
     try:
         session.executor = open_executor(executor, ray_address)   # a bad address or no Ray: one line, no screen
     except BaseException:
