@@ -1,10 +1,11 @@
 """The Taylor head score (SPEC §9): s_h = g_hᵀ(θ₀,h − θ_d,h), the first-order predicted change of the loss
 when head h is rewound, from one forward/backward pass at θ_d. The slots are those a rewind writes (q rows
 and o columns of h, their q bias entries) plus 1/G of its kv group's k/v rows and biases, as the head score
-splits them. Memory: the model plus one gradient of the attention projections. The pass goes one window at a
-time, with the engine's one protocol (`analysis.progress`): `progress` after each window, `cancel` polled
-before each, so a cancel stops it within one window; the model's weights are never written, and its gradients
-and `requires_grad` flags are restored on every way out."""
+splits them. Memory: the model plus one gradient of the attention projections. The pass goes in small
+groups of windows (`cancel_step`), with the engine's one protocol (`analysis.progress`): `progress` after
+each group, `cancel` polled before each, so a cancel stops it within one group (one window for ≤ 8 windows);
+the model's weights are never written, and its gradients and `requires_grad` flags are restored on every
+way out."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from analysis.eval.evaluator import EvalText
-from analysis.eval.loss import LoadedModel, mlm_mask, predicted_tokens, window_losses
+from analysis.eval.loss import LoadedModel, batch_size, mlm_mask, predicted_tokens, window_losses
 from analysis.eval.patch import parameter_map
 from analysis.progress import Cancel, Progress, check, never, no_progress
 
@@ -35,10 +36,19 @@ def _attention_tensors(layout: "ModelLayout") -> set[str]:
     return names
 
 
+CANCEL_POINTS = 8    # a text's pass is split into ≥ this many backward calls (fewer only with fewer windows)
+
+
+def cancel_step(count: int, batch: int) -> int:
+    """Windows per backward call: the memory batch, but small enough that `cancel` is polled ≥ CANCEL_POINTS
+    times per text (per-window calls cost ≈4× on a tiny model at T=64; 4 windows still go one by one)."""
+    return max(1, min(batch, -(-count // CANCEL_POINTS)))
+
+
 def loss_gradient(lm: LoadedModel, texts: Sequence[EvalText], names: set[str], seed: int = 0,
                   progress: Progress = no_progress, cancel: Cancel = never) -> dict[str, torch.Tensor]:
-    """∂/∂θ of the mean of the texts' losses, for the named parameters only (one backward per window, so that
-    `cancel` is honoured within one window; `progress(done, total, "windows …")` counts windows)."""
+    """∂/∂θ of the mean of the texts' losses, for the named parameters only: one backward per `cancel_step`
+    windows, so `cancel` is honoured within ≤ 1/CANCEL_POINTS of a text; `progress` counts windows."""
     params = parameter_map(lm.model)
     flags = {n: p.requires_grad for n, p in params.items()}
     total = sum(et.windows.count for et in texts)
@@ -51,11 +61,13 @@ def loss_gradient(lm: LoadedModel, texts: Sequence[EvalText], names: set[str], s
             for et in texts:
                 mask = mlm_mask(et.windows.ids, seed) if lm.kind == "masked" else None
                 denom = predicted_tokens(lm, et.windows, mask) * len(texts)
-                for i in range(et.windows.count):
+                step = cancel_step(et.windows.count, batch_size(lm, et.windows.tokens))
+                for i in range(0, et.windows.count, step):
                     check(cancel)
-                    part = window_losses(lm, et.windows.ids[i:i + 1], mask[i:i + 1] if mask is not None else None)
+                    part = window_losses(lm, et.windows.ids[i:i + step],
+                                         mask[i:i + step] if mask is not None else None)
                     (part / denom).backward()
-                    done += 1
+                    done += min(step, et.windows.count - i)
                     progress(done, total, "windows of the gradient pass")
         check(cancel)
         return {n: params[n].grad.detach().clone() for n in names if params[n].grad is not None}
