@@ -176,21 +176,25 @@ class RayExecutor:
         n = resources.get("GPU", 0) / num_gpus if num_gpus else resources.get("CPU", 1) / self.cpus_per_task
         return max(1, int(n))
 
-    def check_workers(self, paths: Sequence[str]) -> None:
-        """One task on a worker: the project imports there and every checkpoint path is readable there."""
+    def check_workers(self, paths: Sequence[str]) -> list[str]:
+        """One probe task on every alive node (pinned there: a multi-host cluster with one bad host is caught):
+        the project imports there and every checkpoint path is readable there. Returns the hosts probed."""
         ray = import_ray()
         self.start()
-        probe = ray.remote(_probe_function()).options(num_cpus=0, max_retries=self.max_retries)
+        probe = ray.remote(_probe_function())
         try:
-            host, import_error, unreadable = ray.get(probe.remote(PROBE_MODULE, list(paths)),
-                                                     timeout=PROBE_TIMEOUT_S)
+            refs = [probe.options(num_cpus=0, max_retries=self.max_retries, **placement)
+                    .remote(PROBE_MODULE, list(paths)) for placement in _node_placements(ray)]
+            answers = ray.get(refs, timeout=PROBE_TIMEOUT_S)
         except Exception as err:
             raise DiffractError(f"the Ray workers did not answer ({_first_line(err)})",
                                 hint="check the cluster (`ray status`), or use --executor local") from None
-        if import_error:
-            raise DiffractError(WORKERS_LACK_PROJECT)
-        if unreadable:
-            raise DiffractError(f"a Ray worker on host {host} cannot read {unreadable[0]}", hint=SHARED_FS_HINT)
+        for host, import_error, unreadable in answers:
+            if import_error:
+                raise DiffractError(f"{WORKERS_LACK_PROJECT} (host {host} lacks it)")
+            if unreadable:
+                raise DiffractError(f"a Ray worker on host {host} cannot read {unreadable[0]}", hint=SHARED_FS_HINT)
+        return [host for host, _, _ in answers]
 
     def run(self, fn: Callable[[Any], Any], payloads: Sequence[Any], *, num_gpus: float = 0,
             cancel: "Cancel | None" = None, on_result: Callable[[Any], None] | None = None) -> Iterator[Any]:
@@ -270,6 +274,15 @@ def _quiet_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)
+
+
+def _node_placements(ray: Any) -> list[dict[str, Any]]:
+    """Task options pinning a task to each alive node of the cluster (hard node affinity); one default
+    placement when the cluster lists no node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("NodeID")]
+    return [{"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)} for node in nodes] or [{}]
 
 
 def _first_line(err: BaseException) -> str:
