@@ -1,7 +1,9 @@
-"""The Ray executor's cost (issue 13, performance): a scan through Ray against the same scan in this process.
+"""The Ray executor's cost (issue 13, performance): a scan through Ray against the same scan in this process,
+and a whole `rewind sweep` process with --executor ray against the same command run locally.
 
     nice python benchmarks/ray_overhead.py --case 1b      # Llama-1B-shaped layers: Ray (1 CPU) vs local (goal ≤ 1.3×)
     nice python benchmarks/ray_overhead.py --case series  # 10 checkpoints of a 135M-shaped model: 1 vs 2 workers
+    nice python benchmarks/ray_overhead.py --case sweep   # rewind sweep of the tiny CPT family, whole processes
     nice python benchmarks/ray_overhead.py --case both --layers 2
 
 Random checkpoints written by `analysis.generate.write_checkpoint` into a temp folder (bf16 for the series,
@@ -11,13 +13,18 @@ the per-task overhead are what the ratio compares; the full depth only multiplie
 started per case with `num_cpus` = the workers; its start-up is reported apart (`ray_start_s`); the Ray scan's
 wall time includes the workers' first import of torch and the engine (cold workers), as a real run pays it.
 Wall seconds (the work runs in other processes, so CPU time of this one says nothing): on a shared machine
-they are noisy. Rows of the two executors are checked equal. One JSON object on stdout.
+they are noisy. Rows of the two executors are checked equal. The sweep case times whole `diffract-tui rewind
+sweep` processes (interpreter start, model loads, a local Ray started and stopped by the command) on the tiny
+CPT family (`analysis.tiny_models`, trained once into the system temp folder) and checks the tables are the same
+bytes. One JSON object on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,10 +109,44 @@ def case_series(root: Path, layers: int | None, n: int) -> dict:
             "two_over_one_worker": round(runs[1]["scan_s"] / runs[0]["scan_s"], 2)}
 
 
+SWEEP_ARGS = ["--patterns", "greedy,top,random", "--fractions", "0,0.1,0.2,0.3,0.4,0.5", "--seeds", "2",
+              "--tokens", "64", "--windows", "8", "--device", "cpu", "--threads", "1", "--no-cache"]
+
+
+def _sweep_process(family, out: Path, *extra: str) -> float:  # noqa: ANN001
+    """Wall seconds of one whole `diffract-tui rewind sweep` process of the family (code CPT, both texts)."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-c", "import sys; from diffract_tui.cli import main; sys.exit(main())", "rewind", "sweep",
+           str(family.base), str(family.code), "--text", str(family.code_text), "--general-text",
+           str(family.prose_text), *SWEEP_ARGS, "--out", str(out), *extra]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def case_sweep(root: Path) -> dict:
+    """A rewind sweep of the tiny CPT family: local, then Ray (a local Ray of every CPU, default batches and one
+    evaluation per task), whole processes; the tables must be the same bytes."""
+    from analysis.tiny_models import build_cpt_family, cpt_stamp
+
+    family = build_cpt_family(Path(tempfile.gettempdir()) / f"diffract-tiny-cpt-{cpt_stamp()}")
+    runs = {"local": [], "ray": ["--executor", "ray"], "ray_batch_1": ["--executor", "ray", "--batch", "1"]}
+    seconds, tables = {}, {}
+    for name, extra in runs.items():
+        out = root / f"sweep-{name}.csv"
+        seconds[name] = round(_sweep_process(family, out, *extra), 1)
+        tables[name] = out.read_bytes()
+    assert all(t == tables["local"] for t in tables.values()), "a Ray sweep table differs from the local one"
+    return {"family": "tiny CPT (analysis.tiny_models)", "args": " ".join(SWEEP_ARGS), "cpus": os.cpu_count(),
+            "wall_s": seconds, "ray_over_local": round(seconds["ray"] / seconds["local"], 2),
+            "ray_batch_1_over_local": round(seconds["ray_batch_1"] / seconds["local"], 2)}
+
+
 def main() -> None:
     """Write the checkpoints, run the cases, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=("1b", "series", "both"), default="both")
+    parser.add_argument("--case", choices=("1b", "series", "sweep", "both"), default="both")
     parser.add_argument("--layers", type=int, default=None, help="layers of each model (default: the shape's)")
     parser.add_argument("--n", type=int, default=10, help="checkpoints of the series")
     parser.add_argument("--root", type=Path, default=None, help="work folder (default: a temp folder)")
@@ -118,6 +159,8 @@ def main() -> None:
             out["1b"] = case_1b(root, args.layers)
         if args.case in ("series", "both"):
             out["series"] = case_series(root, args.layers, args.n)
+        if args.case == "sweep":
+            out["sweep"] = case_sweep(root)
     print(json.dumps(out, indent=1))
 
 

@@ -7,6 +7,7 @@ cancelling tests come last (they kill worker processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -17,6 +18,7 @@ import pytest
 import ray  # the `ray` extra, installed by `make test`: missing, these tests fail (never skip)
 
 from analysis.run import executors
+from diffract_tui.cli import eval as eval_cli
 from diffract_tui.cli import main
 from tests.test_hostile_writers import one_line_error, sha_tree
 from tests.test_ray_executor import cluster  # noqa: F401 — the module's one local Ray
@@ -70,7 +72,7 @@ def test_a_ray_sweep_writes_the_local_bytes_and_a_local_rerun_reads_the_workers_
     assert " 0 evaluated" in capsys.readouterr().err
 
 
-def test_one_candidate_per_task_gives_the_same_bytes(cluster, family, local_sweep, tmp_path, monkeypatch):
+def test_one_evaluation_per_task_gives_the_same_bytes_and_progress_per_task(cluster, family, local_sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFRACT_TUI_THREADS", "1")
     seen: list[int] = []
     real = executors.sweep_remote
@@ -85,11 +87,21 @@ def test_one_candidate_per_task_gives_the_same_bytes(cluster, family, local_swee
         executor.run = run
         return real(executor, candidates, texts, **kwargs)
 
+    ticks: list[tuple[int, int]] = []
+
+    @contextlib.contextmanager
+    def recorded(description):
+        yield lambda done, total, text: ticks.append((done, total))
+
     monkeypatch.setattr(executors, "sweep_remote", counted)
+    monkeypatch.setattr(eval_cli, "eta_progress", recorded)
     out = tmp_path / "ray.csv"
     assert _sweep(family, out, "--executor", "ray", "--no-cache", "--batch", "1") == 0
     assert out.read_bytes() == local_sweep
     assert seen and seen[0] >= 4, f"--batch 1 did not make one task per evaluation: {seen}"
+    # progress as each task finishes: one tick per task, ending at every candidate (greedy and top × 2 fractions)
+    assert len(ticks) == seen[0] and ticks[-1] == (4, 4), ticks
+    assert [done for done, _ in ticks] == sorted(done for done, _ in ticks)
 
 
 def test_a_sweep_task_whose_worker_dies_is_retried_and_the_table_is_unchanged(cluster, family, local_sweep,

@@ -542,6 +542,7 @@ class SweepJob:
 
     kind: str                       # "target" | "plan" | "base"
     plan: "RewindList | None" = None
+    candidates: int = 0             # how many of the sweep's candidates this plan is (progress)
 
 
 @dataclass(frozen=True)
@@ -566,7 +567,7 @@ class SweepResult:
     losses: list[list["LossResult"]]
     hits: int
     misses: int
-    plans: int                      # how many of its jobs were candidate plans (progress)
+    candidates: int                 # how many of the sweep's candidates its jobs evaluated (progress)
 
 
 def sweep_task(task: SweepTask) -> "SweepResult | TaskError":
@@ -608,7 +609,7 @@ def sweep_task(task: SweepTask) -> "SweepResult | TaskError":
         for c in opened:
             c.close()
     return SweepResult(losses=losses, hits=evaluator.hits, misses=evaluator.misses,
-                       plans=sum(job.kind == "plan" for job in task.jobs))
+                       candidates=sum(job.candidates for job in task.jobs))
 
 
 def _batches(jobs: Sequence[SweepJob], count: int) -> list[tuple[SweepJob, ...]]:
@@ -641,13 +642,15 @@ def sweep_remote(executor: RayExecutor, candidates: Sequence["Candidate"], texts
     and the base last; the rows are assembled as the local sweep's (`sweep_rows`). Raises `Cancelled` on
     cancel."""
     import time
+    from collections import Counter
 
     from analysis.eval.loss import eta_text
-    from analysis.eval.sweep import sweep_rows, unique_plans
+    from analysis.eval.sweep import plan_key, sweep_rows, unique_plans
     from analysis.progress import Cancelled
 
     plans = unique_plans(candidates)
-    jobs = [SweepJob("target"), *(SweepJob("plan", p) for p in plans.values()), SweepJob("base")]
+    weight = Counter(plan_key(c.plan) for c in candidates)
+    jobs = [SweepJob("target"), *(SweepJob("plan", p, weight[k]) for k, p in plans.items()), SweepJob("base")]
     gpus = 1.0 if device == "cuda" else 0.0
     count = -(-len(jobs) // batch) if batch else executor.slots(gpus)
     paths = (str(base.path), str(target.path))
@@ -659,9 +662,9 @@ def sweep_remote(executor: RayExecutor, candidates: Sequence["Candidate"], texts
 
     def finished(result: SweepResult) -> None:
         nonlocal done
-        done += result.plans
+        done += result.candidates
         if progress is not None:
-            progress(done, len(plans), eta_text(start, done, len(plans)))
+            progress(done, len(candidates), eta_text(start, done, len(candidates)))
 
     fn = globals()["sweep_task"]   # looked up at run time (a test wraps it)
     results = list(executor.run(fn, tasks, num_gpus=gpus, cancel=cancel, on_result=finished))
