@@ -125,6 +125,64 @@ def _sweep_process(family, out: Path, *extra: str) -> float:  # noqa: ANN001
     return time.perf_counter() - start
 
 
+RAY_FIXED = ("from analysis.run.executors import RayExecutor; e = RayExecutor(); e.start(); e.check_workers([]); "
+             "e.close()")
+
+
+def _ray_fixed_process() -> float:
+    """Wall seconds of a process that only starts a local Ray, probes its workers and stops it (what any
+    `--executor ray` command pays before its first task; no torch import on the workers)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", RAY_FIXED], check=True, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _sweep_in_process(family) -> dict:  # noqa: ANN001
+    """The sweep's compute alone, in this process: `run_sweep` locally, then `sweep_remote` on one local Ray
+    (2 CPUs) twice — cold workers (their first torch/transformers import) and warm ones; rows checked equal."""
+    from analysis.edit.rewind import checkpoint_ref, rewind_inputs
+    from analysis.eval.evaluator import Evaluator, prepare_text
+    from analysis.eval.loss import load_model
+    from analysis.eval.patch import LivePatch
+    from analysis.eval.sweep import parse_fractions, run_sweep, sweep_candidates
+    from analysis.eval.texts import load_text
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.model.architecture import layout_of
+    from analysis.run.executors import RayExecutor, sweep_remote
+
+    args = dict(zip(SWEEP_ARGS[::2], SWEEP_ARGS[1::2]))
+    b, t = open_checkpoint(family.base), open_checkpoint(family.code)
+    lm = load_model(family.code, device=torch.device("cpu"), dtype=torch.float32)
+    texts = [prepare_text(lm, load_text(p), int(args["--tokens"]), int(args["--windows"]), role)
+             for p, role in ((family.code_text, "domain"), (family.prose_text, "general"))]
+    inputs = rewind_inputs(b, t, None)
+    cands = sweep_candidates(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t), reference=None,
+                             patterns=args["--patterns"].split(","), fractions=parse_fractions(args["--fractions"]),
+                             seeds=int(args["--seeds"]))
+    start = time.perf_counter()
+    local = run_sweep(Evaluator(lm, t.fingerprint), LivePatch(lm.model, b, layout_of(t)), cands, texts, target=t,
+                      inputs=inputs)
+    out = {"candidates": len(cands), "local_s": round(time.perf_counter() - start, 1)}
+    executor = RayExecutor(num_cpus=2)
+    start = time.perf_counter()
+    executor.start()
+    out["ray_start_s"] = round(time.perf_counter() - start, 1)
+    try:
+        for name in ("ray_cold_workers_s", "ray_warm_workers_s"):
+            start = time.perf_counter()
+            remote = sweep_remote(executor, cands, texts, base=b, target=t, device="cpu", dtype="float32", cache=None,
+                                  inputs=inputs)
+            out[name] = round(time.perf_counter() - start, 1)
+            assert remote.rows == local, "Ray sweep rows differ from the local rows"
+    finally:
+        executor.close()
+    out["warm_over_local"] = round(out["ray_warm_workers_s"] / out["local_s"], 2)
+    return out
+
+
 def case_sweep(root: Path) -> dict:
     """A rewind sweep of the tiny CPT family: local, then Ray (a local Ray of every CPU, default batches and one
     evaluation per task), whole processes; the tables must be the same bytes."""
@@ -138,9 +196,12 @@ def case_sweep(root: Path) -> dict:
         seconds[name] = round(_sweep_process(family, out, *extra), 1)
         tables[name] = out.read_bytes()
     assert all(t == tables["local"] for t in tables.values()), "a Ray sweep table differs from the local one"
+    seconds["ray_start_probe_stop_only"] = round(_ray_fixed_process(), 1)
+    compute = _sweep_in_process(family)
     return {"family": "tiny CPT (analysis.tiny_models)", "args": " ".join(SWEEP_ARGS), "cpus": os.cpu_count(),
             "wall_s": seconds, "ray_over_local": round(seconds["ray"] / seconds["local"], 2),
-            "ray_batch_1_over_local": round(seconds["ray_batch_1"] / seconds["local"], 2)}
+            "ray_batch_1_over_local": round(seconds["ray_batch_1"] / seconds["local"], 2),
+            "in_process": compute}
 
 
 def main() -> None:
