@@ -203,7 +203,8 @@ def rewind_sweep(
         help=SWEEP_EXECUTOR_HELP)] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help=RAY_ADDRESS_HELP)] = None,
     batch: Annotated[Optional[int], typer.Option("--batch", min=1,
-        help="With --executor ray: candidates per Ray task (default: one batch per worker slot).")] = None,
+        help="With --executor ray: evaluations per Ray task (distinct candidates; the target and the base count "
+             "one each). Default: one batch per task the cluster runs at once.")] = None,
 ) -> None:
     """Loss of every candidate rewind (pattern × fraction × seed) on every text, in memory.
 
