@@ -171,6 +171,27 @@ def _with_taylor(inputs: Any, base: Any, target: Any, target_path: Path, text: L
     return dataclasses.replace(inputs, taylor=grid)
 
 
+def _run_sweep(runner: Any, lm: Any, base: Any, target: Any, candidates: list, texts: list, *, cache: Any,
+               inputs: Any, batch: Optional[int], progress: Callable[[int, Optional[int], str], None]
+               ) -> tuple[list[dict], int, int]:
+    """The sweep's rows and its cache hits and misses: on the loaded model in this process (local), or as Ray
+    tasks that each load the model from the target's path (the same rows, bit for bit)."""
+    from analysis.eval.evaluator import Evaluator
+    from analysis.eval.patch import LivePatch
+    from analysis.eval.sweep import run_sweep
+    from analysis.model.architecture import layout_of
+    from analysis.run.executors import sweep_remote
+
+    if runner.local:
+        evaluator = Evaluator(lm, target.fingerprint, cache)
+        patch = LivePatch(lm.model, base, layout_of(target))
+        rows = run_sweep(evaluator, patch, candidates, texts, target=target, inputs=inputs, progress=progress)
+        return rows, evaluator.hits, evaluator.misses
+    remote = sweep_remote(runner, candidates, texts, base=base, target=target, device=lm.device.type,
+                          dtype=lm.dtype_name, cache=cache, inputs=inputs, batch=batch, progress=progress)
+    return remote.rows, remote.hits, remote.misses
+
+
 SWEEP_EXECUTOR_HELP = (EXECUTOR_HELP + " With ray the candidates are split into Ray tasks; each loads the model "
                        "once and evaluates its batch (same rows, same bytes).")
 
@@ -213,14 +234,10 @@ def rewind_sweep(
     come from Ray tasks."""
     from analysis.edit.rewind import checkpoint_ref, parse_heads, rewind_inputs
     from analysis.errors import DiffractError
-    from analysis.eval.evaluator import Evaluator
     from analysis.eval.loss import load_model
-    from analysis.eval.patch import LivePatch
-    from analysis.eval.sweep import parse_fractions, run_sweep, sweep_candidates
+    from analysis.eval.sweep import parse_fractions, sweep_candidates
     from analysis.io.checkpoint import open_checkpoint
     from analysis.io.guard import refuse_input_overlap
-    from analysis.model.architecture import layout_of
-    from analysis.run.executors import sweep_remote
     from analysis.run.tables import table_format, write_table
     from diffract_tui.cli.eval import eta_progress, eval_device, load_texts, make_cache, prepare_all, eval_provenance
 
@@ -253,16 +270,8 @@ def rewind_sweep(
                                       fractions=fraction_list, seeds=seeds, score=score, gqa_policy=gqa_policy,
                                       heads=head_list)
         with eta_progress(f"sweeping {len(candidates)} candidates") as progress:
-            if runner.local:
-                evaluator = Evaluator(lm, t.fingerprint, cache)
-                patch = LivePatch(lm.model, b, layout_of(t))
-                rows = run_sweep(evaluator, patch, candidates, prepared, target=t, inputs=inputs, progress=progress)
-                hits, misses = evaluator.hits, evaluator.misses
-            else:
-                remote = sweep_remote(runner, candidates, prepared, base=b, target=t, device=lm.device.type,
-                                      dtype=lm.dtype_name, cache=cache, inputs=inputs, batch=batch,
-                                      progress=progress)
-                rows, hits, misses = remote.rows, remote.hits, remote.misses
+            rows, hits, misses = _run_sweep(runner, lm, b, t, candidates, prepared, cache=cache, inputs=inputs,
+                                            batch=batch, progress=progress)
     finally:
         runner.close()
     meta = eval_provenance("rewind sweep", lm, prepared, (b, t, r), score=score, gqa_policy=gqa_policy,
