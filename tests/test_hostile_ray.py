@@ -100,3 +100,49 @@ def test_rewind_sweep_rejects_an_unknown_executor(pair, tmp_path, capsys):
     assert main(["rewind", "sweep", *map(str, pair), "--text", str(text), "--out", str(tmp_path / "s.csv"),
                  "--executor", "dask"]) == 2
     assert "unknown executor 'dask'" in capsys.readouterr().err
+
+
+def _sweep_args(pair: list[Path], tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    """A `rewind sweep` of the pair on one small text (the executor is opened before any model is loaded)."""
+    text = tmp_path / "t.txt"
+    text.write_text("some text to evaluate")
+    return ["rewind", "sweep", *map(str, pair), "--text", str(text), "--no-cache", "--out", str(out), *extra]
+
+
+def test_rewind_sweep_with_executor_ray_without_ray_installed_says_what_to_install(pair, tmp_path, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` raises ImportError
+    before = sha_tree(*pair)
+    out = tmp_path / "s.csv"
+    assert main(_sweep_args(pair, tmp_path, out, "--executor", "ray")) == 1
+    one_line_error(capsys.readouterr().err, "--executor ray needs Ray", "pip install 'diffract-tui[ray]'")
+    assert not out.exists() and sha_tree(*pair) == before
+
+
+def test_rewind_sweep_at_an_unreachable_ray_address_fails_fast_in_one_line(pair, tmp_path, capsys, monkeypatch):
+    import time
+
+    import ray
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("ray.init was called for an address nothing listens on")
+
+    monkeypatch.setattr(ray, "init", no_init)
+    before = sha_tree(*pair)
+    out = tmp_path / "s.csv"
+    address = f"127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    assert main(_sweep_args(pair, tmp_path, out, "--executor", "ray", "--ray-address", address)) == 1
+    assert time.monotonic() - start < 3.0, "an unreachable address took longer than the connect timeout"
+    one_line_error(capsys.readouterr().err, f"cannot reach the Ray cluster at {address}", "--ray-address")
+    assert not out.exists() and sha_tree(*pair) == before
+
+
+@pytest.mark.parametrize("option", [["--ray-address", "10.0.0.1:6379"], ["--batch", "4"]])
+def test_rewind_sweep_ray_options_without_executor_ray_are_usage_errors(pair, tmp_path, capsys, option):
+    out = tmp_path / "s.csv"
+    assert main(_sweep_args(pair, tmp_path, out, *option)) == 2
+    err = capsys.readouterr().err
+    assert "only with --executor ray" in err and option[0] in err and "Traceback" not in err
+    assert not out.exists()

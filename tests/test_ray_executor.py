@@ -195,6 +195,43 @@ def test_results_finishing_out_of_order_are_yielded_in_submission_order(cluster)
     assert sorted(arrived) == [0, 1, 2, 3] and arrived != got, "no result came out of order: the test tested nothing"
 
 
+def test_the_probe_runs_once_on_every_alive_node(cluster, trio, monkeypatch):
+    placed: list[dict] = []
+    real = executors._node_placements
+
+    def recorded(r):
+        placed.extend(real(r))
+        return placed
+
+    monkeypatch.setattr(executors, "_node_placements", recorded)
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    hosts = executors.RayExecutor().check_workers([str(p) for p in trio])
+    assert hosts == [socket.gethostname()] * len(alive)
+    assert {p["scheduling_strategy"].node_id for p in placed} == alive and len(placed) == len(alive)
+    assert all(p["scheduling_strategy"].soft is False for p in placed)
+
+
+def test_one_bad_node_among_good_ones_is_caught(cluster, trio, tmp_path, monkeypatch):
+    from analysis.errors import DiffractError
+
+    marker = str(tmp_path / "first-node-answered")
+
+    def probe(module, paths):   # runs on a worker: the first node to answer sees the paths, the other does not
+        import os as o
+
+        try:
+            o.close(o.open(marker, o.O_CREAT | o.O_EXCL))
+            return "good-host", None, []
+        except FileExistsError:
+            return "bad-host", None, list(paths)
+
+    real = executors._node_placements
+    monkeypatch.setattr(executors, "_probe_function", lambda: probe)
+    monkeypatch.setattr(executors, "_node_placements", lambda r: real(r) * 2)   # as if the cluster had two nodes
+    with pytest.raises(DiffractError, match=f"a Ray worker on host bad-host cannot read {trio[0]}"):
+        executors.RayExecutor().check_workers([str(p) for p in trio])
+
+
 @pytest.mark.slow
 def test_real_rxnfp_checkpoints_scan_to_the_same_bytes_through_ray(cluster, rxnfp_dirs, tmp_path):
     pair = [str(rxnfp_dirs["bert_pretrained"]), str(rxnfp_dirs["bert_ft"])]

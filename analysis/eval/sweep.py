@@ -107,15 +107,64 @@ def add_tradeoff(rows: list[dict[str, Any]]) -> None:
             r["forgetting_recovered"] = _ratio(lc - r["loss"], lc - lb)
 
 
+def plan_key(plan: "RewindList") -> str:
+    """What makes two candidates one evaluation: the heads they patch (their rewind description)."""
+    return repr(rewind_description(plan))
+
+
+def unique_plans(candidates: Sequence[Candidate]) -> dict[str, "RewindList"]:
+    """The candidates' distinct plans by `plan_key`, in first-seen order (each is evaluated once)."""
+    out: dict[str, "RewindList"] = {}
+    for c in candidates:
+        out.setdefault(plan_key(c.plan), c.plan)
+    return out
+
+
+def target_losses(evaluator: Evaluator, texts: Sequence[EvalText]) -> list[LossResult]:
+    """The loss on every text of the live model as loaded (the target: the sweep's reference level)."""
+    return [evaluator.loss(et) for et in texts]
+
+
 def plan_losses(evaluator: Evaluator, patch: LivePatch, plan: "RewindList",
                 texts: Sequence[EvalText]) -> list[LossResult]:
-    """One sweep point: the loss on every text with `plan`'s heads rewound in the live model, restored after
-    (an empty plan is the target itself, bit for bit); what `run_sweep` does per candidate and the GPU bench times."""
+    """The loss on every text of the live model with `plan`'s heads rewound (restored bit for bit after);
+    a plan of no heads is the target itself, bit for bit."""
     if not plan.heads:
-        return [evaluator.loss(et) for et in texts]
-    desc = rewind_description(plan)
+        return target_losses(evaluator, texts)
     with patch.rewound(plan):
-        return [evaluator.loss(et, desc) for et in texts]
+        return [evaluator.loss(et, rewind_description(plan)) for et in texts]
+
+
+def base_losses(evaluator: Evaluator, patch: LivePatch, texts: Sequence[EvalText],
+                target: "Checkpoint | None") -> list[LossResult]:
+    """The loss on every text of the base, loaded into the live model; the target is loaded back after
+    (`target` None: left as the base, for a model about to be dropped)."""
+    from analysis.edit.interpolate import Combination
+
+    base = patch.base
+    load_combination(patch.model, Combination(((base, 1.0),), base, "checkpoint", {}))
+    try:
+        return [evaluator.loss(et, {"checkpoint": base.fingerprint}) for et in texts]
+    finally:
+        if target is not None:
+            load_combination(patch.model, Combination(((target, 1.0),), target, "checkpoint", {}))
+
+
+def sweep_rows(candidates: Sequence[Candidate], texts: Sequence[EvalText], target: Sequence[LossResult],
+               losses: dict[str, list[LossResult]], base: Sequence[LossResult],
+               inputs: "RewindInputs | None" = None) -> list[dict[str, Any]]:
+    """The sweep's table from its losses (target, each plan by `plan_key`, base), with the trade-off columns:
+    one assembly for every executor, so the rows do not depend on where the losses were computed."""
+    from analysis.edit.rewind import preview
+
+    rows = [_row("target", 0.0, None, 0, et, r, 0.0) for et, r in zip(texts, target)]
+    for c in candidates:
+        share = preview(c.plan, inputs).share_removed if inputs is not None else None
+        rows += [_row(c.pattern, c.fraction, c.seed, len(c.plan.heads), et, r, share)
+                 for et, r in zip(texts, losses[plan_key(c.plan)])]
+    rows += [_row("base", None, None, None, et, r, None) for et, r in zip(texts, base)]
+    add_tradeoff(rows)
+    return rows
 
 
 def run_sweep(evaluator: Evaluator, patch: LivePatch, candidates: Sequence[Candidate], texts: Sequence[EvalText], *,
@@ -123,28 +172,18 @@ def run_sweep(evaluator: Evaluator, patch: LivePatch, candidates: Sequence[Candi
               cancelled: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
     """Rows pattern, fraction, seed, heads, text, role, loss, ppl, … for the target, every candidate and the
     base (evaluated last, by loading the base into the live model; the target is loaded back after)."""
-    from analysis.edit.interpolate import Combination
-    from analysis.edit.rewind import preview
-
-    rows = [_row("target", 0.0, None, 0, et, evaluator.loss(et), 0.0) for et in texts]
+    level = target_losses(evaluator, texts)
     memo: dict[str, list[LossResult]] = {}
     start = time.monotonic()
+    done = 0
     for i, c in enumerate(candidates):
         if cancelled is not None and cancelled():
             break
-        key = repr(rewind_description(c.plan))
+        key = plan_key(c.plan)
         if key not in memo:
             memo[key] = plan_losses(evaluator, patch, c.plan, texts)
-        share = preview(c.plan, inputs).share_removed if inputs is not None else None
-        rows += [_row(c.pattern, c.fraction, c.seed, len(c.plan.heads), et, r, share) for et, r in zip(texts, memo[key])]
+        done = i + 1
         if progress is not None:
-            progress(i + 1, len(candidates), eta_text(start, i + 1, len(candidates)))
-    base = patch.base
-    load_combination(patch.model, Combination(((base, 1.0),), base, "checkpoint", {}))
-    try:
-        rows += [_row("base", None, None, None, et, evaluator.loss(et, {"checkpoint": base.fingerprint}), None)
-                 for et in texts]
-    finally:
-        load_combination(patch.model, Combination(((target, 1.0),), target, "checkpoint", {}))
-    add_tradeoff(rows)
-    return rows
+            progress(done, len(candidates), eta_text(start, done, len(candidates)))
+    base = base_losses(evaluator, patch, texts, target)
+    return sweep_rows(candidates[:done], texts, level, memo, base, inputs)

@@ -1,10 +1,11 @@
-"""Where a scan's or a delta table's work runs: in this process (`LocalExecutor`) or as Ray tasks
-(`RayExecutor`, `--executor ray`) on a local Ray started for the run or an existing cluster (`--ray-address`,
-default `$RAY_ADDRESS`).
+"""Where a scan's, a delta table's or a rewind sweep's work runs: in this process (`LocalExecutor`) or as Ray
+tasks (`RayExecutor`, `--executor ray`) on a local Ray started for the run or an existing cluster
+(`--ray-address`, default `$RAY_ADDRESS`).
 
 Ray tasks get paths, not tensors: each opens the checkpoints itself (so every node must see them at the same
 path — a shared filesystem), computes its share through the same engine code as the local run, writes the
-shared cache and returns rows. The driver keeps the local executor's row order (results that finish early
+shared cache and returns rows (a sweep task loads the model once and returns the losses of its batch of
+candidates). The driver keeps the local executor's row order (results that finish early
 wait in a buffer), reports progress as tasks finish, lets Ray retry a task whose worker died (`max_retries`),
 and cancels every pending task (`ray.cancel(force=True)`) on cancel, Ctrl-C or an error.
 """
@@ -25,6 +26,11 @@ from analysis.errors import DiffractError, MatrixFailure
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.deltas.delta_table import DeltaOptions, DeltaPart, DeltaTable
+    from analysis.edit.rewind import RewindInputs
+    from analysis.edit.rewind_list import RewindList
+    from analysis.eval.evaluator import EvalText
+    from analysis.eval.loss import EvalProgress, LossResult
+    from analysis.eval.sweep import Candidate
     from analysis.io.checkpoint import Checkpoint
     from analysis.progress import Cancel, Progress
     from analysis.run.cache import Cache
@@ -162,21 +168,33 @@ class RayExecutor:
             ray.shutdown()
         self.started = False
 
-    def check_workers(self, paths: Sequence[str]) -> None:
-        """One task on a worker: the project imports there and every checkpoint path is readable there."""
+    def slots(self, num_gpus: float = 0) -> int:
+        """How many tasks the cluster runs at once: its CPUs per task, or its GPUs when a task takes some."""
         ray = import_ray()
         self.start()
-        probe = ray.remote(_probe_function()).options(num_cpus=0, max_retries=self.max_retries)
+        resources = ray.cluster_resources()
+        n = resources.get("GPU", 0) / num_gpus if num_gpus else resources.get("CPU", 1) / self.cpus_per_task
+        return max(1, int(n))
+
+    def check_workers(self, paths: Sequence[str]) -> list[str]:
+        """One probe task on every alive node (pinned there: a multi-host cluster with one bad host is caught):
+        the project imports there and every checkpoint path is readable there. Returns the hosts probed."""
+        ray = import_ray()
+        self.start()
+        probe = ray.remote(_probe_function())
         try:
-            host, import_error, unreadable = ray.get(probe.remote(PROBE_MODULE, list(paths)),
-                                                     timeout=PROBE_TIMEOUT_S)
+            refs = [probe.options(num_cpus=0, max_retries=self.max_retries, **placement)
+                    .remote(PROBE_MODULE, list(paths)) for placement in _node_placements(ray)]
+            answers = ray.get(refs, timeout=PROBE_TIMEOUT_S)
         except Exception as err:
             raise DiffractError(f"the Ray workers did not answer ({_first_line(err)})",
                                 hint="check the cluster (`ray status`), or use --executor local") from None
-        if import_error:
-            raise DiffractError(WORKERS_LACK_PROJECT)
-        if unreadable:
-            raise DiffractError(f"a Ray worker on host {host} cannot read {unreadable[0]}", hint=SHARED_FS_HINT)
+        for host, import_error, unreadable in answers:
+            if import_error:
+                raise DiffractError(f"{WORKERS_LACK_PROJECT} (host {host} lacks it)")
+            if unreadable:
+                raise DiffractError(f"a Ray worker on host {host} cannot read {unreadable[0]}", hint=SHARED_FS_HINT)
+        return [host for host, _, _ in answers]
 
     def run(self, fn: Callable[[Any], Any], payloads: Sequence[Any], *, num_gpus: float = 0,
             cancel: "Cancel | None" = None, on_result: Callable[[Any], None] | None = None) -> Iterator[Any]:
@@ -256,6 +274,15 @@ def _quiet_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)
+
+
+def _node_placements(ray: Any) -> list[dict[str, Any]]:
+    """Task options pinning a task to each alive node of the cluster (hard node affinity); one default
+    placement when the cluster lists no node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("NodeID")]
+    return [{"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)} for node in nodes] or [{}]
 
 
 def _first_line(err: BaseException) -> str:
@@ -502,3 +529,148 @@ def delta_remote(executor: RayExecutor, base: "Checkpoint", targets: Sequence["C
     if len(results) < len(tasks):
         raise Cancelled()
     return assemble(base, targets, options, plan, results)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rewind-sweep tasks
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """One evaluation of a sweep: the target as loaded, one candidate plan, or the base."""
+
+    kind: str                       # "target" | "plan" | "base"
+    plan: "RewindList | None" = None
+    candidates: int = 0             # how many of the sweep's candidates this plan is (progress)
+
+
+@dataclass(frozen=True)
+class SweepTask:
+    """A batch of a sweep's evaluations with what a worker needs: the model is loaded once per task, from the
+    target's path, and every job patches and restores it as the local sweep does."""
+
+    paths: tuple[str, str]          # the base, the target
+    labels: tuple[str, str]
+    device: str                     # the driver's device kind ("cpu", "cuda"): a task's GPU is its cuda:0
+    dtype: str
+    texts: tuple["EvalText", ...]   # tokenised on the driver: every task sees the same windows
+    jobs: tuple[SweepJob, ...]
+    cache_root: str | None
+    threads: int
+
+
+@dataclass
+class SweepResult:
+    """The losses of one task's jobs (per job, per text) and its cache hits and misses."""
+
+    losses: list[list["LossResult"]]
+    hits: int
+    misses: int
+    candidates: int                 # how many of the sweep's candidates its jobs evaluated (progress)
+
+
+def sweep_task(task: SweepTask) -> "SweepResult | TaskError":
+    """Runs on a worker: load the target once, then each job's loss on every text (the local sweep's code)."""
+    import torch
+
+    from analysis.eval.evaluator import Evaluator
+    from analysis.eval.loss import load_model, parse_dtype
+    from analysis.eval.patch import LivePatch
+    from analysis.eval.sweep import base_losses, plan_losses, target_losses
+    from analysis.model.architecture import layout_of
+    from analysis.run.cache import Cache, flush_cache
+
+    _worker_setup(task.threads)
+    opened = _open_on_worker(task.paths, task.labels)
+    if isinstance(opened, TaskError):
+        return opened
+    base, target = opened
+    cache = Cache(task.cache_root) if task.cache_root is not None else None
+    try:
+        device = torch.device(task.device)
+        lm = load_model(target.path, device=device, dtype=parse_dtype(task.dtype, device))
+        evaluator = Evaluator(lm, target.fingerprint, cache)
+        patch = LivePatch(lm.model, base, layout_of(target))
+        losses = []
+        for i, job in enumerate(task.jobs):
+            if job.kind == "target":
+                losses.append(target_losses(evaluator, task.texts))
+            elif job.kind == "base":   # the target is loaded back only when a job follows
+                losses.append(base_losses(evaluator, patch, task.texts, target if i + 1 < len(task.jobs) else None))
+            else:
+                assert job.plan is not None
+                losses.append(plan_losses(evaluator, patch, job.plan, task.texts))
+        flush_cache(cache)
+    except OSError as err:
+        return TaskError(f"a Ray worker on host {socket.gethostname()} cannot read "
+                         f"{err.filename or task.paths[-1]} ({err.strerror or err}) — {SHARED_FS_HINT}")
+    finally:
+        for c in opened:
+            c.close()
+    return SweepResult(losses=losses, hits=evaluator.hits, misses=evaluator.misses,
+                       candidates=sum(job.candidates for job in task.jobs))
+
+
+def _batches(jobs: Sequence[SweepJob], count: int) -> list[tuple[SweepJob, ...]]:
+    """`jobs` cut into `count` contiguous batches of near-equal size (order kept: the base stays last)."""
+    count = max(1, min(count, len(jobs)))
+    size, extra = divmod(len(jobs), count)
+    out, start = [], 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        out.append(tuple(jobs[start:end]))
+        start = end
+    return out
+
+
+@dataclass
+class RemoteSweep:
+    """The sweep's rows as the local `run_sweep` gives them, with the evaluations' cache hits and misses."""
+
+    rows: list[dict]
+    hits: int
+    misses: int
+
+
+def sweep_remote(executor: RayExecutor, candidates: Sequence["Candidate"], texts: Sequence["EvalText"], *,
+                 base: "Checkpoint", target: "Checkpoint", device: str, dtype: str, cache: "Cache | None",
+                 inputs: "RewindInputs | None" = None, batch: int | None = None,
+                 progress: "EvalProgress | None" = None, cancel: "Cancel | None" = None) -> RemoteSweep:
+    """A rewind sweep's losses computed by Ray tasks, each loading the model once and evaluating a batch of the
+    distinct plans (`batch` per task; default one batch per worker the cluster runs at once), the target first
+    and the base last; the rows are assembled as the local sweep's (`sweep_rows`). Raises `Cancelled` on
+    cancel."""
+    import time
+    from collections import Counter
+
+    from analysis.eval.loss import eta_text
+    from analysis.eval.sweep import plan_key, sweep_rows, unique_plans
+    from analysis.progress import Cancelled
+
+    plans = unique_plans(candidates)
+    weight = Counter(plan_key(c.plan) for c in candidates)
+    jobs = [SweepJob("target"), *(SweepJob("plan", p, weight[k]) for k, p in plans.items()), SweepJob("base")]
+    gpus = 1.0 if device == "cuda" else 0.0
+    count = -(-len(jobs) // batch) if batch else executor.slots(gpus)
+    paths = (str(base.path), str(target.path))
+    tasks = [SweepTask(paths=paths, labels=(base.label, target.label), device=device, dtype=dtype,
+                       texts=tuple(texts), jobs=part, cache_root=str(cache.root) if cache is not None else None,
+                       threads=max(1, int(executor.cpus_per_task))) for part in _batches(jobs, count)]
+    executor.check_workers(list(paths))
+    done, start = 0, time.monotonic()
+
+    def finished(result: SweepResult) -> None:
+        nonlocal done
+        done += result.candidates
+        if progress is not None:
+            progress(done, len(candidates), eta_text(start, done, len(candidates)))
+
+    fn = globals()["sweep_task"]   # looked up at run time (a test wraps it)
+    results = list(executor.run(fn, tasks, num_gpus=gpus, cancel=cancel, on_result=finished))
+    if len(results) < len(tasks):
+        raise Cancelled()
+    losses = [loss for result in results for loss in result.losses]
+    memo = dict(zip(plans, losses[1:-1]))
+    rows = sweep_rows(candidates, texts, losses[0], memo, losses[-1], inputs)
+    return RemoteSweep(rows=rows, hits=sum(r.hits for r in results), misses=sum(r.misses for r in results))

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Callable, Iterator, List, Optional
 
 import typer
 
-from diffract_tui.cli.scan import executor_option
+from diffract_tui.cli.scan import EXECUTOR_HELP, RAY_ADDRESS_HELP, executor_option, open_executor
 
 @contextmanager
 def stderr_progress(description: str, unit_bytes: bool = False) -> Iterator[Callable[[int, "int | None", str], None]]:
@@ -171,6 +171,31 @@ def _with_taylor(inputs: Any, base: Any, target: Any, target_path: Path, text: L
     return dataclasses.replace(inputs, taylor=grid)
 
 
+def _run_sweep(runner: Any, lm: Any, base: Any, target: Any, candidates: list, texts: list, *, cache: Any,
+               inputs: Any, batch: Optional[int], progress: Callable[[int, Optional[int], str], None]
+               ) -> tuple[list[dict], int, int]:
+    """The sweep's rows and its cache hits and misses: on the loaded model in this process (local), or as Ray
+    tasks that each load the model from the target's path (the same rows, bit for bit)."""
+    from analysis.eval.evaluator import Evaluator
+    from analysis.eval.patch import LivePatch
+    from analysis.eval.sweep import run_sweep
+    from analysis.model.architecture import layout_of
+    from analysis.run.executors import sweep_remote
+
+    if runner.local:
+        evaluator = Evaluator(lm, target.fingerprint, cache)
+        patch = LivePatch(lm.model, base, layout_of(target))
+        rows = run_sweep(evaluator, patch, candidates, texts, target=target, inputs=inputs, progress=progress)
+        return rows, evaluator.hits, evaluator.misses
+    remote = sweep_remote(runner, candidates, texts, base=base, target=target, device=lm.device.type,
+                          dtype=lm.dtype_name, cache=cache, inputs=inputs, batch=batch, progress=progress)
+    return remote.rows, remote.hits, remote.misses
+
+
+SWEEP_EXECUTOR_HELP = (EXECUTOR_HELP + " With ray the candidates are split into Ray tasks; each loads the model "
+                       "once and evaluates its batch (same rows, same bytes).")
+
+
 def rewind_sweep(
     base: Annotated[Path, typer.Argument(help="The base checkpoint θ₀.")],
     target: Annotated[Path, typer.Argument(help="The CPT checkpoint θ_d.")],
@@ -196,30 +221,29 @@ def rewind_sweep(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Read and write no cache.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Compute threads.")] = None,
     executor: Annotated[str, typer.Option("--executor", callback=executor_option,
-        help="local or ray; the sweep itself runs in this process (one model, patched in place).")] = "local",
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address",
-        help="Accepted for symmetry with scan/delta; the sweep runs in this process.")] = None,
+        help=SWEEP_EXECUTOR_HELP)] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help=RAY_ADDRESS_HELP)] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch", min=1,
+        help="With --executor ray: evaluations per Ray task (distinct candidates; the target and the base count "
+             "one each). Default: one batch per task the cluster runs at once.")] = None,
 ) -> None:
     """Loss of every candidate rewind (pattern × fraction × seed) on every text, in memory.
 
     Rows pattern, fraction, seed, heads, text, loss, ppl (and gain kept / forgetting recovered), with the base
-    and the target as reference rows; no checkpoint is written."""
+    and the target as reference rows; no checkpoint is written. With --executor ray the same rows (same bytes)
+    come from Ray tasks."""
     from analysis.edit.rewind import checkpoint_ref, parse_heads, rewind_inputs
     from analysis.errors import DiffractError
-    from analysis.eval.evaluator import Evaluator
     from analysis.eval.loss import load_model
-    from analysis.eval.patch import LivePatch
-    from analysis.eval.sweep import parse_fractions, run_sweep, sweep_candidates
+    from analysis.eval.sweep import parse_fractions, sweep_candidates
     from analysis.io.checkpoint import open_checkpoint
     from analysis.io.guard import refuse_input_overlap
-    from analysis.model.architecture import layout_of
     from analysis.run.tables import table_format, write_table
     from diffract_tui.cli.eval import eta_progress, eval_device, load_texts, make_cache, prepare_all, eval_provenance
 
     table_format(out)
-    if executor != "local" or ray_address:
-        typer.echo("diffract-tui: note: rewind sweep runs in this process (--executor ray is not used: every "
-                   "candidate patches the one loaded model)", err=True)
+    if batch is not None and executor != "ray":
+        raise typer.BadParameter("only with --executor ray", param_hint="--batch")
     inputs_paths = [base, target, *text, *(general_text or [])] + ([reference] if reference else [])
     refuse_input_overlap(out, inputs_paths, option="--out")
     pattern_list = [p.strip() for p in patterns.split(",") if p.strip()]
@@ -231,30 +255,33 @@ def rewind_sweep(
     cache = make_cache(cache_dir, no_cache)
     b, t = open_checkpoint(base), open_checkpoint(target)
     r = open_checkpoint(reference) if reference is not None else None
-    with stderr_progress("reading head energies") as progress:
-        inputs = rewind_inputs(b, t, r, progress=progress)
-    with eval_device(device, dtype, threads) as (dev, dt):
-        lm = load_model(target, device=dev, dtype=dt)
-    prepared = prepare_all(lm, texts, tokens, windows)
-    if score == "taylor":
-        inputs = _with_taylor(inputs, b, t, target, [], [], tokens, windows, device, dtype, lm=lm,
-                              prepared=prepared)
-    candidates = sweep_candidates(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
-                                  reference=checkpoint_ref(r) if r is not None else None, patterns=pattern_list,
-                                  fractions=fraction_list, seeds=seeds, score=score, gqa_policy=gqa_policy,
-                                  heads=head_list)
-    evaluator = Evaluator(lm, t.fingerprint, cache)
-    patch = LivePatch(lm.model, b, layout_of(t))
-    with eta_progress(f"sweeping {len(candidates)} candidates") as progress:
-        rows = run_sweep(evaluator, patch, candidates, prepared, target=t, inputs=inputs, progress=progress)
+    runner = open_executor(executor, ray_address)   # no Ray, an unreachable address: one line before any work
+    try:
+        with stderr_progress("reading head energies") as progress:
+            inputs = rewind_inputs(b, t, r, progress=progress)
+        with eval_device(device, dtype, threads) as (dev, dt):
+            lm = load_model(target, device=dev, dtype=dt)
+        prepared = prepare_all(lm, texts, tokens, windows)
+        if score == "taylor":
+            inputs = _with_taylor(inputs, b, t, target, [], [], tokens, windows, device, dtype, lm=lm,
+                                  prepared=prepared)
+        candidates = sweep_candidates(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
+                                      reference=checkpoint_ref(r) if r is not None else None, patterns=pattern_list,
+                                      fractions=fraction_list, seeds=seeds, score=score, gqa_policy=gqa_policy,
+                                      heads=head_list)
+        with eta_progress(f"sweeping {len(candidates)} candidates") as progress:
+            rows, hits, misses = _run_sweep(runner, lm, b, t, candidates, prepared, cache=cache, inputs=inputs,
+                                            batch=batch, progress=progress)
+    finally:
+        runner.close()
     meta = eval_provenance("rewind sweep", lm, prepared, (b, t, r), score=score, gqa_policy=gqa_policy,
                            seeds=seeds, patterns=pattern_list, fractions=fraction_list,
                            base={"path": str(b.path), "fingerprint": b.fingerprint},
                            target={"path": str(t.path), "fingerprint": t.fingerprint},
                            reference=None if r is None else {"path": str(r.path), "fingerprint": r.fingerprint})
     write_table(rows, out, metadata=meta)
-    typer.echo(f"wrote {len(rows)} rows ({len(candidates)} candidates, {evaluator.misses} evaluated, "
-               f"{evaluator.hits} from the cache) to {out}", err=True)
+    typer.echo(f"wrote {len(rows)} rows ({len(candidates)} candidates, {misses} evaluated, "
+               f"{hits} from the cache) to {out}", err=True)
 
 
 
