@@ -8,6 +8,9 @@ delta_cos, delta_rho, delta_rank_{90,95,99}, avg_max_{l,r}_agreement (+ a1_k, a1
 truncatable_fraction (SPEC §5, relative error ≤ 0.1), the SPEC §3 metrics of ΔW itself, and with ≥ 2 CPT checkpoints a2_agreement / a3_agreement (mean over the
 other domains; per matrix or per head slice) plus, on head rows, head_score, head_a2_agreement,
 head_a3_agreement and head_class (the whole head, all projections).
+
+This module plans, keys and reads the cache without torch (a fully cached `delta` never imports it, issue 13);
+every cache miss is computed by `analysis.deltas.delta_compute`, imported on the first one.
 """
 
 from __future__ import annotations
