@@ -1,4 +1,4 @@
-"""Issue 13 item 3, a rerun is start-up free: a fully cached `delta` never imports torch (≈3 s of its ≈4 s), yet
+"""Issue 13 item 3, a rerun is start-up free: a fully cached `delta` (and `scan`) never imports torch (≈3 s of its ≈4 s), yet
 writes the cold run's bytes; the torch-free pieces it stands on — pickle metadata from a restricted parse (equal
 to torch's on real rxnfp files and on every plain variant), the device kind of "cpu"/"auto" without torch, the
 thread policy applied when compute starts — each checked against torch's own answer."""
@@ -78,6 +78,18 @@ def test_cached_delta_rerun_imports_no_torch_and_writes_the_cold_bytes(tmp_path,
         code, err, imported = _probe([*args[:-4], "--no-cache", "--out", str(tmp_path / "nocache.json")])
         assert code == 0 and imported, err
         assert _sha(tmp_path / "nocache.json") == _sha(cold)
+
+
+def test_cached_scan_rerun_imports_no_torch_and_writes_the_cold_bytes(tmp_path, capsys):
+    """The same for `scan --heads --delta` at the default device (auto): no torch, the cold bytes."""
+    trio = _trio(tmp_path, "zip")[:2]
+    cache, cold, warm = tmp_path / "cache", tmp_path / "cold.csv", tmp_path / "warm.csv"
+    args = ["scan", *map(str, trio), "--heads", "--delta", "--quiet", "--cache-dir", str(cache), "--threads", "1"]
+    code = main([*args, "--out", str(cold)])
+    assert code == 0, capsys.readouterr().err
+    code, err, imported = _probe([*args, "--out", str(warm)])
+    assert code == 0 and not imported, err
+    assert _sha(warm) == _sha(cold)
 
 
 def test_pickle_metadata_without_torch_equals_torch_metadata_on_rxnfp(rxnfp_dirs):
