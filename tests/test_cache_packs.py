@@ -96,7 +96,7 @@ def test_cached_single_target_delta_reads_no_tensor(trio, tmp_path, capsys, monk
 def _count(monkeypatch) -> dict[str, int]:
     """Counts of the delta's expensive work: A1 decompositions, agreement layers, full and spectral-only rows."""
     import analysis.deltas.agreement as agreement
-    import analysis.deltas.delta_table as table
+    import analysis.deltas.delta_compute as table   # the compute side of delta_table (what a cache miss runs)
 
     counts = {"top_svd": 0, "agreement_layers": 0, "full_rows": 0, "spectral_rows": 0}   # top_svd: the A1 route
     top_svd, layer_grids, rows = table.narrow_svd, agreement._layer_grids, table.batched_delta_metrics

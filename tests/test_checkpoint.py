@@ -190,7 +190,8 @@ def test_zip_pickle_is_memory_mapped_and_pt_suffix_opens(tmp_path):
     torch.save(src, path)
     ckpt = open_checkpoint(path)
     reader = ckpt._readers[ckpt.weight_files[0]]
-    stored = reader._tensors["weight"]  # the state dict torch.load returned at open time
+    assert reader._tensors is None  # opening parsed the pickle's records only; the file is mapped on first use
+    stored = reader._loaded()["weight"]  # the state dict torch.load(mmap=True) returned
     ranges = _mapped_ranges(path.resolve())
     assert ranges, "the .pt file is not memory-mapped"
     assert any(lo <= stored.data_ptr() < hi for lo, hi in ranges)  # tensor data lives in the file mapping

@@ -150,10 +150,11 @@ def test_cache_reuses_results(family, tmp_path, capsys):
     assert outs[0] == outs[1]
     from analysis.run.cache import Cache
 
-    # one entry per matrix (16), per (layer, projection) head batch (8) and the target's head scores (1, issue 13:
-    # a rerun reads no tensor), all small, so they are packed (a single pack: one writer, one flush)
+    # one entry per matrix (16), per (layer, projection) head batch (8), the target's head scores (1, issue 13:
+    # a rerun reads no tensor) and the head grids the head rows and summary use (1: a rerun imports no torch),
+    # all small, so they are packed (a single pack: one writer, one flush)
     info = Cache(cache_dir).info()
-    assert info.entries == MATRIX_ROWS + 8 + 1 and info.packs == 1
+    assert info.entries == MATRIX_ROWS + 8 + 1 + 1 and info.packs == 1
 
 
 def test_help_is_fast_and_lists_the_options():

@@ -87,7 +87,7 @@ def test_delta_through_ray_writes_the_local_bytes_and_its_matrix_entries_are_cac
     assert _delta(trio, remote, "--executor", "ray", "--cache-dir", str(cache)) == 0
     assert remote.read_bytes() == local.read_bytes()
 
-    import analysis.deltas.delta_table as table_module
+    import analysis.deltas.delta_compute as table_module   # the compute side of delta_table
 
     def no_compute(*args, **kwargs):
         raise AssertionError("a delta row was recomputed although the workers cached it")

@@ -21,6 +21,7 @@ import torch
 
 from analysis.deltas.delta import (KV_PROJECTIONS, PROJECTIONS, HeadScores, head_energies, scores_from_energies,
                             top_svd)
+from analysis.deltas.names import DEFAULT_A3_K  # noqa: F401 — re-exported
 from analysis.deltas.svd import frob_inner, sq_frob
 from analysis.errors import AlignmentError, DiffractError, LayoutError
 from analysis.progress import Cancel, Progress, check
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from analysis.io.checkpoint import Checkpoint
     from analysis.run.cache import Cache
 
-DEFAULT_A3_K = 8          # top-k left singular vectors for A3 (clamped to the matrix's smaller side)
 CLASSES: tuple[str, ...] = ("agnostic", "specific", "inert")
 HEAD_CHUNK = 16           # heads per batched SVD, bounds float64 memory on wide models
 

@@ -17,15 +17,13 @@ import torch
 from analysis.deltas.svd import (SVD, NarrowSVD, cross_gram, frob_inner, gram, gram_eigenvalues,  # noqa: F401
                                  long_side_overlap, narrow_svd, rank_for_energy, singular_values, sq_frob, top_svd)
 from analysis.deltas.truncation import DEFAULT_TOLERANCE, truncatable_fraction
+from analysis.deltas.names import KV_PROJECTIONS, PROJECTIONS  # noqa: F401 — re-exported
 from analysis.errors import AlignmentError, LayoutError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from analysis.model.architecture import ModelLayout
     from analysis.spectral.backend import SpectralSettings
     from analysis.io.checkpoint import Checkpoint
-
-PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
-KV_PROJECTIONS: frozenset[str] = frozenset({"k", "v"})
 
 
 # --------------------------------------------------------------------------------------------------

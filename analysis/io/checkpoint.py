@@ -4,24 +4,25 @@ reading headers only, and hand out tensors (whole, or a range of rows) on demand
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from analysis.errors import CheckpointError, LayoutError
 from analysis.io.fingerprint import fingerprint as _fingerprint
 from analysis.io.hub import resolve_checkpoint_arg
 from analysis.io.labels import default_label
 from analysis.io.readers import WeightFile
-from analysis.io.readers.gguf_file import MAGIC as GGUF_MAGIC, GGUFFile
 from analysis.io.readers.index import read_index
 from analysis.io.readers.pickle_file import PickleFile
 from analysis.io.readers.safetensors_file import SafetensorsFile
 from analysis.io.safe_read import (REGULAR_HINT, NotRegularFileError, check_regular, load_json, open_regular,
                                    read_regular_bytes)
 from analysis.model.architecture import check_config_values
+
+if TYPE_CHECKING:  # pragma: no cover - typing only: opening reads headers and imports no torch (issue 13)
+    import torch
 
 WRAPPER_PREFIXES = ("model.", "bert.", "transformer.", "gpt_neox.", "roberta.")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -33,6 +34,8 @@ AUX_PATTERNS = (
     "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
     "chat_template.json", "chat_template.jinja", "*.tiktoken", "spiece.model", "sentencepiece*.model",
 )
+GGUF_MAGIC = b"GGUF"   # analysis.io.readers.gguf_file.MAGIC, whose module (and torch) loads only for a GGUF file
+GGUF_MODULE = "analysis.io.readers.gguf_file"
 NO_WEIGHTS_HINT = ("expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
                    "pytorch_model.bin.index.json; point at a Hugging Face model folder or a weight file")
 
@@ -63,9 +66,14 @@ class TensorInfo:
     quant: str | None = None  # GGUF storage type ("Q4_1", "Q8_0", "F32", …); None for other formats
 
 
-def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _owned(t: "torch.Tensor", dtype: "torch.dtype | str | None") -> "torch.Tensor":
     """A tensor the caller owns: readers may hand out views of memory maps or cached state dicts
-    (safetensors' get_tensor does), so same-dtype reads are copied; `.to` copies otherwise."""
+    (safetensors' get_tensor does), so same-dtype reads are copied; `.to` copies otherwise. `dtype` may be
+    a torch dtype's name ("float32", the readers' default, so that this module needs no torch to import)."""
+    if isinstance(dtype, str):
+        import torch
+
+        dtype = getattr(torch, dtype)
     if dtype is None or t.dtype == dtype:
         return t.clone()
     return t.to(dtype)
@@ -127,19 +135,20 @@ class Checkpoint:
         """Bytes of tensor data over all weight files."""
         return sum(i.nbytes for i in self._infos.values())
 
-    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def tensor(self, name: str, dtype: "torch.dtype | str | None" = "float32") -> "torch.Tensor":
         """The whole tensor on CPU, upcast to `dtype` through torch; `dtype=None` returns the stored
         values bit-exact (used by writers). The caller owns the result."""
         info = self.info(name)
         return _owned(self._readers[info.file].tensor(info.raw_name), dtype)
 
-    def borrow(self, name: str) -> torch.Tensor:
+    def borrow(self, name: str) -> "torch.Tensor":
         """The whole tensor as stored, possibly a view of the reader's memory (a memory map): for a caller that
         copies what it needs at once and neither keeps nor modifies it (the in-memory rewind's column reads)."""
         info = self.info(name)
         return self._readers[info.file].tensor(info.raw_name)
 
-    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def rows(self, name: str, start: int, stop: int, dtype: "torch.dtype | str | None" = "float32"
+             ) -> "torch.Tensor":
         """Rows [start, stop) along dim 0; safetensors reads only those rows."""
         info = self.info(name)
         if not info.shape:
@@ -210,10 +219,18 @@ def _reader(file: Path) -> WeightFile:
     if file.name.endswith(PICKLE_SUFFIXES):
         return PickleFile(file)
     if file.name.endswith(GGUF_SUFFIXES) or _is_gguf(file):
+        from analysis.io.readers.gguf_file import GGUFFile
+
         return GGUFFile(file)
     with open_regular(file) as f:
         head = f.read(9)
     return SafetensorsFile(file) if head[8:9] == b"{" else PickleFile(file)
+
+
+def _gguf_readers(readers: list[WeightFile]) -> list[Any]:
+    """The GGUF readers among `readers` (their module is loaded only once a GGUF file was opened)."""
+    module = sys.modules.get(GGUF_MODULE)
+    return [] if module is None else [r for r in readers if isinstance(r, module.GGUFFile)]
 
 
 def _aux_files(folder: Path) -> list[Path]:
@@ -252,7 +269,7 @@ def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
         weight_files, index_file = _locate(resolved)
         readers: dict[Path, WeightFile] = {f: _reader(f) for f in weight_files}
         folder = resolved if resolved.is_dir() else resolved.parent
-        gguf = [r for r in readers.values() if isinstance(r, GGUFFile)]  # self-describing: config from its metadata
+        gguf = _gguf_readers(list(readers.values()))  # self-describing: config from its metadata
         return Checkpoint(path=resolved, label=label or hub_name or default_label(resolved), weight_files=weight_files,
                           readers=readers,
                           index_files=[index_file] if index_file else [],

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
-import torch
 
 from analysis.errors import MatrixFailure
 from analysis.run.cache import Cache, decode_json_value, encode_json_value, flush_cache
 from analysis.spectral.metric_sets import ALL, MetricSet, metric_set
-from analysis.spectral.spectra import NUMERIC_ERRORS
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover - typing only: a fully cached scan reads no tensor and imports no torch
+    import torch
+
     from analysis.model.architecture import Module, ModelLayout
     from analysis.spectral.backend import SpectralSettings
     from analysis.io.checkpoint import Checkpoint
@@ -43,9 +43,10 @@ DELTA = "delta"
 
 
 class _TensorMemo:
-    """Duck-types the reader side of a Checkpoint (`tensor`, `rows`) from tensors read once, in one dtype."""
+    """Duck-types the reader side of a Checkpoint (`tensor`, `rows`) from tensors read once, in one dtype
+    (a torch dtype or its name: Checkpoint.tensor takes both)."""
 
-    def __init__(self, ckpt: "Checkpoint", dtype: torch.dtype):
+    def __init__(self, ckpt: "Checkpoint", dtype: "torch.dtype | str"):
         self.ckpt = ckpt
         self.dtype = dtype
         self._tensors: dict[str, torch.Tensor] = {}
@@ -69,15 +70,21 @@ class _TensorMemo:
         self._tensors.clear()
 
 
-def _matrix(reader: Any, module: "Module", dtype: torch.dtype) -> torch.Tensor:
+def _matrix(reader: Any, module: "Module", dtype: "torch.dtype") -> "torch.Tensor":
+    """A module's matrix: where compute starts (torch imported, a lazy thread policy applied)."""
     from analysis.model.heads import module_matrix
+    from analysis.spectral.backend import compute_torch
 
+    compute_torch()
     return module_matrix(reader, module, dtype)
 
 
-def _heads(reader: Any, layout: "ModelLayout", layer: int, proj: str, dtype: torch.dtype) -> torch.Tensor:
+def _heads(reader: Any, layout: "ModelLayout", layer: int, proj: str, dtype: "torch.dtype") -> "torch.Tensor":
+    """One projection's head slices: where compute starts (as `_matrix`)."""
     from analysis.model.heads import projection_heads
+    from analysis.spectral.backend import compute_torch
 
+    compute_torch()
     return projection_heads(reader, layout, layer, proj, dtype)
 
 
@@ -124,10 +131,14 @@ class _Context:
     layouts: Sequence["ModelLayout"]
     settings: "SpectralSettings"
     cache: Cache | None
-    dtype: torch.dtype
     device_kind: str
     settings_key: dict = field(default_factory=dict)
     metrics: MetricSet = ALL       # SPEC §8 set: what rows report; NOT in the keys (entries hold whole groups)
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        """The compute dtype as torch's (imports torch: only computing asks)."""
+        return self.settings.torch_dtype
 
     def key(self, fingerprint: Any, tensor: str, slc: Any, operation: str) -> str:
         return Cache.key(fingerprint=fingerprint, tensor=tensor, slice=slc,
@@ -321,6 +332,8 @@ def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], fail:
         entry = cache.get_json(key) if cache is not None else None
         metrics = _usable(entry, ctx.metrics)
         if metrics is None:
+            from analysis.spectral.spectra import NUMERIC_ERRORS
+
             Wd = _matrix(readers[item.ckpt], m, ctx.dtype)
             W0 = _matrix(readers[0], m, ctx.dtype) if item.operation == DELTA else None
             try:
@@ -356,7 +369,7 @@ def _compute_heads(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], 
                    entries: list[dict | None]) -> list[dict | None]:
     """Metrics of every head of item.proj in ONE batched call over the finite heads (None for a failed
     head, which goes to `fail`); computed entries are cached, widening the `entries` already there."""
-    from analysis.spectral.spectra import finite_matrices
+    from analysis.spectral.spectra import NUMERIC_ERRORS, finite_matrices
 
     Wd = _heads(readers[item.ckpt], layout, item.layer, item.proj, ctx.dtype)
     W0 = _heads(readers[0], layout, item.layer, item.proj, ctx.dtype) if item.operation == DELTA else None
@@ -400,8 +413,7 @@ def _context(checkpoints: Sequence["Checkpoint"], settings: "SpectralSettings", 
     if layouts is None:
         layouts = [layout_of(c) for c in checkpoints]
     return _Context(checkpoints=list(checkpoints), layouts=list(layouts), settings=settings, cache=cache,
-                    dtype=settings.torch_dtype, device_kind=settings.torch_device.type, settings_key=settings.key(),
-                    metrics=metric_set(metrics))
+                    device_kind=settings.device_kind, settings_key=settings.key(), metrics=metric_set(metrics))
 
 
 def plan_size(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta: bool = False,
@@ -410,7 +422,7 @@ def plan_size(checkpoints: Sequence["Checkpoint"], *, heads: bool = False, delta
     from analysis.model.architecture import layout_of
 
     layouts = list(layouts) if layouts is not None else [layout_of(c) for c in checkpoints]
-    ctx = _Context(list(checkpoints), layouts, None, None, torch.float32, "cpu")  # type: ignore[arg-type]
+    ctx = _Context(list(checkpoints), layouts, None, None, "cpu")  # type: ignore[arg-type]
     return sum(len(_plan_layer(ctx, g, heads, delta)) for g in layer_groups(layouts))
 
 
@@ -488,7 +500,7 @@ def run_plan(ctx: _Context, plan: Sequence[_Item], fail: FailureFn,
              cancel: CancelFn | None = None) -> Iterator[tuple[_Item, list[dict]]]:
     """(item, rows) of each item of one layer group's plan, reading each stored tensor once (the base's kept
     for the deltas); stops between items when `cancel()` turns True. Shared by the local scan and Ray tasks."""
-    readers = {i: _TensorMemo(c, ctx.dtype) for i, c in enumerate(ctx.checkpoints)}
+    readers = {i: _TensorMemo(c, ctx.settings.dtype) for i, c in enumerate(ctx.checkpoints)}
     try:
         previous = 0
         for item in plan:
@@ -556,6 +568,8 @@ def node_metrics(ckpt: "Checkpoint", layout: "ModelLayout", layer: int | None, m
     if evals is None and metrics is not None and metrics.get("unchanged"):
         evals = np.empty(0)  # ΔW = 0 (a tensor the CPT left bit-identical): no spectrum, nothing to read
     if metrics is None or evals is None:
+        from analysis.spectral.spectra import NUMERIC_ERRORS
+
         Wd = read(ckpt)
         W0 = read(delta_against) if operation == DELTA else None
         try:

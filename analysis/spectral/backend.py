@@ -6,17 +6,22 @@ asks it which device, which dtype, how many threads and how many matrices fit in
 
 from __future__ import annotations
 
+import ast
 import functools
+import importlib.util
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from types import ModuleType
+from typing import TYPE_CHECKING, Iterator
 
 from analysis.errors import DiffractError
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+if TYPE_CHECKING:  # pragma: no cover - typing only: settings, keys and policy need no torch (issue 13)
+    import torch
+
+DTYPE_NAMES = ("float32", "float64")
 XMIN_RULES = ("ks", "local_min")
 EIG_ROUTES = ("gram64", "gram32", "svd")
 THREADS_ENV = "DIFFRACT_TUI_THREADS"
@@ -45,7 +50,7 @@ class SpectralSettings:
     eig_route: str = "gram64"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPE_NAMES:
             raise DiffractError(f"dtype must be float32 or float64, not {self.dtype!r}",
                                 hint="use dtype='float32' (default) or 'float64'")
         if self.xmin_rule not in XMIN_RULES:
@@ -56,24 +61,61 @@ class SpectralSettings:
                                 hint="use eig_route='gram64' (default)")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        """The compute dtype as torch's (the one name → dtype map of the engine: DTYPES)."""
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> "torch.dtype":
+        """The compute dtype as torch's (the one name → dtype map of the engine: `torch_dtypes`)."""
+        return torch_dtypes()[self.dtype]
 
     @functools.cached_property
-    def torch_device(self) -> torch.device:
+    def torch_device(self) -> "torch.device":
         """The device string resolved once (`resolve_device`) and carried with the settings."""
         return resolve_device(self.device)
+
+    @functools.cached_property
+    def device_kind(self) -> str:
+        """The device KIND ("cpu", "cuda", …) numbers are computed on, without importing torch where that is
+        certain: "cpu", and "auto" under a torch build without CUDA/ROCm (`torch_build_has_gpu`); otherwise the
+        resolved device's kind. A cached rerun of a CPU request thus starts no torch (issue 13)."""
+        name = (self.device or "auto").strip().lower()
+        if name == "cpu" or (name == "auto" and "torch" not in sys.modules and not torch_build_has_gpu()):
+            return "cpu"
+        return self.torch_device.type
 
     def key(self) -> dict:
         """Settings that change numbers, for cache keys and provenance: the device KIND, not its index."""
         key = asdict(self)
-        key["device"] = self.torch_device.type
+        key["device"] = self.device_kind
         return key
 
 
-def resolve_device(device: str) -> torch.device:
+def torch_dtypes() -> dict[str, "torch.dtype"]:
+    """The compute dtype names → torch dtypes (torch imported on the first call)."""
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64}
+
+
+@functools.lru_cache(maxsize=1)
+def torch_build_has_gpu() -> bool:
+    """True unless the installed torch is a build without CUDA and ROCm, read from its `torch/version.py`
+    without importing torch (which costs ≈3 s): such a build's torch.cuda.is_available() is always False.
+    Anything unreadable counts as "may have a GPU" (the caller then asks torch itself)."""
+    try:
+        spec = importlib.util.find_spec("torch")
+        text = Path(next(iter(spec.submodule_search_locations or ())), "version.py").read_text()  # type: ignore
+        values: dict[str, object] = {}
+        for node in ast.parse(text).body:
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            if isinstance(target, ast.Name) and getattr(node, "value", None) is not None:
+                values[target.id] = ast.literal_eval(node.value)  # type: ignore[arg-type]
+    except (ImportError, StopIteration, OSError, SyntaxError, ValueError, AttributeError, TypeError):
+        return True
+    return not ("cuda" in values and "hip" in values and values["cuda"] is None and values["hip"] is None)
+
+
+def resolve_device(device: str) -> "torch.device":
     """"auto" → the first CUDA device when one is usable, else CPU; "cpu"; "cuda"/"cuda:N" if present."""
+    import torch
+
     name = (device or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -159,6 +201,7 @@ def compute_threads() -> int:
 
 
 _numpy_threads_set: list[int] = []
+_pending_torch_threads: list[int] = []   # a policy set before torch was imported (`apply_thread_policy(lazy=True)`)
 
 
 def set_numpy_blas_threads(n: int) -> None:
@@ -176,26 +219,41 @@ def set_numpy_blas_threads(n: int) -> None:
     _numpy_threads_set[:] = [n]
 
 
-def apply_thread_policy(threads: int | None = None) -> int:
+def apply_thread_policy(threads: int | None = None, *, lazy: bool = False) -> int:
     """Set torch's intra-op threads to `threads` (default `compute_threads()`); returns the number set.
 
     An explicit `threads` (e.g. the CLI's --threads) is also written to $DIFFRACT_TUI_THREADS, the one
-    documented override, so `clamp_threads` in the engine keeps honouring it.
+    documented override, so `clamp_threads` in the engine keeps honouring it. `lazy`: when torch is not
+    imported yet, do not import it for this; `compute_torch()` sets the count when compute starts (a cached
+    `delta` never imports torch).
     """
     if threads is not None:
         if threads < 1:
             raise DiffractError(f"threads must be ≥ 1, not {threads}", hint="pass --threads 1 or more")
         os.environ[THREADS_ENV] = str(threads)
     n = threads if threads is not None else compute_threads()
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    _pending_torch_threads[:] = [n]
+    if not lazy or "torch" in sys.modules:
+        compute_torch()
     set_numpy_blas_threads(n)
     return n
+
+
+def compute_torch() -> ModuleType:
+    """torch, imported now, with the thread count of an `apply_thread_policy` made before it was imported."""
+    import torch
+
+    if _pending_torch_threads:
+        n = _pending_torch_threads.pop()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    return torch
 
 
 def clamp_threads() -> int:
     """Never compute with more torch threads than the policy allows (physical cores or the override):
     lowers torch's thread count when it is above `compute_threads()`, never raises it. Returns the count."""
+    torch = compute_torch()
     limit = compute_threads()
     if torch.get_num_threads() > limit:
         torch.set_num_threads(limit)
@@ -209,9 +267,11 @@ def clamp_threads() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def memory_budget(device: torch.device) -> int:
+def memory_budget(device: "torch.device") -> int:
     """Bytes one batched call may allocate: half the free GPU memory, or 1 GiB on the CPU."""
     if device.type == "cuda":
+        import torch
+
         free, _total = torch.cuda.mem_get_info(device)
         return max(1 << 26, int(free * CUDA_BUDGET_FRACTION))
     return DEFAULT_CPU_BUDGET

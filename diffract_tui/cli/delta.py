@@ -141,14 +141,14 @@ def delta_command(
             raise DiffractError(f"unknown agreement metric {agreement_metric!r}", hint="use --agreement a2 or a3")
         from analysis.spectral.backend import apply_thread_policy
 
-        apply_thread_policy(threads)
+        apply_thread_policy(threads, lazy=True)   # torch's count is set when compute starts (a rerun: never)
         from analysis.spectral.backend import SpectralSettings
 
         options = DeltaOptions(heads=heads, top_k=top_k, a3_k=a3_k, spectral=spectral, exclude_kv=exclude_kv,
                                agreement_metric=agreement_metric, agreement_threshold=agreement_threshold,
                                magnitude_threshold=magnitude_threshold, metrics=metrics,
                                settings=SpectralSettings(device=device, dtype=dtype, eig_route=route))
-        options.settings.torch_device   # an unusable --device is one line before any work
+        options.settings.device_kind   # an unusable --device is one line before any work (cpu/auto: no torch)
     except BaseException:
         for c in opened or ():  # a usage error after the opening: nothing stays mapped
             c.close()

@@ -115,7 +115,7 @@ def scan_command(
         raise DiffractError("--delta needs at least two checkpoints (the first is the base)",
                             hint="pass the base and one or more continually-pretrained checkpoints")
 
-    from analysis.spectral.backend import SpectralSettings, apply_thread_policy, resolve_device
+    from analysis.spectral.backend import SpectralSettings, apply_thread_policy
     from analysis.run.cache import Cache
     from analysis.io.checkpoint import open_checkpoint
     from analysis.io.labels import unique_labels
@@ -124,9 +124,9 @@ def scan_command(
     from analysis.run.provenance import provenance
     from analysis.run.tables import check_table_output, write_table
 
-    apply_thread_policy(threads)
+    apply_thread_policy(threads, lazy=True)   # torch's count is set when compute starts (a cached scan: never)
     settings = SpectralSettings(device=device, dtype=dtype, eig_route=route)
-    device_kind = resolve_device(device).type
+    device_kind = settings.device_kind   # an unusable --device is one line here (cpu/auto: without torch)
     cache = None if no_cache else Cache(cache_dir)
     opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
     inputs = [f for c in opened for f in checkpoint_files(c)]

@@ -7,9 +7,10 @@ reads tensor bytes on demand. They all expose the same small surface (see `Weigh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover - typing only (opening a checkpoint imports no torch)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,6 @@ class WeightFile(Protocol):
     entries: dict[str, StoredTensor]
 
     def fingerprint_bytes(self) -> bytes: ...
-    def tensor(self, raw_name: str) -> torch.Tensor: ...  # may alias reader memory; callers copy
-    def rows(self, raw_name: str, start: int, stop: int) -> torch.Tensor: ...
+    def tensor(self, raw_name: str) -> "torch.Tensor": ...  # may alias reader memory; callers copy
+    def rows(self, raw_name: str, start: int, stop: int) -> "torch.Tensor": ...
     def close(self) -> None: ...

@@ -8,9 +8,10 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
 
 from analysis.errors import CheckpointError
 from analysis.io.readers import StoredTensor
@@ -130,11 +131,11 @@ class SafetensorsFile:
                                       path=self.path, hint=HINT) from None
         return self._handle
 
-    def tensor(self, raw_name: str) -> torch.Tensor:
+    def tensor(self, raw_name: str) -> "torch.Tensor":
         """The whole tensor, as stored (bit-exact; may be a view of the memory map: Checkpoint copies it)."""
         return self._open().get_tensor(raw_name)
 
-    def rows(self, raw_name: str, start: int, stop: int) -> torch.Tensor:
+    def rows(self, raw_name: str, start: int, stop: int) -> "torch.Tensor":
         """Rows [start, stop) along dim 0; only those bytes are read."""
         return self._open().get_slice(raw_name)[start:stop]
 
