@@ -1,5 +1,5 @@
-"""Shared test fixtures: the real rxnfp checkpoints, transformers' build of the real SmolLM2 GGUF file, one local
-Ray cluster for the Ray tests, and small writers of safetensors checkpoints."""
+"""Shared test fixtures: the real rxnfp checkpoints, transformers' build of the real SmolLM2 GGUF file, and small
+writers of safetensors checkpoints."""
 
 from __future__ import annotations
 
@@ -130,31 +130,3 @@ def smollm2_transformers():
 
     return transformers.AutoModelForCausalLM.from_pretrained(str(real.parent), gguf_file=real.name,
                                                              dtype=torch.float32).eval()
-
-
-_LOCAL_RAY = pytest.StashKey[bool]()   # the `cluster` fixture's Ray is up (shut down by pytest_runtest_teardown)
-
-
-@pytest.fixture
-def cluster(request: pytest.FixtureRequest) -> None:
-    """One new local Ray (2 CPUs, no dashboard, workers' output not sent to the terminal), never a cluster already
-    on the machine (an executor finding Ray up uses it and leaves it running): started by the first test that
-    asks for it and shared by the tests after it, in any module, until one that does not ask for it."""
-    if request.config.stash.get(_LOCAL_RAY, False):
-        return
-    import ray
-
-    from analysis.run import executors
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env=executors._runtime_env())
-    request.config.stash[_LOCAL_RAY] = True
-
-
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """Shut the `cluster` fixture's Ray down after the last of a run of tests using it (Ray idling costs CPU)."""
-    if item.config.stash.get(_LOCAL_RAY, False) and (nextitem is None or "cluster" not in nextitem.fixturenames):
-        import ray
-
-        ray.shutdown()
-        item.config.stash[_LOCAL_RAY] = False

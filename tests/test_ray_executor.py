@@ -1,9 +1,8 @@
-"""The Ray executor (`--executor ray`, analysis/run/executors.py) on one local Ray cluster (conftest `cluster`:
-2 CPUs, no dashboard, workers' output not sent to the terminal; shared with the Ray modules that follow):
-`scan` and `delta` through Ray write the same bytes as the local executor, the cache the workers wrote is read
-back locally without recomputing, a task whose worker dies is retried, cancel and Ctrl-C stop every task, and a
-cluster whose workers lack the project or cannot read a checkpoint is one line. Cancelling tests come last
-(they kill worker processes)."""
+"""The Ray executor (`--executor ray`, analysis/run/executors.py) on one local Ray cluster started by this
+module (2 CPUs, no dashboard, workers' output not sent to the terminal): `scan` and `delta` through Ray write
+the same bytes as the local executor, the cache the workers wrote is read back locally without recomputing,
+a task whose worker dies is retried, cancel and Ctrl-C stop every task, and a cluster whose workers lack the
+project or cannot read a checkpoint is one line. Cancelling tests come last (they kill worker processes)."""
 
 from __future__ import annotations
 
@@ -21,7 +20,15 @@ from analysis.run import executors  # noqa: E402
 from diffract_tui.cli import main  # noqa: E402
 from tests.test_hostile_writers import one_line_error, sha_tree  # noqa: E402
 
-from conftest import cluster  # noqa: E402,F401 — the one local Ray (conftest); other Ray modules import it from here
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One new local Ray for the module, never a cluster already on the machine (an executor finding Ray up uses
+    it and leaves it running)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env=executors._runtime_env())
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
