@@ -140,3 +140,29 @@ def test_reading_smollm2_needs_no_gguf_package(monkeypatch):
     with pytest.raises(CheckpointError, match="needs the gguf package") as err:
         _dequantize(np.zeros((1, 84), np.uint8), "Q2_K")
     assert err.value.hint == "pip install gguf"
+
+
+def test_dequantised_reads_are_handed_over_uncopied_and_still_owned_by_the_caller(tmp_path):
+    """A quantised read is new memory, so Checkpoint does not clone it (`fresh_reads`); F32 reads are views
+    of the map and are still copied. Either way zeroing what a read returned changes no later read."""
+    import torch
+    from conftest import llama_checkpoint
+    from gguf_models import write_llama_gguf
+
+    from analysis.io.checkpoint import open_checkpoint
+
+    config, tensors = llama_checkpoint(layers=1, hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=50)
+    ckpt = open_checkpoint(write_llama_gguf(tmp_path / "q.gguf", config, tensors, "Q4_1"))
+    reader = next(iter(ckpt._readers.values()))
+    q, norm = "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"
+    assert reader.fresh_reads(q) and not reader.fresh_reads(norm)
+    want_q, want_norm = ckpt.tensor("layers.0.self_attn.q_proj.weight"), ckpt.tensor("norm.weight")
+    for read in (lambda: ckpt.tensor("layers.0.self_attn.q_proj.weight"),
+                 lambda: ckpt.tensor("layers.0.self_attn.q_proj.weight", dtype=None),
+                 lambda: ckpt.rows("layers.0.self_attn.q_proj.weight", 16, 40),
+                 lambda: ckpt.tensor("norm.weight"), lambda: ckpt.rows("norm.weight", 0, 8)):
+        read().zero_()
+    assert float(want_q.abs().sum()) > 0 and float(want_norm.abs().sum()) > 0
+    assert torch.equal(ckpt.tensor("layers.0.self_attn.q_proj.weight"), want_q)
+    assert torch.equal(ckpt.tensor("norm.weight"), want_norm)
+    ckpt.close()

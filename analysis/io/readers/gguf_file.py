@@ -389,6 +389,11 @@ class GGUFFile:
         values = _dequantize(raw.reshape(*shape[:-1], shape[-1] // BLOCKS[t.qtype][0] * BLOCKS[t.qtype][1]), t.qtype)
         return torch.from_numpy(values.reshape(shape))
 
+    def fresh_reads(self, raw_name: str) -> bool:
+        """True when reads of this tensor return new memory (dequantised), so a caller need not copy them;
+        float types are views of the map."""
+        return self.tensors[raw_name].qtype not in FLOAT_TYPES
+
     def tensor(self, raw_name: str) -> torch.Tensor:
         """The whole tensor in HF layout: floats as stored (a view of the map), quantised ones as float32."""
         t = self.tensors[raw_name]
