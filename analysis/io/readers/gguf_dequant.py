@@ -1,11 +1,11 @@
 """GGUF block dequantisation in torch, bit-identical to the `gguf` package's numpy code.
 
 `gguf.quants.dequantize` walks a tensor 16 rows at a time through numpy splits, reshapes and
-concatenations: on one core, 1.6 CPU s of the SmolLM2-135M Q4_1 file's 2.0 s of reading. The same
-arithmetic done once over the whole block array (integer unpacking into a uint8 buffer, one cast to
-float32, then the scale multiply and the minimum add or subtract as separate in-place float32 ops, in
-gguf's order) rounds exactly as numpy does — IEEE float32 multiply and add, no fused multiply-add —
-so every value has the same bits, at ≈ 5× less CPU. Each function takes the blocks as an (n, bytes
+concatenations: on one core, 1.56 CPU s for the SmolLM2-135M Q4_1 file's blocks. The same arithmetic
+done once over the whole block array (integer unpacking into a uint8 buffer, one cast to float32, then
+the scale multiply and the minimum add or subtract as separate in-place float32 ops, in gguf's order)
+rounds exactly as numpy does — IEEE float32 multiply and add, no fused multiply-add — so every value
+has the same bits, at 0.42 CPU s (benchmarks/gguf_dequant.py). Each function takes the blocks as an (n, bytes
 per block) uint8 tensor and returns (n, elements per block) float32; the layouts are ggml's
 (ggml-common.h), as gguf's `quants.py` decodes them. Types not listed fall back to gguf's code.
 """
