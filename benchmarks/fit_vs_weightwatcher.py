@@ -1,5 +1,6 @@
 """Whole processes: `diffract-tui scan --metrics fit` vs WeightWatcher `analyze()` at its defaults, on rxnfp
-`bert_pretrained` and SmolLM2-135M (GGUF), one thread, no cache, rounds interleaved, medians.
+`bert_pretrained` and SmolLM2-135M (GGUF), one thread, no cache, rounds interleaved, medians; two WeightWatcher
+processes, the favourable one (our reader, nn.Linear layers) and as a user runs it (transformers from_pretrained).
 
 Kept as the short form of `scan_vs_weightwatcher.py --processes --skip-llama --skip-equal`, where the code lives
 (that script also compares `scan` (all) with `analyze(randomize=True, mp_fit=True)` and a generated Llama).

@@ -24,7 +24,10 @@ scan's per-item timings, so both tools are compared on the same matrices. Genera
 `--processes` compares WHOLE PROCESSES instead (start-up imports, checkpoint open, everything), both ratios per
 model in one run: `diffract-tui scan --metrics fit` vs WeightWatcher `analyze()` at its defaults, and
 `diffract-tui scan` (all) vs `analyze(randomize=True, mp_fit=True)`, on rxnfp `bert_pretrained`, the real
-SmolLM2-135M GGUF and a generated Llama with the 1B's layer shapes (`--proc-llama-layers` of them):
+SmolLM2-135M GGUF and a generated Llama with the 1B's layer shapes (`--proc-llama-layers` of them). `fit` is
+compared with two WeightWatcher processes at its defaults: the favourable one (the matrices read through our
+reader into nn.Linear layers) and one as a user runs it (transformers `from_pretrained` — for the GGUF its own
+`gguf_file=` loader — then `ww.WeightWatcher(model=model).analyze()`); both ratios are printed:
 
     python benchmarks/scan_vs_weightwatcher.py --processes [--rounds 1] [--skip-equal]
 """
@@ -422,13 +425,43 @@ details = ww.WeightWatcher(model=model).analyze(**json.loads(sys.argv[2]))
 print(len(details), file=sys.stderr)
 """
 
+# WeightWatcher "as a user runs it": the model loaded the usual way with transformers (its own GGUF loader,
+# which dequantises through the gguf package; rxnfp's pre-Auto BERT config as rxnfp loads it, a BertModel), then
+# ww.WeightWatcher(model=model).analyze(**argv[2]) on whatever layers WeightWatcher picks in that model
+WW_USER_SCRIPT = """
+import json, logging, sys, warnings
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+warnings.simplefilter("ignore")
+import transformers
+transformers.logging.set_verbosity_error()
+import weightwatcher as ww
+logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+path = Path(sys.argv[1])
+if path.suffix == ".gguf":
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+else:
+    config = json.loads((path / "config.json").read_text())
+    if "model_type" not in config:
+        model = transformers.BertModel.from_pretrained(path)
+    elif config.get("architectures", [""])[0].endswith("ForCausalLM"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    else:
+        model = transformers.AutoModel.from_pretrained(path)
+details = ww.WeightWatcher(model=model).analyze(**json.loads(sys.argv[2]))
+print(len(details), file=sys.stderr)
+"""
+
 # (label, command maker, what it is compared with): ours `fit` vs WW defaults, ours `all` vs WW at equal settings
 PROCESS_PAIRS = (("fit", "ww_defaults", {}), ("all", "ww_equal", WW_SETTINGS["equal"]))
+USER = "ww_user_defaults"   # the as-a-user WeightWatcher process, at its defaults, compared with `fit`
 
 
-def timed_process(cmd: list[str]) -> tuple[float, float]:
-    """(wall s, CPU s = user + sys) of one `nice`d child process with one compute thread: on a shared machine the
-    CPU time is the steadier figure (the wall time also counts the other tenants' share of the cores)."""
+def timed_process(cmd: list[str]) -> tuple[float, float, int | None]:
+    """(wall s, CPU s = user + sys, the count a WeightWatcher child prints last on stderr) of one `nice`d child
+    process with one compute thread: on a shared machine the CPU time is the steadier figure (the wall time also
+    counts the other tenants' share of the cores)."""
     import resource
     import subprocess
 
@@ -440,7 +473,9 @@ def timed_process(cmd: list[str]) -> tuple[float, float]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-1500:]}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    last = done.stderr.strip().splitlines()[-1:] or [""]
+    return (wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            int(last[0]) if last[0].isdigit() else None)
 
 
 def our_scan_cmd(path: Path, metrics: str, out: Path) -> list[str]:
@@ -483,21 +518,34 @@ def bench_processes(args: argparse.Namespace) -> int:
         for label, path in process_models(work, args).items():
             cpu: dict[str, list[float]] = {}
             wall: dict[str, list[float]] = {}
+            counts: dict[str, int] = {}
             for _ in range(args.rounds):
                 for ours, theirs, options in pairs:
-                    for key, cmd in ((ours, our_scan_cmd(path, ours, work / f"{ours}.csv")),
-                                     (theirs, [sys.executable, "-c", WW_SCRIPT, str(path), json.dumps(options)])):
-                        w, c = timed_process(cmd)
+                    runs = [(ours, our_scan_cmd(path, ours, work / f"{ours}.csv")),
+                            (theirs, [sys.executable, "-c", WW_SCRIPT, str(path), json.dumps(options)])]
+                    if ours == "fit" and not args.skip_ww_user:
+                        runs.append((USER, [sys.executable, "-c", WW_USER_SCRIPT, str(path), json.dumps(options)]))
+                    for key, cmd in runs:
+                        w, c, n = timed_process(cmd)
                         wall.setdefault(key, []).append(w)
                         cpu.setdefault(key, []).append(c)
+                        if n is not None:
+                            counts[key] = n
                         print(f"  [{label}] {key}: {c:.1f} s CPU, {w:.1f} s wall", flush=True)
             med = {k: statistics.median(v) for k, v in cpu.items()}
-            row = {"cpu": cpu, "wall": wall, "median_cpu": med, "load_after": os.getloadavg()}
-            for ours, theirs, _ in pairs:
+            row = {"cpu": cpu, "wall": wall, "median_cpu": med, "ww_layers_analysed": counts,
+                   "load_after": os.getloadavg()}
+            compared = [(ours, theirs) for ours, theirs, _ in pairs]
+            if USER in med:
+                compared.insert(1, ("fit", USER))
+            for ours, theirs in compared:
                 row[f"{theirs}_over_{ours}"] = med[theirs] / med[ours]
             results[label] = row
-            ratios = ", ".join(f"{theirs}/{ours} {row[f'{theirs}_over_{ours}']:.2f}×" for ours, theirs, _ in pairs)
-            print(f"{label}: CPU s " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f" → {ratios}", flush=True)
+            names = {"ww_defaults": "WW defaults (favourable: our reader, nn.Linear)",
+                     USER: "WW defaults as a user (transformers from_pretrained)", "ww_equal": "WW equal settings"}
+            ratios = ", ".join(f"{names[theirs]} / {ours} {row[f'{theirs}_over_{ours}']:.2f}×" for ours, theirs in compared)
+            print(f"{label}: CPU s " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f" → {ratios}; "
+                  f"WW layers analysed {counts}", flush=True)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"load_before": load, "results": results}, indent=1) + "\n")
     finally:
@@ -512,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="whole processes: scan --metrics fit vs WW defaults and scan (all) vs WW equal settings")
     p.add_argument("--rounds", type=int, default=1, help="--processes: interleaved rounds (median)")
     p.add_argument("--skip-equal", action="store_true", help="--processes: only fit vs WW defaults")
+    p.add_argument("--skip-ww-user", action="store_true",
+                   help="--processes: not the as-a-user WeightWatcher process (transformers from_pretrained)")
     p.add_argument("--skip-smollm2", action="store_true", help="--processes: not the SmolLM2 GGUF")
     p.add_argument("--proc-llama-layers", type=int, default=2,
                    help="--processes: layers of the generated Llama (default 2 of the 1B's 16: WW at equal "

@@ -90,3 +90,21 @@ def write_llama_gguf(path: Path, config: Mapping, tensors: Mapping[str, torch.Te
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_raw_gguf(path: Path, tensors: Mapping[str, tuple[np.ndarray, str]]) -> Path:
+    """A small llama GGUF of raw block bytes (uint8 rows), each tensor stored as its ggml type name: for the types
+    gguf.quants cannot write (the K-quants) and for chosen bit patterns."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in dict(block_count=1, embedding_length=256, feed_forward_length=512, head_count=4,
+                           head_count_kv=4).items():
+        getattr(w, f"add_{key}")(value)
+    for name, (raw, qtype) in tensors.items():
+        w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -9,10 +9,11 @@ import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import llama_checkpoint
-from gguf_models import write_llama_gguf
+from gguf_models import write_llama_gguf, write_raw_gguf
 
 from analysis.errors import CheckpointError
 from analysis.io.readers.gguf_file import GGUFFile
@@ -170,12 +171,16 @@ def test_a_file_that_changes_after_opening(good):
         reader.tensor("model.layers.0.self_attn.q_proj.weight")
 
 
-def test_without_the_gguf_package_a_quantised_read_is_one_clear_error(good, monkeypatch):
-    reader = GGUFFile(good)   # opening never needs the package
+def test_without_the_gguf_package_a_quantised_read_is_one_clear_error(good, monkeypatch, tmp_path):
+    k_quant = write_raw_gguf(tmp_path / "q2k.gguf", {"x.weight": (np.zeros((2, 2 * 84), np.uint8), "Q2_K")})
+    reader, q2k = GGUFFile(good), GGUFFile(k_quant)   # opening never needs the package
+    with_gguf = reader.tensor("model.layers.0.self_attn.q_proj.weight")
     monkeypatch.setitem(sys.modules, "gguf", None)
     monkeypatch.setitem(sys.modules, "gguf.quants", None)
     with pytest.raises(CheckpointError, match="needs the gguf package.*pip install gguf"):
-        reader.tensor("model.layers.0.self_attn.q_proj.weight")
+        q2k.tensor("x.weight")                        # Q2_K is dequantised by gguf's code only
+    # Q8_0 (and the other types of gguf_dequant) are dequantised without the package, to the same values
+    assert torch.equal(reader.tensor("model.layers.0.self_attn.q_proj.weight"), with_gguf)
     assert reader.tensor("model.norm.weight").dtype == torch.float32   # F32 reads need no package
 
 

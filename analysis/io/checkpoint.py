@@ -66,17 +66,24 @@ class TensorInfo:
     quant: str | None = None  # GGUF storage type ("Q4_1", "Q8_0", "F32", …); None for other formats
 
 
-def _owned(t: "torch.Tensor", dtype: "torch.dtype | str | None") -> "torch.Tensor":
+def _owned(t: "torch.Tensor", dtype: "torch.dtype | str | None", fresh: bool = False) -> "torch.Tensor":
     """A tensor the caller owns: readers may hand out views of memory maps or cached state dicts
-    (safetensors' get_tensor does), so same-dtype reads are copied; `.to` copies otherwise. `dtype` may be
+    (safetensors' get_tensor does), so same-dtype reads are copied — unless the reader says the read is
+    `fresh` memory nobody else holds (a dequantised GGUF tensor); `.to` copies otherwise. `dtype` may be
     a torch dtype's name ("float32", the readers' default, so that this module needs no torch to import)."""
     if isinstance(dtype, str):
         import torch
 
         dtype = getattr(torch, dtype)
     if dtype is None or t.dtype == dtype:
-        return t.clone()
+        return t if fresh else t.clone()
     return t.to(dtype)
+
+
+def _fresh(reader: WeightFile, raw_name: str) -> bool:
+    """Whether the reader's reads of this tensor are new memory (its optional `fresh_reads`)."""
+    fresh = getattr(reader, "fresh_reads", None)
+    return bool(fresh is not None and fresh(raw_name))
 
 
 class Checkpoint:
@@ -139,7 +146,8 @@ class Checkpoint:
         """The whole tensor on CPU, upcast to `dtype` through torch; `dtype=None` returns the stored
         values bit-exact (used by writers). The caller owns the result."""
         info = self.info(name)
-        return _owned(self._readers[info.file].tensor(info.raw_name), dtype)
+        reader = self._readers[info.file]
+        return _owned(reader.tensor(info.raw_name), dtype, _fresh(reader, info.raw_name))
 
     def borrow(self, name: str) -> "torch.Tensor":
         """The whole tensor as stored, possibly a view of the reader's memory (a memory map): for a caller that
@@ -155,7 +163,8 @@ class Checkpoint:
             raise ValueError(f"{name!r} is a scalar; it has no rows")
         if not 0 <= start <= stop <= info.shape[0]:
             raise IndexError(f"rows [{start}, {stop}) out of range for {name!r} with {info.shape[0]} rows")
-        return _owned(self._readers[info.file].rows(info.raw_name, start, stop), dtype)
+        reader = self._readers[info.file]
+        return _owned(reader.rows(info.raw_name, start, stop), dtype, _fresh(reader, info.raw_name))
 
     def close(self) -> None:
         """Release memory maps and loaded pickles; metadata stays usable, tensors reopen on demand."""

@@ -351,12 +351,17 @@ def batched_spectral_metrics(Ws: torch.Tensor, settings: SpectralSettings | None
     """SPEC §3 metrics of every matrix of a (…, m, n) stack (e.g. all heads of one projection), using ONE
     batched eigen call per memory chunk and one batched power-law scan; rows in flattened batch order.
     `metrics` (default `all`) names the set: only its groups are computed (metric_sets.py)."""
-    settings = settings or SpectralSettings()
     _check_matrix(Ws)
+    return _checked_batch_metrics(Ws, settings or SpectralSettings(), evals, metrics)
+
+
+def _checked_batch_metrics(Ws: torch.Tensor, settings: SpectralSettings, evals,
+                           metrics: "MetricSet | str | None") -> list[dict[str, Any]]:
+    """`batched_spectral_metrics` of a stack `_check_matrix` has passed (its finiteness pass is not repeated)."""
     m, n = Ws.shape[-2:]
     flat = Ws.reshape(-1, m, n)
     B, M = flat.shape[0], min(m, n)
-    lam = _given_evals(evals, B, M) if evals is not None else eigenvalues(flat, settings).cpu()
+    lam = _given_evals(evals, B, M) if evals is not None else _eigenvalues(flat, settings).cpu()
     return _metrics_batch(flat, lam, settings, metric_set(metrics))
 
 
@@ -368,7 +373,7 @@ def spectral_metrics(W: torch.Tensor, settings: SpectralSettings | None = None, 
     if W.dim() != 2:
         raise DiffractError(f"spectral_metrics takes one matrix, got shape {tuple(W.shape)}",
                             hint="use batched_spectral_metrics for a stack")
-    return batched_spectral_metrics(W[None], settings, evals=None if evals is None else evals, metrics=metrics)[0]
+    return _checked_batch_metrics(W[None], settings or SpectralSettings(), evals, metrics)[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         if cache is not None:
             cache.flush_all_caches()
     # A group given no command is a usage error whichever click prints its help: click ≥ 8.2 exits 2, older 0.
-    return 2 if code == 0 and _names_only_a_group(args) else code
+    # Args with an option word name more than commands, so they skip rebuilding the whole command tree (≈ 0.1 s).
+    only_words = not any(a.startswith("-") for a in args)
+    return 2 if code == 0 and only_words and _names_only_a_group(args) else code
 
 
 if __name__ == "__main__":  # pragma: no cover

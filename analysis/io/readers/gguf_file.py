@@ -3,8 +3,9 @@
 Opening parses the header, the metadata key/values and the tensor table from a memory map. Big
 arrays (the tokenizer's tokens and merges) are skipped without being materialised, so opening
 the 98 MB SmolLM2 file costs milliseconds, not the 1.7 s and +155 MB of `gguf.GGUFReader`.
-A tensor is dequantised when it is read, by the `gguf` package's numpy code
-(`gguf.quants.dequantize`), imported on first use. Names are mapped to the Hugging Face names
+A tensor is dequantised when it is read: the legacy and Q4_K/Q5_K/Q6_K block types by
+`gguf_dequant` (torch, bit-identical to gguf's numpy code), the others by the `gguf` package's
+`gguf.quants.dequantize`, imported on first use. Names are mapped to the Hugging Face names
 the layouts know, shapes are given in torch order (GGUF's ne[0] is the fastest dimension), and
 llama.cpp's RoPE row permutation of q and k is undone so head slices match the HF checkpoint.
 """
@@ -281,7 +282,13 @@ def read_dtype(qtype: str) -> str:
 
 
 def _dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
-    """Dequantise blocks (uint8, last axis = bytes of a row) to float32 through the gguf package."""
+    """Dequantise blocks (uint8, last axis = bytes of a row) to float32: our torch code for the common
+    types (bit-identical to gguf's, ≈ 3.7× less CPU), the gguf package's numpy code for the others."""
+    from analysis.io.readers.gguf_dequant import dequantize as fast
+
+    values = fast(raw, qtype)
+    if values is not None:
+        return values
     try:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
@@ -381,6 +388,11 @@ class GGUFFile:
             return out.view(torch.bfloat16) if name == "bfloat16" else out
         values = _dequantize(raw.reshape(*shape[:-1], shape[-1] // BLOCKS[t.qtype][0] * BLOCKS[t.qtype][1]), t.qtype)
         return torch.from_numpy(values.reshape(shape))
+
+    def fresh_reads(self, raw_name: str) -> bool:
+        """True when reads of this tensor return new memory (dequantised), so a caller need not copy them;
+        float types are views of the map."""
+        return self.tensors[raw_name].qtype not in FLOAT_TYPES
 
     def tensor(self, raw_name: str) -> torch.Tensor:
         """The whole tensor in HF layout: floats as stored (a view of the map), quantised ones as float32."""
