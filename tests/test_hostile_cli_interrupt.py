@@ -52,12 +52,20 @@ def entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def _interactive_signals() -> None:
+    """In the child before exec: SIGINT as a terminal's foreground job gets it (default disposition, unblocked).
+    A disposition or mask the pytest process inherited or picked up (an earlier test's Ray driver or a
+    non-interactive shell) would otherwise pass to the child, which then never sees the SIGINT at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def interrupted_child(args: list[str], prelude: str) -> tuple[int, str, str]:
     """Run the CLI in a child that pauses where `prelude` says, send it SIGINT there: (rc, stdout, stderr)."""
     code = f"import sys\n{prelude}\nfrom diffract_tui.cli import main\nsys.exit(main({[str(a) for a in args]!r}))\n"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, preexec_fn=_interactive_signals)
     try:
         ready = child.stdout.readline().strip()
         assert ready == "READY", child.communicate(timeout=60)
