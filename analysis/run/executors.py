@@ -20,9 +20,11 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from analysis.errors import DiffractError, MatrixFailure
+
+R = TypeVar("R")   # what a task's work returns
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.deltas.delta_table import DeltaOptions, DeltaPart, DeltaTable
@@ -364,6 +366,30 @@ def _worker_setup(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _on_worker(paths: Sequence[str], labels: Sequence[str], threads: int, cache_root: str | None,
+               work: "Callable[[list[Checkpoint], Cache | None], R]", read_path: str) -> "R | TaskError":
+    """Every task's frame: threads set, checkpoints opened (or the line naming path and host), `work` run
+    with the shared cache, the cache's staged entries written, the checkpoints closed on every way out; an
+    OSError while working names the host and the file (`read_path` when the error carries none)."""
+    from analysis.run.cache import Cache, flush_cache
+
+    _worker_setup(threads)
+    opened = _open_on_worker(paths, labels)
+    if isinstance(opened, TaskError):
+        return opened
+    cache = Cache(cache_root) if cache_root is not None else None
+    try:
+        result = work(opened, cache)
+        flush_cache(cache)
+        return result
+    except OSError as err:
+        return TaskError(f"a Ray worker on host {socket.gethostname()} cannot read "
+                         f"{err.filename or read_path} ({err.strerror or err}) — {SHARED_FS_HINT}")
+    finally:
+        for c in opened:
+            c.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # Scan tasks
 # ------------------------------------------------------------------------------------------------
@@ -386,28 +412,17 @@ class ScanTask:
 
 def scan_task(task: ScanTask) -> "ScanResult | TaskError":
     """Runs on a worker: the rows of the last checkpoint of `task.paths` in one layer group."""
-    from analysis.run.cache import Cache, flush_cache
     from analysis.run.scan import _context, _plan_layer, run_plan
 
-    _worker_setup(task.threads)
-    opened = _open_on_worker(task.paths, task.labels)
-    if isinstance(opened, TaskError):
-        return opened
-    cache = Cache(task.cache_root) if task.cache_root is not None else None
-    try:
+    def work(opened: "list[Checkpoint]", cache: "Cache | None") -> ScanResult:
         ctx = _context(opened, task.settings, cache, metrics=task.metrics)
         mine = len(opened) - 1
         plan = [it for it in _plan_layer(ctx, task.group, task.heads, task.delta) if it.ckpt == mine]
         failures: list[MatrixFailure] = []
         rows = [row for _, item_rows in run_plan(ctx, plan, failures.append) for row in item_rows]
-        flush_cache(cache)
-    except OSError as err:
-        return TaskError(f"a Ray worker on host {socket.gethostname()} cannot read "
-                         f"{err.filename or task.paths[-1]} ({err.strerror or err}) — {SHARED_FS_HINT}")
-    finally:
-        for c in opened:
-            c.close()
-    return ScanResult(rows=rows, failures=failures, items=len(plan), label=plan[-1].label if plan else "")
+        return ScanResult(rows=rows, failures=failures, items=len(plan), label=plan[-1].label if plan else "")
+
+    return _on_worker(task.paths, task.labels, task.threads, task.cache_root, work, task.paths[-1])
 
 
 def _gpus(settings: "SpectralSettings") -> float:
@@ -478,23 +493,11 @@ class DeltaTask:
 def delta_task(task: DeltaTask) -> "DeltaTable | TaskError":
     """Runs on a worker: the rows (and, for the heads part, head scores and agreement) of one share."""
     from analysis.deltas.delta_table import build_delta_table
-    from analysis.run.cache import Cache, flush_cache
 
-    _worker_setup(task.threads)
-    opened = _open_on_worker(task.paths, task.labels)
-    if isinstance(opened, TaskError):
-        return opened
-    cache = Cache(task.cache_root) if task.cache_root is not None else None
-    try:
-        table = build_delta_table(opened[0], opened[1:], options=task.options, cache=cache, part=task.part)
-        flush_cache(cache)
-    except OSError as err:
-        return TaskError(f"a Ray worker on host {socket.gethostname()} cannot read "
-                         f"{err.filename or task.paths[0]} ({err.strerror or err}) — {SHARED_FS_HINT}")
-    finally:
-        for c in opened:
-            c.close()
-    return table
+    def work(opened: "list[Checkpoint]", cache: "Cache | None") -> "DeltaTable":
+        return build_delta_table(opened[0], opened[1:], options=task.options, cache=cache, part=task.part)
+
+    return _on_worker(task.paths, task.labels, task.threads, task.cache_root, work, task.paths[0])
 
 
 def delta_remote(executor: RayExecutor, base: "Checkpoint", targets: Sequence["Checkpoint"], *,
@@ -579,15 +582,9 @@ def sweep_task(task: SweepTask) -> "SweepResult | TaskError":
     from analysis.eval.patch import LivePatch
     from analysis.eval.sweep import base_losses, plan_losses, target_losses
     from analysis.model.architecture import layout_of
-    from analysis.run.cache import Cache, flush_cache
 
-    _worker_setup(task.threads)
-    opened = _open_on_worker(task.paths, task.labels)
-    if isinstance(opened, TaskError):
-        return opened
-    base, target = opened
-    cache = Cache(task.cache_root) if task.cache_root is not None else None
-    try:
+    def work(opened: "list[Checkpoint]", cache: "Cache | None") -> SweepResult:
+        base, target = opened
         device = torch.device(task.device)
         lm = load_model(target.path, device=device, dtype=parse_dtype(task.dtype, device))
         evaluator = Evaluator(lm, target.fingerprint, cache)
@@ -601,15 +598,10 @@ def sweep_task(task: SweepTask) -> "SweepResult | TaskError":
             else:
                 assert job.plan is not None
                 losses.append(plan_losses(evaluator, patch, job.plan, task.texts))
-        flush_cache(cache)
-    except OSError as err:
-        return TaskError(f"a Ray worker on host {socket.gethostname()} cannot read "
-                         f"{err.filename or task.paths[-1]} ({err.strerror or err}) — {SHARED_FS_HINT}")
-    finally:
-        for c in opened:
-            c.close()
-    return SweepResult(losses=losses, hits=evaluator.hits, misses=evaluator.misses,
-                       candidates=sum(job.candidates for job in task.jobs))
+        return SweepResult(losses=losses, hits=evaluator.hits, misses=evaluator.misses,
+                           candidates=sum(job.candidates for job in task.jobs))
+
+    return _on_worker(task.paths, task.labels, task.threads, task.cache_root, work, task.paths[-1])
 
 
 def _batches(jobs: Sequence[SweepJob], count: int) -> list[tuple[SweepJob, ...]]:
