@@ -98,18 +98,20 @@ def test_delta_through_ray_writes_the_local_bytes_and_its_matrix_entries_are_cac
     assert again.read_bytes() == local.read_bytes()
 
 
-def test_a_task_whose_worker_dies_is_retried_and_the_table_is_unchanged(cluster, trio, local_scan, tmp_path,
-                                                                       monkeypatch):
-    marker = str(tmp_path / "killed-once")
-    real = executors.scan_task
-
-    def dies_first(task):     # runs on a worker: the first attempt of all kills its process
+def dies_first(real, marker: str):
+    """`real` wrapped so that the first attempt of all (on a worker) kills its process: Ray must retry it."""
+    def wrapped(task):
         if not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)
         return real(task)
+    return wrapped
 
-    monkeypatch.setattr(executors, "scan_task", dies_first)
+
+def test_a_task_whose_worker_dies_is_retried_and_the_table_is_unchanged(cluster, trio, local_scan, tmp_path,
+                                                                       monkeypatch):
+    marker = str(tmp_path / "killed-once")
+    monkeypatch.setattr(executors, "scan_task", dies_first(executors.scan_task, marker))
     out = tmp_path / "ray.csv"
     assert _scan(trio, out, "--executor", "ray", "--no-cache") == 0
     assert os.path.exists(marker), "no worker was killed: the test tested nothing"

@@ -21,7 +21,7 @@ from analysis.run import executors
 from diffract_tui.cli import eval as eval_cli
 from diffract_tui.cli import main
 from tests.test_hostile_writers import one_line_error, sha_tree
-from tests.test_ray_executor import cluster  # noqa: F401 — the module's one local Ray
+from tests.test_ray_executor import cluster, dies_first  # noqa: F401 — the module's one local Ray
 from tests.tiny_cpt import family  # noqa: F401 — the session's tiny CPT family
 
 T, N = 32, 2   # tokens per window, windows per text: the smallest evaluation that still has two windows
@@ -108,15 +108,7 @@ def test_a_sweep_task_whose_worker_dies_is_retried_and_the_table_is_unchanged(cl
                                                                              tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFRACT_TUI_THREADS", "1")
     marker = str(tmp_path / "killed-once")
-    real = executors.sweep_task
-
-    def dies_first(task):     # runs on a worker: the first attempt of all kills its process
-        if not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)
-        return real(task)
-
-    monkeypatch.setattr(executors, "sweep_task", dies_first)
+    monkeypatch.setattr(executors, "sweep_task", dies_first(executors.sweep_task, marker))
     out = tmp_path / "ray.csv"
     assert _sweep(family, out, "--executor", "ray", "--no-cache") == 0
     assert os.path.exists(marker), "no worker was killed: the test tested nothing"
