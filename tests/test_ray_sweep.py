@@ -54,11 +54,18 @@ def test_a_ray_sweep_writes_the_local_bytes_and_a_local_rerun_reads_the_workers_
     monkeypatch.setenv("DIFFRACT_TUI_THREADS", "1")   # --threads 1 exports it: restored after the test
     before = sha_tree(*_inputs(family))
     cache, out = tmp_path / "cache", tmp_path / "ray.csv"
+    import analysis.eval.loss as loss_module
+
+    built: list[str] = []   # models transformers builds in THIS process (the driver; tasks run in the workers)
+    real_build = loss_module._build
+    monkeypatch.setattr(loss_module, "_build", lambda cls, folder, *a, **k: built.append(str(folder))
+                        or real_build(cls, folder, *a, **k))
     capsys.readouterr()
     assert _sweep(family, out, "--executor", "ray", "--cache-dir", str(cache)) == 0
     assert "runs in this process" not in capsys.readouterr().err
     assert out.read_bytes() == local_sweep
     assert sha_tree(*_inputs(family)) == before
+    assert built == []      # the driver read config + tokenizer only: no second copy of the model beside the tasks'
 
     import analysis.eval.evaluator as evaluator_module
 
@@ -70,6 +77,7 @@ def test_a_ray_sweep_writes_the_local_bytes_and_a_local_rerun_reads_the_workers_
     assert _sweep(family, again, "--cache-dir", str(cache)) == 0
     assert again.read_bytes() == local_sweep
     assert " 0 evaluated" in capsys.readouterr().err
+    assert built == [str(family.code)]   # the local sweep builds its one model here (the probe sees builds)
 
 
 def test_one_evaluation_per_task_gives_the_same_bytes_and_progress_per_task(cluster, family, local_sweep, tmp_path, monkeypatch):

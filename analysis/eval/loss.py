@@ -76,7 +76,7 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
 class LoadedModel:
     """A model built from a checkpoint folder, with its tokenizer and what the cache key needs."""
 
-    model: Any
+    model: Any                # None when loaded with weights=False (config and tokenizer only)
     kind: str                 # "causal" | "masked"
     folder: Path              # the checkpoint folder, or the GGUF file
     tokenizer: Any
@@ -142,9 +142,11 @@ def _build(cls: Any, folder: Path, transformers: Any, *, dtype: torch.dtype, whe
     return model
 
 
-def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype, weights: bool = True) -> LoadedModel:
     """Build the model of a checkpoint folder with transformers (eval mode, on `device` in `dtype`); a GGUF file
-    (or a folder holding one) is built by transformers' GGUF loader, its tokenizer from the GGUF metadata."""
+    (or a folder holding one) is built by transformers' GGUF loader, its tokenizer from the GGUF metadata.
+    `weights=False` reads the config and the tokenizer only (`model` is None): what a driver needs to tokenise and
+    describe a run whose evaluations happen elsewhere (a Ray sweep's tasks), without a second copy of the model."""
     from analysis.io.checkpoint import open_checkpoint
 
     transformers = require_transformers()
@@ -158,22 +160,36 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype) ->
         kind = "causal" if gguf is not None else _model_kind(ck.config, set(ck.keys()), folder)
     finally:
         ck.close()
+    gguf_kwargs = {"gguf_file": gguf.name} if gguf is not None else {}
+    where = gguf or folder
     if gguf is not None:  # llama.cpp files hold causal LMs only
-        tokenizer = load_gguf_tokenizer(gguf)
-        model = _build(transformers.AutoModelForCausalLM, gguf.parent, transformers, dtype=dtype, where=gguf,
-                       gguf_file=gguf.name)
-        tok_hash = gguf_tokenizer_hash(gguf)
+        tokenizer, tok_hash = load_gguf_tokenizer(gguf), gguf_tokenizer_hash(gguf)
     else:
-        tokenizer = load_tokenizer(folder)
-        cls = transformers.AutoModelForMaskedLM if kind == "masked" else transformers.AutoModelForCausalLM
-        model = _build(cls, folder, transformers, dtype=dtype, where=folder)
-        tok_hash = tokenizer_hash(folder)
-    model.to(device).eval()
+        tokenizer, tok_hash = load_tokenizer(folder), tokenizer_hash(folder)
     if kind == "masked" and tokenizer.mask_token_id is None:
         raise DiffractError("the tokenizer has no mask token, which a masked LM's loss needs", path=folder,
                             hint="use the model's own tokenizer")
-    return LoadedModel(model=model, kind=kind, folder=gguf or folder, tokenizer=tokenizer, tokenizer_hash=tok_hash,
-                       context=_context(model.config), device=device, dtype=dtype)
+    model = None
+    if weights:
+        cls = transformers.AutoModelForMaskedLM if kind == "masked" else transformers.AutoModelForCausalLM
+        model = _build(cls, where.parent if gguf is not None else folder, transformers, dtype=dtype, where=where,
+                       **gguf_kwargs)
+        model.to(device).eval()
+        config = model.config
+    else:
+        config = _config(where.parent if gguf is not None else folder, transformers, where=where, **gguf_kwargs)
+    return LoadedModel(model=model, kind=kind, folder=where, tokenizer=tokenizer, tokenizer_hash=tok_hash,
+                       context=_context(config), device=device, dtype=dtype)
+
+
+def _config(folder: Path, transformers: Any, *, where: Path, **kwargs: Any) -> Any:
+    """The model's transformers config alone (no weights read), every failure one line as in `_build`."""
+    try:
+        with quiet_loading(transformers):
+            return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except Exception as err:  # the same contract as _build: one line
+        raise DiffractError(f"transformers cannot read this model's config ({_one_line(err)})", path=where,
+                            hint="evaluate a causal LM, or a masked LM with its MLM head") from None
 
 
 @dataclass(frozen=True)

@@ -259,8 +259,9 @@ def rewind_sweep(
     try:
         with stderr_progress("reading head energies") as progress:
             inputs = rewind_inputs(b, t, r, progress=progress)
-        with eval_device(device, dtype, threads) as (dev, dt):
-            lm = load_model(target, device=dev, dtype=dt)
+        with eval_device(device, dtype, threads) as (dev, dt):   # Ray tasks load their own model: the driver
+            lm = load_model(target, device=dev, dtype=dt,      # needs one only for Taylor's gradient pass
+                            weights=runner.local or score == "taylor")
         prepared = prepare_all(lm, texts, tokens, windows)
         if score == "taylor":
             inputs = _with_taylor(inputs, b, t, target, [], [], tokens, windows, device, dtype, lm=lm,
