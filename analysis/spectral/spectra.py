@@ -276,7 +276,7 @@ def _metrics_batch(Ws: torch.Tensor, lam: torch.Tensor, settings: SpectralSettin
     groups = metrics.groups
     device = settings.torch_device
     fit = fit_power_law(lam, xmin_rule=settings.xmin_rule) if groups & {"pl", "tails"} else None
-    lam_np = fit.evals.cpu().numpy() if fit is not None else torch.sort(lam.to(torch.float64), dim=-1).values.numpy()
+    lam_np = fit.evals if fit is not None else torch.sort(lam.to(torch.float64), dim=-1).values.numpy()
     null = var = None
     if metrics.needs_null:
         null = _eigenvalues(permuted(Ws.to(device), settings.seed), null_settings(settings)).cpu().numpy()
