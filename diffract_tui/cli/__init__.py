@@ -41,6 +41,14 @@ class DefaultCommandGroup(TyperGroup):
         """Route to the default command, then parse as any group does."""
         return super().parse_args(ctx, self.route(list(args)))
 
+    def make_context(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 — click's signature and Context
+        """Make the root context (parse the root's words, run the root options' callbacks) as any group does,
+        with Ctrl-C passed on as `Interrupted`: typer's main runs this phase too, and would exit 130 silently."""
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as err:
+            raise Interrupted() from err
+
     def invoke(self, ctx):  # noqa: ANN001, ANN201 — click's Context, the command's result
         """Invoke as any group does, with Ctrl-C (and SIGTERM's `Terminated`) passed on as `Interrupted`:
         typer's main turns a KeyboardInterrupt into a silent exit 130, so `main` could not say so."""
