@@ -41,6 +41,14 @@ class DefaultCommandGroup(TyperGroup):
         """Route to the default command, then parse as any group does."""
         return super().parse_args(ctx, self.route(list(args)))
 
+    def make_context(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 — click's signature and Context
+        """Make the root context (parse the root's words, run the root options' callbacks) as any group does,
+        with Ctrl-C passed on as `Interrupted`: typer's main runs this phase too, and would exit 130 silently."""
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as err:
+            raise Interrupted() from err
+
     def invoke(self, ctx):  # noqa: ANN001, ANN201 — click's Context, the command's result
         """Invoke as any group does, with Ctrl-C (and SIGTERM's `Terminated`) passed on as `Interrupted`:
         typer's main turns a KeyboardInterrupt into a silent exit 130, so `main` could not say so."""
@@ -155,6 +163,12 @@ def _os_error_line(err: OSError) -> str:
     return f"diffract-tui: error: {what}: {err.filename}" if err.filename else f"diffract-tui: error: {what}"
 
 
+def _interrupted() -> int:
+    """The one line of a Ctrl-C (or SIGTERM) on stderr, and its exit status 130."""
+    typer.echo(INTERRUPTED_LINE, err=True)
+    return 130
+
+
 def _invoke(args: list[str]) -> int:
     """Run the typer app on `args`; every failure becomes a short message and an exit code, never a traceback."""
     from analysis.errors import DiffractError
@@ -178,8 +192,7 @@ def _invoke(args: list[str]) -> int:
     except _EXITS as err:
         return int(getattr(err, "exit_code", 0))
     except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: one raised outside a command's invocation
-        typer.echo(INTERRUPTED_LINE, err=True)
-        return 130
+        return _interrupted()
     except SystemExit as err:  # typer calls sys.exit(1) itself on a closed pipe, even when not standalone
         if isinstance(err.code, str):
             typer.echo(err.code, err=True)
@@ -205,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     # A group given no command is a usage error whichever click prints its help: click ≥ 8.2 exits 2, older 0.
     # Args with an option word name more than commands, so they skip rebuilding the whole command tree (≈ 0.1 s).
     only_words = not any(a.startswith("-") for a in args)
-    return 2 if code == 0 and only_words and _names_only_a_group(args) else code
+    try:
+        return 2 if code == 0 and only_words and _names_only_a_group(args) else code
+    except (Interrupted, KeyboardInterrupt):  # a Ctrl-C while the command tree is rebuilt for that check
+        return _interrupted()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,8 +13,10 @@ import typer
 from diffract_tui.cli.scan import EXECUTOR_HELP, RAY_ADDRESS_HELP, executor_option, open_executor
 
 @contextmanager
-def stderr_progress(description: str, unit_bytes: bool = False) -> Iterator[Callable[[int, "int | None", str], None]]:
-    """A rich progress bar on stderr; yields the engine's `progress(done, total, text)` callback (`analysis.progress`)."""
+def stderr_progress(description: str, unit_bytes: bool = False, quiet: bool = False
+                    ) -> Iterator[Callable[[int, "int | None", str], None]]:
+    """A rich progress bar on stderr (none with `quiet`); yields the engine's `progress(done, total, text)`
+    callback (`analysis.progress`)."""
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TransferSpeedColumn)
@@ -24,7 +26,7 @@ def stderr_progress(description: str, unit_bytes: bool = False) -> Iterator[Call
     columns.append(TimeElapsedColumn())
     console = Console(stderr=True)
     # not a terminal (a log, a test): no bar, so stderr holds only real messages
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+    with Progress(*columns, console=console, transient=True, disable=quiet or not console.is_terminal) as bar:
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int | None, text: str = "") -> None:
@@ -81,6 +83,7 @@ def rewind_plan(
     windows: Annotated[int, typer.Option("--windows", help="N for --score taylor.")] = 64,
     device: Annotated[str, typer.Option("--device", help="Device for --score taylor: auto, cpu, cuda[:N].")] = "auto",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16 | float32 for --score taylor.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Choose heads to rewind and write the list; prints the preview.
 
@@ -102,11 +105,11 @@ def rewind_plan(
     refuse_input_overlap(out, protected)  # before any work: the list never lands on, in or around an input
     if pattern == "random" and seed is None:
         raise DiffractError("the random pattern needs a seed", hint="pass --seed N")
-    with stderr_progress("reading head energies") as progress:
+    with stderr_progress("reading head energies", quiet=quiet) as progress:
         inputs = rewind_inputs(b, t, r if pattern == "reference" else None, progress=progress)
     if score == "taylor":
         inputs = _with_taylor(inputs, b, t, target, text or [], general_text or [], tokens, windows, device,
-                              dtype)
+                              dtype, quiet=quiet)
     rl = plan_from_inputs(inputs, base=checkpoint_ref(b), target=checkpoint_ref(t),
                           reference=checkpoint_ref(r) if r is not None else None, pattern=pattern,
                           fraction=fraction, heads=head_list, score=score, gqa_policy=gqa_policy,
@@ -146,10 +149,14 @@ def register(app: typer.Typer) -> None:
     app.add_typer(rewind_app, name="rewind")
 
 
+TAYLOR_LABEL = "taylor score: gradient pass (windows)"
+
+
 def _with_taylor(inputs: Any, base: Any, target: Any, target_path: Path, text: List[Path], general: List[Path],
                  tokens: int, windows: int, device: str, dtype: Optional[str], lm: Any = None,
-                 prepared: Optional[list] = None) -> Any:
-    """`inputs` with the Taylor grid (SPEC §9) on the general texts when given, else the domain texts."""
+                 prepared: Optional[list] = None, quiet: bool = False) -> Any:
+    """`inputs` with the Taylor grid (SPEC §9) on the general texts when given, else the domain texts; the
+    gradient pass's windows counted on a bar (none with `quiet`), one tick per backward call."""
     import dataclasses
 
     from analysis.errors import DiffractError
@@ -166,8 +173,8 @@ def _with_taylor(inputs: Any, base: Any, target: Any, target_path: Path, text: L
             lm = load_model(target_path, device=dev, dtype=dt)
         prepared = prepare_all(lm, load_texts(text, general), tokens, windows)
     chosen = [et for et in prepared if et.role == "general"] or list(prepared)
-    with stderr_progress("taylor score: one forward/backward pass"):
-        grid = taylor_scores(lm, base, layout_of(target), chosen)
+    with stderr_progress(TAYLOR_LABEL, quiet=quiet) as progress:
+        grid = taylor_scores(lm, base, layout_of(target), chosen, progress=progress)
     return dataclasses.replace(inputs, taylor=grid)
 
 
