@@ -121,6 +121,16 @@ def test_fp8_has_no_numpy_form_and_is_read_through_torch(tmp_path):
     _assert_bit_identical(path)
 
 
+def test_a_pickle_the_records_reading_does_not_model_is_read_through_torch(tmp_path):
+    """A uint16 tensor (torch.UInt16Storage is outside the records' globals): the file opens the torch way and
+    array() gives tensor()'s values for every tensor, the float one included."""
+    path = tmp_path / "u16.pt"
+    torch.save({"a": torch.arange(6).to(torch.uint16).view(2, 3), "b": torch.randn(3, 2).T}, path)
+    ckpt = open_checkpoint(path)
+    assert next(iter(ckpt._readers.values()))._records is None
+    _assert_bit_identical(path)
+
+
 def _cut_after_opening(path: Path, keep: int, name: str) -> tuple[str, str]:
     """(array's error, tensor's error) for one tensor of `path` once the file is cut to `keep` bytes after opening."""
     first, second = open_checkpoint(path), open_checkpoint(path)
