@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import analysis.run.cache as cache_module
 from analysis.run.cache import PACK_DIR, Cache, _pack_bytes, _read_pack_body, _read_pack_index, cache_key
@@ -276,3 +277,21 @@ def test_cli_compact_of_an_unwritable_cache_is_one_line_and_exit_1(capsys):
         assert _sha(_packs(shared)) == before and len(list((shared / PACK_DIR).iterdir())) == 4
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def _interrupt(*args: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("argv", [["cache", "info"], ["--version"]])
+def test_a_ctrl_c_during_the_final_cache_flush_is_the_one_interrupted_line(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cache_module, "flush_all_caches", _interrupt)
+    assert main([*argv, *(["--cache-dir", str(tmp_path)] if argv[0] == "cache" else [])]) == 130
+    assert capsys.readouterr().err == "diffract-tui: interrupted\n"
+
+
+def test_a_ctrl_c_in_the_command_and_again_in_the_flush_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Cache, "info", _interrupt)
+    monkeypatch.setattr(cache_module, "flush_all_caches", _interrupt)
+    assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "diffract-tui: interrupted\n"
