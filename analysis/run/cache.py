@@ -11,6 +11,9 @@ writers never share one: each pack has one writer (host + pid + random in its na
 Ray workers on several hosts fill one cache on a shared filesystem (no SQLite, no shared append, no
 locks). Readers index every pack; a torn or corrupt pack (bad magic, size or CRC) is ignored and its
 entries recomputed, as an unreadable single-file entry is (that one is removed). Nothing is ever pickled.
+`Cache.compact()` (`diffract-tui cache compact`) merges the packs into as few as PACK_MAX_BYTES allows, lock-free:
+the merged packs are renamed in before the packs they replace are deleted, and a reader whose pack vanished finds
+the merged one (or recomputes).
 
 Nothing is fsynced (`durable=False`; the per-entry fsync was dropped earlier, it cost ~50 ms per entry):
 a cache needs atomicity, not durability — after a crash an entry or pack is whole, absent or torn, and
