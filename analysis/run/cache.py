@@ -11,6 +11,9 @@ writers never share one: each pack has one writer (host + pid + random in its na
 Ray workers on several hosts fill one cache on a shared filesystem (no SQLite, no shared append, no
 locks). Readers index every pack; a torn or corrupt pack (bad magic, size or CRC) is ignored and its
 entries recomputed, as an unreadable single-file entry is (that one is removed). Nothing is ever pickled.
+`Cache.compact()` (`diffract-tui cache compact`) merges the packs into as few as PACK_MAX_BYTES allows, lock-free:
+the merged packs are renamed in before the packs they replace are deleted, and a reader whose pack vanished finds
+the merged one (or recomputes).
 
 Nothing is fsynced (`durable=False`; the per-entry fsync was dropped earlier, it cost ~50 ms per entry):
 a cache needs atomicity, not durability — after a crash an entry or pack is whole, absent or torn, and
@@ -47,7 +50,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from analysis.io.atomic import TMP_PREFIX, atomic_writer
+from analysis.io.atomic import TMP_PREFIX, atomic_writer, write_error
 from analysis.io.safe_read import MAX_JSON_BYTES, open_regular, parse_json, read_regular_bytes
 from analysis.errors import DiffractError
 
@@ -78,6 +81,7 @@ PACK_MAX_AGE_SECONDS = 30.0                    # … and so is one older than th
 _MAX_PACK_RAW = 4 * PACK_MAX_BYTES             # a pack claiming more (index or body) is corrupt
 _BODY_CACHE_BYTES = 128 * 1024 * 1024          # decompressed pack bodies kept in memory by one Cache
 _LIVE: "weakref.WeakSet[Cache]" = weakref.WeakSet()   # caches with staged entries, flushed at exit
+_CORRUPT_PACK_GRACE_SECONDS = 60.0             # `compact` leaves a younger corrupt pack alone (NFS may lag)
 
 
 def flush_cache(cache: Any) -> None:
@@ -236,6 +240,67 @@ class CacheInfo:
     bytes: int
     exists: bool
     packs: int = 0          # pack files among them (their entries are counted in `entries`)
+
+
+@dataclass(frozen=True)
+class CompactStats:
+    """What `diffract-tui cache compact` reports: the packs it found (before) and what replaced them (after)."""
+
+    root: Path
+    packs_before: int
+    packs_after: int
+    entries: int            # distinct entries in the packs after
+    bytes_before: int
+    bytes_after: int
+    duplicates: int = 0     # extra copies of a key dropped (the newest pack's readable copy is kept)
+    dropped: int = 0        # entries dropped for failing the checks a reader makes (they were misses)
+    corrupt: int = 0        # torn or corrupt packs deleted (their entries were misses)
+
+
+@dataclass(eq=False)
+class _CompactSource:
+    """One pack `compact` found: its path, size, mtime and index (None when unreadable); compared by identity."""
+
+    path: Path
+    size: int
+    mtime: float
+    entries: dict[tuple[str, str], "_PackedAt"] | None = None
+    body: tuple[int, int] = (0, 0)                       # the body's offset and compressed length
+    state: str = "ok"       # "ok", "corrupt" (torn or failing a check), "unreadable" (left alone) or "gone"
+
+
+def _compact_source(path: Path) -> _CompactSource | None:
+    """What `compact` needs of one pack (size, mtime, index); None when it is already gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _CompactSource(path, 0, 0.0, state="unreadable")
+    source = _CompactSource(path, st.st_size, st.st_mtime)
+    try:
+        entries, offset, length = _read_pack_index(path)
+        source.entries, source.body = entries, (offset, length)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        source.state = "corrupt"
+    except OSError:                 # not a regular file, no permission, an I/O error: not ours to delete
+        source.state = "unreadable"
+    return source
+
+
+def _worth_merging(sources: list[_CompactSource]) -> bool:
+    """Whether merging these readable packs saves a file: more than one, and a duplicate key or fewer packs needed."""
+    if len(sources) < 2:
+        return False
+    sizes: dict[tuple[str, str], int] = {}
+    copies = 0
+    for source in sources:
+        for k, at in (source.entries or {}).items():
+            copies += 1
+            sizes[k] = at.length
+    return copies > len(sizes) or len(sources) > max(1, math.ceil(sum(sizes.values()) / PACK_MAX_BYTES))
 
 
 def _writer_name() -> str:
@@ -445,6 +510,16 @@ class Cache:
         for entries in self._entries.values():
             self._index.update((k, at) for k, at in entries.items() if k in lost and k not in self._index)
 
+    def _forget_packs(self) -> None:
+        """Drop the whole pack index (and loaded bodies): the next look lists the pack folder afresh."""
+        self._index.clear()
+        self._bodies.clear()
+        self._entries.clear()
+        self._seen.clear()
+        self._loaded.clear()
+        self._loaded_bytes = 0
+        self._packs_mtime = None
+
     def _small(self, key: str, suffix: str) -> bytes | None:
         """The bytes of a staged or packed entry, or None (packs written since the last look are indexed first)."""
         with self._lock:
@@ -461,6 +536,8 @@ class Cache:
                 if body is not None:
                     return body[at.offset:at.offset + at.length]
                 at = self._index.get((key, suffix))   # that pack was corrupt: a copy in another one, if any
+                if at is None and self._scan_packs(only_if_changed=True):   # or gone, compacted into a new one
+                    at = self._index.get((key, suffix))
             return None
 
     def _drop_small(self, key: str, suffix: str) -> None:
@@ -713,13 +790,7 @@ class Cache:
         with self._lock:
             self._pending.clear()
             self._pending_bytes = 0
-            self._index.clear()
-            self._bodies.clear()
-            self._entries.clear()
-            self._seen.clear()
-            self._loaded.clear()
-            self._loaded_bytes = 0
-            self._packs_mtime = None
+            self._forget_packs()
         for path in [*files, *packs]:
             try:
                 path.unlink()
@@ -743,6 +814,124 @@ class Cache:
                 with contextlib.suppress(OSError):
                     sub.rmdir()  # only succeeds when empty
         return removed
+
+    # ---- compaction --------------------------------------------------------------------------
+    def compact(self) -> CompactStats:
+        """Merge the packs into as few as PACK_MAX_BYTES allows, safely beside live writers and readers.
+
+        The merged packs get a new writer name and are written like any pack (temp file, then rename; fsynced,
+        as the packs they replace are deleted next); only then are the packs they replace deleted. A pack that
+        appears meanwhile is not touched, nor is one that cannot be read (no permission, not a file); a torn or
+        corrupt one older than a minute is deleted (its entries are misses already). Of several copies of a key
+        the one in the newest pack (mtime, then name) that passes the entry checks is kept. Killed after the
+        renames and before the deletes, the cache holds duplicates: harmless, and merged by the next compaction.
+        Raises DiffractError (nothing changed) when a merged pack cannot be written.
+        """
+        self.flush()
+        sources = [s for s in map(_compact_source, self._pack_files()) if s is not None]
+        readable = [s for s in sources if s.state == "ok"]
+        size_before = sum(s.size for s in sources)
+        cutoff = time.time() - _CORRUPT_PACK_GRACE_SECONDS
+        if not (_worth_merging(readable) or any(s.state == "corrupt" and s.mtime < cutoff for s in sources)):
+            entries = len({k for s in readable for k in s.entries or {}})
+            return CompactStats(self.root, len(sources), len(sources), entries, size_before, size_before)
+        merged, entries, duplicates, bad = self._write_merged(readable)
+        done = [s for s in sources if s.state == "ok" or (s.state == "corrupt" and s.mtime < cutoff)]
+        self._remove_compacted([s.path for s in done])
+        with self._lock:
+            self._forget_packs()
+        left = [s for s in sources if s not in done and s.state != "gone"]
+        return CompactStats(self.root, len(sources), len(merged) + len(left), entries, size_before,
+                            sum(merged.values()) + sum(s.size for s in left), duplicates, bad,
+                            corrupt=sum(s.state == "corrupt" for s in done))
+
+    def _write_merged(self, sources: list[_CompactSource]) -> tuple[dict[Path, int], int, int, int]:
+        """Write the entries of `sources` (newest first, one copy per key) as new packs of ≤ PACK_MAX_BYTES;
+        returns ({merged pack: its size}, entries, duplicate copies dropped, entries failing their checks).
+        A source that vanished or turned out corrupt meanwhile gets state "gone" or "corrupt". On any failure
+        the merged packs written so far are removed again (DiffractError for an OSError)."""
+        writer = f"{_writer_name()}-{secrets.token_hex(4)}"
+        merged: dict[Path, int] = {}
+        batch: list[tuple[tuple[str, str], bytes]] = []
+        seen: set[tuple[str, str]] = set()
+        duplicates = bad = batch_bytes = 0
+        try:
+            for source in sorted(sources, key=lambda s: (s.mtime, s.path.name), reverse=True):
+                body = self._compact_body(source)
+                if body is None:
+                    continue
+                for k, at in sorted((source.entries or {}).items(), key=lambda item: item[1].offset):
+                    data = body[at.offset:at.offset + at.length]
+                    if k in seen:
+                        duplicates += 1
+                        continue
+                    if not self._entry_ok(k, data):
+                        bad += 1
+                        continue
+                    if batch and batch_bytes + len(data) > PACK_MAX_BYTES:
+                        self._write_pack(merged, writer, batch)
+                        batch, batch_bytes = [], 0
+                    seen.add(k)
+                    batch.append((k, data))
+                    batch_bytes += len(data)
+            if batch:
+                self._write_pack(merged, writer, batch)
+        except BaseException:
+            for path in merged:
+                self._discard(path)
+            raise
+        return merged, len(seen), duplicates, bad
+
+    def _compact_body(self, source: _CompactSource) -> bytes | None:
+        """The decompressed body of a pack being compacted, or None (its state then says why)."""
+        try:
+            return _read_pack_body(source.path, *source.body)
+        except FileNotFoundError:       # another compaction merged it meanwhile: its entries are in that one's packs
+            source.state = "gone"
+        except ValueError:
+            source.state = "corrupt"
+        except OSError:
+            source.state = "unreadable"
+        return None
+
+    def _entry_ok(self, k: tuple[str, str], data: bytes) -> bool:
+        """Whether a packed entry's bytes pass the checks a reader makes (a failing one is a miss: not kept)."""
+        key, suffix = k
+        if suffix == ".json":
+            return self._decode_entry(data, key, self.pack_dir)[0]
+        try:
+            _read_npy(io.BytesIO(data), len(data))
+        except (ValueError, EOFError):
+            return False
+        return True
+
+    def _write_pack(self, merged: dict[Path, int], writer: str, items: list[tuple[tuple[str, str], bytes]]) -> None:
+        """Write one merged pack (temp + rename, fsynced) and note its size in `merged`; DiffractError on failure."""
+        path = self.pack_dir / f"{writer}-{len(merged)}.pack"
+        data = _pack_bytes(items, writer)
+        try:
+            with atomic_writer(path, "wb", durable=True) as handle:
+                handle.write(data)
+        except OSError as err:
+            raise write_error(err, path, "a compacted cache pack") from None
+        merged[path] = len(data)
+
+    def _remove_compacted(self, paths: list[Path]) -> None:
+        """Delete the packs whose entries are now in the merged packs (or were unreadable); DiffractError naming
+        the first that could not be deleted (its entries stay readable, in both places)."""
+        failed: list[tuple[Path, OSError]] = []
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                failed.append((path, err))
+        if failed:
+            path, err = failed[0]
+            raise DiffractError(f"cannot remove {len(failed)} compacted pack(s) ({err.strerror or err}); their entries "
+                                f"are also in the merged pack", path=path, hint="remove them as the user who wrote "
+                                "them, or run `cache compact` as that user")
 
 
 def flush_all_caches() -> None:

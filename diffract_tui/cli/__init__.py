@@ -169,6 +169,17 @@ def _interrupted() -> int:
     return 130
 
 
+def _flush_caches() -> bool:
+    """Write what every cache of this process still stages; False when a Ctrl-C (or SIGTERM) cut that short."""
+    cache = sys.modules.get("analysis.run.cache")
+    try:
+        if cache is not None:
+            cache.flush_all_caches()
+    except KeyboardInterrupt:
+        return False
+    return True
+
+
 def _invoke(args: list[str]) -> int:
     """Run the typer app on `args`; every failure becomes a short message and an exit code, never a traceback."""
     from analysis.errors import DiffractError
@@ -212,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _invoke(args)
     finally:  # staged cache entries land in packs when a command ends (the next command in this process sees them)
-        cache = sys.modules.get("analysis.run.cache")
-        if cache is not None:
-            cache.flush_all_caches()
+        flushed = _flush_caches()
+    if not flushed and code != 130:  # a Ctrl-C during the flush: the same one line (once)
+        return _interrupted()
     # A group given no command is a usage error whichever click prints its help: click ≥ 8.2 exits 2, older 0.
     # Args with an option word name more than commands, so they skip rebuilding the whole command tree (≈ 0.1 s).
     only_words = not any(a.startswith("-") for a in args)
