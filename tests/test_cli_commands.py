@@ -13,7 +13,7 @@ import typer
 
 from analysis.run.tables import read_table
 from diffract_tui.cli import DefaultCommandGroup, app, main
-from diffract_tui.cli.cache import cache_clear, cache_info
+from diffract_tui.cli.cache import cache_clear, cache_compact, cache_info
 from diffract_tui.cli.delta import delta_command
 from diffract_tui.cli.demo import demo_command
 from diffract_tui.cli.eval import eval_command
@@ -25,7 +25,8 @@ from diffract_tui.cli.scan import scan_command
 
 COMMANDS = {("open",): open_command, ("demo",): demo_command, ("info",): info_command, ("scan",): scan_command,
             ("delta",): delta_command, ("interpolate",): interpolate_command, ("eval",): eval_command,
-            ("cache", "info"): cache_info, ("cache", "clear"): cache_clear, ("rewind", "plan"): rewind_plan,
+            ("cache", "info"): cache_info, ("cache", "clear"): cache_clear,
+            ("cache", "compact"): cache_compact, ("rewind", "plan"): rewind_plan,
             ("rewind", "apply"): rewind_apply, ("rewind", "sweep"): rewind_sweep}
 
 
