@@ -1,0 +1,148 @@
+"""The CPU spectral route in numpy (issue 13: a cold CPU scan starts no torch): its eigenvalues have the bits of
+the torch route it replaced (fa19fed's, kept below as the reference) on real rxnfp matrices, a batched head stack,
+rescaled and float64 weights; numpy and torch inputs give the same numbers and each gets its own kind back."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.io.checkpoint import open_checkpoint
+from analysis.model.architecture import layout_of
+from analysis.model.heads import projection_heads
+from analysis.spectral import spectra
+from analysis.spectral.backend import SpectralSettings, clamp_threads
+
+
+def _fa19fed_cpu_eigenvalues(W: torch.Tensor, settings: SpectralSettings) -> torch.Tensor:
+    """fa19fed's CPU `_eigenvalues`, step for step: unit scaling, compute cast and ldexp in torch, the Gram in
+    numpy (syrk), numpy's eigvalsh below TORCH_EIG_FROM, torch's from there, clamp_min(0)/N in torch."""
+    m, n = W.shape[-2:]
+    N, M = max(m, n), min(m, n)
+    flat = W.reshape(-1, m, n)
+    amax = torch.maximum(flat.amax(dim=(-2, -1)), -flat.amin(dim=(-2, -1))).to(torch.float64)
+    exponent = torch.frexp(amax).exponent
+    if bool((exponent.abs() <= spectra.SAFE_EXPONENT).all()):
+        X, exponent = flat, torch.zeros_like(exponent)
+    else:
+        X = torch.ldexp(flat, (-exponent).to(flat.dtype)[:, None, None])
+    X = X.to(settings.torch_dtype)
+    work = np.float64 if settings.eig_route == "gram64" else np.float32
+
+    def gram_eig(Z: torch.Tensor) -> torch.Tensor:
+        Y = Z.detach().numpy().astype(work, copy=False)
+        Yt = Y.swapaxes(-1, -2)
+        G = Y @ Yt if m <= n else Yt @ Y
+        if M >= spectra.TORCH_EIG_FROM:
+            return torch.linalg.eigvalsh(torch.from_numpy(G))
+        return torch.from_numpy(np.linalg.eigvalsh(G))
+
+    lam = torch.stack([gram_eig(X[i]) for i in range(X.shape[0])]) if M >= spectra.CPU_LOOP_FROM else gram_eig(X)
+    out = torch.ldexp(lam.to(torch.float64), (2 * exponent).to(torch.float64)[:, None])
+    return (out.clamp_min(0.0) / N).reshape(*W.shape[:-2], M)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_blas_thread() -> None:
+    """torch's and numpy's BLAS on one thread before any route runs: the reference sets no thread count, and
+    OpenBLAS's round-off depends on it."""
+    torch.set_num_threads(1)
+    clamp_threads()
+
+
+@pytest.fixture(scope="module")
+def bert(rxnfp_dirs):
+    return open_checkpoint(rxnfp_dirs["bert_pretrained"])
+
+
+def _real(bert) -> list[torch.Tensor]:
+    """rxnfp BERT matrices of every shape it has: wide, tall, square (256 to 591 on a side)."""
+    names = [n for n in bert.keys() if len(bert.info(n).shape) == 2 and min(bert.info(n).shape) >= 64]
+    picked = names[:4] + [n for n in names if "layer.0.intermediate" in n or "layer.0.output.dense" in n]
+    return [bert.tensor(n, torch.float32) for n in picked]
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("loop_from", [spectra.CPU_LOOP_FROM, 200])
+def test_cpu_eigenvalues_keep_fa19feds_bits_on_real_matrices_and_a_head_stack(bert, monkeypatch, loop_from):
+    """Both CPU chunk routes: batched, and matrix by matrix (rxnfp's matrices are below CPU_LOOP_FROM, so the
+    second pass lowers it)."""
+    monkeypatch.setattr(spectra, "CPU_LOOP_FROM", loop_from)
+    layout = layout_of(bert)
+    heads = projection_heads(bert, layout, 0, "q", torch.float32)          # (H, d_h, D): the batched route
+    mats = _real(bert) + [heads]
+    assert {W.shape[-2] < W.shape[-1] for W in mats} == {True, False} and heads.dim() == 3
+    for settings in (SpectralSettings(device="cpu"), SpectralSettings(device="cpu", eig_route="gram32")):
+        for W in mats:
+            want = _fa19fed_cpu_eigenvalues(W, settings).numpy()
+            got_t = spectra.eigenvalues(W, settings)
+            got_n = spectra.eigenvalues(W.numpy(), settings)
+            assert isinstance(got_t, torch.Tensor) and isinstance(got_n, np.ndarray)
+            assert _same_bits(got_t.numpy(), want) and _same_bits(got_n, want), (tuple(W.shape), settings.eig_route)
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 40, 2.0 ** -40, 1.0])
+def test_unit_scaling_and_float64_weights_keep_the_bits(bert, scale):
+    """np.frexp/np.ldexp scale exactly as torch's did (scaled stacks), float64 compute casts alike."""
+    W = bert.tensor(bert.keys()[5], torch.float32)[:96, :200] * scale
+    if scale != 1.0:
+        assert abs(int(np.frexp(float(W.abs().max()))[1])) > spectra.SAFE_EXPONENT   # the rescaling path runs
+    for settings in (SpectralSettings(device="cpu"), SpectralSettings(device="cpu", dtype="float64")):
+        for X in (W, W.double(), torch.stack([W, W * 0.5])):
+            want = _fa19fed_cpu_eigenvalues(X, settings).numpy()
+            assert _same_bits(spectra.eigenvalues(X.numpy(), settings), want), (scale, settings.dtype, X.shape)
+
+
+def test_large_grams_keep_torchs_eigensolver_bits(monkeypatch):
+    """From TORCH_EIG_FROM up the eigensolve is torch's (imported lazily): the same bits as before."""
+    monkeypatch.setattr(spectra, "TORCH_EIG_FROM", 64)
+    W = torch.randn(80, 130, generator=torch.Generator().manual_seed(3))
+    want = _fa19fed_cpu_eigenvalues(W, SpectralSettings(device="cpu")).numpy()
+    assert _same_bits(spectra.eigenvalues(W.numpy(), SpectralSettings(device="cpu")), want)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    same = lambda x, y: (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)) or x == y
+    return a.keys() == b.keys() and all(type(a[k]) is type(b[k]) and same(a[k], b[k]) for k in a)
+
+
+def test_numpy_and_torch_inputs_give_the_same_metrics_under_every_group(bert):
+    """Every metric group (the null's and var(W)'s torch steps included) is the same for either kind of input."""
+    W = bert.tensor(bert.keys()[5], torch.float32)[:128, :384]
+    settings = SpectralSettings(device="cpu")
+    a = spectra.spectral_metrics(W, settings)
+    b = spectra.spectral_metrics(W.numpy(), settings)
+    assert "mp_bulk_var" in a and "w1_rand_distance" in a and "pl_alpha" in a
+    assert _equal(a, b)
+    stack = torch.stack([W, W.flip(0)])
+    rows_t = spectra.batched_spectral_metrics(stack, settings, metrics="fit")
+    rows_n = spectra.batched_spectral_metrics(stack.numpy(), settings, metrics="fit")
+    assert all(_equal(x, y) for x, y in zip(rows_t, rows_n)) and len(rows_n) == 2
+    assert _equal(rows_n[0], spectra.spectral_metrics(W.numpy(), settings, metrics="fit"))
+
+
+def test_numpy_input_checks_say_what_is_wrong():
+    """The input checks and the finiteness pass run in numpy with the same one-line errors."""
+    from analysis.errors import DiffractError
+
+    with pytest.raises(DiffractError, match="numpy array or a torch tensor"):
+        spectra.eigenvalues([[1.0, 2.0]])
+    with pytest.raises(DiffractError, match="real floating-point"):
+        spectra.eigenvalues(np.ones((3, 4), dtype=np.int64))
+    with pytest.raises(DiffractError, match="matrix or a stack"):
+        spectra.eigenvalues(np.ones(4, dtype=np.float32))
+    bad = np.ones((3, 4), dtype=np.float32)
+    bad[1, 2] = np.nan
+    bad[0, 0] = np.inf
+    with pytest.raises(spectra.NonFiniteError, match="has 2 NaN/inf entries"):
+        spectra.eigenvalues(bad)
+    assert spectra.non_finite_entries(np.full((2, 2), 3e38, dtype=np.float32)) == 0     # an overflowing sum only
+    ok = spectra.finite_matrices(np.stack([bad, np.zeros_like(bad)]))
+    assert isinstance(ok, np.ndarray) and ok.tolist() == [False, True]
+    assert np.linalg.LinAlgError in spectra.NUMERIC_ERRORS and torch.linalg.LinAlgError in spectra.NUMERIC_ERRORS
