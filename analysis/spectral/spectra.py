@@ -445,7 +445,8 @@ def _metrics_batch(Ws: Matrix, lam: np.ndarray, settings: SpectralSettings,
     return rows
 
 
-def _entry_variances(Ws: "torch.Tensor", lam: np.ndarray, N: int, settings: SpectralSettings) -> list[float]:
+def _entry_variances(Ws: "torch.Tensor", lam: np.ndarray, N: int, settings: SpectralSettings
+                     ) -> list[float]:
     """Population var(W) of each compute-dtype matrix: ‖W‖²_F/(mn) − mean², with ‖W‖²_F = N·Σλ read off the
     ESD (the trace of the Gram matrix, already formed in float64) and the mean from row sums in the compute
     dtype added in float64 — one cheap pass over W instead of a float64 copy (2048×5632: 8 ms vs 78 ms).
