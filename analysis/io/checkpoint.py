@@ -22,6 +22,7 @@ from analysis.io.safe_read import (REGULAR_HINT, NotRegularFileError, check_regu
 from analysis.model.architecture import check_config_values
 
 if TYPE_CHECKING:  # pragma: no cover - typing only: opening reads headers and imports no torch (issue 13)
+    import numpy as np
     import torch
 
 WRAPPER_PREFIXES = ("model.", "bert.", "transformer.", "gpt_neox.", "roberta.")
@@ -36,6 +37,7 @@ AUX_PATTERNS = (
 )
 GGUF_MAGIC = b"GGUF"   # analysis.io.readers.gguf_file.MAGIC, whose module (and torch) loads only for a GGUF file
 GGUF_MODULE = "analysis.io.readers.gguf_file"
+ARRAY_DTYPES = ("float32", "float64")   # what Checkpoint.array upcasts to
 NO_WEIGHTS_HINT = ("expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
                    "pytorch_model.bin.index.json; point at a Hugging Face model folder or a weight file")
 
@@ -148,6 +150,24 @@ class Checkpoint:
         info = self.info(name)
         reader = self._readers[info.file]
         return _owned(reader.tensor(info.raw_name), dtype, _fresh(reader, info.raw_name))
+
+    def array(self, name: str, dtype: str = "float32") -> "np.ndarray":
+        """The whole tensor as a C-contiguous numpy array the caller owns, upcast to "float32" or "float64", bit for
+        bit `tensor(name, dtype).numpy()`: read without torch where the reader can (readers/arrays.py), else
+        through `tensor` (fp8, unported GGUF types, unmodelled pickles, a changed file: torch's own errors)."""
+        from analysis.io.readers.arrays import NoNumpyRead
+
+        if dtype not in ARRAY_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(ARRAY_DTYPES)}, not {dtype!r}")
+        info = self.info(name)
+        read = getattr(self._readers[info.file], "array", None)
+        try:
+            if read is None:
+                raise NoNumpyRead("the reader has no numpy read")
+            values = read(info.raw_name)        # new memory: an astype that changes nothing may hand it over
+        except NoNumpyRead:
+            values = self.tensor(name, dtype).numpy()   # owned; clone keeps a view's strides: order C below
+        return values.astype(dtype, order="C", copy=False)
 
     def borrow(self, name: str) -> "torch.Tensor":
         """The whole tensor as stored, possibly a view of the reader's memory (a memory map): for a caller that

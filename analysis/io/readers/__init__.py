@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover - typing only (opening a checkpoint imports no torch)
+    import numpy as np
     import torch
 
 
@@ -32,4 +33,7 @@ class WeightFile(Protocol):
     def fingerprint_bytes(self) -> bytes: ...
     def tensor(self, raw_name: str) -> "torch.Tensor": ...  # may alias reader memory; callers copy
     def rows(self, raw_name: str, start: int, stop: int) -> "torch.Tensor": ...
+    # The stored values as numpy without torch, in new memory the caller owns (readers/arrays.py): float and
+    # integer types as themselves, bfloat16 widened to float32, GGUF blocks dequantised; NoNumpyRead otherwise.
+    def array(self, raw_name: str) -> "np.ndarray": ...
     def close(self) -> None: ...

@@ -24,7 +24,7 @@ import struct
 import threading
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from analysis.errors import CheckpointError
 from analysis.io.readers import StoredTensor
@@ -34,9 +34,11 @@ from analysis.io.readers.safetensors_file import DTYPES
 from analysis.io.safe_read import check_regular, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    import numpy as np
     import torch
 
 FINGERPRINT_BYTES = 64 * 1024
+LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip record's local header (30 bytes): signature, name and extra lengths
 HINT_UNSAFE = "only plain state dicts are read; re-save it with torch.save(model.state_dict()) or as safetensors"
 HINT_DAMAGED = "the file is damaged, incomplete or not a torch.save file"
 SUPPORTED_DTYPES = frozenset(name for name, _ in DTYPES.values())  # what safetensors files may hold, too
@@ -132,9 +134,31 @@ def _storage_names(obj: Any) -> dict[str, str]:
     return names
 
 
-def _zip_entries(path: Path) -> dict[str, TensorRecord]:
-    """A zip pickle's tensors from one torch-free parse of its data.pkl, every storage record checked;
-    Unmodelled when the pickle is not a plain state dict (or the zip is damaged: torch says how)."""
+def _record_starts(handle: BinaryIO, zf: zipfile.ZipFile, prefix: str, storages: dict[str, StorageRecord]
+                   ) -> dict[str, int] | None:
+    """The file byte where each (stored, size-checked) storage record's data starts, from its local header; None
+    when the archive says its storages are big-endian or a local header is not one (then reads go through torch)."""
+    order = zf.NameToInfo.get(f"{prefix}byteorder")
+    if order is not None and zf.read(order).strip() != b"little":
+        return None
+    starts: dict[str, int] = {}
+    for key in storages:
+        info = zf.NameToInfo[f"{prefix}data/{key}"]
+        handle.seek(info.header_offset)
+        local = handle.read(LOCAL_HEADER.size)
+        if len(local) != LOCAL_HEADER.size:
+            return None
+        signature, name_length, extra_length = LOCAL_HEADER.unpack(local)
+        if signature != b"PK\x03\x04":
+            return None
+        starts[key] = info.header_offset + LOCAL_HEADER.size + name_length + extra_length
+    return starts
+
+
+def _zip_entries(path: Path) -> tuple[dict[str, TensorRecord], dict[str, int] | None]:
+    """A zip pickle's tensors from one torch-free parse of its data.pkl, every storage record checked, and where
+    each storage's data starts (`_record_starts`); Unmodelled when the pickle is not a plain state dict (or the
+    zip is damaged: torch says how)."""
     try:
         with open_regular(path) as handle, zipfile.ZipFile(handle) as zf:
             try:
@@ -144,9 +168,10 @@ def _zip_entries(path: Path) -> dict[str, TensorRecord]:
             obj, storages = load_records(data)
             tensors = plain_tensors(obj)
             _check_records(path, zf, prefix, storages, _storage_names(obj))
-    except (OSError, zipfile.BadZipFile, ValueError, KeyError, EOFError) as e:
+            starts = _record_starts(handle, zf, prefix, storages)
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, EOFError, struct.error) as e:
         raise Unmodelled(f"{type(e).__name__}: {e}") from None
-    return tensors
+    return tensors, starts
 
 
 def _check_loaded_records(path: Path) -> None:
@@ -165,11 +190,12 @@ def _check_loaded_records(path: Path) -> None:
         raise _damaged(path, e) from None
 
 
-def _legacy_entries(path: Path) -> dict[str, TensorRecord]:
-    """A legacy pickle's tensors from a torch-free parse of its object pickle (storage bytes not read)."""
+def _legacy_entries(path: Path) -> tuple[dict[str, TensorRecord], dict[str, int]]:
+    """A legacy pickle's tensors from a torch-free parse of its object pickle (storage bytes not read), and where
+    each storage's data starts."""
     with open_regular(path) as handle:
-        obj, _storages = load_legacy_records(handle, os.fstat(handle.fileno()).st_size)
-    return plain_tensors(obj)
+        obj, _storages, starts = load_legacy_records(handle, os.fstat(handle.fileno()).st_size)
+    return plain_tensors(obj), starts
 
 
 def _state_dict(path: Path, obj: Any, data: bool = True) -> dict[str, "torch.Tensor"]:
@@ -198,14 +224,18 @@ class PickleFile:
         self.path = path
         with open_regular(path) as handle:
             self.is_zip = zipfile.is_zipfile(handle)
+            self._size = os.fstat(handle.fileno()).st_size
         self._lock = threading.Lock()  # app workers may read concurrently; load the file once
         self._tensors: dict[str, torch.Tensor] | None = None
+        # what torch-free reads need: each tensor's record and each storage's first byte (None: read through torch)
+        self._records: dict[str, TensorRecord] | None = None
+        self._starts: dict[str, int] | None = None
         try:
-            records = _zip_entries(path) if self.is_zip else _legacy_entries(path)
+            self._records, self._starts = _zip_entries(path) if self.is_zip else _legacy_entries(path)
         except Unmodelled:
             self.entries = self._torch_entries()
         else:
-            self.entries = {k: StoredTensor(k, r.shape, r.storage.dtype, r.nbytes) for k, r in records.items()}
+            self.entries = {k: StoredTensor(k, r.shape, r.storage.dtype, r.nbytes) for k, r in self._records.items()}
 
     def _torch_entries(self) -> dict[str, StoredTensor]:
         """Metadata the torch way, for what the records reading does not model: a zip file mapped now (then its
@@ -244,6 +274,17 @@ class PickleFile:
     def tensor(self, raw_name: str) -> "torch.Tensor":
         """The whole tensor as stored (a view of the loaded state dict; Checkpoint copies it)."""
         return self._loaded()[raw_name]
+
+    def array(self, raw_name: str) -> "np.ndarray":
+        """The whole tensor as numpy without torch, in new memory: its storage's bytes read from the file, the
+        record's offset, shape and stride applied (bfloat16 widened); NoNumpyRead where torch reads it."""
+        from analysis.io.readers.arrays import NoNumpyRead, read_strided   # numpy loads on the first read
+
+        if self._records is None or self._starts is None:
+            raise NoNumpyRead("a pickle the records reading does not model")
+        r = self._records[raw_name]
+        return read_strided(self.path, self._size, self._starts[r.storage.key], r.storage.dtype, r.shape, r.stride,
+                            r.offset, r.storage.numel)
 
     def rows(self, raw_name: str, start: int, stop: int) -> "torch.Tensor":
         """Rows [start, stop) along dim 0, a view (mmap pages only those rows in; Checkpoint copies it)."""

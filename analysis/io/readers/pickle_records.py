@@ -52,10 +52,12 @@ class StorageRecord:
 
 @dataclass(frozen=True)
 class TensorRecord:
-    """One plain dense tensor of a pickle: its storage and shape (no data)."""
+    """One plain dense tensor of a pickle: its storage, shape, and where in the storage (elements) it lies (no data)."""
 
     storage: StorageRecord
     shape: tuple[int, ...]
+    stride: tuple[int, ...] = ()
+    offset: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -105,8 +107,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: An
     """torch._utils._rebuild_tensor(_v2) as a record: (storage, offset, size, stride, [requires_grad, hooks, meta])."""
     if not isinstance(storage, StorageRecord) or type(offset) is not int or len(rest) > 3:
         raise Unmodelled("tensor arguments")
-    _dims(stride)
-    return TensorRecord(storage, _dims(size))
+    return TensorRecord(storage, _dims(size), _dims(stride), offset)
 
 
 def _rebuild_parameter(data: Any, *rest: Any) -> Any:
@@ -188,10 +189,11 @@ def load_records(data: bytes | BinaryIO, lenient: bool = False) -> tuple[Any, di
         raise Unmodelled(f"{type(e).__name__}: {e}") from None
 
 
-def load_legacy_records(handle: BinaryIO, size: int) -> tuple[Any, dict[str, StorageRecord]]:
+def load_legacy_records(handle: BinaryIO, size: int) -> tuple[Any, dict[str, StorageRecord], dict[str, int]]:
     """A legacy (non-zip) torch.save file of `size` bytes onto records: magic, protocol, system info, the object,
     then the storage keys; each storage's length prefix is checked against the pickle and its bytes skipped, not
-    read (a file cut short is Unmodelled, so that torch's load refuses it at open, as before)."""
+    read (a file cut short is Unmodelled, so that torch's load refuses it at open, as before). Also returns the
+    file byte where each storage's data starts (for torch-free reads)."""
     for expected in (LEGACY_MAGIC, LEGACY_PROTOCOL):
         if load_records(handle)[0] != expected:
             raise Unmodelled("legacy header")
@@ -202,16 +204,18 @@ def load_legacy_records(handle: BinaryIO, size: int) -> tuple[Any, dict[str, Sto
     keys = load_records(handle)[0]
     if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
         raise Unmodelled("legacy storage keys")
+    starts: dict[str, int] = {}
     for key in keys:
         record = storages[str(key)]
         prefix = handle.read(8)
         if len(prefix) != 8 or int.from_bytes(prefix, "little", signed=True) != record.numel:
             raise Unmodelled(f"legacy storage {key} length")
-        end = handle.tell() + record.nbytes
+        starts[str(key)] = handle.tell()
+        end = starts[str(key)] + record.nbytes
         if end > size:
             raise Unmodelled(f"legacy storage {key} cut short")
         handle.seek(end)
-    return obj, storages
+    return obj, storages, starts
 
 
 def state_dict_of(obj: Any) -> Any:

@@ -1,5 +1,6 @@
 """Reader for one `.safetensors` file: the header is parsed and validated here (8-byte length +
-JSON), tensors are read through `safetensors.safe_open(framework="pt")` (memory-mapped)."""
+JSON), tensors are read through `safetensors.safe_open(framework="pt")` (memory-mapped), or without torch
+as numpy (`array`: the bytes at the header's offsets, read into new memory)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    import numpy as np
     import torch
 
 from analysis.errors import CheckpointError
@@ -29,8 +31,9 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (MAX_HEADE
 HINT = "the file is damaged or incomplete; download or export it again"
 
 
-def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor]]:
-    """Parse and validate a safetensors header; returns (the 8+N header bytes, tensors by raw name)."""
+def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor], dict[str, int]]:
+    """Parse and validate a safetensors header; returns (the 8+N header bytes, tensors by raw name, the file byte
+    where each tensor's data starts)."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
@@ -55,7 +58,8 @@ def read_header(path: Path) -> tuple[bytes, dict[str, StoredTensor]]:
             continue
         entries[name] = _entry(path, name, meta, data_size)
     _check_tiling(path, {name: tuple(header[name]["data_offsets"]) for name in entries}, data_size)
-    return prefix + raw, entries
+    starts = {name: 8 + n + header[name]["data_offsets"][0] for name in entries}
+    return prefix + raw, entries, starts
 
 
 def _check_tiling(path: Path, spans: dict[str, tuple[int, int]], data_size: int) -> None:
@@ -107,7 +111,8 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self._header, self.entries = read_header(path)
+        self._header, self.entries, self._starts = read_header(path)
+        self._size = len(self._header) + sum(e.nbytes for e in self.entries.values())  # the tiling check's rule
         self._handle: Any = None
         self._lock = threading.Lock()  # app workers may read concurrently; open the map once
 
@@ -134,6 +139,13 @@ class SafetensorsFile:
     def tensor(self, raw_name: str) -> "torch.Tensor":
         """The whole tensor, as stored (bit-exact; may be a view of the memory map: Checkpoint copies it)."""
         return self._open().get_tensor(raw_name)
+
+    def array(self, raw_name: str) -> "np.ndarray":
+        """The whole tensor as numpy without torch, in new memory (bfloat16 widened to float32; fp8: NoNumpyRead)."""
+        from analysis.io.readers.arrays import read_strided   # numpy loads on the first read, not at opening
+
+        entry = self.entries[raw_name]
+        return read_strided(self.path, self._size, self._starts[raw_name], entry.dtype, entry.shape)
 
     def rows(self, raw_name: str, start: int, stop: int) -> "torch.Tensor":
         """Rows [start, stop) along dim 0; only those bytes are read."""
