@@ -44,7 +44,9 @@ DELTA = "delta"
 
 class _TensorMemo:
     """Duck-types the reader side of a Checkpoint (`tensor`, `rows`, `array`) from tensors read once, in one
-    dtype (a torch dtype's name: Checkpoint.tensor and Checkpoint.array take it)."""
+    dtype (a torch dtype's name: Checkpoint.tensor and Checkpoint.array take it). A tensor read one way is
+    served the other way from the same memory (`Checkpoint.array` has `Checkpoint.tensor`'s bits), so a CPU
+    scan with --heads or --delta still reads each stored tensor once."""
 
     def __init__(self, ckpt: "Checkpoint", dtype: str):
         self.ckpt = ckpt
@@ -59,9 +61,15 @@ class _TensorMemo:
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self._tensors.get(name)
         if t is None:
-            t = self.ckpt.tensor(name, self.dtype)
+            a = self._arrays.get(name)
+            if a is not None:
+                import torch
+
+                t = torch.from_numpy(a)
+            else:
+                t = self.ckpt.tensor(name, self.dtype)
+                self.reads += 1
             self._tensors[name] = t
-            self.reads += 1
         return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -73,9 +81,13 @@ class _TensorMemo:
             raise ValueError(f"this reader reads {self.dtype}, not {dtype}")
         a = self._arrays.get(name)
         if a is None:
-            a = self._arrays[name] = (self.ckpt.array(name, self.dtype) if hasattr(self.ckpt, "array")  # TEMP until h2
-                                      else self.ckpt.tensor(name, self.dtype).numpy())
-            self.reads += 1
+            t = self._tensors.get(name)
+            if t is not None:
+                a = t.numpy()
+            else:
+                a = self.ckpt.array(name, self.dtype)
+                self.reads += 1
+            self._arrays[name] = a
         return a
 
     def release(self) -> None:
