@@ -146,3 +146,30 @@ def test_numpy_input_checks_say_what_is_wrong():
     ok = spectra.finite_matrices(np.stack([bad, np.zeros_like(bad)]))
     assert isinstance(ok, np.ndarray) and ok.tolist() == [False, True]
     assert np.linalg.LinAlgError in spectra.NUMERIC_ERRORS and torch.linalg.LinAlgError in spectra.NUMERIC_ERRORS
+
+
+def test_the_numpy_route_follows_the_thread_policy_without_torch():
+    """A numpy eigensolve in a fresh interpreter sets numpy's BLAS to the policy's count and imports no torch."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import json, sys
+import numpy as np
+from threadpoolctl import threadpool_info
+from analysis.spectral.spectra import eigenvalues
+lam = eigenvalues(np.random.default_rng(0).standard_normal((40, 90)).astype(np.float32))
+blas = sorted({i['num_threads'] for i in threadpool_info() if i['internal_api'] == 'openblas' and 'numpy' in i['filepath']})
+print(json.dumps([type(lam).__name__, "torch" in sys.modules, blas]))
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    env.update(PYTHONPATH=str(root), DIFFRACT_TUI_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kind, has_torch, blas = json.loads(done.stdout)
+    assert kind == "ndarray" and not has_torch
+    assert blas in ([1], []), blas          # [] where numpy is not linked to OpenBLAS
