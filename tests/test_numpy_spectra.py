@@ -173,3 +173,17 @@ print(json.dumps([type(lam).__name__, "torch" in sys.modules, blas]))
     kind, has_torch, blas = json.loads(done.stdout)
     assert kind == "ndarray" and not has_torch
     assert blas in ([1], []), blas          # [] where numpy is not linked to OpenBLAS
+
+
+def test_subnormal_float32_weights_have_a_spectrum():
+    """np.ldexp scales subnormal float32 weights up exactly; fa19fed's torch.ldexp formed 2^-e in float32, which
+    overflowed to inf for max|W| < 2^-127 (NaN Gram: "Eigenvalues did not converge"). The scaled values are
+    exact, so they have the bits of the same weights handed over in float64."""
+    W = np.random.default_rng(2).standard_normal((30, 70)).astype(np.float32) * np.float32(1e-41)
+    assert np.abs(W).max() < np.finfo(np.float32).tiny and np.count_nonzero(W) > 0.9 * W.size
+    settings = SpectralSettings(device="cpu")
+    lam = spectra.eigenvalues(W, settings)
+    assert np.isfinite(lam).all() and lam[-1] > 0
+    assert _same_bits(lam, spectra.eigenvalues(W.astype(np.float64), settings))
+    with pytest.raises(np.linalg.LinAlgError), np.errstate(invalid="ignore"):     # the inf·0 of its NaN Gram
+        _fa19fed_cpu_eigenvalues(torch.from_numpy(W), settings)
