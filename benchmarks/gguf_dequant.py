@@ -1,5 +1,5 @@
-"""GGUF dequantisation: our torch code (analysis/io/readers/gguf_dequant.py) vs the `gguf` package's numpy code,
-reading every quantised tensor of the real SmolLM2-135M-Instruct Q4_1 file, one thread, CPU seconds,
+"""GGUF dequantisation: our whole-array numpy code (analysis/io/readers/gguf_dequant.py) vs the `gguf` package's
+numpy code, reading every quantised tensor of the real SmolLM2-135M-Instruct Q4_1 file, one thread, CPU seconds,
 rounds interleaved (minimum per side); the two must give the same float32 bits.
 
     python benchmarks/gguf_dequant.py [--rounds 3]
@@ -17,14 +17,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
     import gguf
     from gguf.quants import dequantize as theirs
     from gguf_models import real_gguf

@@ -1,4 +1,5 @@
-"""GGUF dequantisation in numpy (analysis/io/readers/gguf_dequant.py, the only copy; torch reads wrap it) against the `gguf` package's numpy code:
+"""GGUF dequantisation in numpy (analysis/io/readers/gguf_dequant.py, the only copy; torch reads wrap it) against
+the `gguf` package's numpy code:
 every quantised tensor of the real SmolLM2-135M file, and a generated file with random blocks of every type we
 dequantise, give the same float32 bits, through `tensor` and through the torch-free `array`; the other types still
 go through gguf; reading needs no gguf at all, and dequantising imports no torch."""

@@ -121,21 +121,36 @@ def test_fp8_has_no_numpy_form_and_is_read_through_torch(tmp_path):
     _assert_bit_identical(path)
 
 
-def _cut_after_opening(path: Path, keep: int, name: str) -> tuple[str, str]:
-    """(array's error, tensor's error) for one tensor of `path` once the file is cut to `keep` bytes after opening."""
+def test_a_pickle_the_records_reading_does_not_model_is_read_through_torch(tmp_path):
+    """A uint16 tensor (torch.UInt16Storage is outside the records' globals): the file opens the torch way and
+    array() gives tensor()'s values for every tensor, the float one included."""
+    path = tmp_path / "u16.pt"
+    torch.save({"a": torch.arange(6).to(torch.uint16).view(2, 3), "b": torch.randn(3, 2).T}, path)
+    ckpt = open_checkpoint(path)
+    assert next(iter(ckpt._readers.values()))._records is None
+    _assert_bit_identical(path)
+
+
+def _errors_after_opening(path: Path, damage: str, name: str) -> tuple[str, str]:
+    """(array's error, tensor's error) for one tensor of `path` once, after opening, the file is cut by 64 bytes
+    (`damage="cut"`) or removed (`"removed"`)."""
     first, second = open_checkpoint(path), open_checkpoint(path)
-    with open(path, "r+b") as f:
-        f.truncate(keep)
+    if damage == "cut":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size - 64)
+    else:
+        path.unlink()
     errors = []
     for read in (lambda: first.array(name), lambda: second.tensor(name)):
-        with pytest.raises(CheckpointError) as err:
+        with pytest.raises(Exception) as err:
             read()
-        errors.append(f"{err.value} — {err.value.hint}")
+        errors.append(f"{type(err.value).__name__}: {err.value} — {getattr(err.value, 'hint', None)}")
     return errors[0], errors[1]
 
 
+@pytest.mark.parametrize("damage", ["cut", "removed"])
 @pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy"])
-def test_a_file_cut_after_opening_gives_tensors_one_line_error(tmp_path, fmt):
+def test_a_file_cut_after_opening_gives_tensors_one_line_error(tmp_path, fmt, damage):
     """array() never hands out bytes that are gone (nor dies of SIGBUS on a memory map): it says what tensor() says."""
     if fmt == "safetensors":
         path = write_checkpoint(tmp_path / "m", "llama", seed=1, **TINY) / "model.safetensors"
@@ -144,10 +159,13 @@ def test_a_file_cut_after_opening_gives_tensors_one_line_error(tmp_path, fmt):
         path = tmp_path / f"{fmt}.pt"
         torch.save(_pickled_state(), path, _use_new_zipfile_serialization=fmt == "zip")
         name = "w.whole"
-    size = path.stat().st_size
-    mine, theirs = _cut_after_opening(path, size - 64, name)
+    mine, theirs = _errors_after_opening(path, damage, name)
     assert mine == theirs and "\n" not in mine, (mine, theirs)
-    assert str(path) in mine and ("damaged" in mine or "truncated" in mine or "cannot open" in mine), mine
+    assert str(path) in mine, mine
+    if damage == "cut":
+        assert mine.startswith("CheckpointError: ") and ("damaged" in mine or "cannot open" in mine), mine
+    else:   # tensor()'s own behaviour for a file gone since opening (not a CheckpointError yet), matched as it is
+        assert mine.startswith("FileNotFoundError: "), mine
 
 
 def test_a_cut_storage_is_refused_at_opening_before_any_read(tmp_path):

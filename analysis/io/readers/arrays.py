@@ -66,8 +66,8 @@ def read_strided(path: Path, file_size: int, at: int, dtype: str, shape: tuple[i
     never a SIGBUS) into new memory. `available`: the storage's element count, checked like torch's load does.
     NoNumpyRead when the file no longer has its size at opening, the view leaves the storage, or a read is short."""
     np_dtype = numpy_dtype(dtype)
-    if stride is None:
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    contiguous = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    stride = contiguous if stride is None else stride
     if len(stride) != len(shape) or offset < 0:
         raise NoNumpyRead("stride rank or offset")
     numel = math.prod(shape)
@@ -79,11 +79,8 @@ def read_strided(path: Path, file_size: int, at: int, dtype: str, shape: tuple[i
         _read_into(path, file_size, at + offset * np_dtype.itemsize, memoryview(out).cast("B"))
     except OSError as e:     # gone, replaced by a FIFO, unreadable: torch's read reports it in its words
         raise NoNumpyRead(f"{type(e).__name__}: {e}") from None
-    contiguous = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    if numel == 0:
-        values = out.reshape(shape)
-    elif all(d == 1 or s == c for d, s, c in zip(shape, stride, contiguous)):
-        values = out.reshape(shape)
+    if numel == 0 or all(d == 1 or s == c for d, s, c in zip(shape, stride, contiguous)):
+        values = out.reshape(shape)            # C order already: span == numel
     else:
         values = np.lib.stride_tricks.as_strided(out, shape, tuple(s * np_dtype.itemsize for s in stride)).copy()
     return as_values(values, dtype)

@@ -122,7 +122,7 @@ def _q5_k(b: np.ndarray) -> np.ndarray:
 
 def _q6_k(b: np.ndarray) -> np.ndarray:
     """Q6_K (210 bytes): 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, float16 d; x = (d·s)·(q − 32)."""
-    low = _nibbles(b[:, :128].reshape(-1, 2, 64)).reshape(-1, 2, 4, 32)    # (n, half, 2 nibbles × 2, 32)
+    low = _nibbles(b[:, :128].reshape(-1, 2, 64)).reshape(-1, 2, 4, 32)   # (n, half, 2 nibbles × 2, 32)
     shifts = np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 4, 1)
     high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3             # (n, half, 4 bit pairs, 32)
     low |= high << 4

@@ -6,8 +6,8 @@ the 98 MB SmolLM2 file costs milliseconds, not the 1.7 s and +155 MB of `gguf.GG
 A tensor is dequantised when it is read: the legacy and Q4_K/Q5_K/Q6_K block types by
 `gguf_dequant` (numpy, bit-identical to gguf's own numpy code), the others by the `gguf` package's
 `gguf.quants.dequantize`, imported on first use. Every read is numpy first: `array` hands it out without
-torch (issue 13), `tensor` and `rows` wrap the same values with `torch.from_numpy`. Names are mapped to the Hugging Face names
-the layouts know, shapes are given in torch order (GGUF's ne[0] is the fastest dimension), and
+torch (issue 13), `tensor` and `rows` wrap the same values with `torch.from_numpy`. Names are mapped to the
+Hugging Face names the layouts know, shapes are given in torch order (GGUF's ne[0] is the fastest dimension), and
 llama.cpp's RoPE row permutation of q and k is undone so head slices match the HF checkpoint.
 """
 
