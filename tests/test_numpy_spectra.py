@@ -187,3 +187,27 @@ def test_subnormal_float32_weights_have_a_spectrum():
     assert _same_bits(lam, spectra.eigenvalues(W.astype(np.float64), settings))
     with pytest.raises(np.linalg.LinAlgError), np.errstate(invalid="ignore"):     # the inf·0 of its NaN Gram
         _fa19fed_cpu_eigenvalues(torch.from_numpy(W), settings)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3"])
+def test_fused_and_conv1d_modules_read_as_arrays_equal_the_torch_route(tmp_path, monkeypatch, family):
+    """`module_array` cuts fused parts (gpt2's Conv1D columns, transposed; neox's interleaved rows; phi3's row
+    blocks) with module_matrix's bits and layout, and a CPU scan's rows equal those of the torch read route."""
+    from analysis.generate import write_checkpoint
+    from analysis.model.heads import module_array, module_matrix
+    import analysis.run.scan as scan_mod
+
+    path = write_checkpoint(tmp_path / family, family, seed=5, dtype="bfloat16", num_layers=1, hidden_size=32,
+                            num_heads=2, intermediate_size=48, vocab_size=40)
+    ckpt = open_checkpoint(path)
+    modules = [m for m in layout_of(ckpt).layers[0].modules if scan_mod.is_matrix(m)]
+    assert any(m.segments for m in modules)
+    for m in modules:
+        a, t = module_array(ckpt, m), module_matrix(ckpt, m).numpy()
+        assert a.flags.c_contiguous and _same_bits(a, t), m.name
+    settings = SpectralSettings(device="cpu")
+    ours = list(scan_mod.scan([ckpt], settings=settings, cache=None, metrics="fit"))
+    monkeypatch.setattr(scan_mod, "_matrix_array",
+                        lambda reader, m, dtype: scan_mod._matrix(reader, m, getattr(torch, dtype)))
+    theirs = list(scan_mod.scan([ckpt], settings=settings, cache=None, metrics="fit"))
+    assert len(ours) == len(theirs) > len(modules) and all(_equal(x, y) for x, y in zip(ours, theirs))
