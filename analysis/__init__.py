@@ -3,7 +3,7 @@
 Never imports textual: the CLI, the app and scripts all sit on top of this package.
 """
 
-ENGINE_VERSION = "0.2.0"   # 0.2: TPL fitted by Newton (sharper optimum than Nelder–Mead)
+ENGINE_VERSION = "0.3.0"   # 0.3: power-law fit in numpy (α, xmin, KS move at round-off); 0.2: TPL by Newton
 
 # What the app's views and widgets may import from the engine (tests/test_import_contract.py enforces it):
 # the session — the one door, which also re-exports the result types the views draw — the result types'

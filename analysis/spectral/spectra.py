@@ -14,34 +14,85 @@ low-rank deltas (tests/test_spectra.py::test_gram64_matches_svd_on_real_heavy_ta
 Negative eigenvalues (round-off of a rank-deficient Gram) are clipped to 0 and counted (`esd_n_clipped`).
 The permuted null's ESD, used only through absolute-scale sums, takes float32 Gram for float32 work
 (`null_settings`).
+
+Where the numbers are computed (issue 13: `import torch` was ≈3.3 of a BERT fit scan's 5.9 CPU s): on a CPU
+device kind everything runs in numpy — input checks, finiteness, unit scaling (exact), the compute cast, Gram +
+eigvalsh, norms, ranks, the power-law fit and the tails — for a numpy array and for a torch tensor alike (a
+torch CPU tensor is viewed zero-copy), so a number never depends on which kind the caller passed, and each
+caller gets its own kind back. torch is imported only where its routine is the faster or the defining one:
+eigvalsh of Grams from TORCH_EIG_FROM, the svd route, the permuted null (torch.randperm's permutation) and
+var(W) of the MP group. On a GPU the eigenvalues are torch's, on the device; the fit is numpy's on the host.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 
-from analysis.spectral.backend import SpectralSettings, chunks, clamp_threads, memory_budget
+from analysis.spectral.backend import (SpectralSettings, chunks, clamp_numpy_threads, clamp_threads, compute_torch,
+                                       memory_budget)
 from analysis.errors import DiffractError
 from analysis.spectral.metric_sets import ALL, GROUPS, MetricSet, metric_set
 from analysis.spectral.powerlaw_fit import PowerLawFit, fit_power_law, fit_tails
-from analysis.spectral.rmt import marchenko_pastur, mp_density, permuted, tracy_widom, w1_rand_distance
 
+if TYPE_CHECKING:  # pragma: no cover - typing only: the CPU route is numpy, torch is imported where it must be
+    import torch
+
+Matrix = Union[np.ndarray, "torch.Tensor"]   # what the engine's entry points take (and give back the same kind)
 HARD_RANK_RTOL = 1e-5
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
-def _check_matrix(W: torch.Tensor) -> None:
-    if not isinstance(W, torch.Tensor):
-        raise DiffractError(f"spectra need a torch tensor, got {type(W).__name__}",
-                            hint="pass a (m × n) or (… × m × n) torch.Tensor")
-    if W.dim() < 2 or W.shape[-1] == 0 or W.shape[-2] == 0:
+def _is_torch(x: Any) -> bool:
+    """Whether x is a torch tensor (without importing torch: no tensor exists before torch is imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """A numpy array or a torch tensor (any device; bfloat16 widened to float32, exactly) as a host array,
+    zero-copy where torch allows it."""
+    if not _is_torch(x):
+        return x
+    x = x.detach().cpu()
+    if x.dtype == sys.modules["torch"].bfloat16:   # numpy has no bfloat16; every bfloat16 is a float32
+        x = x.float()
+    return x.numpy()
+
+
+def _like(result: np.ndarray, W: Any) -> Matrix:
+    """`result` in W's kind: a torch CPU tensor (sharing its memory) for a torch W, else the array itself."""
+    return sys.modules["torch"].from_numpy(result) if _is_torch(W) else result
+
+
+def _torch_of(W: Matrix) -> "torch.Tensor":
+    """W as a torch tensor (zero-copy from numpy, strides kept): for the steps that are torch's (the permuted
+    null, var(W)), so their numbers do not depend on which kind the caller passed."""
+    if _is_torch(W):
+        return W
+    torch = compute_torch()
+    return torch.from_numpy(W if all(s >= 0 for s in W.strides) else np.ascontiguousarray(W))
+
+
+def _cpu_kind(settings: SpectralSettings) -> bool:
+    """Whether these settings compute on the CPU: there everything runs in numpy (issue 13: no torch start-up)."""
+    return settings.device_kind == "cpu"
+
+
+def _check_matrix(W: Matrix) -> None:
+    if not isinstance(W, np.ndarray) and not _is_torch(W):
+        raise DiffractError(f"spectra need a numpy array or a torch tensor, got {type(W).__name__}",
+                            hint="pass a (m × n) or (… × m × n) numpy array or torch.Tensor")
+    if W.ndim < 2 or W.shape[-1] == 0 or W.shape[-2] == 0:
         raise DiffractError(f"spectra need a matrix or a stack of matrices, got shape {tuple(W.shape)}",
-                            hint="pass a (m × n) or (… × m × n) tensor with m, n ≥ 1")
-    if W.is_complex() or not W.is_floating_point():
+                            hint="pass a (m × n) or (… × m × n) array with m, n ≥ 1")
+    real_float = (W.dtype in FLOAT_DTYPES if isinstance(W, np.ndarray)
+                  else W.is_floating_point() and not W.is_complex())
+    if not real_float:
         raise DiffractError(f"spectra need real floating-point weights, got {W.dtype}",
                             hint="upcast the weights to float32 or float64")
     bad = non_finite_entries(W)
@@ -56,8 +107,22 @@ class NonFiniteError(DiffractError):
 
 
 NON_FINITE_HINT = "check the checkpoint (or the delta's dtype) for overflowed weights"
-# errors that sink one matrix, not a whole scan or table: NaN/inf entries, an eigensolver that did not converge
-NUMERIC_ERRORS: tuple[type[BaseException], ...] = (NonFiniteError, torch.linalg.LinAlgError)
+
+
+def numeric_errors() -> tuple[type[BaseException], ...]:
+    """Errors that sink one matrix, not a whole scan or table: NaN/inf entries, an eigensolver that did not
+    converge — numpy's LinAlgError, and torch's once torch is loaded (its eigensolvers: CUDA, big CPU Grams)."""
+    torch = sys.modules.get("torch")
+    extra = (torch.linalg.LinAlgError,) if torch is not None else ()
+    return (NonFiniteError, np.linalg.LinAlgError) + extra
+
+
+def __getattr__(name: str) -> Any:
+    """`NUMERIC_ERRORS` read when asked (`numeric_errors`): a constant made at import would miss torch's
+    LinAlgError whenever torch is imported after this module (a torch-free scan that meets a big Gram)."""
+    if name == "NUMERIC_ERRORS":
+        return numeric_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def failure_reason(err: BaseException) -> str:
@@ -65,23 +130,44 @@ def failure_reason(err: BaseException) -> str:
     return getattr(err, "message", None) or str(err).splitlines()[0]
 
 
-def non_finite_entries(W: torch.Tensor) -> int:
-    """How many entries of W are NaN/±inf (0 for a clean tensor, cheaply).
+def non_finite_entries(W: Matrix) -> int:
+    """How many entries of W are NaN/±inf (0 for a clean matrix, cheaply).
 
-    One vectorised sum instead of a bool tensor of W's size (measured 2.7 ms vs 64 ms on 2048×5632): any
+    One vectorised sum instead of a bool array of W's size (measured 2.7 ms vs 64 ms on 2048×5632): any
     NaN/inf entry makes the sum non-finite; a non-finite sum of finite entries (overflow) is looked at entry-wise.
     """
+    if not _is_torch(W):
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(W.sum()):
+                return 0
+        return int(W.size - np.count_nonzero(np.isfinite(W)))
+    torch = sys.modules["torch"]
     if bool(torch.isfinite(W.sum())):
         return 0
     return int((~torch.isfinite(W)).sum())
 
 
-def finite_matrices(Ws: torch.Tensor) -> torch.Tensor:
-    """Bool (B,) per matrix of a (B, m, n) stack: True where every entry is finite (the sum fast path first)."""
+def finite_matrices(Ws: Matrix) -> Matrix:
+    """Bool (B,) per matrix of a (B, m, n) stack: True where every entry is finite (the sum fast path first);
+    a numpy array for a numpy stack, a torch tensor for a torch one."""
+    if not _is_torch(Ws):
+        with np.errstate(over="ignore", invalid="ignore"):
+            ok = np.isfinite(Ws.sum(axis=(-2, -1)))
+        if not ok.all():
+            ok = np.isfinite(Ws).reshape(Ws.shape[0], -1).all(axis=1)
+        return ok
+    torch = sys.modules["torch"]
     ok = torch.isfinite(Ws.sum(dim=(-2, -1)))
     if not bool(ok.all()):
         ok = torch.isfinite(Ws).flatten(1).all(dim=1)
     return ok
+
+
+def permuted(W: Matrix, seed: int) -> "torch.Tensor":
+    """The permuted null of W (`rmt.permuted`: torch.randperm's permutation, kept), imported when asked."""
+    from analysis.spectral.rmt import permuted as rmt_permuted
+
+    return rmt_permuted(_torch_of(W), seed)
 
 
 SAFE_EXPONENT = 16    # max|W| in [2^-17, 2^16): a float32 Gram neither overflows nor underflows, no rescaling
@@ -91,8 +177,8 @@ CPU_LOOP_FROM = 512   # from this min(m, n) up, CPU eigen calls go one 2-D matri
 TORCH_EIG_FROM = 1280
 
 
-def _eig_chunk(X: torch.Tensor, route: str) -> torch.Tensor:
-    """Eigenvalues σ² (ascending, not yet /N) of a (B, m, n) chunk already on its device.
+def _eig_chunk(X: np.ndarray, route: str) -> np.ndarray:
+    """Eigenvalues σ² (ascending, not yet /N) of a (B, m, n) CPU chunk, in numpy.
 
     On the CPU a batched eigvalsh is slower than 2-D calls for large matrices (measured, torch 2.13 MKL,
     1 thread: one 2048² Gram as (1, M, M) 453 ms vs 428 ms as (M, M) in float64, 366 vs 294 ms in float32;
@@ -100,58 +186,92 @@ def _eig_chunk(X: torch.Tensor, route: str) -> torch.Tensor:
     (16 × 64² float64: 2.4 ms vs 9.9 ms) — so large CPU chunks are looped.
     """
     m, n = X.shape[-2:]
-    if X.device.type == "cpu" and min(m, n) >= CPU_LOOP_FROM:
-        return torch.stack([_eig_chunk_batched(X[i], route) for i in range(X.shape[0])])
+    if min(m, n) >= CPU_LOOP_FROM:
+        return np.stack([_eig_chunk_batched(X[i], route) for i in range(X.shape[0])])
     return _eig_chunk_batched(X, route)
 
 
-def _eig_chunk_batched(X: torch.Tensor, route: str) -> torch.Tensor:
+def _eig_chunk_batched(X: np.ndarray, route: str) -> np.ndarray:
     """`_eig_chunk` for one matrix (m, n) or a stack (B, m, n), in one call per routine."""
-    m, n = X.shape[-2:]
-    if route == "svd":
-        tall = X if m >= n else X.transpose(-1, -2)          # MKL's wide SVD is pathological
+    if route == "svd":    # the reference route keeps torch's (MKL) SVD, so its numbers are what they were
+        torch = compute_torch()
+        clamp_threads()
+        m, n = X.shape[-2:]
+        T = torch.from_numpy(X)
+        tall = T if m >= n else T.transpose(-1, -2)          # MKL's wide SVD is pathological
         s = torch.linalg.svdvals(tall.to(torch.float64))
-        return torch.flip(s * s, [-1])
-    work = torch.float64 if route == "gram64" else torch.float32
-    if X.device.type == "cpu":
-        return _gram_eigvalsh_numpy(X, work)
-    Y = X.to(work)
-    G = Y @ Y.transpose(-1, -2) if m <= n else Y.transpose(-1, -2) @ Y
-    return torch.linalg.eigvalsh(G)
+        return torch.flip(s * s, [-1]).numpy()
+    return _gram_eigvalsh_numpy(X, np.float64 if route == "gram64" else np.float32)
 
 
-def _gram_eigvalsh_numpy(X: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    """Gram over the smaller side + eigvalsh of a CPU (m, n) or (B, m, n) stack, through numpy, in `work`.
+def _gram_eigvalsh_numpy(X: Matrix, work: Any) -> Matrix:
+    """Gram over the smaller side + eigvalsh of a CPU (m, n) or (B, m, n) stack, through numpy, in `work`
+    (a numpy or torch float dtype); the result in X's kind.
 
     numpy's matmul of an array with its own transpose calls BLAS syrk (one triangle: half the flops of the
     gemm torch makes), and its OpenBLAS syevd beats torch's MKL here (AMD EPYC, 1 thread, float64:
     576×1536 Gram 63 → 25 ms, 49152×576 2.45 → 1.29 s, eigvalsh 576² 40 → 31 ms). Same float64 Gram
     and LAPACK eigensolver as before, so eigenvalues move by round-off only (≤ 1e-14 relative on the
-    Gram's entries); from TORCH_EIG_FROM up the eigensolve stays torch's (faster there). numpy's BLAS
-    threads follow the engine's policy (`backend.set_numpy_blas_threads`).
+    Gram's entries); from TORCH_EIG_FROM up the eigensolve stays torch's (faster there: torch is imported
+    for it). numpy's BLAS threads follow the engine's policy (`backend.set_numpy_blas_threads`).
     """
     m, n = X.shape[-2:]
-    Y = X.detach().numpy().astype(np.float64 if work == torch.float64 else np.float32, copy=False)
+    wide = np.float64 if "64" in str(work) else np.float32
+    Y = as_numpy(X).astype(wide, copy=False)
     Yt = Y.swapaxes(-1, -2)
     G = Y @ Yt if m <= n else Yt @ Y
     if min(m, n) >= TORCH_EIG_FROM:
-        return torch.linalg.eigvalsh(torch.from_numpy(G))
-    return torch.from_numpy(np.linalg.eigvalsh(G))
+        torch = compute_torch()
+        clamp_threads()
+        lam = torch.linalg.eigvalsh(torch.from_numpy(G)).numpy()
+    else:
+        lam = np.linalg.eigvalsh(G)
+    return _like(lam, X)
 
 
-def eigenvalues(W: torch.Tensor, settings: SpectralSettings | None = None) -> torch.Tensor:
-    """ESD λ = σ²/N ascending, shape (…, M), float64, on the compute device; batched over leading dims
-    in memory-bounded chunks. W is first cast to the compute dtype (SPEC §1), then the route's Gram."""
+def eigenvalues(W: Matrix, settings: SpectralSettings | None = None) -> Matrix:
+    """ESD λ = σ²/N ascending, shape (…, M), float64; batched over leading dims in memory-bounded chunks.
+    W is first cast to the compute dtype (SPEC §1), then the route's Gram. On a CPU device kind it is all
+    numpy (a torch W goes the same way, zero-copy) and the result is W's kind; on a GPU it is torch's,
+    on the compute device (a numpy array back for a numpy W)."""
     settings = settings or SpectralSettings()
     _check_matrix(W)
     return _eigenvalues(W, settings)
 
 
-def _eigenvalues(W: torch.Tensor, settings: SpectralSettings) -> torch.Tensor:
+def _eigenvalues(W: Matrix, settings: SpectralSettings) -> Matrix:
     """`eigenvalues` without the input check, for matrices derived from checked ones (the permuted null)."""
+    if _cpu_kind(settings):
+        return _like(_eigenvalues_numpy(as_numpy(W), settings), W)
+    lam = _eigenvalues_torch(_torch_of(W), settings)
+    return lam if _is_torch(W) else lam.cpu().numpy()
+
+
+def _eigenvalues_numpy(W: np.ndarray, settings: SpectralSettings) -> np.ndarray:
+    """The CPU route: unit scaling, compute-dtype cast, Gram + eigvalsh per memory chunk, all in numpy."""
+    clamp_numpy_threads()        # PERF-NOTES: more threads than physical cores is 3–10× slower in LAPACK
+    m, n = W.shape[-2:]
+    N, M = max(m, n), min(m, n)
+    lead = W.shape[:-2]
+    flat = W.reshape(-1, m, n)
+    B = flat.shape[0]
+    per_item = 8 * (m * n + 3 * M * M) + 4 * m * n
+    out = np.empty((B, M), dtype=np.float64)
+    compute = np.dtype(settings.dtype)
+    for a, b in chunks(B, per_item, memory_budget("cpu")):
+        X, exponent = _unit_scaled(flat[a:b])
+        lam = _eig_chunk(X.astype(compute, copy=False), settings.eig_route).astype(np.float64, copy=False)
+        out[a:b] = np.ldexp(lam, 2 * exponent[:, None])
+    out[out < 0.0] = 0.0                       # clipped as torch's clamp_min did (−0.0 and NaN kept)
+    out /= N
+    return out.reshape(*lead, M)
+
+
+def _eigenvalues_torch(W: "torch.Tensor", settings: SpectralSettings) -> "torch.Tensor":
+    """The GPU route: the same steps in torch, on the compute device (Gram formed there)."""
+    import torch
+
     device = settings.torch_device
-    if device.type == "cpu":
-        clamp_threads()          # PERF-NOTES: more threads than physical cores is 3–10× slower in LAPACK
     m, n = W.shape[-2:]
     N, M = max(m, n), min(m, n)
     lead = W.shape[:-2]
@@ -160,24 +280,50 @@ def _eigenvalues(W: torch.Tensor, settings: SpectralSettings) -> torch.Tensor:
     per_item = 8 * (m * n + 3 * M * M) + 4 * m * n
     out = torch.empty((B, M), dtype=torch.float64, device=device)
     for a, b in chunks(B, per_item, memory_budget(device)):
-        X, exponent = _unit_scaled(flat[a:b].to(device=device))
-        lam = _eig_chunk(X.to(dtype=settings.torch_dtype), settings.eig_route).to(torch.float64)
+        X, exponent = _unit_scaled_torch(flat[a:b].to(device=device))
+        lam = _eig_chunk_torch(X.to(dtype=settings.torch_dtype), settings.eig_route).to(torch.float64)
         out[a:b] = torch.ldexp(lam, (2 * exponent).to(torch.float64)[:, None])
     out = out.clamp_min(0.0) / N
     return out.reshape(*lead, M)
 
 
-def _unit_scaled(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _eig_chunk_torch(X: "torch.Tensor", route: str) -> "torch.Tensor":
+    """Eigenvalues σ² (ascending, not yet /N) of a (B, m, n) chunk on the GPU, in one call per routine."""
+    import torch
+
+    m, n = X.shape[-2:]
+    if route == "svd":
+        tall = X if m >= n else X.transpose(-1, -2)
+        s = torch.linalg.svdvals(tall.to(torch.float64))
+        return torch.flip(s * s, [-1])
+    Y = X.to(torch.float64 if route == "gram64" else torch.float32)
+    G = Y @ Y.transpose(-1, -2) if m <= n else Y.transpose(-1, -2) @ Y
+    return torch.linalg.eigvalsh(G)
+
+
+def _unit_scaled(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(X / 2^e, e) per matrix of a (B, m, n) stack, with 2^e the power of two just above max|X|.
 
     The spectrum is scale-equivariant (λ(cW) = c²λ(W)), so eigenvalues are computed on max|X| ∈ [½, 1)
     and multiplied back by 4^e in float64: weights ×1e25 no longer overflow a float32 Gram (the null's
-    route) nor ×1e-25 underflow it. A power of two is exact in every floating-point step, so the result has
-    the same bits as unscaled wherever unscaled neither overflows nor underflows — which is why a stack with
-    every |e| ≤ SAFE_EXPONENT is returned as it is (no copy). Done in X's own dtype, before the compute cast.
+    route) nor ×1e-25 underflow it. A power of two is exact in every floating-point step (np.frexp/np.ldexp),
+    so the result has the same bits as unscaled wherever unscaled neither overflows nor underflows — which is
+    why a stack with every |e| ≤ SAFE_EXPONENT is returned as it is (no copy). Done in X's own dtype, before
+    the compute cast.
     """
-    amax = torch.maximum(X.amax(dim=(-2, -1)), -X.amin(dim=(-2, -1))).to(torch.float64)  # no |X| copy
-    exponent = torch.frexp(amax).exponent           # amax = mantissa·2^e, mantissa ∈ [½, 1); 0 → e = 0
+    amax = np.maximum(X.max(axis=(-2, -1)), -X.min(axis=(-2, -1))).astype(np.float64)  # no |X| copy
+    exponent = np.frexp(amax)[1]                 # amax = mantissa·2^e, mantissa ∈ [½, 1); 0 → e = 0
+    if bool((np.abs(exponent) <= SAFE_EXPONENT).all()):
+        return X, np.zeros_like(exponent)
+    return np.ldexp(X, -exponent[:, None, None]).astype(X.dtype, copy=False), exponent
+
+
+def _unit_scaled_torch(X: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """`_unit_scaled` in torch, on X's device (the GPU route)."""
+    import torch
+
+    amax = torch.maximum(X.amax(dim=(-2, -1)), -X.amin(dim=(-2, -1))).to(torch.float64)
+    exponent = torch.frexp(amax).exponent
     if bool((exponent.abs() <= SAFE_EXPONENT).all()):
         return X, torch.zeros_like(exponent)
     return torch.ldexp(X, (-exponent).to(X.dtype)[:, None, None]), exponent
@@ -265,23 +411,26 @@ def _tail_metrics(lam: np.ndarray, fit: PowerLawFit, b: int) -> dict[str, Any]:
     }
 
 
-def _metrics_batch(Ws: torch.Tensor, lam: torch.Tensor, settings: SpectralSettings,
+def _metrics_batch(Ws: Matrix, lam: np.ndarray, settings: SpectralSettings,
                    metrics: MetricSet = ALL) -> list[dict[str, Any]]:
     """The SPEC §3 metric groups `metrics` needs, for a (B, m, n) stack whose ascending ESDs (B, M) are given.
 
     Each group is computed from the ESD alone (and, for MP/TW/W₁, the permuted null's ESD, whose eigensolve
-    runs only when one of those is asked), so a number never depends on the set that asked for it."""
+    runs only when one of those is asked), so a number never depends on the set that asked for it. `lam` is
+    on the host (float64); only the MP/TW/W₁ groups (the null's torch.randperm, var(W)) import torch."""
     m, n = Ws.shape[-2:]
     N, M = max(m, n), min(m, n)
     groups = metrics.groups
-    device = settings.torch_device
     fit = fit_power_law(lam, xmin_rule=settings.xmin_rule) if groups & {"pl", "tails"} else None
-    lam_np = fit.evals if fit is not None else torch.sort(lam.to(torch.float64), dim=-1).values.numpy()
+    lam_np = np.asarray(fit.evals) if fit is not None else np.sort(lam.astype(np.float64, copy=False), axis=-1)
     null = var = None
     if metrics.needs_null:
-        null = _eigenvalues(permuted(Ws.to(device), settings.seed), null_settings(settings)).cpu().numpy()
-    if "mp" in groups:
-        var = _entry_variances(Ws, lam_np, N, settings)
+        from analysis.spectral.rmt import marchenko_pastur, tracy_widom, w1_rand_distance
+
+        Wt = _torch_of(Ws) if _cpu_kind(settings) else _torch_of(Ws).to(settings.torch_device)
+        null = as_numpy(_eigenvalues(permuted(Wt, settings.seed), null_settings(settings)))
+        if "mp" in groups:
+            var = _entry_variances(Wt, lam_np, N, settings)
     rows = []
     for b in range(lam_np.shape[0]):
         row: dict[str, Any] = {}
@@ -304,7 +453,8 @@ def _metrics_batch(Ws: torch.Tensor, lam: torch.Tensor, settings: SpectralSettin
     return rows
 
 
-def _entry_variances(Ws: torch.Tensor, lam: np.ndarray, N: int, settings: SpectralSettings) -> list[float]:
+def _entry_variances(Ws: "torch.Tensor", lam: np.ndarray, N: int, settings: SpectralSettings
+                     ) -> list[float]:
     """Population var(W) of each compute-dtype matrix: ‖W‖²_F/(mn) − mean², with ‖W‖²_F = N·Σλ read off the
     ESD (the trace of the Gram matrix, already formed in float64) and the mean from row sums in the compute
     dtype added in float64 — one cheap pass over W instead of a float64 copy (2048×5632: 8 ms vs 78 ms).
@@ -337,16 +487,17 @@ def null_settings(settings: SpectralSettings) -> SpectralSettings:
     return settings
 
 
-def _given_evals(evals, B: int, M: int) -> torch.Tensor:
-    lam = torch.as_tensor(np.asarray(evals) if not isinstance(evals, torch.Tensor) else evals)
-    lam = lam.detach().to("cpu", torch.float64).reshape(B, -1)
+def _given_evals(evals, B: int, M: int) -> np.ndarray:
+    """Given eigenvalues (array, tensor or sequence) as ascending host float64 (B, M), clipped at 0."""
+    lam = np.array(as_numpy(evals), dtype=np.float64).reshape(B, -1)     # a copy: clipped in place below
     if lam.shape[-1] != M:
         raise DiffractError(f"{lam.shape[-1]} eigenvalues given for matrices with min(m, n) = {M}",
                             hint="pass the eigenvalues of these matrices (eigenvalues(W, settings))")
-    return torch.sort(lam.clamp_min(0.0), dim=-1).values
+    lam[lam < 0.0] = 0.0                       # as torch's clamp_min (−0.0 and NaN kept)
+    return np.sort(lam, axis=-1)
 
 
-def batched_spectral_metrics(Ws: torch.Tensor, settings: SpectralSettings | None = None,
+def batched_spectral_metrics(Ws: Matrix, settings: SpectralSettings | None = None,
                              evals=None, metrics: "MetricSet | str | None" = None) -> list[dict[str, Any]]:
     """SPEC §3 metrics of every matrix of a (…, m, n) stack (e.g. all heads of one projection), using ONE
     batched eigen call per memory chunk and one batched power-law scan; rows in flattened batch order.
@@ -355,22 +506,22 @@ def batched_spectral_metrics(Ws: torch.Tensor, settings: SpectralSettings | None
     return _checked_batch_metrics(Ws, settings or SpectralSettings(), evals, metrics)
 
 
-def _checked_batch_metrics(Ws: torch.Tensor, settings: SpectralSettings, evals,
+def _checked_batch_metrics(Ws: Matrix, settings: SpectralSettings, evals,
                            metrics: "MetricSet | str | None") -> list[dict[str, Any]]:
     """`batched_spectral_metrics` of a stack `_check_matrix` has passed (its finiteness pass is not repeated)."""
     m, n = Ws.shape[-2:]
     flat = Ws.reshape(-1, m, n)
     B, M = flat.shape[0], min(m, n)
-    lam = _given_evals(evals, B, M) if evals is not None else _eigenvalues(flat, settings).cpu()
+    lam = _given_evals(evals, B, M) if evals is not None else as_numpy(_eigenvalues(flat, settings))
     return _metrics_batch(flat, lam, settings, metric_set(metrics))
 
 
-def spectral_metrics(W: torch.Tensor, settings: SpectralSettings | None = None, evals=None,
+def spectral_metrics(W: Matrix, settings: SpectralSettings | None = None, evals=None,
                      metrics: "MetricSet | str | None" = None) -> dict[str, Any]:
     """SPEC §3 metrics of one (m × n) matrix; `evals` = its ESD when already computed (ascending or not);
     `metrics` = the set (default `all`)."""
     _check_matrix(W)
-    if W.dim() != 2:
+    if W.ndim != 2:
         raise DiffractError(f"spectral_metrics takes one matrix, got shape {tuple(W.shape)}",
                             hint="use batched_spectral_metrics for a stack")
     return _checked_batch_metrics(W[None], settings or SpectralSettings(), evals, metrics)[0]
@@ -412,6 +563,8 @@ def fit_lines(evals: np.ndarray, metrics: dict[str, Any], N: int, M: int, points
             out["tpl_x"], out["tpl_pdf"] = x, share * x ** (-ta) * np.exp(-tl * (x - xmin)) / norm
     s2 = metrics.get("mp_bulk_var", math.nan)
     if math.isfinite(s2) and s2 > 0:
+        from analysis.spectral.rmt import mp_density      # rmt imports torch (the null): only an MP row needs it
+
         lo = metrics.get("mp_esd_min", 0.0)
         hi = (1.0 + 1.0 / math.sqrt(N / M)) ** 2 * s2
         x = np.linspace(lo, hi, points)[1:-1]
@@ -419,14 +572,13 @@ def fit_lines(evals: np.ndarray, metrics: dict[str, Any], N: int, M: int, points
     return out
 
 
-def spectrum_result(W: torch.Tensor, settings: SpectralSettings | None = None) -> SpectrumResult:
+def spectrum_result(W: Matrix, settings: SpectralSettings | None = None) -> SpectrumResult:
     """Everything the ESD chart draws for one matrix: eigenvalues, null eigenvalues, metrics, fit lines."""
     settings = settings or SpectralSettings()
     _check_matrix(W)
     m, n = W.shape[-2:]
     N, M = max(m, n), min(m, n)
-    lam = eigenvalues(W, settings).cpu()
-    metrics = spectral_metrics(W, settings, evals=lam)
-    null = eigenvalues(permuted(W, settings.seed), null_settings(settings)).cpu().numpy()
-    ev = lam.numpy()
+    ev = as_numpy(eigenvalues(W, settings))
+    metrics = spectral_metrics(W, settings, evals=ev)
+    null = as_numpy(eigenvalues(permuted(W, settings.seed), null_settings(settings)))
     return SpectrumResult(ev, null, metrics, N, M, fit_lines(ev, metrics, N, M))
