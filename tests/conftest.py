@@ -4,7 +4,7 @@ writers of safetensors checkpoints."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -103,6 +103,16 @@ def make_llama_folder(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test, the old count restored after: evaluations and gradients then compare bit
+    for bit with a CLI run under --threads 1 (modules opt in with `pytestmark = usefixtures("one_torch_thread")`)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")

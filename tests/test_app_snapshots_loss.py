@@ -25,12 +25,7 @@ from tiny_cpt import family  # noqa: E402,F401  (the session fixture)
 SIZES = [(80, 24), (160, 48)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # evaluations compare bit for bit
 
 
 @pytest.fixture(scope="module")

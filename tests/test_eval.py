@@ -33,13 +33,7 @@ CPU = torch.device("cpu")
 T, N = 64, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Fixed threads in every test (a CLI call applies its own policy), so evaluations compare bit for bit."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # evaluations compare bit for bit
 
 
 @pytest.fixture(scope="module")

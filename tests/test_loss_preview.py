@@ -32,13 +32,7 @@ CPU = torch.device("cpu")
 T, N = 64, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Fixed threads, so evaluations compare bit for bit with the CLI's --threads 1."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # evaluations compare bit for bit
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ T, N = 64, 4
 SIZE = (120, 36)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # evaluations compare bit for bit
 
 
 def state_digest(model: torch.nn.Module) -> dict[str, str]:

@@ -247,18 +247,21 @@ def _eigenvalues(W: Matrix, settings: SpectralSettings) -> Matrix:
     return lam if _is_torch(W) else lam.cpu().numpy()
 
 
+def _stack_plan(W: Matrix) -> tuple[int, int, tuple, Matrix, int]:
+    """(N, M, leading dims, W as a (B, m, n) stack, bytes one matrix needs while solved) for the chunked eigen
+    routes: the CPU (numpy) and GPU (torch) ones cut the same chunks."""
+    m, n = W.shape[-2:]
+    M = min(m, n)
+    return max(m, n), M, tuple(W.shape[:-2]), W.reshape(-1, m, n), 8 * (m * n + 3 * M * M) + 4 * m * n
+
+
 def _eigenvalues_numpy(W: np.ndarray, settings: SpectralSettings) -> np.ndarray:
     """The CPU route: unit scaling, compute-dtype cast, Gram + eigvalsh per memory chunk, all in numpy."""
     clamp_numpy_threads()        # PERF-NOTES: more threads than physical cores is 3–10× slower in LAPACK
-    m, n = W.shape[-2:]
-    N, M = max(m, n), min(m, n)
-    lead = W.shape[:-2]
-    flat = W.reshape(-1, m, n)
-    B = flat.shape[0]
-    per_item = 8 * (m * n + 3 * M * M) + 4 * m * n
-    out = np.empty((B, M), dtype=np.float64)
+    N, M, lead, flat, per_item = _stack_plan(W)
+    out = np.empty((flat.shape[0], M), dtype=np.float64)
     compute = np.dtype(settings.dtype)
-    for a, b in chunks(B, per_item, memory_budget("cpu")):
+    for a, b in chunks(flat.shape[0], per_item, memory_budget("cpu")):
         X, exponent = _unit_scaled(flat[a:b])
         lam = _eig_chunk(X.astype(compute, copy=False), settings.eig_route).astype(np.float64, copy=False)
         out[a:b] = np.ldexp(lam, 2 * exponent[:, None])
@@ -272,14 +275,9 @@ def _eigenvalues_torch(W: "torch.Tensor", settings: SpectralSettings) -> "torch.
     import torch
 
     device = settings.torch_device
-    m, n = W.shape[-2:]
-    N, M = max(m, n), min(m, n)
-    lead = W.shape[:-2]
-    flat = W.reshape(-1, m, n)
-    B = flat.shape[0]
-    per_item = 8 * (m * n + 3 * M * M) + 4 * m * n
-    out = torch.empty((B, M), dtype=torch.float64, device=device)
-    for a, b in chunks(B, per_item, memory_budget(device)):
+    N, M, lead, flat, per_item = _stack_plan(W)
+    out = torch.empty((flat.shape[0], M), dtype=torch.float64, device=device)
+    for a, b in chunks(flat.shape[0], per_item, memory_budget(device)):
         X, exponent = _unit_scaled_torch(flat[a:b].to(device=device))
         lam = _eig_chunk_torch(X.to(dtype=settings.torch_dtype), settings.eig_route).to(torch.float64)
         out[a:b] = torch.ldexp(lam, (2 * exponent).to(torch.float64)[:, None])
