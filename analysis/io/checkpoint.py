@@ -3,6 +3,7 @@ reading headers only, and hand out tensors (whole, or a range of rows) on demand
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ class Checkpoint:
         parts = ([(f, read_regular_bytes(f)) for f in index_files]
                  + [(f, readers[f].fingerprint_bytes()) for f in weight_files])
         self.fingerprint = _fingerprint(parts)
+        self._sizes = {f: os.stat(f).st_size for f in weight_files}
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, label={self.label!r}, tensors={len(self._order)})"
@@ -144,11 +146,25 @@ class Checkpoint:
         """Bytes of tensor data over all weight files."""
         return sum(i.nbytes for i in self._infos.values())
 
+    def _reader(self, info: TensorInfo) -> WeightFile:
+        """The reader of a tensor's file, once the file is checked to be the size it had when opened: a file cut
+        or removed since (another job rewriting it, a user cleaning up) is one line here, instead of an error deep
+        in a reader or a SIGBUS through a memory map that would kill the process (a long explorer session)."""
+        try:
+            size = os.stat(info.file).st_size
+        except FileNotFoundError:
+            raise CheckpointError("the file is gone since the checkpoint was opened", path=info.file,
+                                  hint="open the checkpoint again") from None
+        if size != self._sizes[info.file]:
+            raise CheckpointError(f"the file changed size since it was opened ({self._sizes[info.file]} → {size} "
+                                  "bytes)", path=info.file, hint="open the checkpoint again")
+        return self._readers[info.file]
+
     def tensor(self, name: str, dtype: "torch.dtype | str | None" = "float32") -> "torch.Tensor":
         """The whole tensor on CPU, upcast to `dtype` through torch; `dtype=None` returns the stored
         values bit-exact (used by writers). The caller owns the result."""
         info = self.info(name)
-        reader = self._readers[info.file]
+        reader = self._reader(info)
         return _owned(reader.tensor(info.raw_name), dtype, _fresh(reader, info.raw_name))
 
     def array(self, name: str, dtype: str = "float32") -> "np.ndarray":
@@ -160,7 +176,7 @@ class Checkpoint:
         if dtype not in ARRAY_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(ARRAY_DTYPES)}, not {dtype!r}")
         info = self.info(name)
-        read = getattr(self._readers[info.file], "array", None)
+        read = getattr(self._reader(info), "array", None)
         try:
             if read is None:
                 raise NoNumpyRead("the reader has no numpy read")
@@ -173,7 +189,7 @@ class Checkpoint:
         """The whole tensor as stored, possibly a view of the reader's memory (a memory map): for a caller that
         copies what it needs at once and neither keeps nor modifies it (the in-memory rewind's column reads)."""
         info = self.info(name)
-        return self._readers[info.file].tensor(info.raw_name)
+        return self._reader(info).tensor(info.raw_name)
 
     def rows(self, name: str, start: int, stop: int, dtype: "torch.dtype | str | None" = "float32"
              ) -> "torch.Tensor":
@@ -183,7 +199,7 @@ class Checkpoint:
             raise ValueError(f"{name!r} is a scalar; it has no rows")
         if not 0 <= start <= stop <= info.shape[0]:
             raise IndexError(f"rows [{start}, {stop}) out of range for {name!r} with {info.shape[0]} rows")
-        reader = self._readers[info.file]
+        reader = self._reader(info)
         return _owned(reader.rows(info.raw_name, start, stop), dtype, _fresh(reader, info.raw_name))
 
     def close(self) -> None:
