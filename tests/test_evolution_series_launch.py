@@ -20,6 +20,7 @@ from diffract_tui.cli import main
 from diffract_tui.node import NodeRef
 from pilot import settle, sync
 from series_run import NAMES, series_run  # noqa: F401 — the session fixture
+from test_evolution_view import expected_plot, open_node   # the view tests' pilot step and plot oracle
 
 SHUFFLED = (20, 0, 40, 10, 30)
 SIZE = (120, 36)
@@ -44,20 +45,6 @@ def launch(monkeypatch, tmp_path):
 
 def same(a: Path, b: Path) -> bool:
     return os.path.samefile(a, b)
-
-
-async def open_node(pilot, node: NodeRef) -> None:
-    pilot.app.go_to_node(node)
-    await settle(pilot)
-
-
-def expected_plot(node: NodeRef, ev, steps) -> list[tuple[str, list[float], list[float]]]:
-    """What the chart must draw for an evolution: each line's defined runs, rounded as `chart_values` rounds."""
-    from diffract_tui.views.evolution import node_lines, segments
-    from diffract_tui.widgets.charts import chart_values
-
-    return [(name, chart_values(xs), chart_values(ys)) for name, values in node_lines(node, ev)
-            for xs, ys in segments(steps, values)]
 
 
 @pytest.mark.slow
