@@ -3,7 +3,9 @@
 Never imports textual: the CLI, the app and scripts all sit on top of this package.
 """
 
-ENGINE_VERSION = "0.3.0"   # 0.3: power-law fit in numpy (α, xmin, KS move at round-off); 0.2: TPL by Newton
+# 0.4: gram32 solves its float32 Gram in float64, λ_min empty below its resolution;
+# 0.3: power-law fit in numpy (α, xmin, KS move at round-off); 0.2: TPL by Newton
+ENGINE_VERSION = "0.4.0"
 
 # What the app's views and widgets may import from the engine (tests/test_import_contract.py enforces it):
 # the session — the one door, which also re-exports the result types the views draw — the result types'

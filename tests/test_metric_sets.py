@@ -244,26 +244,72 @@ def _real_matrices() -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def test_gram32_fit_agrees_with_gram64_on_real_matrices():
-    """Measured: α and xmin within 1e-4 relative, KS within 1e-4 absolute — but KS is up to 4.3e-4 RELATIVE
-    off (SmolLM2 layers.0 up_proj: 0.088564 vs 0.088603), so `fit` keeps the float64 Gram as its default and
-    the float32 Gram stays an explicit `--route gram32`."""
-    from analysis.spectral.powerlaw_fit import fit_power_law
-    from analysis.spectral.spectra import eigenvalues
+def _fit_columns_at_both_routes(W) -> tuple[dict, dict]:
+    from analysis.spectral.spectra import spectral_metrics
 
-    worst = {"alpha": 0.0, "xmin": 0.0, "ks_abs": 0.0}
+    fit = metric_set("fit")
+    return tuple(spectral_metrics(W, SpectralSettings(device="cpu", eig_route=r), metrics=fit)
+                 for r in ("gram64", "gram32"))
+
+
+def _worst_relative(pairs) -> dict[str, float]:
+    """Worst |gram32 − gram64| / |gram64| per float `fit` column; λ_min only where gram32 reports it."""
+    worst: dict[str, float] = {}
+    for a, b in pairs:
+        assert a["hard_rank"] == b["hard_rank"] and a["pl_n_tail"] == b["pl_n_tail"]
+        for k, v in a.items():
+            if isinstance(v, float) and not isinstance(v, bool) and math.isfinite(v) and v != 0:
+                if k == "lambda_min" and math.isnan(b[k]):
+                    continue
+                worst[k] = max(worst.get(k, 0.0), abs(b[k] - v) / abs(v))
+    return worst
+
+
+def test_gram32_fit_agrees_with_gram64_on_real_matrices():
+    """`fit`'s default route (float32 Gram solved in float64) against the float64 Gram, every `fit` column.
+    Measured on these 20 matrices (and on 106 real + 1B-shaped ones): α ≤ 4.9e-7, xmin ≤ 3.2e-6, KS ≤ 6.1e-6,
+    effective rank ≤ 1.5e-5 relative, hard rank and tail size equal; λ_min where reported ≤ 6.2e-6, empty where
+    it is below the route's resolution (rxnfp's attention matrices: λ_min/λ_max ≈ 1e-8). The issue allows the
+    float32 Gram as `fit`'s default where α, xmin and KS agree to 1e-4: that is the bound asserted. (With
+    ENGINE_VERSION 0.3's float32 eigensolve KS was 7.9e-6 here but 3.8e-4 on the 1B Llama's up_proj: the test
+    below.)"""
     matrices = _real_matrices()
     assert len(matrices) >= 16
-    for name, W in matrices:
-        fits = {}
-        for route in ("gram64", "gram32"):
-            f = fit_power_law(eigenvalues(W, SpectralSettings(device="cpu", eig_route=route)).cpu())
-            fits[route] = (float(f.alpha[0]), float(f.xmin[0]), float(f.ks[0]))
-        (a64, x64, k64), (a32, x32, k32) = fits["gram64"], fits["gram32"]
-        worst["alpha"] = max(worst["alpha"], abs(a32 - a64) / a64)
-        worst["xmin"] = max(worst["xmin"], abs(x32 - x64) / x64)
-        worst["ks_abs"] = max(worst["ks_abs"], abs(k32 - k64))
-    assert worst["alpha"] < 1e-4 and worst["xmin"] < 1e-4 and worst["ks_abs"] < 1e-4, worst
+    pairs = [_fit_columns_at_both_routes(W) for _, W in matrices]
+    worst = _worst_relative(pairs)
+    assert max(worst["pl_alpha"], worst["pl_esd_xmin"], worst["pl_ks"]) < 1e-4, worst
+    assert max(worst.values()) < 1e-4, worst
+    blank = [a["lambda_min"] / a["lambda_max"] for a, b in pairs if math.isnan(b["lambda_min"])]
+    assert blank and max(blank) < 1e-5          # only λ_min that the float32 Gram cannot resolve are left empty
+
+
+def test_gram32_solves_in_float64_on_a_1b_wide_matrix():
+    """A 2048² bf16 Student-t (ν = 3) matrix, the generated 1B Llama's law: a float32 eigensolve of the 2048²
+    Gram puts its own 8e-6·λ_max of round-off on top of the Gram's (KS 1.8e-4 relative off — over the issue's
+    1e-4 — α 8.5e-6); solved in float64, KS 5.1e-7, α 1.3e-7, xmin 1.4e-7 (measured)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn((2048, 2048), generator=g)
+    chi2 = torch.randn((3, 2048, 2048), generator=g).pow_(2).sum(0)
+    W = (z * 0.02 / (chi2 / 3).sqrt()).to(torch.bfloat16).float().numpy()
+    worst = _worst_relative([_fit_columns_at_both_routes(W)])
+    assert max(worst["pl_alpha"], worst["pl_esd_xmin"], worst["pl_ks"]) < 1e-5, worst
+
+
+def test_fit_defaults_to_gram32_except_for_deltas_and_other_groups():
+    from analysis.spectral.metric_sets import default_route
+
+    assert default_route("fit") == default_route("pl_alpha,hard_rank") == "gram32"
+    assert default_route("fit", deltas=True) == default_route("all") == default_route("fit,tpl_alpha") == "gram64"
+    assert default_route("mp_ks") == default_route(None) == "gram64"
+
+
+def test_cli_fit_scan_defaults_to_gram32_and_route_overrides(pair, tmp_path):
+    for extra, want in (([], "gram32"), (["--route", "gram64"], "gram64"), (["--delta"], "gram64")):
+        out = tmp_path / f"fit{len(extra)}.json"
+        args = ["scan", str(pair[0])] + ([str(pair[1])] if "--delta" in extra else [])
+        assert main(args + ["--out", str(out), "--metrics", "fit", "--quiet", "--no-cache", "--device", "cpu"]
+                    + extra) == 0
+        assert json.loads(out.read_text())["metadata"]["settings"]["eig_route"] == want, extra
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from analysis.spectral.backend import SpectralSettings, clamp_threads
 
 def _fa19fed_cpu_eigenvalues(W: torch.Tensor, settings: SpectralSettings) -> torch.Tensor:
     """fa19fed's CPU `_eigenvalues`, step for step: unit scaling, compute cast and ldexp in torch, the Gram in
-    numpy (syrk), numpy's eigvalsh below TORCH_EIG_FROM, torch's from there, clamp_min(0)/N in torch."""
+    numpy (syrk), numpy's eigvalsh below TORCH_EIG_FROM, torch's from there, clamp_min(0)/N in torch — but the
+    gram32 route's float32 Gram solved in float64, as it is since ENGINE_VERSION 0.4.0 (fa19fed solved it in
+    float32: 8.3e-6·λ_max of round-off on a 2048² Gram)."""
     m, n = W.shape[-2:]
     N, M = max(m, n), min(m, n)
     flat = W.reshape(-1, m, n)
@@ -35,7 +37,7 @@ def _fa19fed_cpu_eigenvalues(W: torch.Tensor, settings: SpectralSettings) -> tor
     def gram_eig(Z: torch.Tensor) -> torch.Tensor:
         Y = Z.detach().numpy().astype(work, copy=False)
         Yt = Y.swapaxes(-1, -2)
-        G = Y @ Yt if m <= n else Yt @ Y
+        G = (Y @ Yt if m <= n else Yt @ Y).astype(np.float64, copy=False)
         if M >= spectra.TORCH_EIG_FROM:
             return torch.linalg.eigvalsh(torch.from_numpy(G))
         return torch.from_numpy(np.linalg.eigvalsh(G))

@@ -10,7 +10,9 @@ rank-4 delta its α was 1.40 instead of 1.64. A float64 Gram costs ≈2× a floa
 float64, whatever the compute dtype of W. Against float64 svdvals it agrees to ≤ 3e-15·λ_max absolute over
 the whole spectrum and ≤ 1e-14 relative on the tail, on real rxnfp matrices, a Student-t matrix and
 low-rank deltas (tests/test_spectra.py::test_gram64_matches_svd_on_real_heavy_tailed_and_delta). The
-"gram32" route is offered for speed when only tail metrics matter; "svd" is the reference.
+"gram32" route (float32 Gram, float64 eigensolve; `scan --metrics fit`'s default) is ≈2× faster and agrees
+on every `fit` column to ≤ 1.5e-5 relative on real matrices, except λ_min, which it leaves empty below its
+resolution (`lambda_min_floor`); "svd" is the reference.
 Negative eigenvalues (round-off of a rank-deficient Gram) are clipped to 0 and counted (`esd_n_clipped`).
 The permuted null's ESD, used only through absolute-scale sums, takes float32 Gram for float32 work
 (`null_settings`).
@@ -205,21 +207,23 @@ def _eig_chunk_batched(X: np.ndarray, route: str) -> np.ndarray:
 
 
 def _gram_eigvalsh_numpy(X: Matrix, work: Any) -> Matrix:
-    """Gram over the smaller side + eigvalsh of a CPU (m, n) or (B, m, n) stack, through numpy, in `work`
-    (a numpy or torch float dtype); the result in X's kind.
+    """Gram over the smaller side in `work` (a numpy or torch float dtype) + a float64 eigvalsh, of a CPU (m, n)
+    or (B, m, n) stack, through numpy; the result (float64) in X's kind.
 
     numpy's matmul of an array with its own transpose calls BLAS syrk (one triangle: half the flops of the
     gemm torch makes), and its OpenBLAS syevd beats torch's MKL here (AMD EPYC, 1 thread, float64:
-    576×1536 Gram 63 → 25 ms, 49152×576 2.45 → 1.29 s, eigvalsh 576² 40 → 31 ms). Same float64 Gram
-    and LAPACK eigensolver as before, so eigenvalues move by round-off only (≤ 1e-14 relative on the
-    Gram's entries); from TORCH_EIG_FROM up the eigensolve stays torch's (faster there: torch is imported
-    for it). numpy's BLAS threads follow the engine's policy (`backend.set_numpy_blas_threads`).
+    576×1536 Gram 63 → 25 ms, 49152×576 2.45 → 1.29 s, eigvalsh 576² 40 → 31 ms). The eigensolve is float64
+    on every route: a float32 one carries ≈ n·ε₃₂·λ_max of its own (2048² Gram of the 1B Llama's up_proj:
+    8.3e-6·λ_max, pl_ks off by 3.8e-4 relative, in MKL's and OpenBLAS's ssyevd alike) against 1.7e-7 for the
+    float32 Gram itself, and numpy's eigvalsh works in float64 for a float32 input anyway. From
+    TORCH_EIG_FROM up the eigensolve is torch's (faster there: torch is imported for it). numpy's BLAS
+    threads follow the engine's policy (`backend.set_numpy_blas_threads`).
     """
     m, n = X.shape[-2:]
     wide = np.float64 if "64" in str(work) else np.float32
     Y = as_numpy(X).astype(wide, copy=False)
     Yt = Y.swapaxes(-1, -2)
-    G = Y @ Yt if m <= n else Yt @ Y
+    G = (Y @ Yt if m <= n else Yt @ Y).astype(np.float64, copy=False)
     if min(m, n) >= TORCH_EIG_FROM:
         torch = compute_torch()
         clamp_threads()
@@ -296,7 +300,7 @@ def _eig_chunk_torch(X: "torch.Tensor", route: str) -> "torch.Tensor":
         return torch.flip(s * s, [-1])
     Y = X.to(torch.float64 if route == "gram64" else torch.float32)
     G = Y @ Y.transpose(-1, -2) if m <= n else Y.transpose(-1, -2) @ Y
-    return torch.linalg.eigvalsh(G)
+    return torch.linalg.eigvalsh(G.to(torch.float64))   # float64 on every route, as the CPU's
 
 
 def _unit_scaled(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -332,8 +336,23 @@ def _unit_scaled_torch(X: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor
 # --------------------------------------------------------------------------------------------------
 
 
-def _norms_and_ranks(lam: np.ndarray, N: int, rtol: float) -> dict[str, Any]:
-    """Norms, ranks and ESD statistics of one ascending ESD (λ = σ²/N)."""
+# On the float32-Gram route λ_min is reported only from GRAM32_LAMBDA_MIN_FLOOR·ε₃₂·√N·λ_max up: below that it
+# is the Gram's round-off, not the matrix (measured on 106 real and 1B-shaped matrices: every eigenvalue within
+# 0.21·ε₃₂·√N·λ_max of the float64 Gram's, so a reported λ_min is within 0.21 % of it; rxnfp's layer-8 query
+# has λ_min 2.3e-11 where the float32 Gram says 2.2e-10) — an empty cell instead of a wrong number.
+GRAM32_LAMBDA_MIN_FLOOR = 100.0
+
+
+def lambda_min_floor(settings: SpectralSettings, N: int, lam_max: float) -> float:
+    """The smallest λ_min the route resolves (0: every one) for a matrix with N = max(m, n) and this λ_max."""
+    if settings.eig_route != "gram32":
+        return 0.0
+    return GRAM32_LAMBDA_MIN_FLOOR * float(np.finfo(np.float32).eps) * math.sqrt(N) * lam_max
+
+
+def _norms_and_ranks(lam: np.ndarray, N: int, rtol: float, lambda_min_floor: float = 0.0) -> dict[str, Any]:
+    """Norms, ranks and ESD statistics of one ascending ESD (λ = σ²/N); λ_min below `lambda_min_floor` (the
+    route's resolution) is NaN."""
     sig2 = lam * N
     sig = np.sqrt(sig2)
     frob2 = float(np.sum(sig2))
@@ -348,7 +367,7 @@ def _norms_and_ranks(lam: np.ndarray, N: int, rtol: float) -> dict[str, Any]:
     return {
         "esd_n": int(lam.size),
         "lambda_max": lam_max,
-        "lambda_min": float(lam[0]),
+        "lambda_min": float(lam[0]) if not lam[0] < lambda_min_floor else math.nan,
         "esd_mean": float(np.mean(lam)),
         "esd_std": float(np.std(lam)),
         "esd_n_clipped": int(np.sum(lam <= 0.0)),
@@ -433,7 +452,8 @@ def _metrics_batch(Ws: Matrix, lam: np.ndarray, settings: SpectralSettings,
     for b in range(lam_np.shape[0]):
         row: dict[str, Any] = {}
         if groups & {"norms", "ranks"}:
-            base = _norms_and_ranks(lam_np[b], N, settings.rtol)
+            base = _norms_and_ranks(lam_np[b], N, settings.rtol,
+                                    lambda_min_floor(settings, N, float(lam_np[b][-1])))
             row.update({k: v for g in ("norms", "ranks") if g in groups for k, v in base.items()
                         if k in GROUPS[g]})
         if "pl" in groups:

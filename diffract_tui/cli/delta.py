@@ -103,7 +103,8 @@ def delta_command(
     previous: Annotated[bool, typer.Option(
         "--previous", help="Along a series: Δ of each step against the previous one, not the first.")] = False,
     metrics: Annotated[str, typer.Option("--metrics", callback=metrics_option, help=METRICS_HELP)] = "all",
-    route: Annotated[str, typer.Option("--route", callback=route_option, help=ROUTE_HELP)] = "gram64",
+    route: Annotated[str, typer.Option("--route", callback=route_option,
+                                       help=ROUTE_HELP + " ΔW is often low-rank: the default is gram64.")] = "gram64",
     executor: Annotated[str, typer.Option("--executor", callback=executor_option, help=EXECUTOR_HELP)] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help=RAY_ADDRESS_HELP)] = None,
 ) -> int:

@@ -25,11 +25,11 @@ def metrics_option(value: str) -> str:
         raise typer.BadParameter(str(err)) from None
 
 
-def route_option(value: str) -> str:
-    """--route: the eigen route (gram64, gram32 or svd); anything else is a usage error (exit 2)."""
+def route_option(value: Optional[str]) -> Optional[str]:
+    """--route: the eigen route (gram64, gram32 or svd; None: the set's default); else a usage error (exit 2)."""
     from analysis.spectral.backend import EIG_ROUTES
 
-    if value not in EIG_ROUTES:
+    if value is not None and value not in EIG_ROUTES:
         raise typer.BadParameter(f"unknown eigen route {value!r} — use {', '.join(EIG_ROUTES)}")
     return value
 
@@ -60,8 +60,11 @@ def open_executor(name: str, address: Optional[str]) -> Any:
 
 METRICS_HELP = ("Metric set: all (every spectral metric), fit (norms, ranks, power-law fit: WeightWatcher's "
                 "defaults) or a comma list of metric names (docs/reference.md).")
-ROUTE_HELP = ("Eigen route, shared by every metric set: gram64 (float64 Gram, exact), gram32 (float32 Gram: "
-              "faster, tail metrics only) or svd (float64 svdvals, the reference).")
+ROUTE_HELP = ("Eigen route, shared by every metric set: gram64 (float64 Gram, exact), gram32 (float32 Gram solved "
+              "in float64: faster; fit columns agree to 1.5e-5, λ_min empty below its resolution) or svd (float64 "
+              "svdvals, the reference).")
+SCAN_ROUTE_HELP = ROUTE_HELP + (" Default: gram32 for --metrics fit (norms, ranks, power law) without --delta, "
+                               "else gram64.")
 
 
 def resolve_series(paths: List[Path], series: bool, steps: Optional[str]) -> "Series | None":
@@ -92,7 +95,8 @@ def scan_command(
     series: Annotated[bool, typer.Option("--series/--no-series", help=SERIES_HELP)] = True,
     steps: Annotated[Optional[str], typer.Option("--steps", help=STEPS_HELP)] = None,
     metrics: Annotated[str, typer.Option("--metrics", callback=metrics_option, help=METRICS_HELP)] = "all",
-    route: Annotated[str, typer.Option("--route", callback=route_option, help=ROUTE_HELP)] = "gram64",
+    route: Annotated[Optional[str], typer.Option("--route", callback=route_option, help=SCAN_ROUTE_HELP,
+                                                 show_default=False)] = None,
     executor: Annotated[str, typer.Option("--executor", callback=executor_option, help=EXECUTOR_HELP)] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help=RAY_ADDRESS_HELP)] = None,
 ) -> int:
@@ -125,7 +129,9 @@ def scan_command(
     from analysis.run.tables import check_table_output, write_table
 
     apply_thread_policy(threads, lazy=True)   # torch's count is set when compute starts (a cached scan: never)
-    settings = SpectralSettings(device=device, dtype=dtype, eig_route=route)
+    from analysis.spectral.metric_sets import default_route
+
+    settings = SpectralSettings(device=device, dtype=dtype, eig_route=route or default_route(metrics, deltas=delta))
     device_kind = settings.device_kind   # an unusable --device is one line here (cpu/auto: without torch)
     cache = None if no_cache else Cache(cache_dir)
     opened = [open_checkpoint(p, label=l) for p, l in zip(checkpoints, unique_labels(checkpoints))]
