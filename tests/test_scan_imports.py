@@ -56,6 +56,38 @@ def test_scan_imports_no_ui_hub_or_table_library(tiny, tmp_path, metrics, quiet)
         assert "scipy" in modules and "rich" in modules and "torch" in modules   # `all`: tails, the bar, the null
 
 
+def test_a_ray_scan_task_for_fit_imports_no_torch_and_sets_its_threads(tiny, tmp_path):
+    """The body a Ray worker runs (`executors.scan_task`, called here without Ray in a fresh interpreter): a CPU
+    `fit` task imports no torch and gives numpy's BLAS (the Gram + eigvalsh route) the task's thread count; an
+    `all` task imports torch (the null) with torch's count set to the task's."""
+    code = f"""
+import json, sys
+from threadpoolctl import threadpool_info
+from analysis.run.executors import ScanTask, scan_task
+from analysis.spectral.backend import SpectralSettings
+out = {{}}
+for metrics in ("fit", "all"):
+    task = ScanTask(paths=({str(tiny)!r},), labels=("m",), group=0, heads=False, delta=False,
+                    settings=SpectralSettings(device="cpu", eig_route="gram64"), cache_root=None, metrics=metrics,
+                    threads=2)
+    result = scan_task(task)
+    out[metrics] = [len(result.rows), "torch" in sys.modules, sorted({{p["num_threads"] for p in threadpool_info()
+                                                                     if "numpy.libs" in p["filepath"]}})]
+    if metrics == "all":
+        import torch
+        out[metrics].append(torch.get_num_threads())
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("DIFFRACT_TUI_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    # layer 0's 7 matrices; no torch; BLAS on the task's 2 threads (not the policy's default, physical cores)
+    assert got["fit"] == [7, False, [2]]
+    assert got["all"] == [7, True, [2], 2]
+
+
 # ------------------------------------------------------------------------------------------------
 # A cold CPU `fit` scan starts no torch, and writes the bytes of the torch read route (the explorer's)
 # ------------------------------------------------------------------------------------------------

@@ -359,11 +359,12 @@ def _open_on_worker(paths: Sequence[str], labels: Sequence[str]) -> "list[Checkp
 
 
 def _worker_setup(threads: int) -> None:
-    """Compute threads of a task: its CPU share (Ray sets no torch thread count itself)."""
-    import torch
+    """Compute threads of a task: its CPU share (Ray sets no torch thread count itself), for numpy's BLAS now
+    and for torch when the task first computes with it — the CLI's lazy policy, so a task that needs no torch
+    (a CPU `fit` scan, a cached delta) never imports it (≈ 3 s of a worker's first task)."""
+    from analysis.spectral.backend import apply_thread_policy
 
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    apply_thread_policy(threads, lazy=True)
 
 
 def _on_worker(paths: Sequence[str], labels: Sequence[str], threads: int, cache_root: str | None,
