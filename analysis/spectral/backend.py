@@ -35,11 +35,12 @@ class SpectralSettings:
 
     `dtype` is the compute dtype of W itself (and of ΔW, SPEC §1). `eig_route` says how eigenvalues are
     obtained: "gram64" (default) forms W·Wᵀ over the smaller side in float64 and calls eigvalsh — exact
-    over the whole spectrum; "gram32" keeps the Gram in float32 and solves it in float64 (≈1.5–2× faster;
-    eigenvalues carry ≤ ≈0.02·ε₃₂·√N·λ_max of round-off: on trained, full-rank weights every `fit` column
-    agrees with gram64 to ≤ 1.5e-5 relative and λ_min is left empty below its resolution, but on a low-rank
-    ΔW the bottom of the spectrum, the effective rank and α can be wrong — so it is `scan --metrics fit`'s
-    default, never delta's); "svd" uses svdvals on the tall orientation (slowest, the reference).
+    over the whole spectrum; "gram32" keeps the Gram in float32 and solves it in float64 (the Gram ≈2×
+    faster, a 1B fit scan ≈1.4×; eigenvalues carry ≤ ≈0.21·ε₃₂·√N·λ_max of round-off, measured: on trained,
+    full-rank weights every `fit` column agrees with gram64 to ≤ 1.5e-5 relative and λ_min is left empty
+    below its resolution, but on a low-rank ΔW the bottom of the spectrum, the effective rank and α can be
+    wrong — so it is `scan --metrics fit`'s default, never delta's); "svd" uses svdvals on the tall
+    orientation (slowest, the reference).
     """
 
     device: str = "auto"

@@ -107,13 +107,14 @@ def metric_set(spec: "str | MetricSet | None") -> MetricSet:
 ALL = metric_set("all")
 
 # groups the float32-Gram route computes to ≤ 1.5e-5 relative of the float64 Gram on trained, full-rank weights
-# (tests/test_metric_sets.py::test_gram32_fit_agrees_with_gram64_on_real_and_1b_shaped_matrices; λ_min is
-# left empty below that route's resolution) — not the tails (the TPL's λ moves by 3.5e-4 on a real matrix)
+# (tests/test_metric_sets.py::test_gram32_fit_agrees_with_gram64_on_real_matrices and ..._on_a_1b_wide_matrix;
+# λ_min is left empty below that route's resolution) — not the tails (the TPL's λ moved by 1.05e-4 on the
+# 1B-shaped Llama's v_proj)
 FLOAT32_GRAM_GROUPS = frozenset({"norms", "ranks", "pl"})
 
 
 def default_route(metrics: "str | MetricSet | None", deltas: bool = False) -> str:
-    """The eigen route when none is asked: the float32 Gram ("gram32", ≈1.5–2× faster) for a weights-only scan
+    """The eigen route when none is asked: the float32 Gram ("gram32", its Gram ≈2× faster) for a weights-only scan
     whose set needs nothing beyond norms, ranks and the power-law fit (`fit`), else the float64 Gram — a
     ΔW is often low-rank, and the float32 Gram cannot resolve the bottom of its spectrum."""
     if deltas:

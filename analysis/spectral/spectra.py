@@ -10,7 +10,7 @@ rank-4 delta its α was 1.40 instead of 1.64. A float64 Gram costs ≈2× a floa
 float64, whatever the compute dtype of W. Against float64 svdvals it agrees to ≤ 3e-15·λ_max absolute over
 the whole spectrum and ≤ 1e-14 relative on the tail, on real rxnfp matrices, a Student-t matrix and
 low-rank deltas (tests/test_spectra.py::test_gram64_matches_svd_on_real_heavy_tailed_and_delta). The
-"gram32" route (float32 Gram, float64 eigensolve; `scan --metrics fit`'s default) is ≈2× faster and agrees
+"gram32" route (float32 Gram, float64 eigensolve; `scan --metrics fit`'s default) forms its Gram ≈2× faster and agrees
 on every `fit` column to ≤ 1.5e-5 relative on real matrices, except λ_min, which it leaves empty below its
 resolution (`lambda_min_floor`); "svd" is the reference.
 Negative eigenvalues (round-off of a rank-deficient Gram) are clipped to 0 and counted (`esd_n_clipped`).
