@@ -10,9 +10,9 @@ rank-4 delta its α was 1.40 instead of 1.64. A float64 Gram costs ≈2× a floa
 float64, whatever the compute dtype of W. Against float64 svdvals it agrees to ≤ 3e-15·λ_max absolute over
 the whole spectrum and ≤ 1e-14 relative on the tail, on real rxnfp matrices, a Student-t matrix and
 low-rank deltas (tests/test_spectra.py::test_gram64_matches_svd_on_real_heavy_tailed_and_delta). The
-"gram32" route (float32 Gram, float64 eigensolve; `scan --metrics fit`'s default) forms its Gram ≈2× faster and agrees
-on every `fit` column to ≤ 1.5e-5 relative on real matrices, except λ_min, which it leaves empty below its
-resolution (`lambda_min_floor`); "svd" is the reference.
+"gram32" route (float32 Gram, float64 eigensolve; `scan --metrics fit`'s default) forms its Gram ≈2× faster
+and agrees on every `fit` column to ≤ 1.5e-5 relative on real matrices, except λ_min, which it leaves empty
+below its resolution (`lambda_min_floor`); "svd" is the reference.
 Negative eigenvalues (round-off of a rank-deficient Gram) are clipped to 0 and counted (`esd_n_clipped`).
 The permuted null's ESD, used only through absolute-scale sums, takes float32 Gram for float32 work
 (`null_settings`).
@@ -350,9 +350,9 @@ def lambda_min_floor(settings: SpectralSettings, N: int, lam_max: float) -> floa
     return GRAM32_LAMBDA_MIN_FLOOR * float(np.finfo(np.float32).eps) * math.sqrt(N) * lam_max
 
 
-def _norms_and_ranks(lam: np.ndarray, N: int, rtol: float, lambda_min_floor: float = 0.0) -> dict[str, Any]:
-    """Norms, ranks and ESD statistics of one ascending ESD (λ = σ²/N); λ_min below `lambda_min_floor` (the
-    route's resolution) is NaN."""
+def _norms_and_ranks(lam: np.ndarray, N: int, rtol: float, floor: float = 0.0) -> dict[str, Any]:
+    """Norms, ranks and ESD statistics of one ascending ESD (λ = σ²/N); λ_min below `floor` (the route's
+    resolution, `lambda_min_floor`) is NaN."""
     sig2 = lam * N
     sig = np.sqrt(sig2)
     frob2 = float(np.sum(sig2))
@@ -367,7 +367,7 @@ def _norms_and_ranks(lam: np.ndarray, N: int, rtol: float, lambda_min_floor: flo
     return {
         "esd_n": int(lam.size),
         "lambda_max": lam_max,
-        "lambda_min": float(lam[0]) if not lam[0] < lambda_min_floor else math.nan,
+        "lambda_min": float(lam[0]) if not lam[0] < floor else math.nan,
         "esd_mean": float(np.mean(lam)),
         "esd_std": float(np.std(lam)),
         "esd_n_clipped": int(np.sum(lam <= 0.0)),
